@@ -1,0 +1,174 @@
+"""Small, swappable privacy accountants for DP-SGD (dp_accounting 0.4.3 underneath).
+
+Public API (stable; other packages, e.g. ``federated/``, call it):
+
+    compute_epsilon(noise_multiplier, sampling_rate, steps, delta, accountant="pld", sampling="poisson")
+    dp_event(noise_multiplier, sampling_rate, steps, sampling="poisson")
+    make_accountant(accountant)
+    epsilon_of_event(event, delta, accountant="pld")
+
+Sampling semantics
+------------------
+``"poisson"``
+    Every step includes each example independently with probability ``q = sampling_rate``. The
+    privacy amplification by subsampling then applies and the event is
+    ``SelfComposed(PoissonSampled(q, Gaussian(sigma)), steps)`` under the add/remove-one relation.
+``"shuffle"``
+    Fixed-size batches from a shuffled pass over the data. We claim *no* amplification by
+    shuffling/subsampling (standard accountants do not cover it, see Chua et al. 2024, "How Private
+    are DP-SGD Implementations?"). Each example is in at most one batch per epoch, so the honest
+    bound is one Gaussian(sigma) release per epoch: ``SelfComposed(Gaussian(sigma), epochs)`` with
+    ``epochs = ceil(steps * q)`` (a partial epoch counts as a whole one). The neighbouring relation
+    for this bound is "zero-out" (one record replaced by a record contributing a zero gradient, so
+    the batch layout does not change), for which the clipped-sum sensitivity is the clip norm.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import dp_accounting
+from dp_accounting import pld as _pld
+from dp_accounting import rdp as _rdp
+
+ACCOUNTANTS = ("pld", "rdp")
+SAMPLINGS = ("poisson", "shuffle")
+DEFAULT_ACCOUNTANT = "pld"
+
+# PLD discretisation: 1e-4 is dp_accounting's default and gives epsilons accurate to ~1e-3 for
+# the step counts of DP-SGD; the result is a valid upper bound (pessimistic discretisation).
+PLD_VALUE_DISCRETIZATION = 1e-4
+
+SAMPLING_METHOD_LABELS: Dict[str, str] = {
+    "poisson": "poisson (amplification by Poisson subsampling, add/remove-one)",
+    "shuffle": "shuffle (fixed-size shuffled batches, no amplification: one Gaussian release "
+               "per epoch, zero-out neighbours)",
+}
+
+
+def _check_number(name: str, value, fix: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}; {fix}") from None
+    if math.isnan(v):
+        raise ValueError(f"{name} must be a number, got NaN; {fix}")
+    return v
+
+
+def validate_parameters(noise_multiplier, sampling_rate, steps, delta=None,
+                        accountant: str | None = None, sampling: str | None = None) -> None:
+    """Raises ValueError naming the first invalid parameter and how to fix it."""
+    sigma = _check_number("noise_multiplier", noise_multiplier,
+                          "pass a non-negative noise multiplier (e.g. 1.0).")
+    if sigma < 0 or math.isinf(sigma):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}; "
+                         "pass a non-negative noise multiplier (e.g. 1.0), or calibrate one from a "
+                         "target epsilon with dp_training.calibration.calibrate_noise_multiplier.")
+    q = _check_number("sampling_rate", sampling_rate,
+                      "pass batch_size / num_examples.")
+    if not 0 < q <= 1:
+        raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}; pass "
+                         "batch_size / num_examples with 0 < batch_size <= num_examples.")
+    if isinstance(steps, bool) or not isinstance(steps, (int,)) and not (
+            isinstance(steps, float) and float(steps).is_integer()):
+        try:
+            import numpy as np  # numpy integers are fine
+            if not isinstance(steps, np.integer):
+                raise TypeError
+        except TypeError:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}; pass the number of "
+                             "optimizer steps taken.") from None
+    if int(steps) < 0:
+        raise ValueError(f"steps must be >= 0, got {steps!r}; pass the number of optimizer steps "
+                         "taken (0 if none ran).")
+    if delta is not None:
+        d = _check_number("delta", delta, "pass a delta in (0, 1), typically below 1/num_examples.")
+        if not 0 < d < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta!r}; pass a delta strictly between "
+                             "0 and 1, typically below 1/num_examples (e.g. 1e-5).")
+    if accountant is not None and accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}; "
+                         "use 'pld' (tightest, default) or 'rdp'.")
+    if sampling is not None and sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}; use 'poisson' "
+                         "(amplified) or 'shuffle' (fixed batches, no amplification claimed).")
+
+
+def epochs_for_steps(steps: int, sampling_rate: float) -> int:
+    """Number of (possibly partial) passes over the data that ``steps`` steps of rate q touch."""
+    if steps <= 0:
+        return 0
+    # Small tolerance so that steps = k * n / b (exact arithmetic) is not pushed to k + 1 by rounding.
+    return max(1, int(math.ceil(steps * float(sampling_rate) - 1e-9)))
+
+
+def dp_event(noise_multiplier: float, sampling_rate: float, steps: int,
+             sampling: str = "poisson") -> dp_accounting.DpEvent:
+    """The dp_accounting DpEvent describing ``steps`` DP-SGD steps (see module docstring)."""
+    validate_parameters(noise_multiplier, sampling_rate, steps, sampling=sampling)
+    steps = int(steps)
+    sigma = float(noise_multiplier)
+    q = float(sampling_rate)
+    if steps == 0:
+        return dp_accounting.NoOpDpEvent()
+    if sigma == 0:
+        return dp_accounting.NonPrivateDpEvent()
+    if sampling == "poisson":
+        return dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma),
+                                             epochs_for_steps(steps, q))
+
+
+def make_accountant(accountant: str = DEFAULT_ACCOUNTANT) -> dp_accounting.PrivacyAccountant:
+    """A fresh dp_accounting accountant: "pld" (PLDAccountant) or "rdp" (RdpAccountant)."""
+    if accountant == "pld":
+        return _pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
+    if accountant == "rdp":
+        return _rdp.RdpAccountant()
+    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}; use 'pld' "
+                     "(tightest, default) or 'rdp'.")
+
+
+ACCOUNTANT_FACTORIES: Dict[str, Callable[[], dp_accounting.PrivacyAccountant]] = {
+    "pld": lambda: make_accountant("pld"),
+    "rdp": lambda: make_accountant("rdp"),
+}
+
+
+def epsilon_of_event(event: dp_accounting.DpEvent, delta: float,
+                     accountant: str = DEFAULT_ACCOUNTANT) -> float:
+    """Epsilon at ``delta`` of any DpEvent (e.g. a composition of several runs)."""
+    d = _check_number("delta", delta, "pass a delta in (0, 1).")
+    if not 0 < d < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta!r}; pass a delta strictly between 0 "
+                         "and 1, typically below 1/num_examples (e.g. 1e-5).")
+    acc = make_accountant(accountant)
+    if not acc.supports(event):
+        raise ValueError(f"the {accountant} accountant cannot account for {event}; "
+                         "use the other accountant.")
+    acc.compose(event)
+    eps = float(acc.get_epsilon(d))
+    return max(0.0, eps)
+
+
+def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
+                    accountant: str = "pld", sampling: str = "poisson") -> float:
+    """Epsilon (at ``delta``) of ``steps`` DP-SGD steps with noise ``noise_multiplier``.
+
+    Args:
+      noise_multiplier: Gaussian noise std divided by the L2 clip norm (sigma). 0 -> inf.
+      sampling_rate: q = batch_size / num_examples, in (0, 1].
+      steps: number of noisy steps released (>= 0; 0 -> epsilon 0).
+      delta: in (0, 1).
+      accountant: "pld" (default, tightest) or "rdp".
+      sampling: "poisson" (amplified) or "shuffle" (one Gaussian per epoch, no amplification).
+    """
+    validate_parameters(noise_multiplier, sampling_rate, steps, delta, accountant, sampling)
+    if int(steps) == 0:
+        return 0.0
+    if float(noise_multiplier) == 0:
+        return math.inf
+    return epsilon_of_event(dp_event(noise_multiplier, sampling_rate, steps, sampling), delta,
+                            accountant)
