@@ -1,0 +1,397 @@
+"""The federated round loop shared by ``federated.simulate`` and the pipeline's ``FederatedTrainer``."""
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import numpy as np
+
+from federated import partition as partition_lib
+from federated.strategies import DPFedAvg, FedAvg
+
+
+@dataclasses.dataclass
+class FederatedConfig:
+    """Everything that shapes a federated run (independent of where the data comes from)."""
+
+    clients: int = 100
+    clients_per_round: int = 10
+    rounds: int = 10
+    local_epochs: int = 1
+    client_batch_size: int = 32
+    partition: str = "iid"  # iid | dirichlet:ALPHA | column:NAME
+    client_optimizer: str = "sgd"
+    server_optimizer: str = "sgd"
+    client_lr: float = 0.05
+    server_lr: float = 1.0
+    dp_noise_multiplier: Optional[float] = None  # None -> no DP (weighted FedAvg)
+    dp_clip: float = 1.0
+    adaptive_clipping: bool = False
+    dp_delta: Optional[float] = None  # None -> min(1e-5, 1/clients^1.1)
+    accountant: str = "pld"
+    sampling: str = "poisson"  # poisson: each client joins w.p. clients_per_round/clients; fixed: exactly m
+    dropout_rate: float = 0.0  # fraction of sampled clients that fail each round
+    eval_every: int = 1
+    checkpoint_every: int = 0  # 0 -> no checkpoints
+    resume: bool = True
+    seed: int = 0
+    max_concurrent_computation_calls: int = -1
+    plot: bool = True
+
+    def strategy(self, clients_per_round: Optional[float] = None) -> FedAvg:
+        common = dict(client_optimizer=self.client_optimizer, server_optimizer=self.server_optimizer,
+                      client_lr=self.client_lr, server_lr=self.server_lr)
+        if self.dp_noise_multiplier is None:
+            return FedAvg(**common)
+        return DPFedAvg(**common, noise_multiplier=self.dp_noise_multiplier, clip=self.dp_clip,
+                        adaptive_clipping=self.adaptive_clipping,
+                        clients_per_round=float(clients_per_round or self.clients_per_round),
+                        delta=self.dp_delta, accountant=self.accountant)
+
+
+@dataclasses.dataclass
+class FederatedResult:
+    history: List[Dict[str, Any]]
+    privacy: Optional[Dict[str, Any]]
+    shards: Dict[str, Any]
+    model: Any  # Keras model with the final global weights
+    final: Dict[str, Any]
+    output_dir: Optional[str] = None
+    resumed_from_round: int = 0
+    files: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _fingerprint(shards) -> str:
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(np.asarray(s, np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def _element_spec(features: Mapping[str, np.ndarray]):
+    import tensorflow as tf
+
+    x = collections.OrderedDict((k, tf.TensorSpec([None] + list(v.shape[1:]), tf.as_dtype(v.dtype)))
+                                for k, v in features.items())
+    return (x, tf.TensorSpec([None, 1], tf.float32))
+
+
+def _as_model_dtypes(features: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """float64 -> float32, small ints -> int64; keys sorted in an OrderedDict (TFF needs that)."""
+    out = collections.OrderedDict()
+    for k in sorted(features):
+        v = features[k]
+        v = np.asarray(v)
+        if v.dtype == np.float64:
+            v = v.astype(np.float32)
+        elif v.dtype in (np.int32, np.int16, np.int8, np.uint8):
+            v = v.astype(np.int64)
+        out[k] = v
+    return out
+
+
+class ClientDatasets:
+    """Per-client tf.data pipelines; built once, shuffled with a per-round seed inside the graph."""
+
+    def __init__(self, features, labels, shards, batch_size: int, local_epochs: int):
+        import tensorflow as tf
+
+        self._tf = tf
+        self.shards = shards
+        self.batch_size = batch_size
+        self.local_epochs = local_epochs
+        y = np.asarray(labels, np.float32).reshape(-1, 1)
+        self._base = []
+        for s in shards:
+            x = collections.OrderedDict((k, v[s]) for k, v in features.items())
+            self._base.append(tf.data.Dataset.from_tensor_slices((x, y[s])))
+
+    def for_round(self, client_ids, round_seed: int):
+        out = []
+        for c in client_ids:
+            n = int(self.shards[c].shape[0])
+            ds = self._base[c].shuffle(n, seed=round_seed + int(c), reshuffle_each_iteration=True)
+            out.append(ds.repeat(self.local_epochs).batch(self.batch_size))
+        return out
+
+
+def _write_csv(path: str, history: List[Dict[str, Any]]) -> None:
+    keys: List[str] = []
+    for rec in history:
+        keys += [k for k in rec if k not in keys and not isinstance(rec[k], (list, dict))]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for rec in history:
+            w.writerow(rec)
+
+
+def plot_history(path: str, history: List[Dict[str, Any]], title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = [h["round"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(r, [h.get("train_accuracy", np.nan) for h in history], label="train accuracy (clients)")
+    ev = [(h["round"], h["eval_accuracy"]) for h in history if h.get("eval_accuracy") is not None]
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="held-out accuracy")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    lines, labels = ax.get_legend_handles_labels()
+    eps = [(h["round"], h["epsilon"]) for h in history if h.get("epsilon") is not None]
+    if eps:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*eps), "r--", label="epsilon")
+        ax2.set_ylabel("epsilon (client-level)")
+        l2, lb2 = ax2.get_legend_handles_labels()
+        lines, labels = lines + l2, labels + lb2
+    ax.legend(lines, labels, loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _ckpt_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def save_checkpoint(output_dir: str, round_num: int, state, rng: np.random.Generator,
+                    history: List[Dict[str, Any]], fingerprint: str, config: Dict[str, Any]) -> str:
+    import tensorflow as tf
+
+    d = _ckpt_dir(output_dir)
+    os.makedirs(d, exist_ok=True)
+    leaves = tf.nest.flatten(state)
+    arrays = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
+    base = os.path.join(d, f"round_{round_num:05d}")
+    np.savez(base + ".npz.tmp.npz", **arrays)
+    meta = {"round": round_num, "num_leaves": len(leaves), "rng_state": rng.bit_generator.state,
+            "history": history, "shards_fingerprint": fingerprint, "config": config}
+    with open(base + ".json.tmp", "w", encoding="utf-8") as f:
+        json.dump(meta, f, default=_json_default)
+    os.replace(base + ".npz.tmp.npz", base + ".npz")
+    os.replace(base + ".json.tmp", base + ".json")  # the .json marks a complete checkpoint
+    return base
+
+
+def latest_checkpoint(output_dir: Optional[str]) -> Optional[str]:
+    if not output_dir:
+        return None
+    metas = sorted(glob.glob(os.path.join(_ckpt_dir(output_dir), "round_*.json")))
+    for m in reversed(metas):
+        if os.path.isfile(m[:-5] + ".npz"):
+            return m[:-5]
+    return None
+
+
+def load_checkpoint(base: str, template_state):
+    import tensorflow as tf
+
+    with open(base + ".json", encoding="utf-8") as f:
+        meta = json.load(f)
+    with np.load(base + ".npz") as z:
+        leaves = [z[f"leaf_{i:05d}"] for i in range(meta["num_leaves"])]
+    tmpl = tf.nest.flatten(template_state)
+    if len(tmpl) != len(leaves):
+        raise ValueError(f"checkpoint {base} has {len(leaves)} state leaves, the process expects {len(tmpl)} "
+                         "(different model or strategy?)")
+    leaves = [np.asarray(v, dtype=np.asarray(t).dtype).reshape(np.shape(t)) for v, t in zip(leaves, tmpl)]
+    return tf.nest.pack_sequence_as(template_state, leaves), meta
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _finite(x) -> Optional[float]:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------- main loop
+def run_federated(train_features: Mapping[str, np.ndarray], train_labels: np.ndarray,
+                  eval_features: Optional[Mapping[str, np.ndarray]], eval_labels: Optional[np.ndarray],
+                  build_model: Callable[[], Any], config: FederatedConfig, *,
+                  output_dir: Optional[str] = None, log: Callable[[str], None] = print,
+                  on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
+                  shards: Optional[List[np.ndarray]] = None) -> FederatedResult:
+    """Runs ``config.rounds`` federated rounds in a TFF runtime whose worker is always stopped."""
+    from federated.runtime import tff_runtime
+
+    with tff_runtime(config.max_concurrent_computation_calls):
+        return _run(train_features, train_labels, eval_features, eval_labels, build_model, config,
+                    output_dir, log, on_round, shards)
+
+
+def _run(train_features, train_labels, eval_features, eval_labels, build_model, config, output_dir, log,
+         on_round, shards):
+    import tensorflow as tf
+    import tensorflow_federated as tff
+
+    cfg = config
+    if not 0.0 <= cfg.dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {cfg.dropout_rate}")
+    if cfg.sampling not in ("poisson", "fixed"):
+        raise ValueError(f"sampling must be poisson or fixed, got {cfg.sampling!r}")
+    features = _as_model_dtypes(train_features)
+    labels = np.asarray(train_labels, np.float32).reshape(-1)
+    spec = partition_lib.PartitionSpec.parse(cfg.partition)
+    if shards is None:
+        shards = partition_lib.partition(spec, features, labels, cfg.clients,
+                                         np.random.default_rng([cfg.seed, 1]))
+    n_clients = len(shards)
+    m = min(cfg.clients_per_round, n_clients)
+    summary = partition_lib.shard_summary(shards, labels)
+    log(f"[federated] partition {spec}: {n_clients} clients, sizes min/median/max "
+        f"{summary['size_min']}/{summary['size_median']:g}/{summary['size_max']}, positive rate per client "
+        f"{summary['positive_rate_min']:.2f}..{summary['positive_rate_max']:.2f} "
+        f"(global {summary['positive_rate_global']:.2f}), label skew {summary['label_skew']:.3f}")
+    fingerprint = _fingerprint(shards)
+    strategy = cfg.strategy(clients_per_round=m)
+    dp = isinstance(strategy, DPFedAvg)
+
+    element_spec = _element_spec(features)
+
+    def model_fn():
+        return tff.learning.models.from_keras_model(
+            build_model(), loss=tf.keras.losses.BinaryCrossentropy(from_logits=True), input_spec=element_spec,
+            metrics=[tf.keras.metrics.BinaryAccuracy(threshold=0.0)])
+
+    t0 = time.perf_counter()
+    process = strategy.build_process(model_fn)
+    state = process.initialize()
+    # deterministic initial weights from a seeded Keras model
+    tf.keras.utils.set_random_seed(cfg.seed)
+    keras_model = build_model()
+    state = process.set_model_weights(state, tff.learning.models.ModelWeights.from_model(keras_model))
+    build_s = time.perf_counter() - t0
+
+    eval_model = None
+    if eval_features is not None and eval_labels is not None and cfg.eval_every > 0:
+        eval_model = keras_model
+        eval_model.compile(loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+                           metrics=[tf.keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")])
+        eval_x = _as_model_dtypes(eval_features)
+        eval_y = np.asarray(eval_labels, np.float32).reshape(-1, 1)
+
+    rng = np.random.default_rng([cfg.seed, 2])
+    history: List[Dict[str, Any]] = []
+    start = 0
+    cfg_dict = dataclasses.asdict(cfg)
+    ckpt = latest_checkpoint(output_dir) if cfg.resume else None
+    if ckpt:
+        state, meta = load_checkpoint(ckpt, state)
+        if meta["shards_fingerprint"] != fingerprint:
+            raise ValueError(f"checkpoint {ckpt} was written for other client shards; use a fresh --output "
+                             "or the same data/partition/seed")
+        rng.bit_generator.state = meta["rng_state"]
+        history = meta["history"]
+        start = int(meta["round"])
+        log(f"[federated] resumed from checkpoint {ckpt} (round {start})")
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+
+    data = ClientDatasets(features, labels, shards, cfg.client_batch_size, cfg.local_epochs)
+    q = m / n_clients
+    log(f"[federated] {strategy.name}: {cfg.rounds} rounds, {m} of {n_clients} clients per round "
+        f"({cfg.sampling} sampling, q={q:.4f}), {cfg.local_epochs} local epoch(s), batch {cfg.client_batch_size}, "
+        f"dropout {cfg.dropout_rate:g}")
+    last_eval = None
+    for rnd in range(start + 1, cfg.rounds + 1):
+        t_round = time.perf_counter()
+        if cfg.sampling == "poisson":
+            sampled = np.flatnonzero(rng.random(n_clients) < q)
+        else:
+            sampled = np.sort(rng.choice(n_clients, size=m, replace=False))
+        n_drop = int(round(cfg.dropout_rate * len(sampled)))
+        dropped = rng.choice(sampled, size=n_drop, replace=False) if n_drop else np.zeros(0, np.int64)
+        survivors = np.setdiff1d(sampled, dropped)
+        round_seed = int(rng.integers(0, 2**31 - 1))
+        rec: Dict[str, Any] = {"round": rnd, "sampled": int(len(sampled)), "dropped": int(n_drop),
+                               "participants": int(len(survivors)),
+                               "examples": int(sum(shards[c].shape[0] for c in survivors))}
+        if len(survivors):
+            out = process.next(state, data.for_round(survivors, round_seed))
+            state = out.state
+            train = out.metrics["client_work"]["train"]
+            rec["train_loss"] = _finite(train.get("loss"))
+            rec["train_accuracy"] = _finite(train.get("binary_accuracy"))
+        else:  # nobody left: the global model stays; the round still counts for privacy
+            rec["train_loss"] = rec["train_accuracy"] = None
+        rec["round_seconds"] = time.perf_counter() - t_round
+        if dp:
+            rec["epsilon"] = strategy.epsilon(rnd, n_clients, m, cfg.sampling)
+        if eval_model is not None and (rnd % cfg.eval_every == 0 or rnd == cfg.rounds):
+            process.get_model_weights(state).assign_weights_to(eval_model)
+            loss, acc = eval_model.evaluate(eval_x, eval_y, batch_size=2048, verbose=0)
+            rec["eval_loss"], rec["eval_accuracy"] = float(loss), float(acc)
+            last_eval = rec
+        history.append(rec)
+        msg = (f"[federated] round {rnd}/{cfg.rounds}: {rec['participants']}/{rec['sampled']} clients "
+               f"({rec['dropped']} dropped)")
+        if rec["train_loss"] is not None:
+            msg += f", train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f}"
+        if "eval_accuracy" in rec:
+            msg += f", eval acc {rec['eval_accuracy']:.4f}"
+        if dp:
+            msg += f", epsilon {rec['epsilon']:.3f}"
+        log(msg + f" [{rec['round_seconds']:.2f}s]")
+        if on_round is not None:
+            on_round(rec)
+        if output_dir and cfg.checkpoint_every > 0 and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
+            save_checkpoint(output_dir, rnd, state, rng, history, fingerprint, cfg_dict)
+
+    process.get_model_weights(state).assign_weights_to(keras_model)
+    rounds_run = max(cfg.rounds, start)
+    privacy = strategy.privacy(rounds_run, n_clients, m, cfg.sampling) if dp else None
+    final = {"rounds": rounds_run, "clients": n_clients, "clients_per_round": m, "build_seconds": build_s}
+    if history:
+        final.update({k: history[-1].get(k) for k in ("train_loss", "train_accuracy")})
+    if last_eval is not None or (history and "eval_accuracy" in history[-1]):
+        last = history[-1] if "eval_accuracy" in history[-1] else last_eval
+        final["eval_accuracy"], final["eval_loss"] = last["eval_accuracy"], last["eval_loss"]
+    secs = [h["round_seconds"] for h in history if h.get("participants")]
+    final["mean_round_seconds"] = float(np.mean(secs)) if secs else None
+    result = FederatedResult(history=history, privacy=privacy, shards=summary, model=keras_model, final=final,
+                             output_dir=output_dir, resumed_from_round=start)
+    if output_dir:
+        result.files = write_outputs(output_dir, result, cfg_dict, strategy.describe(), str(spec))
+    return result
+
+
+def write_outputs(output_dir: str, result: FederatedResult, config: Dict[str, Any], strategy: Dict[str, Any],
+                  partition: str) -> Dict[str, str]:
+    files = {"csv": os.path.join(output_dir, "metrics.csv"), "json": os.path.join(output_dir, "metrics.json")}
+    _write_csv(files["csv"], result.history)
+    with open(files["json"], "w", encoding="utf-8") as f:
+        json.dump({"config": config, "strategy": strategy, "partition": partition, "shards": result.shards,
+                   "privacy": result.privacy, "final": result.final, "resumed_from_round": result.resumed_from_round,
+                   "history": result.history}, f, indent=1, default=_json_default)
+    if config.get("plot", True) and result.history:
+        files["plot"] = os.path.join(output_dir, "accuracy.png")
+        plot_history(files["plot"], result.history, f"{strategy['strategy']} / {partition}")
+    return files
