@@ -1,0 +1,366 @@
+"""Conversions between TF Serving's wire formats and numpy.
+
+REST (tensorflow_serving/util/json_tensor.cc semantics):
+  * request ``{"signature_name"?, "instances": [...]}`` (row) or ``{"inputs": ...}`` (columnar);
+  * binary strings as ``{"b64": "..."}``;
+  * response ``{"predictions": [...]}`` (row: one value per row for a single output, else one object
+    per row) or ``{"outputs": ...}`` (columnar: the value for a single output, else an object);
+  * string outputs whose name ends in ``_bytes`` come back as ``{"b64": ...}``.
+gRPC: ``TensorProto`` <-> numpy without going through ``tf.make_tensor_proto`` (faster).
+"""
+from __future__ import annotations
+
+import base64
+import json
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import invalid_argument
+
+_TYPE_NAMES = {np.float32: "float", np.float64: "double", np.int32: "int32", np.int64: "int64",
+               np.int8: "int8", np.int16: "int16", np.uint8: "uint8", np.bool_: "bool",
+               np.object_: "string", np.float16: "half"}
+
+
+def _json_type(v) -> str:
+    if isinstance(v, bool):
+        return "Bool"
+    if isinstance(v, (int, float)):
+        return "Number"
+    if isinstance(v, str):
+        return "String"
+    if isinstance(v, list):
+        return "Array"
+    if isinstance(v, dict):
+        return "Object"
+    return "Null"
+
+
+def _is_b64(v) -> bool:
+    return isinstance(v, dict) and len(v) == 1 and "b64" in v
+
+
+def _to_bytes(v) -> bytes:
+    if isinstance(v, str):
+        return v.encode("utf-8")
+    if _is_b64(v):
+        try:
+            return base64.b64decode(v["b64"], validate=False)
+        except (ValueError, TypeError):
+            raise invalid_argument(f"Unable to base64 decode: {v['b64']!r}") from None
+    raise invalid_argument(f"JSON Value: {json.dumps(v)} Type: {_json_type(v)} "
+                           "is not of expected type: string")
+
+
+def _string_array(value) -> np.ndarray:
+    def conv(x):
+        if isinstance(x, list):
+            return [conv(y) for y in x]
+        return _to_bytes(x)
+
+    converted = conv(value)
+    arr = np.empty(_shape_of(converted), dtype=object)
+    if arr.ndim == 0:
+        arr[()] = converted
+    else:
+        _fill(arr, converted)
+    return arr
+
+
+def _shape_of(v) -> Tuple[int, ...]:
+    shape = []
+    while isinstance(v, list):
+        shape.append(len(v))
+        if not v:
+            break
+        v = v[0]
+    return tuple(shape)
+
+
+def _fill(arr: np.ndarray, nested) -> None:
+    flat = arr.reshape(-1)
+    i = 0
+
+    def walk(x, depth):
+        nonlocal i
+        if depth == arr.ndim:
+            if isinstance(x, list):
+                raise invalid_argument("Expecting tensor size to be consistent across dimensions")
+            flat[i] = x
+            i += 1
+            return
+        if not isinstance(x, list) or len(x) != arr.shape[depth]:
+            raise invalid_argument("Expecting tensor size to be consistent across dimensions")
+        for y in x:
+            walk(y, depth + 1)
+
+    walk(nested, 0)
+
+
+def json_to_array(value, np_dtype, what: str) -> np.ndarray:
+    """A JSON value (scalar / nested lists) as an array of the signature input's dtype."""
+    if np_dtype is np.object_:
+        return _string_array(value)
+    try:
+        arr = np.asarray(value)
+    except ValueError:
+        raise invalid_argument(f"Failed to process {what}: expecting tensor size to be "
+                               "consistent across dimensions") from None
+    if arr.dtype == object or arr.dtype.kind in "US":
+        bad = value
+        while isinstance(bad, list) and bad:
+            bad = bad[0]
+        if arr.dtype == object and _shape_of(value) != arr.shape:
+            raise invalid_argument(f"Failed to process {what}: expecting tensor size to be "
+                                   "consistent across dimensions")
+        raise invalid_argument(f"JSON Value: {json.dumps(bad)} Type: {_json_type(bad)} is not of "
+                               f"expected type: {_TYPE_NAMES.get(np_dtype, np.dtype(np_dtype).name)}")
+    if np_dtype is np.bool_:
+        if arr.dtype != np.bool_:
+            raise invalid_argument(f"JSON Value in {what} is not of expected type: bool")
+        return arr
+    if arr.dtype == np.bool_:
+        raise invalid_argument(f"JSON Value: {json.dumps(value)} Type: Bool is not of expected type: "
+                               f"{_TYPE_NAMES.get(np_dtype, np.dtype(np_dtype).name)}")
+    if np.dtype(np_dtype).kind in "iu" and arr.dtype.kind == "f":
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise invalid_argument(f"JSON Value in {what} is not of expected type: "
+                                   f"{_TYPE_NAMES.get(np_dtype, np.dtype(np_dtype).name)}")
+    return arr.astype(np_dtype, copy=False)
+
+
+def parse_json_body(body: bytes) -> dict:
+    if not body or not body.strip():
+        raise invalid_argument("JSON Parse error: The document is empty")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid_argument(f"JSON Parse error: Invalid value. at offset: "
+                               f"{getattr(e, 'pos', 0)}") from None
+    if not isinstance(doc, dict):
+        raise invalid_argument("JSON Value is not an object")
+    return doc
+
+
+def signature_name_of(doc: dict) -> str:
+    sig = doc.get("signature_name", "")
+    if not isinstance(sig, str):
+        raise invalid_argument("'signature_name' key must be a string value.")
+    return sig
+
+
+def predict_request_from_json(doc: dict, sig_inputs: Mapping[str, Any]) -> Tuple[Dict[str, np.ndarray], str]:
+    """Inputs ``{name: array}`` and the format (``"row"`` / ``"columnar"``) of a REST predict body."""
+    has_inst, has_inp = "instances" in doc, "inputs" in doc
+    if has_inst and has_inp:
+        raise invalid_argument("Not formatted correctly expecting only one of 'inputs' or "
+                               "'instances' keys exists")
+    if not has_inst and not has_inp:
+        raise invalid_argument("Missing 'inputs' or 'instances' key")
+    names = list(sig_inputs)
+    if has_inp:
+        value = doc["inputs"]
+        if isinstance(value, dict) and not _is_b64(value):
+            out = {}
+            for k, v in value.items():
+                if k not in sig_inputs:
+                    raise invalid_argument(f"input size does not match signature: {len(value)}!="
+                                           f"{len(names)} len({{{','.join(value)}}}) != len("
+                                           f"{{{','.join(names)}}}). Sent extra: {{{k}}}. "
+                                           "Missing but required: {}.")
+                out[k] = json_to_array(v, sig_inputs[k], f"input: {k}")
+            return out, "columnar"
+        if len(names) != 1:
+            raise invalid_argument("Input to signature has more than one named tensor; "
+                                   "'inputs' must be an object keyed by input name")
+        return {names[0]: json_to_array(value, sig_inputs[names[0]], "'inputs'")}, "columnar"
+
+    inst = doc["instances"]
+    if not isinstance(inst, list):
+        raise invalid_argument("Excepting 'instances' to be an list/array")
+    if not inst:
+        raise invalid_argument("No values in 'instances' list")
+    named = isinstance(inst[0], dict) and not _is_b64(inst[0])
+    if not named:
+        if len(names) != 1:
+            raise invalid_argument(f"Expecting object but got list at item 0 of input list")
+        return {names[0]: json_to_array(inst, sig_inputs[names[0]], "'instances' list")}, "row"
+    cols: Dict[str, list] = {}
+    for i, row in enumerate(inst):
+        if not isinstance(row, dict) or _is_b64(row):
+            raise invalid_argument(f"Expecting object but got list at item {i} of input list")
+        if len(row) != len(names) or any(k not in sig_inputs for k in row):
+            missing = [k for k in names if k not in row]
+            extra = [k for k in row if k not in sig_inputs]
+            raise invalid_argument(
+                f"Failed to process element: {i} of 'instances' list. JSON object: "
+                f"{json.dumps(row)[:200]} keys do not match signature inputs "
+                f"(missing: {{{','.join(missing)}}}, extra: {{{','.join(extra)}}})")
+        for k, v in row.items():
+            cols.setdefault(k, []).append(v)
+    return {k: json_to_array(v, sig_inputs[k], f"'instances' key: {k}") for k, v in cols.items()}, "row"
+
+
+def _nest(flat: list, shape: Tuple[int, ...]):
+    if not shape:
+        return flat[0]
+    if len(shape) == 1:
+        return flat
+    step = int(np.prod(shape[1:]))
+    return [_nest(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def _float_list(arr: np.ndarray):
+    """float32 values printed at float32 precision (0.3, not 0.30000001192092896), like TF Serving."""
+    if arr.dtype == np.float32:
+        # str() of a numpy float32 scalar is its shortest round-trip decimal form
+        return _nest([float(str(x)) for x in arr.reshape(-1)], arr.shape)
+    return arr.tolist()
+
+
+def _jsonable(name: str, arr: np.ndarray):
+    if arr.dtype == object or arr.dtype.kind == "S":
+        b64 = name.endswith("_bytes")
+
+        def conv(x):
+            if isinstance(x, list):
+                return [conv(y) for y in x]
+            x = bytes(x)
+            if b64:
+                return {"b64": base64.b64encode(x).decode("ascii")}
+            return x.decode("utf-8", errors="replace")
+
+        return conv(arr.tolist())
+    if arr.dtype.kind == "f":
+        return _float_list(arr)
+    return arr.tolist()
+
+
+def predict_response_to_json(outputs: Mapping[str, np.ndarray], fmt: str) -> dict:
+    names = sorted(outputs)
+    if fmt == "columnar":
+        if len(names) == 1:
+            return {"outputs": _jsonable(names[0], outputs[names[0]])}
+        return {"outputs": {k: _jsonable(k, outputs[k]) for k in names}}
+    if len(names) == 1:
+        v = outputs[names[0]]
+        if v.ndim == 0:
+            raise invalid_argument(f"Tensor name: {names[0]} has no shape information ")
+        return {"predictions": _jsonable(names[0], v)}
+    batch = None
+    cols = {}
+    for k in names:
+        v = outputs[k]
+        if v.ndim == 0:
+            raise invalid_argument(f"Tensor name: {k} has no shape information ")
+        if batch is None:
+            batch = v.shape[0]
+        elif v.shape[0] != batch:
+            raise invalid_argument(f"Tensor name: {k} has inconsistent batch size: {v.shape[0]} "
+                                   f"expecting: {batch}")
+        cols[k] = _jsonable(k, v)
+    return {"predictions": [{k: cols[k][i] for k in names} for i in range(batch or 0)]}
+
+
+# ---- tf.Example for :classify / :regress ----------------------------------------------------------
+def _feature(key: str, value):
+    from tensorflow.core.example import feature_pb2
+
+    vals = value if isinstance(value, list) else [value]
+    f = feature_pb2.Feature()
+    if not vals:
+        return f
+    first = vals[0]
+    if isinstance(first, bool):
+        raise invalid_argument(f"Feature '{key}': boolean values are not supported in tf.Example")
+    if isinstance(first, str) or _is_b64(first):
+        f.bytes_list.value.extend(_to_bytes(v) for v in vals)
+    elif all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        f.int64_list.value.extend(vals)
+    elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+        f.float_list.value.extend(float(v) for v in vals)
+    else:
+        raise invalid_argument(f"Feature '{key}' has values of mixed or unsupported JSON types")
+    return f
+
+
+def example_from_json(obj) -> bytes:
+    from tensorflow.core.example import example_pb2
+
+    if not isinstance(obj, dict):
+        raise invalid_argument("Expecting 'examples' to be an array of JSON objects")
+    ex = example_pb2.Example()
+    for k, v in obj.items():
+        ex.features.feature[k].CopyFrom(_feature(k, v))
+    return ex.SerializeToString()
+
+
+def examples_from_json(doc: dict) -> List[bytes]:
+    """Serialized tf.Examples of a REST classify/regress body (``context`` merged into each)."""
+    examples = doc.get("examples")
+    if not isinstance(examples, list):
+        raise invalid_argument("'examples' key must be an array of JSON objects" if "examples" in doc
+                               else "Missing 'examples' key")
+    ctx = doc.get("context")
+    ctx_bytes = example_from_json(ctx) if ctx is not None else b""
+    # Concatenated serializations merge, the later (the example) winning per feature key.
+    return [ctx_bytes + example_from_json(e) for e in examples]
+
+
+def examples_from_input_proto(inp) -> List[bytes]:
+    """Serialized examples of a tensorflow_serving.apis.input_pb2.Input."""
+    kind = inp.WhichOneof("kind")
+    if kind == "example_list":
+        return [e.SerializeToString() for e in inp.example_list.examples]
+    if kind == "example_list_with_context":
+        ctx = inp.example_list_with_context.context.SerializeToString()
+        return [ctx + e.SerializeToString() for e in inp.example_list_with_context.examples]
+    raise invalid_argument("Input is empty")
+
+
+# ---- TensorProto ------------------------------------------------------------------------------
+def tensor_proto_to_array(tp, np_dtype=None) -> np.ndarray:
+    import tensorflow as tf
+    from tensorflow.core.framework import types_pb2
+
+    shape = [d.size for d in tp.tensor_shape.dim]
+    if tp.dtype == types_pb2.DT_STRING:
+        vals = list(tp.string_val)
+        arr = np.empty(len(vals), dtype=object)
+        arr[:] = vals
+        n = int(np.prod(shape)) if shape else 1
+        if len(vals) == 1 and n != 1:
+            arr = np.full(n, vals[0], dtype=object)
+        return arr.reshape(shape)
+    if tp.tensor_content:
+        dt = tf.dtypes.as_dtype(tp.dtype).as_numpy_dtype
+        return np.frombuffer(tp.tensor_content, dtype=dt).reshape(shape)
+    return tf.make_ndarray(tp)
+
+
+_NP_TO_DT = None
+
+
+def array_to_tensor_proto(arr: np.ndarray, tp=None):
+    global _NP_TO_DT
+    from tensorflow.core.framework import tensor_pb2, types_pb2
+
+    if _NP_TO_DT is None:
+        _NP_TO_DT = {np.dtype(np.float32): types_pb2.DT_FLOAT, np.dtype(np.float64): types_pb2.DT_DOUBLE,
+                     np.dtype(np.int32): types_pb2.DT_INT32, np.dtype(np.int64): types_pb2.DT_INT64,
+                     np.dtype(np.bool_): types_pb2.DT_BOOL, np.dtype(np.uint8): types_pb2.DT_UINT8,
+                     np.dtype(np.int8): types_pb2.DT_INT8, np.dtype(np.int16): types_pb2.DT_INT16,
+                     np.dtype(np.float16): types_pb2.DT_HALF}
+    if tp is None:
+        tp = tensor_pb2.TensorProto()
+    for d in arr.shape:
+        tp.tensor_shape.dim.add().size = d
+    if arr.dtype == object or arr.dtype.kind == "S":
+        tp.dtype = types_pb2.DT_STRING
+        tp.string_val.extend(bytes(x) for x in arr.reshape(-1))
+    else:
+        tp.dtype = _NP_TO_DT[arr.dtype]
+        tp.tensor_content = np.ascontiguousarray(arr).tobytes()
+    return tp

@@ -1,0 +1,160 @@
+"""Inference operations shared by the REST and gRPC front ends (TF Serving semantics)."""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .batcher import Batcher
+from .errors import invalid_argument
+from .repository import ModelRepository, Servable, Signature
+
+
+def _join(names) -> str:
+    return ",".join(sorted(names))
+
+
+class InferenceCore:
+    def __init__(self, repo: ModelRepository, batcher: Optional[Batcher] = None):
+        self.repo = repo
+        self.batcher = batcher
+
+    # ---- predict -----------------------------------------------------------------------
+    def predict(self, servable: Servable, sig: Signature, inputs: Mapping[str, np.ndarray],
+                output_filter: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+        sent, expected = set(inputs), set(sig.inputs)
+        if sent != expected:
+            raise invalid_argument(
+                f"input size does not match signature: {len(sent)}!={len(expected)} "
+                f"len({{{_join(sent)}}}) != len({{{_join(expected)}}}). "
+                f"Sent extra: {{{_join(sent - expected)}}}. "
+                f"Missing but required: {{{_join(expected - sent)}}}.")
+        for alias in output_filter:
+            if alias not in sig.outputs:
+                raise invalid_argument(
+                    f"output tensor alias not found in signature: {alias} Outputs expected to be "
+                    f"in the set {{{_join(sig.outputs)}}}.")
+        if self.batcher is not None:
+            out = self.batcher.run((servable.name, servable.version, sig.name), sig, inputs)
+        else:
+            out = sig(inputs)
+        if output_filter:
+            out = {k: v for k, v in out.items() if k in set(output_filter)}
+        return out
+
+    # ---- classify / regress --------------------------------------------------------------
+    @staticmethod
+    def classification_signature(servable: Servable, name: str) -> Signature:
+        name = name or "serving_default"
+        sig = servable.signatures.get(name)
+        if sig is None:
+            raise invalid_argument(f"No signature was found with the name: {name}")
+        sd = sig.sig_def
+        if len(sd.inputs) != 1:
+            raise invalid_argument("Expected one input Tensor.")
+        if len(sd.outputs) not in (1, 2):
+            raise invalid_argument(f"Expected one or two output Tensors, found {len(sd.outputs)}")
+        if "inputs" not in sd.inputs:
+            raise invalid_argument(f"No classification inputs found in SignatureDef: {name}")
+        if "classes" not in sd.outputs and "scores" not in sd.outputs:
+            raise invalid_argument(
+                'Expected classification signature outputs to contain at least one of "classes" '
+                f'or "scores". Signature was: {name}')
+        return sig
+
+    @staticmethod
+    def regression_signature(servable: Servable, name: str) -> Signature:
+        name = name or "serving_default"
+        sig = servable.signatures.get(name)
+        if sig is None:
+            raise invalid_argument(f"No signature was found with the name: {name}")
+        sd = sig.sig_def
+        if len(sd.inputs) != 1:
+            raise invalid_argument("Expected one input Tensor.")
+        if len(sd.outputs) != 1:
+            raise invalid_argument("Expected one output Tensor.")
+        if "inputs" not in sd.inputs:
+            raise invalid_argument(f"No regression inputs found in SignatureDef: {name}")
+        if "outputs" not in sd.outputs:
+            raise invalid_argument(f"No regression outputs found in SignatureDef: {name}")
+        return sig
+
+    @staticmethod
+    def _examples_array(examples: List[bytes]) -> np.ndarray:
+        if not examples:
+            raise invalid_argument("Input is empty.")
+        arr = np.empty(len(examples), dtype=object)
+        arr[:] = examples
+        return arr
+
+    def classify(self, servable: Servable, signature_name: str,
+                 examples: List[bytes]) -> Tuple[str, List[List[Tuple[str, float]]]]:
+        sig = self.classification_signature(servable, signature_name)
+        out = sig({"inputs": self._examples_array(examples)})
+        n = len(examples)
+        classes, scores = out.get("classes"), out.get("scores")
+        for what, t in (("classes", classes), ("scores", scores)):
+            if t is None:
+                continue
+            if t.ndim != 2:
+                raise invalid_argument(f"Expected Tensor shape: [batch_size num_classes] but got {list(t.shape)}")
+            if t.shape[0] != n:
+                raise invalid_argument(f"Expected {what} output batch size of {n}. Got: {t.shape[0]}")
+        if classes is not None and scores is not None and classes.shape[1] != scores.shape[1]:
+            raise invalid_argument("Tensors class and score should match in dim_size(1). Got "
+                                   f"{classes.shape[1]} vs. {scores.shape[1]}")
+        k = (classes if classes is not None else scores).shape[1]
+        result = []
+        for i in range(n):
+            row = []
+            for c in range(k):
+                label = bytes(classes[i, c]).decode("utf-8", "replace") if classes is not None else ""
+                score = float(scores[i, c]) if scores is not None else 0.0
+                row.append((label, score))
+            result.append(row)
+        return sig.name, result
+
+    def regress(self, servable: Servable, signature_name: str,
+                examples: List[bytes]) -> Tuple[str, List[float]]:
+        sig = self.regression_signature(servable, signature_name)
+        out = sig({"inputs": self._examples_array(examples)})["outputs"]
+        n = len(examples)
+        if not (out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1)) or out.shape[0] != n:
+            raise invalid_argument("Expected output Tensor shape to be either [batch_size] or "
+                                   f"[batch_size, 1] but got {list(out.shape)}")
+        return sig.name, [float(x) for x in out.reshape(-1)]
+
+
+# ---- status / metadata protos (shared by REST and gRPC) -------------------------------------------
+_STATE_ENUM = {"START": 10, "LOADING": 20, "AVAILABLE": 30, "UNLOADING": 40, "END": 50}
+
+
+def model_status_response(repo: ModelRepository, name: str, version: Optional[int],
+                          label: Optional[str]):
+    from tensorflow_serving.apis import get_model_status_pb2
+    from tensorflow.core.protobuf import error_codes_pb2
+
+    resp = get_model_status_pb2.GetModelStatusResponse()
+    for v, state, code, msg in repo.status(name, version, label):
+        mvs = resp.model_version_status.add()
+        mvs.version = v
+        mvs.state = _STATE_ENUM[state]
+        mvs.status.SetInParent()
+        mvs.status.error_code = error_codes_pb2.Code.Value(code)
+        mvs.status.error_message = msg
+    return resp
+
+
+def model_metadata_response(servable: Servable, fields: Sequence[str] = ("signature_def",)):
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    if not fields:
+        raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
+    for f in fields:
+        if f != "signature_def":
+            raise invalid_argument(f"Metadata field {f} is not supported")
+    resp = get_model_metadata_pb2.GetModelMetadataResponse()
+    resp.model_spec.name = servable.name
+    resp.model_spec.version.value = servable.version
+    resp.metadata["signature_def"].Pack(servable.signature_def_map)
+    return resp

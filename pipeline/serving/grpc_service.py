@@ -1,0 +1,144 @@
+"""TF Serving's gRPC services (PredictionService, ModelService) on grpcio."""
+from __future__ import annotations
+
+from concurrent import futures
+from typing import Optional
+
+import grpc
+from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2, model_service_pb2_grpc,
+                                     predict_pb2, prediction_service_pb2_grpc, regression_pb2)
+
+from . import codec
+from .core import InferenceCore, model_metadata_response, model_status_response
+from .errors import ServingError, invalid_argument
+
+
+def _spec(model_spec):
+    version = model_spec.version.value if model_spec.HasField("version") else None
+    label = model_spec.version_label or None
+    return model_spec.name, version, label
+
+
+def _fill_spec(out_spec, servable, signature_name: str) -> None:
+    out_spec.name = servable.name
+    out_spec.version.value = servable.version
+    out_spec.signature_name = signature_name
+
+
+def _guard(fn):
+    def wrapper(self, request, context):
+        try:
+            return fn(self, request, context)
+        except ServingError as e:
+            context.abort(e.code, e.message)
+        except Exception as e:  # noqa: BLE001
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+    wrapper.__name__ = fn.__name__
+    return wrapper
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, core: InferenceCore):
+        self.core = core
+        self.repo = core.repo
+
+    @_guard
+    def Predict(self, request, context):  # noqa: N802
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        with self.repo.handle(*_spec(request.model_spec)) as s:
+            sig = s.signature(request.model_spec.signature_name)
+            inputs = {k: codec.tensor_proto_to_array(v) for k, v in request.inputs.items()}
+            out = self.core.predict(s, sig, inputs, list(request.output_filter))
+            resp = predict_pb2.PredictResponse()
+            _fill_spec(resp.model_spec, s, sig.name)
+        for k, v in out.items():
+            codec.array_to_tensor_proto(v, resp.outputs[k])
+        return resp
+
+    @_guard
+    def Classify(self, request, context):  # noqa: N802
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        examples = codec.examples_from_input_proto(request.input)
+        with self.repo.handle(*_spec(request.model_spec)) as s:
+            sig_name, result = self.core.classify(s, request.model_spec.signature_name, examples)
+            resp = classification_pb2.ClassificationResponse()
+            _fill_spec(resp.model_spec, s, sig_name)
+        for row in result:
+            c = resp.result.classifications.add()
+            for label, score in row:
+                cl = c.classes.add()
+                cl.label, cl.score = label, score
+        return resp
+
+    @_guard
+    def Regress(self, request, context):  # noqa: N802
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        examples = codec.examples_from_input_proto(request.input)
+        with self.repo.handle(*_spec(request.model_spec)) as s:
+            sig_name, result = self.core.regress(s, request.model_spec.signature_name, examples)
+            resp = regression_pb2.RegressionResponse()
+            _fill_spec(resp.model_spec, s, sig_name)
+        for v in result:
+            resp.result.regressions.add().value = v
+        return resp
+
+    @_guard
+    def GetModelMetadata(self, request, context):  # noqa: N802
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        with self.repo.handle(*_spec(request.model_spec)) as s:
+            return model_metadata_response(s, list(request.metadata_field))
+
+    def MultiInference(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not supported by privtrain serve")
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, core: InferenceCore):
+        self.repo = core.repo
+
+    @_guard
+    def GetModelStatus(self, request, context):  # noqa: N802
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        return model_status_response(self.repo, *_spec(request.model_spec))
+
+    def HandleReloadConfigRequest(self, request, context):  # noqa: N802
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      "privtrain serve reloads from the serving directory; config reload is not supported")
+
+
+class GrpcServer:
+    """Binds in the constructor (a taken port fails fast with ``bound_port == 0`` / RuntimeError)."""
+
+    def __init__(self, host: str, port: int, core: InferenceCore, max_workers: int = 8,
+                 max_message_bytes: int = 64 * 1024 * 1024):
+        self._executor = futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                    thread_name_prefix="privtrain-grpc")
+        self._server = grpc.server(self._executor, options=[
+            ("grpc.so_reuseport", 0),   # a port already taken must fail, not be shared
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ])
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(core), self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core), self._server)
+        addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self.port = self._server.add_insecure_port(addr)
+        except RuntimeError:
+            self.port = 0
+        if not self.port:
+            self._server.stop(None)
+            self._executor.shutdown(wait=False)
+            raise OSError(f"could not bind {addr}")
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self, grace: Optional[float] = 2.0) -> None:
+        self._server.stop(grace).wait()
+        self._executor.shutdown(wait=True)
