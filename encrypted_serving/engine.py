@@ -1,0 +1,278 @@
+"""The encrypted prediction engine (encrypted env): the prediction client joins the TF cluster and drives it.
+
+``EncryptedPredictor(cluster_json)``:
+
+1. joins the running service's TF cluster as task ``prediction-client`` of job ``tfe``
+   (``tf.config.experimental_connect_to_cluster``) and becomes the driver: it builds every TF op and
+   places it on a party's device; TF-Encrypted 0.9.1 (TF2, remote eager) has no other mode;
+2. secret-shares the model once: per weight array, an op on the model owner's device reads the
+   owner's staged file and splits it into ABY3 replicated shares (or Pond additive shares) that are
+   stored in TF variables on server0-2, where they stay resident for the predictor's lifetime;
+3. traces one ``tf.function`` per batch size: the features (a tensor on the client's own device)
+   are secret-shared on the client, the MLP runs on shares on server0-2, and each server sends one
+   share of the logit to the client, which alone reconstructs it; sigmoid is applied in plaintext.
+
+Fresh randomness per call: TFE 0.9.1 derives the servers' correlated randomness from
+``pairwise key + nonce`` with Python-integer nonces, which a reused ``tf.function`` would replay on
+every call. ``_FreshNonceMixin`` adds a per-call offset (a TF variable bumped before every call by
+2**32) so each prediction uses new masks while the graph is traced only once.
+
+Timeouts: every call runs under ``operation_timeout_in_ms`` plus a watchdog; a dead or silent party
+raises ``PartyUnavailableError`` naming the parties that do not answer.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from typing import Dict, Optional
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+from tensorflow.python.eager import context as _tf_context  # noqa: E402
+
+
+def _set_operation_timeout(timeout_s: float) -> bool:
+    """Must run before TF's eager context initialises (importing tf_encrypted does that). True if set."""
+    try:
+        _tf_context.context().operation_timeout_in_ms = int(timeout_s * 1000)
+        _tf_context.context().intra_op_parallelism_threads = 1   # small shared machines
+        _tf_context.context().inter_op_parallelism_threads = 2
+        return True
+    except RuntimeError:
+        return False
+
+
+_set_operation_timeout(float(os.environ.get("PRIVTRAIN_ENCRYPTED_TIMEOUT_S", "30")))
+
+import tf_encrypted as tfe  # noqa: E402
+from tf_encrypted.protocol import ABY3, Pond  # noqa: E402
+
+from encrypted_serving import cluster as cl  # noqa: E402
+from encrypted_serving import model_format as mf  # noqa: E402
+from encrypted_serving import preprocessing as pp  # noqa: E402
+
+NONCE_STRIDE = 2 ** 32
+
+
+class EncryptedServingError(RuntimeError):
+    """Encrypted prediction failed; the message says why."""
+
+
+class PartyUnavailableError(EncryptedServingError):
+    """A party of the encrypted service died or did not answer within the timeout."""
+
+
+class _FreshNonceMixin:
+    """Makes TFE's nonces tensor-valued so that a traced graph draws fresh randomness on every call.
+
+    TFE adds a nonce to a 256-bit key (int32[8]): ``seed = key + nonce``. We return, instead of the
+    Python counter c, the int32[8] vector [c, call, 0, ..., 0] where ``call`` is a variable bumped
+    before every call. (c, call) pairs never repeat, so no seed repeats for 2**32 calls.
+    """
+
+    _call_counter = None
+
+    def enable_fresh_nonces(self):
+        with tf.device(tfe.get_config().get_player(cl.CLIENT).device_name):
+            self._call_counter = tf.Variable(0, dtype=tf.int32, trainable=False, name="nonce-call-counter")
+
+    def bump_nonces(self):
+        if self._call_counter is not None:
+            self._call_counter.assign_add(1)
+
+    def _with_call(self, base):
+        base = tf.cast(tf.convert_to_tensor(base), tf.int32)            # [] or [3]
+        call = tf.reshape(self._call_counter.read_value(), [1])
+        vec = tf.concat([call, tf.zeros([6], tf.int32)], 0)              # [7]
+        if base.shape.rank == 0:
+            return tf.concat([tf.reshape(base, [1]), vec], 0)             # [8]
+        return tf.concat([tf.reshape(base, [-1, 1]), tf.tile(tf.reshape(vec, [1, 7]), [3, 1])], 1)  # [3, 8]
+
+    def pairwise_nonces(self):
+        base = super().pairwise_nonces()
+        return base if self._call_counter is None else self._with_call(base)
+
+    def b2a_nonce(self):
+        base = super().b2a_nonce()
+        return base if self._call_counter is None else self._with_call(base)
+
+
+class _ABY3(_FreshNonceMixin, ABY3):
+    pass
+
+
+def _make_protocol(name: str):
+    if name == "aby3":
+        return _ABY3()
+    if name == "pond":
+        return Pond()  # Pond's randomness comes from stateful ops / the crypto producer (server2)
+    raise EncryptedServingError("unknown protocol %r (use one of %s)" % (name, cl.PROTOCOLS))
+
+
+_CONNECTED = None
+
+
+class EncryptedPredictor:
+    """Client-side handle on a running encrypted service. One per process (TF's cluster is global)."""
+
+    def __init__(self, cluster_json: str, timeout_s: float = 30.0, protocol: Optional[str] = None,
+                 connect_check: bool = True):
+        global _CONNECTED
+        self.cluster = cl.load(cluster_json)
+        self.protocol_name = protocol or self.cluster["protocol"]
+        self.timeout_s = float(timeout_s)
+        public = self.cluster["public_dir"]
+        self.config = mf.load_config(public)
+        self.preprocessing = pp.load_spec(os.path.join(public, mf.PREPROCESSING_JSON),
+                                          expected_dim=self.config["input_dim"])
+        if connect_check:
+            self._check_parties("before connecting")
+        if _CONNECTED is not None and _CONNECTED != cluster_json:
+            raise EncryptedServingError("this process already joined another encrypted cluster")
+        hostmap = OrderedDict((p, a) for p, a in self.cluster["players"])
+        tfe_config = tfe.RemoteConfig(hostmap, job_name=self.cluster["job_name"])
+        tfe.set_config(tfe_config)
+        _set_operation_timeout(self.timeout_s)   # no-op once TF's context is up (see module top)
+        spec = tf.train.ClusterSpec({self.cluster["job_name"]: [a for _, a in self.cluster["players"]]})
+        self._guarded(lambda: tf.config.experimental_connect_to_cluster(
+            spec, job_name=self.cluster["job_name"], task_index=cl.task_index(cl.CLIENT)), "connecting")
+        _CONNECTED = cluster_json
+        self.client_device = tfe_config.get_player(cl.CLIENT).device_name
+        self.owner_device = tfe_config.get_player(cl.MODEL_OWNER).device_name
+        self.prot = self._guarded(lambda: _make_protocol(self.protocol_name), "setting up the protocol")
+        tfe.set_protocol(self.prot)
+        if isinstance(self.prot, _FreshNonceMixin):
+            self.prot.enable_fresh_nonces()
+        self._weights = self._guarded(self._share_model, "secret-sharing the model")
+        self._fns: Dict[int, object] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def _share_model(self):
+        stage = self.cluster["weights_stage_dir"]
+        shared = []
+        fan_in = self.config["input_dim"]
+        for i, layer in enumerate(self.config["layers"]):
+            pair = []
+            for key, shape in ((mf.kernel_key(i), [fan_in, layer["units"]]), (mf.bias_key(i), [layer["units"]])):
+                path = os.path.join(stage, key.replace("/", "_") + ".f32")
+
+                def read(path=path, shape=shape):
+                    # Runs on the model owner's device: the file is read in the model owner's process.
+                    raw = tf.io.read_file(path)
+                    return tf.reshape(tf.io.decode_raw(raw, tf.float32, little_endian=True), shape)
+
+                x = self.prot.define_private_input(cl.MODEL_OWNER, read)
+                pair.append(self.prot.define_private_variable(x))
+            shared.append(tuple(pair))
+            fan_in = layer["units"]
+        return shared
+
+    # ------------------------------------------------------------------ prediction
+    def _build(self, batch: int):
+        prot, weights, layers = self.prot, self._weights, self.config["layers"]
+        client_player = tfe.get_config().get_player(cl.CLIENT)
+        client_device = self.client_device
+
+        @tf.function(autograph=False)  # TFE's Python control flow needs no autograph; tracing is 10x faster
+        def predict_logits(x):
+            # Secret-share the features on the client's device: only shares (and share seeds) leave it.
+            h = prot.define_private_input(cl.CLIENT, lambda: x)
+            for (w, b), layer in zip(weights, layers):
+                h = prot.add(prot.matmul(h, w), b)
+                if layer["activation"] == "relu":
+                    h = prot.relu(h)
+            # Reveal to the client only: each server sends the client one share.
+            with tf.device(client_device):
+                if isinstance(prot, ABY3):
+                    ring = prot._reconstruct(h.unwrapped, client_player, h.share_type)
+                    return tf.reshape(prot._decode(ring, h.is_scaled), [-1])
+                return tf.reshape(_pond_reveal(prot, h), [-1])
+
+        return predict_logits
+
+    def predict_logits(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.config["input_dim"]:
+            raise EncryptedServingError("features must have shape [n, %d], got %s" % (self.config["input_dim"], x.shape))
+        n = x.shape[0]
+        if n == 0:
+            return np.zeros((0,), dtype=np.float64)
+        fn = self._fns.get(n)
+        if fn is None:
+            fn = self._fns[n] = self._build(n)
+
+        def run():
+            if isinstance(self.prot, _FreshNonceMixin):
+                self.prot.bump_nonces()
+            with tf.device(self.client_device):
+                xt = tf.constant(x)
+            return fn(xt).numpy()
+
+        return self._guarded(run, "predicting").astype(np.float64)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return mf.sigmoid(self.predict_logits(x))
+
+    def predict_rows(self, rows, batch_size: int = 1000) -> np.ndarray:
+        """Raw rows (dicts of raw strings) -> probabilities, in batches (one trace per distinct size)."""
+        x = pp.transform(rows, self.preprocessing)
+        out = [self.predict_proba(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0,))
+
+    # ------------------------------------------------------------------ failure handling
+    def _check_parties(self, when: str):
+        down = cl.unreachable(self.cluster, cl.SERVICE_PLAYERS)
+        if down:
+            raise PartyUnavailableError(
+                "encrypted service party %s not reachable (%s) %s: the service is down or a party died; "
+                "restart it with `privtrain serve --encrypted`" % (", ".join(down), ", ".join(
+                    cl.address(self.cluster, d) for d in down), when))
+
+    def _guarded(self, fn, what: str):
+        """Run fn with a watchdog: TF errors and hangs become PartyUnavailableError naming the culprit."""
+        result, error = {}, {}
+
+        def target():
+            try:
+                result["v"] = fn()
+            except BaseException as e:  # noqa: BLE001
+                error["e"] = e
+
+        t = threading.Thread(target=target, daemon=True, name="tfe-" + what.replace(" ", "-"))
+        t.start()
+        t.join(self.timeout_s + 5.0)
+        if t.is_alive():
+            down = cl.unreachable(self.cluster, cl.SERVICE_PLAYERS)
+            raise PartyUnavailableError(
+                "encrypted prediction timed out after %.0fs while %s; %s" % (
+                    self.timeout_s, what, ("unreachable part%s: %s" % ("ies" if len(down) > 1 else "y", ", ".join(down)))
+                    if down else "every party's port is open, so a party is alive but not answering"))
+        if "e" in error:
+            e = error["e"]
+            if isinstance(e, EncryptedServingError):
+                raise e
+            if isinstance(e, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                              tf.errors.CancelledError, tf.errors.AbortedError, tf.errors.InternalError,
+                              tf.errors.UnknownError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError)):
+                down = cl.unreachable(self.cluster, cl.SERVICE_PLAYERS)
+                first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+                if down or isinstance(e, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)):
+                    raise PartyUnavailableError("encrypted prediction failed while %s: %s (TF: %s: %s)" % (
+                        what, ("unreachable part%s: %s" % ("ies" if len(down) > 1 else "y", ", ".join(down)))
+                        if down else "a party did not answer in time", type(e).__name__, first)) from e
+                raise EncryptedServingError("encrypted prediction failed while %s: %s: %s"
+                                            % (what, type(e).__name__, first)) from e
+            raise e
+        return result["v"]
+
+
+def _pond_reveal(prot, h):
+    """Reconstruct a Pond private tensor on the current (client) device from the two servers' shares."""
+    x0, x1 = h.unwrapped
+    ring = x0 + x1
+    return prot._decode(ring, h.is_scaled) if hasattr(prot, "_decode") else ring.to_native()
