@@ -8,9 +8,9 @@ Public API::
 TFF is imported lazily (only when rounds run), so importing this package is cheap.
 """
 from federated.engine import FederatedConfig, FederatedResult, run_federated
-from federated.partition import PartitionSpec, dirichlet, iid, by_column, partition, shard_summary
+from federated.partition import PartitionSpec, by_column, dirichlet, iid, make_shards, shard_summary
 from federated.simulate import SimulationConfig, simulate
 from federated.strategies import DPFedAvg, FedAvg
 
 __all__ = ["simulate", "SimulationConfig", "FederatedConfig", "FederatedResult", "run_federated", "FedAvg",
-           "DPFedAvg", "PartitionSpec", "iid", "dirichlet", "by_column", "partition", "shard_summary"]
+           "DPFedAvg", "PartitionSpec", "iid", "dirichlet", "by_column", "make_shards", "shard_summary"]

@@ -261,7 +261,7 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
     labels = np.asarray(train_labels, np.float32).reshape(-1)
     spec = partition_lib.PartitionSpec.parse(cfg.partition)
     if shards is None:
-        shards = partition_lib.partition(spec, features, labels, cfg.clients,
+        shards = partition_lib.make_shards(spec, features, labels, cfg.clients,
                                          np.random.default_rng([cfg.seed, 1]))
     n_clients = len(shards)
     m = min(cfg.clients_per_round, n_clients)

@@ -96,7 +96,7 @@ def by_column(values: np.ndarray, min_rows: int = 1) -> List[np.ndarray]:
     return [s for s in shards if s.shape[0] >= min_rows]
 
 
-def partition(spec: PartitionSpec, features: Mapping[str, np.ndarray], labels: np.ndarray, num_clients: int,
+def make_shards(spec: PartitionSpec, features: Mapping[str, np.ndarray], labels: np.ndarray, num_clients: int,
               rng: np.random.Generator) -> List[np.ndarray]:
     n = int(np.asarray(labels).shape[0])
     if spec.kind == "iid":

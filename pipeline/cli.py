@@ -1,0 +1,96 @@
+"""``privtrain`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from pipeline.config import DEFAULT_DATA_DIR, RunConfig
+from pipeline.trainers import TRAINER_KINDS, trainer_module
+
+
+def _add_run_parser(sub) -> None:
+    p = sub.add_parser("run", help="run the pipeline: ingestion to a pushed model",
+                       description="Run the TFX pipeline on a data set, from ingestion to a pushed model.")
+    p.add_argument("--trainer", choices=sorted(TRAINER_KINDS), default="standard", help="trainer kind")
+    p.add_argument("--data", default=DEFAULT_DATA_DIR, help="data directory with dataset.json (default: Adult)")
+    p.add_argument("--workdir", default=os.path.join(os.getcwd(), "privtrain-work"),
+                   help="work directory: pipeline outputs, ML Metadata store, serving dir (default ./privtrain-work)")
+    p.add_argument("--model-name", default=None, help="serving name (default: the data set's name)")
+    p.add_argument("--min-auc", type=float, default=0.80, help="absolute AUC a model must exceed to be blessed")
+    p.add_argument("--max-auc-drop", type=float, default=0.0,
+                   help="allowed AUC drop against the latest blessed model of the same trainer kind")
+    p.add_argument("--no-cache", action="store_true", help="re-run every component")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    seen = set()
+    for kind in TRAINER_KINDS:
+        try:
+            module = trainer_module(kind)
+        except ImportError:
+            continue
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(_DedupParser(p, seen))
+
+
+class _DedupParser:
+    """Lets trainer kinds declare the same flag (e.g. --epochs) without argparse conflicts."""
+
+    def __init__(self, parser, seen):
+        self._parser, self._seen = parser, seen
+
+    def add_argument_group(self, *args, **kwargs):
+        return _DedupParser(self._parser.add_argument_group(*args, **kwargs), self._seen)
+
+    def add_argument(self, *flags, **kwargs):
+        if any(f in self._seen for f in flags):
+            return None
+        self._seen.update(flags)
+        return self._parser.add_argument(*flags, **kwargs)
+
+    def add_mutually_exclusive_group(self, **kwargs):
+        return _DedupParser(self._parser.add_mutually_exclusive_group(**kwargs), self._seen)
+
+    def __getattr__(self, name):
+        return getattr(self._parser, name)
+
+
+def _cmd_run(args) -> int:
+    from pipeline.dataset import DatasetError
+    from pipeline.runner import PipelineRunError, format_summary, run_pipeline
+
+    module = trainer_module(args.trainer)
+    trainer_args = module.trainer_args(args) if hasattr(module, "trainer_args") else {}
+    config = RunConfig(data_dir=args.data, workdir=os.path.abspath(args.workdir), trainer=args.trainer,
+                       trainer_args=trainer_args, model_name=args.model_name, min_auc=args.min_auc,
+                       max_auc_drop=args.max_auc_drop, enable_cache=not args.no_cache)
+    try:
+        summary = run_pipeline(config)
+    except DatasetError as e:
+        print(f"privtrain: {e}", file=sys.stderr)
+        return 2
+    except PipelineRunError as e:
+        print(json.dumps(e.summary.to_json(), indent=1) if args.json else format_summary(e.summary))
+        print(f"\nprivtrain: the run failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary.to_json(), indent=1) if args.json else format_summary(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="privtrain", description="Privacy-preserving training platform.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(sub)
+    return parser
+
+
+COMMANDS = {"run": _cmd_run}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""One run's configuration, built by the CLI or by scripts."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Dict, Optional, Tuple
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA_DIR = os.path.join(PROJECT_ROOT, "data", "adult")
+DEFAULT_WORKDIR = os.path.join(os.getcwd(), "privtrain-work")
+CODE_PACKAGES = ("pipeline", "dp_training", "federated")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    data_dir: str = DEFAULT_DATA_DIR
+    workdir: str = DEFAULT_WORKDIR
+    trainer: str = "standard"
+    trainer_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    model_name: Optional[str] = None  # defaults to the data set's name
+    hidden_units: Tuple[int, ...] = (64, 64)
+    min_auc: float = 0.80  # absolute AUC a model must exceed to be blessed
+    max_auc_drop: float = 0.0  # how much lower than the latest blessed model's AUC is still blessed
+    enable_cache: bool = True
+
+    @property
+    def pipeline_root(self) -> str:
+        return os.path.join(self.workdir, "pipeline_root")
+
+    @property
+    def metadata_path(self) -> str:
+        return os.path.join(self.workdir, "metadata.sqlite")
+
+    @property
+    def serving_dir(self) -> str:
+        return os.path.join(self.workdir, "serving")
+
+
+def code_version() -> str:
+    """Hash of the training code, part of the Transform/Trainer cache keys so code changes re-run them."""
+    h = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        root = os.path.join(PROJECT_ROOT, package)
+        for dirpath, dirnames, filenames in sorted(os.walk(root)):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.endswith(".py"):
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        h.update(name.encode() + f.read())
+    return h.hexdigest()[:16]

@@ -1,0 +1,163 @@
+"""Ingestion: a TFX FileBasedExampleGen executor for header-less delimited files described by ``dataset.json``.
+
+Per split, like TFX's CsvExampleGen, each column's type is inferred from its values (INT, FLOAT or STRING),
+so a numeric column that holds text arrives as strings and ExampleValidator reports the type anomaly.
+The missing-value token (``?`` for Adult) becomes an absent feature, and the label column is mapped to a
+0/1 int64 feature after stripping its suffix (Adult's test labels end with ``.``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any, Dict, Iterable, List
+
+import apache_beam as beam
+import tensorflow as tf
+from google.protobuf import json_format, struct_pb2
+from tfx.components.example_gen.base_example_gen_executor import BaseExampleGenExecutor
+from tfx.proto import example_gen_pb2
+from tfx.types import standard_component_specs
+from tfx.utils import proto_utils
+
+from pipeline.dataset import DatasetSpec
+
+INT, FLOAT, STRING = "INT", "FLOAT", "STRING"
+
+
+class IngestionError(ValueError):
+    """A raw row cannot be read as the data set's description says."""
+
+
+def spec_to_custom_config(spec: DatasetSpec) -> example_gen_pb2.CustomConfig:
+    struct = struct_pb2.Struct()
+    struct.update(spec.to_json_dict())
+    config = example_gen_pb2.CustomConfig()
+    config.custom_config.Pack(struct)
+    return config
+
+
+def spec_from_exec_properties(exec_properties: Dict[str, Any]) -> DatasetSpec:
+    config = exec_properties[standard_component_specs.CUSTOM_CONFIG_KEY]
+    if isinstance(config, str):
+        config = proto_utils.json_to_proto(config, example_gen_pb2.CustomConfig())
+    struct = struct_pb2.Struct()
+    config.custom_config.Unpack(struct)
+    return DatasetSpec.from_json_dict(json_format.MessageToDict(struct))
+
+
+def clean_row(spec: DatasetSpec, cells: List[str], where: str) -> List[str]:
+    """Strips cells, maps the missing token to '' and the label to '0'/'1'."""
+    if len(cells) != len(spec.columns):
+        names = ", ".join(c.name for c in spec.columns)
+        raise IngestionError(
+            f"{where}: expected {len(spec.columns)} fields ({names}) separated by {spec.delimiter!r}, "
+            f"found {len(cells)}; fix the file or the column list in {spec.directory}/dataset.json")
+    out = []
+    for column, cell in zip(spec.columns, cells):
+        cell = cell.strip()
+        if cell == spec.missing_value:
+            cell = ""
+        if column.kind == "label":
+            if column.strip_suffix and cell.endswith(column.strip_suffix):
+                cell = cell[: -len(column.strip_suffix)]
+            if cell == column.positive:
+                cell = "1"
+            elif cell == column.negative:
+                cell = "0"
+            else:
+                raise IngestionError(f"{where}: label column {column.name!r} has {cell!r}; expected "
+                                     f"{column.positive!r} or {column.negative!r}")
+        out.append(cell)
+    return out
+
+
+def _cell_type(cell: str) -> str:
+    try:
+        int(cell)
+        return INT
+    except ValueError:
+        pass
+    try:
+        float(cell)
+        return FLOAT
+    except ValueError:
+        return STRING
+
+
+_ORDER = {None: 0, INT: 1, FLOAT: 2, STRING: 3}
+
+
+class _InferColumnTypes(beam.CombineFn):
+    """Widest type per column over a split (INT < FLOAT < STRING); None where a column is always empty."""
+
+    def __init__(self, n: int):
+        self._n = n
+
+    def create_accumulator(self):
+        return [None] * self._n
+
+    def add_input(self, acc, row):
+        for i, cell in enumerate(row):
+            if cell:
+                t = _cell_type(cell)
+                if _ORDER[t] > _ORDER[acc[i]]:
+                    acc[i] = t
+        return acc
+
+    def merge_accumulators(self, accs):
+        merged = self.create_accumulator()
+        for acc in accs:
+            for i, t in enumerate(acc):
+                if _ORDER[t] > _ORDER[merged[i]]:
+                    merged[i] = t
+        return merged
+
+    def extract_output(self, acc):
+        return acc
+
+
+def _to_example(row: List[str], types: List[str], spec: DatasetSpec) -> tf.train.Example:
+    feature = {}
+    for column, cell, t in zip(spec.columns, row, types):
+        name = spec.label_feature if column.kind == "label" else column.name
+        if not cell:
+            feature[name] = tf.train.Feature()
+        elif column.kind == "label" or t == INT:
+            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(cell)]))
+        elif t == FLOAT:
+            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(cell)]))
+        else:
+            feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[cell.encode()]))
+    return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+def _read_rows(path: str, spec: DatasetSpec) -> Iterable[List[str]]:
+    with tf.io.gfile.GFile(path, "r") as f:
+        for lineno, cells in enumerate(csv.reader(f, delimiter=spec.delimiter), start=1):
+            if not cells or all(not c.strip() for c in cells):
+                continue
+            yield clean_row(spec, cells, f"{os.path.basename(path)} line {lineno}")
+
+
+@beam.ptransform_fn
+@beam.typehints.with_input_types(beam.Pipeline)
+@beam.typehints.with_output_types(tf.train.Example)
+def _DelimitedToExample(pipeline: beam.Pipeline, exec_properties: Dict[str, Any], split_pattern: str):
+    spec = spec_from_exec_properties(exec_properties)
+    pattern = os.path.join(exec_properties[standard_component_specs.INPUT_BASE_KEY], split_pattern)
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise IngestionError(f"split pattern {pattern} matches no file")
+    rows = (pipeline
+            | "Files" >> beam.Create(files)
+            | "ReadRows" >> beam.FlatMap(_read_rows, spec=spec))
+    types = rows | "InferTypes" >> beam.CombineGlobally(_InferColumnTypes(len(spec.columns)))
+    return rows | "ToExample" >> beam.Map(_to_example, types=beam.pvalue.AsSingleton(types), spec=spec)
+
+
+class DelimitedExampleGenExecutor(BaseExampleGenExecutor):
+    """ExampleGen executor for the data sets described by ``dataset.json``."""
+
+    def GetInputSourceToExamplePTransform(self) -> beam.PTransform:
+        return _DelimitedToExample

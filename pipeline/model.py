@@ -1,0 +1,161 @@
+"""The Keras model over transformed features, and its export with TF Serving signatures.
+
+Model: z-scored numerics + one-hot (CategoryEncoding) categoricals -> Concatenate -> Dense(ReLU)... -> 1 logit.
+Only Dense layers carry weights, which is what DP-SGD's fast gradient clipping, TFF and TF-Encrypted need.
+
+Exported signatures (on a SavedModel that embeds the Transform graph, so callers send raw features):
+- ``serving_default``: ``examples`` (serialized tf.Example) -> ``probabilities``, ``logits``;
+- ``predict_raw``: one tensor per raw feature (numerics float32, NaN = missing; categoricals string,
+  "" = missing) -> ``probabilities``, ``logits``;
+- ``classify``: ``inputs`` (serialized tf.Example) -> ``classes`` ["0","1"], ``scores`` [1-p, p].
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from pipeline.dataset import DatasetSpec
+from pipeline.features import NUM_OOV_BUCKETS, categorical_key, numeric_key, vocabulary_name
+
+PREPROCESSING_FILE = "preprocessing.json"
+
+
+def vocabulary_sizes(spec: DatasetSpec, tf_transform_output: tft.TFTransformOutput) -> Dict[str, int]:
+    """Number of one-hot buckets (vocabulary + OOV) per categorical column."""
+    return {c: tf_transform_output.vocabulary_size_by_name(vocabulary_name(c)) + NUM_OOV_BUCKETS
+            for c in spec.categorical_features}
+
+
+def build_model(spec: DatasetSpec, buckets: Mapping[str, int], hidden_units: Sequence[int] = (64, 64),
+                seed: int = 0) -> tf.keras.Model:
+    inputs, parts = {}, []
+    for column in spec.feature_columns:
+        if column.kind == "numeric":
+            key = numeric_key(column.name)
+            inputs[key] = tf.keras.Input(shape=(1,), name=key, dtype=tf.float32)
+            parts.append(inputs[key])
+        else:
+            key = categorical_key(column.name)
+            inputs[key] = tf.keras.Input(shape=(1,), name=key, dtype=tf.int64)
+            parts.append(tf.keras.layers.CategoryEncoding(
+                num_tokens=buckets[column.name], output_mode="one_hot", name=f"{key}_one_hot")(inputs[key]))
+    x = tf.keras.layers.Concatenate(name="features")(parts)
+    init = tf.keras.initializers.GlorotUniform
+    for i, units in enumerate(hidden_units):
+        x = tf.keras.layers.Dense(units, activation="relu", kernel_initializer=init(seed + i), name=f"dense_{i}")(x)
+    logit = tf.keras.layers.Dense(1, kernel_initializer=init(seed + 99), name="logit")(x)
+    return tf.keras.Model(inputs=inputs, outputs=logit, name=f"{spec.name}_mlp")
+
+
+def _model_inputs(model: tf.keras.Model, transformed: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    return {name: tf.reshape(transformed[name], [-1, 1]) for name in model.input_names}
+
+
+def _raw_input_signature(spec: DatasetSpec) -> Dict[str, tf.TensorSpec]:
+    return {c.name: tf.TensorSpec([None], tf.float32 if c.kind == "numeric" else tf.string, name=c.name)
+            for c in spec.feature_columns}
+
+
+def _dense_to_raw_features(spec: DatasetSpec, raw_feature_spec, tensors: Mapping[str, tf.Tensor]):
+    """predict_raw's dense tensors -> what the Transform graph expects (SparseTensors for VarLen features)."""
+    features = {}
+    for column in spec.feature_columns:
+        x = tensors[column.name]
+        feature_spec = raw_feature_spec[column.name]
+        present = tf.logical_not(tf.math.is_nan(x)) if column.kind == "numeric" else tf.not_equal(x, "")
+        if column.kind == "numeric" and feature_spec.dtype == tf.int64:
+            x = tf.cast(tf.round(tf.where(present, x, 0.0)), tf.int64)
+        elif column.kind == "numeric":
+            x = tf.cast(x, feature_spec.dtype)
+        if isinstance(feature_spec, tf.io.VarLenFeature):
+            rows = tf.where(present)[:, 0]
+            indices = tf.stack([rows, tf.zeros_like(rows)], axis=1)
+            features[column.name] = tf.SparseTensor(indices, tf.boolean_mask(x, present),
+                                                    tf.stack([tf.shape(x, out_type=tf.int64)[0], 1]))
+        else:
+            features[column.name] = tf.reshape(x, [-1, 1])
+    return features
+
+
+def export_serving_model(model: tf.keras.Model, spec: DatasetSpec, tf_transform_output: tft.TFTransformOutput,
+                         serving_model_dir: str) -> None:
+    model.tft_layer = tf_transform_output.transform_features_layer()
+    raw_feature_spec = tf_transform_output.raw_feature_spec()
+    raw_feature_spec.pop(spec.label_feature, None)
+
+    def predict(raw_features):
+        transformed = model.tft_layer(raw_features)
+        logits = tf.reshape(model(_model_inputs(model, transformed), training=False), [-1])
+        return {"probabilities": tf.sigmoid(logits), "logits": logits}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve_examples(examples):
+        return predict(tf.io.parse_example(examples, raw_feature_spec))
+
+    @tf.function(input_signature=[_raw_input_signature(spec)])
+    def serve_raw(features):
+        return predict(_dense_to_raw_features(spec, raw_feature_spec, features))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify(inputs):
+        p = predict(tf.io.parse_example(inputs, raw_feature_spec))["probabilities"]
+        n = tf.shape(p)[0]
+        classes = tf.tile(tf.constant([["0", "1"]]), [n, 1])
+        return {"classes": classes, "scores": tf.stack([1.0 - p, p], axis=1)}
+
+    # A tf.function with a dict input_signature takes the dict as its single argument; expose each raw
+    # feature as a named keyword input of the signature instead.
+    raw_concrete = serve_raw.get_concrete_function()
+
+    @tf.function(input_signature=list(_raw_input_signature(spec).values()))
+    def serve_raw_flat(*tensors):
+        return raw_concrete(dict(zip([c.name for c in spec.feature_columns], tensors)))
+
+    model.save(serving_model_dir, save_format="tf", signatures={
+        "serving_default": serve_examples.get_concrete_function(),
+        "predict_raw": serve_raw_flat.get_concrete_function(),
+        "classify": classify.get_concrete_function(),
+    })
+    write_preprocessing_description(spec, tf_transform_output, os.path.join(serving_model_dir, "assets.extra"))
+
+
+def preprocessing_description(spec: DatasetSpec, tf_transform_output: tft.TFTransformOutput) -> list:
+    """The Transform graph as plain numbers, in model-input order (for clients that preprocess themselves,
+    such as TF-Encrypted's): numeric mean/std recovered by transforming raw values 0 and 1, vocabularies."""
+    layer = tf_transform_output.transform_features_layer()
+    raw_feature_spec = tf_transform_output.raw_feature_spec()
+    raw_feature_spec.pop(spec.label_feature, None)
+    probe = {}
+    for column in spec.feature_columns:
+        if column.kind == "numeric":
+            probe[column.name] = tf.constant([0.0, 1.0])
+        else:
+            probe[column.name] = tf.constant(["", ""])
+    transformed = layer(_dense_to_raw_features(spec, raw_feature_spec, probe))
+    description = []
+    for column in spec.feature_columns:
+        if column.kind == "numeric":
+            z0, z1 = transformed[numeric_key(column.name)].numpy().astype(np.float64)
+            x0, x1 = (0.0, np.log1p(1.0)) if column.log1p else (0.0, 1.0)
+            std = (x1 - x0) / (z1 - z0)
+            description.append({"name": column.name, "kind": "numeric", "mean": float(x0 - z0 * std),
+                                "std": float(std), "log1p": column.log1p})
+        else:
+            vocab = tf_transform_output.vocabulary_by_name(vocabulary_name(column.name))
+            description.append({"name": column.name, "kind": "categorical",
+                                "vocabulary": [v.decode() if isinstance(v, bytes) else v for v in vocab],
+                                "num_oov_buckets": NUM_OOV_BUCKETS})
+    return description
+
+
+def write_preprocessing_description(spec, tf_transform_output, directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, PREPROCESSING_FILE)
+    with open(path, "w") as f:
+        json.dump(preprocessing_description(spec, tf_transform_output), f, indent=1)
+    return path

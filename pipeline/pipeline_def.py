@@ -1,0 +1,122 @@
+"""The TFX pipeline: ExampleGen -> StatisticsGen -> SchemaGen (+ reference schema) -> ExampleValidator ->
+Transform -> Trainer (pluggable kind) -> Resolver + Evaluator -> Pusher."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+import tensorflow_model_analysis as tfma
+from tfx import v1 as tfx
+from tfx.dsl.components.base import executor_spec
+from tfx.components import FileBasedExampleGen
+from tfx.proto import example_gen_pb2
+
+from pipeline.config import RunConfig, code_version
+from pipeline.dataset import DatasetSpec
+from pipeline.ingest import DelimitedExampleGenExecutor, spec_to_custom_config
+from pipeline.trainer_executor import PrivacyRecordingTrainerExecutor
+from pipeline.validation import StrictExampleValidator
+
+
+def pipeline_name(spec: DatasetSpec, trainer: str) -> str:
+    """One pipeline (and so one line of blessed models to compare against) per data set and trainer kind."""
+    return f"{spec.name}-{trainer}"
+
+
+def model_name(config: RunConfig, spec: DatasetSpec) -> str:
+    return config.model_name or spec.name
+
+
+def _content_addressed_copy(path: str, directory: str) -> str:
+    """Copies a file under a name derived from its content, so that TFX's cache sees content changes."""
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, f"{digest}-{os.path.basename(path)}")
+    if not os.path.exists(target):
+        shutil.copyfile(path, target)
+    return target
+
+
+def eval_config(spec: DatasetSpec, config: RunConfig) -> tfma.EvalConfig:
+    auc_threshold = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.min_auc}),
+        change_threshold=tfma.GenericChangeThreshold(
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER, absolute={"value": -config.max_auc_drop - 1e-10}))
+    return tfma.EvalConfig(
+        model_specs=[tfma.ModelSpec(signature_name="serving_default", label_key=spec.label_feature,
+                                    prediction_key="probabilities")],
+        slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[f]) for f in spec.slice_features],
+        metrics_specs=[tfma.MetricsSpec(metrics=[
+            tfma.MetricConfig(class_name="ExampleCount"),
+            tfma.MetricConfig(class_name="AUC", threshold=auc_threshold),
+            tfma.MetricConfig(class_name="BinaryAccuracy"),
+            tfma.MetricConfig(class_name="Precision"),
+            tfma.MetricConfig(class_name="Recall"),
+        ])])
+
+
+def create_pipeline(config: RunConfig, spec: DatasetSpec, dataset_fingerprint: str) -> tfx.dsl.Pipeline:
+    version = code_version()
+    example_gen = FileBasedExampleGen(
+        input_base=spec.directory,
+        input_config=example_gen_pb2.Input(splits=[
+            example_gen_pb2.Input.Split(name=split, pattern=pattern) for split, pattern in spec.splits.items()]),
+        custom_config=spec_to_custom_config(spec),
+        custom_executor_spec=executor_spec.BeamExecutorSpec(DelimitedExampleGenExecutor),
+    ).with_id("ExampleGen")
+    statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
+    # The schema inferred from this data, kept for the audit trail and as the starting point of curation.
+    schema_gen = tfx.components.SchemaGen(statistics=statistics_gen.outputs["statistics"],
+                                          infer_feature_shape=False)
+    components = [example_gen, statistics_gen, schema_gen]
+    # Validation needs a reference the data cannot move: the data set's curated schema when it has one.
+    if spec.schema_path:
+        reference = tfx.components.ImportSchemaGen(
+            schema_file=_content_addressed_copy(spec.schema_path, os.path.join(config.workdir, "schemas"))
+        ).with_id("ReferenceSchema")
+        components.append(reference)
+        schema = reference.outputs["schema"]
+    else:
+        schema = schema_gen.outputs["schema"]
+    validator = StrictExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema)
+    transform = tfx.components.Transform(
+        examples=example_gen.outputs["examples"], schema=schema,
+        preprocessing_fn="pipeline.transform.preprocessing_fn",
+        custom_config={"dataset": spec.to_json_dict(), "code_version": version})
+    # Transform must not start on data that failed validation.
+    transform.add_upstream_node(validator)
+    trainer = tfx.components.Trainer(
+        run_fn="pipeline.trainer_executor.run_fn",
+        examples=transform.outputs["transformed_examples"],
+        transform_graph=transform.outputs["transform_graph"],
+        schema=schema,
+        train_args=tfx.proto.TrainArgs(splits=["train"]),
+        eval_args=tfx.proto.EvalArgs(splits=["eval"]),
+        custom_config={"dataset": spec.to_json_dict(), "trainer": config.trainer,
+                       "trainer_args": dict(config.trainer_args), "workdir": os.path.abspath(config.workdir),
+                       "dataset_fingerprint": dataset_fingerprint, "hidden_units": list(config.hidden_units),
+                       "code_version": version},
+        custom_executor_spec=executor_spec.ExecutorClassSpec(PrivacyRecordingTrainerExecutor),
+    )
+    baseline = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id("LatestBlessedModelResolver")
+    evaluator = tfx.components.Evaluator(
+        examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
+        baseline_model=baseline.outputs["model"], eval_config=eval_config(spec, config),
+        example_splits=["eval"])
+    pusher = tfx.components.Pusher(
+        model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(
+            base_directory=os.path.join(config.serving_dir, model_name(config, spec)))))
+    components += [validator, transform, trainer, baseline, evaluator, pusher]
+    return tfx.dsl.Pipeline(
+        pipeline_name=pipeline_name(spec, config.trainer), pipeline_root=config.pipeline_root,
+        components=components, enable_cache=config.enable_cache,
+        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
+            config.metadata_path),
+        beam_pipeline_args=["--direct_running_mode=in_memory", "--direct_num_workers=1"])

@@ -1,0 +1,174 @@
+"""Runs the pipeline with TFX's LocalDagRunner (Beam, SQLite ML Metadata), shows progress, and summarises
+the run from ML Metadata."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+from pipeline.config import RunConfig
+from pipeline.dataset import load_dataset
+from pipeline.metadata import ComponentRecord, components_of_run, load_slice_metrics, open_store, run_context_ids
+from pipeline.pipeline_def import create_pipeline
+
+
+class PipelineRunError(RuntimeError):
+    """The run failed; ``summary`` holds what ran before the failure."""
+
+    def __init__(self, message: str, summary: "RunSummary"):
+        super().__init__(message)
+        self.summary = summary
+
+
+@dataclasses.dataclass
+class RunSummary:
+    pipeline_name: str
+    components: List[ComponentRecord]
+    wall_seconds: float
+    metrics: Dict[str, Dict[str, float]] = dataclasses.field(default_factory=dict)
+    blessed: Optional[bool] = None
+    pushed_path: Optional[str] = None
+    model_uri: Optional[str] = None
+    model_properties: Dict[str, object] = dataclasses.field(default_factory=dict)
+    error: Optional[str] = None
+
+    def outputs(self, node_id: str, key: str):
+        for record in self.components:
+            if record.node_id == node_id:
+                return record.outputs.get(key, [])
+        return []
+
+    def to_json(self) -> dict:
+        return {"pipeline": self.pipeline_name, "wall_seconds": round(self.wall_seconds, 2),
+                "components": [{"component": c.node_id, "state": c.state, "seconds": round(c.seconds, 2)}
+                               for c in self.components],
+                "metrics": self.metrics, "blessed": self.blessed, "pushed_path": self.pushed_path,
+                "model_uri": self.model_uri, "model_properties": self.model_properties, "error": self.error}
+
+
+class _ProgressHandler(logging.Handler):
+    """Turns LocalDagRunner's log lines into short progress lines with durations."""
+
+    def __init__(self, stream, started: float):
+        super().__init__(logging.INFO)
+        self._stream, self._started, self._running = stream, started, {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        now = time.time()
+        if message.startswith("Component ") and message.endswith(" is running."):
+            node = message[len("Component "):-len(" is running.")]
+            self._running[node] = now
+            self._print(f"{node} started")
+        elif message.startswith("Component ") and message.endswith(" is finished."):
+            node = message[len("Component "):-len(" is finished.")]
+            self._print(f"{node} finished in {now - self._running.pop(node, now):.1f}s")
+        elif message.startswith("A cached execution"):
+            self._print("  (cached result reused)")
+
+    def _print(self, text: str) -> None:
+        self._stream.write(f"[{time.time() - self._started:7.1f}s] {text}\n")
+        self._stream.flush()
+
+
+def _quiet_tensorflow() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def root_cause(error: BaseException) -> BaseException:
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        nxt = error.__cause__ or error.__context__
+        if nxt is None:
+            break
+        error = nxt
+    return error
+
+
+def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
+    _quiet_tensorflow()
+    from absl import logging as absl_logging
+    from tfx import v1 as tfx
+
+    spec = load_dataset(config.data_dir)
+    os.makedirs(config.workdir, exist_ok=True)
+    fingerprint = spec.fingerprint("train")
+    pipeline = create_pipeline(config, spec, fingerprint)
+    started = time.time()
+    handler = _ProgressHandler(progress, started)
+    absl_logger = absl_logging.get_absl_logger()
+    absl_logger.addHandler(handler)
+    previous_level = absl_logger.level
+    absl_logger.setLevel(logging.INFO)
+    absl_logging.get_absl_handler().setLevel(logging.WARNING)
+    with open_store(config.metadata_path, must_exist=False) as store:
+        before = run_context_ids(store)
+    error: Optional[BaseException] = None
+    try:
+        tfx.orchestration.LocalDagRunner().run(pipeline)
+    except Exception as e:  # noqa: BLE001 - reported with the summary below
+        error = e
+    finally:
+        absl_logger.removeHandler(handler)
+        absl_logger.setLevel(previous_level)
+    summary = summarize(config, pipeline.pipeline_info.pipeline_name, before, time.time() - started)
+    if error is not None:
+        cause = root_cause(error)
+        summary.error = f"{type(cause).__name__}: {cause}"
+        raise PipelineRunError(summary.error, summary) from error
+    return summary
+
+
+def summarize(config: RunConfig, pipeline_name: str, before: set, wall_seconds: float) -> RunSummary:
+    with open_store(config.metadata_path) as store:
+        new_runs = sorted(run_context_ids(store) - before)
+        components = components_of_run(store, new_runs[-1]) if new_runs else []
+        summary = RunSummary(pipeline_name=pipeline_name, components=components, wall_seconds=wall_seconds)
+        from pipeline.metadata import custom_properties
+
+        models = summary.outputs("Trainer", "model")
+        if models:
+            summary.model_uri = models[0].uri
+            summary.model_properties = custom_properties(models[0])
+        evaluations = summary.outputs("Evaluator", "evaluation")
+        if evaluations:
+            summary.metrics = load_slice_metrics(evaluations[0].uri)
+        blessings = summary.outputs("Evaluator", "blessing")
+        if blessings:
+            summary.blessed = bool(custom_properties(blessings[0]).get("blessed", 0))
+        pushes = summary.outputs("Pusher", "pushed_model")
+        if pushes:
+            props = custom_properties(pushes[0])
+            if props.get("pushed"):
+                summary.pushed_path = props.get("pushed_destination")
+    return summary
+
+
+def format_summary(summary: RunSummary) -> str:
+    lines = [f"pipeline {summary.pipeline_name}: {'FAILED' if summary.error else 'succeeded'} "
+             f"in {summary.wall_seconds:.1f}s", "", f"{'component':<28} {'state':<10} {'seconds':>8}"]
+    for c in summary.components:
+        lines.append(f"{c.node_id:<28} {c.state:<10} {c.seconds:8.1f}")
+    if summary.metrics:
+        names = ["auc", "binary_accuracy", "precision", "recall", "example_count"]
+        lines += ["", f"{'slice':<36}" + "".join(f"{n:>16}" for n in names)]
+        for slice_name in sorted(summary.metrics, key=lambda s: (s != "Overall", s)):
+            values = summary.metrics[slice_name]
+            lines.append(f"{slice_name:<36}" + "".join(
+                f"{values[n]:>16.4f}" if n in values and n != "example_count"
+                else f"{int(values[n]):>16d}" if n in values else f"{'-':>16}" for n in names))
+    privacy = {k[len("privacy_"):]: v for k, v in summary.model_properties.items() if k.startswith("privacy_")}
+    if privacy:
+        lines += ["", "privacy guarantee: " + ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(privacy.items())
+            if k not in ("dataset_fingerprint",))]
+    if summary.blessed is not None:
+        lines += ["", f"blessed: {'yes' if summary.blessed else 'no'}"]
+    lines.append(f"pushed: {summary.pushed_path or 'no'}")
+    if summary.error:
+        lines += ["", f"error: {summary.error}"]
+    return "\n".join(lines)

@@ -1,0 +1,26 @@
+"""Trainer kinds, by name. Each entry is ``"module:Class"``; the module may also define
+``add_arguments(parser)`` and ``trainer_args(namespace)`` for its command-line flags.
+Modules are imported lazily so that, e.g., TFF is only loaded when the federated trainer runs."""
+from __future__ import annotations
+
+import importlib
+
+from pipeline.trainers.base import TrainerContext, TrainerKind, TrainingOutcome  # noqa: F401
+
+TRAINER_KINDS = {
+    "standard": "pipeline.trainers.standard:StandardTrainer",
+    "dp_sgd": "dp_training.trainer:DPSGDTrainer",
+    "federated": "federated.trainer:FederatedTrainer",
+}
+PRIVATE_KINDS = ("dp_sgd", "federated")
+
+
+def trainer_module(kind: str):
+    if kind not in TRAINER_KINDS:
+        raise ValueError(f"unknown trainer {kind!r}; choose one of {', '.join(TRAINER_KINDS)}")
+    return importlib.import_module(TRAINER_KINDS[kind].split(":")[0])
+
+
+def get_trainer(kind: str) -> TrainerKind:
+    module = trainer_module(kind)
+    return getattr(module, TRAINER_KINDS[kind].split(":")[1])()

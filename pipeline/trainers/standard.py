@@ -1,0 +1,71 @@
+"""Non-private training: Keras fit inside a tf.distribute strategy over every visible GPU (CPU otherwise)."""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from pipeline.trainers.base import TrainerContext, TrainingOutcome
+
+
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("standard trainer")
+    group.add_argument("--epochs", type=int, default=None, help="training epochs (default 5)")
+    group.add_argument("--batch-size", type=int, default=None, help="global batch size (default 256)")
+    group.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 1e-3)")
+
+
+def trainer_args(namespace) -> dict:
+    return {k: v for k, v in {"epochs": getattr(namespace, "epochs", None),
+                              "batch_size": getattr(namespace, "batch_size", None),
+                              "learning_rate": getattr(namespace, "learning_rate", None)}.items() if v is not None}
+
+
+def distribution_strategy() -> tf.distribute.Strategy:
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy([g.name for g in gpus])
+    if gpus:
+        return tf.distribute.OneDeviceStrategy(gpus[0].name)
+    return tf.distribute.OneDeviceStrategy("/cpu:0")
+
+
+class StandardTrainer:
+    name = "standard"
+
+    def train(self, context: TrainerContext) -> TrainingOutcome:
+        epochs = int(context.args.get("epochs", 5))
+        batch_size = int(context.args.get("batch_size", 256))
+        learning_rate = float(context.args.get("learning_rate", 1e-3))
+        if epochs < 1 or batch_size < 1 or learning_rate <= 0:
+            raise ValueError(f"standard trainer: epochs ({epochs}) and batch size ({batch_size}) must be >= 1 "
+                             f"and the learning rate ({learning_rate}) > 0")
+        strategy = distribution_strategy()
+        context.log(f"standard trainer: {strategy.__class__.__name__} over "
+                    f"{strategy.num_replicas_in_sync} replica(s), {epochs} epochs, batch {batch_size}")
+        with strategy.scope():
+            model = context.build_model()
+            model.compile(optimizer=tf.keras.optimizers.Adam(learning_rate),
+                          loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+                          metrics=[tf.keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")])
+        train = (tf.data.Dataset.from_tensor_slices((dict(context.train_features), context.train_labels))
+                 .shuffle(context.num_train_rows, seed=0).batch(batch_size).prefetch(2))
+        evaluation = tf.data.Dataset.from_tensor_slices(
+            (dict(context.eval_features), context.eval_labels)).batch(1024)
+        history = model.fit(train, epochs=epochs, validation_data=evaluation, verbose=0,
+                            callbacks=[_EpochLog(context.log, epochs)])
+        return TrainingOutcome(model=model, privacy=None, details={
+            "strategy": strategy.__class__.__name__, "replicas": strategy.num_replicas_in_sync,
+            "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+            "final_train_loss": float(history.history["loss"][-1]),
+            "final_eval_accuracy": float(history.history["val_accuracy"][-1])})
+
+
+class _EpochLog(tf.keras.callbacks.Callback):
+    def __init__(self, log, epochs):
+        super().__init__()
+        self._log, self._epochs = log, epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self._log(f"  epoch {epoch + 1}/{self._epochs}: loss {logs.get('loss', float('nan')):.4f} "
+                  f"accuracy {logs.get('accuracy', float('nan')):.4f} "
+                  f"eval accuracy {logs.get('val_accuracy', float('nan')):.4f}")
