@@ -91,26 +91,27 @@ def main(argv=None) -> int:
 
     peers = [p for p in cl.SERVICE_PLAYERS if p != name]
     first_bad = {}
-    all_up = False
+    started = time.monotonic()
     while True:
         time.sleep(args.poll)
         if os.getppid() != parent:
             log(name, "launcher (pid %d) is gone, exiting" % parent)
             os._exit(0)
-        down = cl.unreachable(cluster, peers, timeout=0.5)
+        down = set(cl.unreachable(cluster, peers, timeout=0.5))
         now = time.monotonic()
-        if not down:
-            all_up = True
         for p in peers:
             if p in down:
                 first_bad.setdefault(p, now)
             else:
                 first_bad.pop(p, None)
-        # Before every peer has come up once, allow a longer start-up window.
-        grace = args.peer_grace if all_up else max(args.peer_grace, 120.0)
-        lost = [p for p, t in first_bad.items() if now - t >= grace]
+        lost = []
+        for p, t in first_bad.items():
+            # A peer that has announced readiness gets peer_grace; one still starting gets a long window.
+            was_ready = os.path.exists(os.path.join(ready_dir, p))
+            if now - t >= (args.peer_grace if was_ready else max(args.peer_grace, 180.0 - (t - started))):
+                lost.append(p)
         if lost:
-            log(name, "peer(s) %s unreachable for %.1fs: shutting down" % (", ".join(sorted(lost)), grace))
+            log(name, "peer(s) %s unreachable for %.1fs: shutting down" % (", ".join(sorted(lost)), args.peer_grace))
             os._exit(EXIT_PEER_LOST)
     del server  # unreachable
 
