@@ -3,10 +3,10 @@ directories built from them, and a server factory that always stops what it star
 from __future__ import annotations
 
 import os
-import shutil
-import threading
 
 import pytest
+
+from .helpers import push_version
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -19,15 +19,6 @@ def model_templates(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("templates")
     return {k: export_demo_model(str(root / k), bias=b) for k, b in BIAS.items()}
-
-
-def push_version(serving_dir, model_templates, name, version, template):
-    """Copy a template into ``<serving_dir>/<name>/<version>`` the way a push would (temp + rename)."""
-    model_dir = os.path.join(str(serving_dir), name)
-    os.makedirs(model_dir, exist_ok=True)
-    tmp = os.path.join(model_dir, f".tmp-{version}")
-    shutil.copytree(model_templates[template], tmp)
-    os.replace(tmp, os.path.join(model_dir, str(version)))
 
 
 @pytest.fixture
@@ -60,7 +51,3 @@ def start_server():
     finally:
         for s in started:
             s.stop()
-
-
-def privtrain_threads():
-    return [t for t in threading.enumerate() if t.name.startswith("privtrain") and t.is_alive()]

@@ -30,7 +30,7 @@ def http(method, url, body=None):
 def served(tmp_path_factory, model_templates):
     """One server for this module: model 'adult' versions 1 (bias 0) and 2 (bias 3)."""
     from pipeline.serving import ModelServer
-    from conftest import push_version
+    from .helpers import push_version
 
     d = tmp_path_factory.mktemp("served")
     push_version(d, model_templates, "adult", 1, "a")

@@ -17,10 +17,11 @@ import grpc
 import numpy as np
 import pytest
 
-from conftest import privtrain_threads, push_version
+from .helpers import privtrain_threads, push_version
 from pipeline.serving import PortInUseError
 from pipeline.serving.testing import make_example
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EX = make_example(39.0, 40.0, "Private")
 BODY = json.dumps({"instances": [{"b64": base64.b64encode(EX).decode()}]}).encode()
 
@@ -167,7 +168,7 @@ def test_stop_releases_ports_and_threads(make_serving_dir, start_server):
 
 def test_sigterm_shuts_down_cleanly(make_serving_dir):
     d = make_serving_dir({1: "a"})
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), TF_CPP_MIN_LOG_LEVEL="3", PATH="/usr/bin:/bin")
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3", PATH="/usr/bin:/bin")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.serving.server", "--serving-dir", d,
                              "--rest-port", "0", "--grpc-port", "0", "--poll-interval", "0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
