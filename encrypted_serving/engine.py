@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import Dict, Optional
 
@@ -85,13 +86,26 @@ class _FreshNonceMixin:
         if self._call_counter is not None:
             self._call_counter.assign_add(1)
 
+    def _call_vector(self):
+        """[call, 0 x 6] int32, built once per traced graph on the client's device, so each server
+        receives it once per call (TF de-duplicates a tensor's transfers to one device)."""
+        if tf.executing_eagerly():
+            return tf.concat([tf.reshape(self._call_counter.read_value(), [1]), tf.zeros([6], tf.int32)], 0)
+        graph = tf.compat.v1.get_default_graph()
+        cache = self.__dict__.setdefault("_call_vec_cache", weakref.WeakKeyDictionary())
+        vec = cache.get(graph)
+        if vec is None:
+            with tf.device(self._call_counter.device):
+                call = tf.reshape(self._call_counter.read_value(), [1])
+                vec = cache[graph] = tf.concat([call, tf.zeros([6], tf.int32)], 0)   # [7]
+        return vec
+
     def _with_call(self, base):
-        base = tf.cast(tf.convert_to_tensor(base), tf.int32)            # [] or [3]
-        call = tf.reshape(self._call_counter.read_value(), [1])
-        vec = tf.concat([call, tf.zeros([6], tf.int32)], 0)              # [7]
-        if base.shape.rank == 0:
-            return tf.concat([tf.reshape(base, [1]), vec], 0)             # [8]
-        return tf.concat([tf.reshape(base, [-1, 1]), tf.tile(tf.reshape(vec, [1, 7]), [3, 1])], 1)  # [3, 8]
+        vec = self._call_vector()
+        if np.ndim(base) == 0:
+            return tf.concat([tf.constant([int(base)], tf.int32), vec], 0)      # [8]
+        base = np.asarray(base, dtype=np.int32).reshape(-1, 1)
+        return tf.concat([tf.constant(base), tf.tile(tf.reshape(vec, [1, 7]), [base.shape[0], 1])], 1)  # [3, 8]
 
     def pairwise_nonces(self):
         base = super().pairwise_nonces()
@@ -121,7 +135,7 @@ class EncryptedPredictor:
     """Client-side handle on a running encrypted service. One per process (TF's cluster is global)."""
 
     def __init__(self, cluster_json: str, timeout_s: float = 30.0, protocol: Optional[str] = None,
-                 connect_check: bool = True):
+                 connect_check: bool = True, resident_weights: bool = True):
         global _CONNECTED
         self.cluster = cl.load(cluster_json)
         self.protocol_name = protocol or self.cluster["protocol"]
@@ -148,11 +162,13 @@ class EncryptedPredictor:
         tfe.set_protocol(self.prot)
         if isinstance(self.prot, _FreshNonceMixin):
             self.prot.enable_fresh_nonces()
-        self._weights = self._guarded(self._share_model, "secret-sharing the model")
+        # resident_weights=False re-shares the weights inside every call (the naive path; benchmark baseline)
+        self.resident_weights = resident_weights
+        self._weights = self._guarded(self._share_model, "secret-sharing the model") if resident_weights else None
         self._fns: Dict[int, object] = {}
 
     # ------------------------------------------------------------------ set-up
-    def _share_model(self):
+    def _share_model(self, as_variables: bool = True):
         stage = self.cluster["weights_stage_dir"]
         shared = []
         fan_in = self.config["input_dim"]
@@ -167,14 +183,15 @@ class EncryptedPredictor:
                     return tf.reshape(tf.io.decode_raw(raw, tf.float32, little_endian=True), shape)
 
                 x = self.prot.define_private_input(cl.MODEL_OWNER, read)
-                pair.append(self.prot.define_private_variable(x))
+                pair.append(self.prot.define_private_variable(x) if as_variables else x)
             shared.append(tuple(pair))
             fan_in = layer["units"]
         return shared
 
     # ------------------------------------------------------------------ prediction
     def _build(self, batch: int):
-        prot, weights, layers = self.prot, self._weights, self.config["layers"]
+        prot, layers = self.prot, self.config["layers"]
+        share_per_call = self._weights is None
         client_player = tfe.get_config().get_player(cl.CLIENT)
         client_device = self.client_device
 
@@ -182,6 +199,7 @@ class EncryptedPredictor:
         def predict_logits(x):
             # Secret-share the features on the client's device: only shares (and share seeds) leave it.
             h = prot.define_private_input(cl.CLIENT, lambda: x)
+            weights = self._share_model(as_variables=False) if share_per_call else self._weights
             for (w, b), layer in zip(weights, layers):
                 h = prot.add(prot.matmul(h, w), b)
                 if layer["activation"] == "relu":
