@@ -121,10 +121,16 @@ def dp_event(noise_multiplier: float, sampling_rate: float, steps: int,
                                              epochs_for_steps(steps, q))
 
 
-def make_accountant(accountant: str = DEFAULT_ACCOUNTANT) -> dp_accounting.PrivacyAccountant:
-    """A fresh dp_accounting accountant: "pld" (PLDAccountant) or "rdp" (RdpAccountant)."""
+def make_accountant(accountant: str = DEFAULT_ACCOUNTANT,
+                    pld_discretization: float | None = None) -> dp_accounting.PrivacyAccountant:
+    """A fresh dp_accounting accountant: "pld" (PLDAccountant) or "rdp" (RdpAccountant).
+
+    ``pld_discretization``: PLD value discretization interval (default PLD_VALUE_DISCRETIZATION);
+    any value gives a valid upper bound (pessimistic rounding), coarser is faster and looser.
+    """
     if accountant == "pld":
-        return _pld.PLDAccountant(value_discretization_interval=PLD_VALUE_DISCRETIZATION)
+        return _pld.PLDAccountant(value_discretization_interval=(
+            pld_discretization or PLD_VALUE_DISCRETIZATION))
     if accountant == "rdp":
         return _rdp.RdpAccountant()
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}; use 'pld' "
@@ -138,13 +144,14 @@ ACCOUNTANT_FACTORIES: Dict[str, Callable[[], dp_accounting.PrivacyAccountant]] =
 
 
 def epsilon_of_event(event: dp_accounting.DpEvent, delta: float,
-                     accountant: str = DEFAULT_ACCOUNTANT) -> float:
+                     accountant: str = DEFAULT_ACCOUNTANT,
+                     pld_discretization: float | None = None) -> float:
     """Epsilon at ``delta`` of any DpEvent (e.g. a composition of several runs)."""
     d = _check_number("delta", delta, "pass a delta in (0, 1).")
     if not 0 < d < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}; pass a delta strictly between 0 "
                          "and 1, typically below 1/num_examples (e.g. 1e-5).")
-    acc = make_accountant(accountant)
+    acc = make_accountant(accountant, pld_discretization)
     if not acc.supports(event):
         raise ValueError(f"the {accountant} accountant cannot account for {event}; "
                          "use the other accountant.")

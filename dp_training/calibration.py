@@ -16,6 +16,7 @@ from dp_training import accounting
 
 DEFAULT_MIN_NOISE = 0.3
 DEFAULT_MAX_NOISE = 100.0
+SEARCH_PLD_DISCRETIZATION = 1e-3
 
 
 class CalibrationError(ValueError):
@@ -45,8 +46,17 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
     if int(steps) == 0:
         return float(min_noise)
 
-    def eps(sigma: float) -> float:
+    def eps(sigma: float) -> float:  # the reported (fine) accounting
         return accounting.compute_epsilon(sigma, sampling_rate, steps, delta, accountant, sampling)
+
+    def eps_search(sigma: float) -> float:
+        # During the search PLD runs 10x coarser: still a valid (slightly larger) upper bound, so
+        # the sigma found also meets the target under the fine accounting used for reporting.
+        if accountant != "pld":
+            return eps(sigma)
+        return accounting.epsilon_of_event(
+            accounting.dp_event(sigma, sampling_rate, steps, sampling), delta, "pld",
+            pld_discretization=SEARCH_PLD_DISCRETIZATION)
 
     eps_max = eps(max_noise)
     if eps_max > t:
@@ -56,27 +66,27 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
             f"{sampling_rate:.4g}, {sampling} sampling, {accountant} accountant). Raise the target "
             "epsilon, train for fewer steps/epochs, use a smaller batch (lower sampling rate) or "
             "Poisson sampling, or more data.")
-    eps_min = eps(min_noise)
-    if eps_min <= t:
-        return float(min_noise)
-
     lo, hi = float(min_noise), float(max_noise)
     if accountant == "pld":
-        # PLD is slow (~1 s per evaluation) and at least as tight as RDP: calibrate with RDP first
-        # (milliseconds) and search PLD only in [0.7 * sigma_rdp, sigma_rdp].
+        # PLD is slow (~1 s per evaluation, more at small noise) and at least as tight as RDP:
+        # calibrate with RDP first (milliseconds) and search PLD in [0.7 * sigma_rdp, sigma_rdp].
         try:
             sigma_rdp = calibrate_noise_multiplier(t, sampling_rate, steps, delta, "rdp", sampling,
                                                    min_noise, max_noise, tol)
         except CalibrationError:
             sigma_rdp = max_noise
-        if sigma_rdp < max_noise and eps(sigma_rdp) <= t:
+        if sigma_rdp <= min_noise:
+            return float(min_noise)  # RDP already meets the target there, so PLD does too
+        if eps_search(sigma_rdp) <= t:
             hi = sigma_rdp
             cand = max(min_noise, 0.7 * sigma_rdp)
-            if cand > min_noise and eps(cand) > t:
+            if cand > min_noise and eps_search(cand) > t:
                 lo = cand
+    if lo == min_noise and eps_search(min_noise) <= t:
+        return float(min_noise)
 
     sigma = mechanism_calibration.calibrate_dp_mechanism(
-        lambda: accounting.make_accountant(accountant),
+        lambda: accounting.make_accountant(accountant, SEARCH_PLD_DISCRETIZATION),
         lambda s: accounting.dp_event(s, sampling_rate, steps, sampling),
         target_epsilon=t, target_delta=float(delta),
         bracket_interval=mechanism_calibration.ExplicitBracketInterval(lo, hi),

@@ -465,7 +465,8 @@ class DPSGDTrainer:
             log(f"dp_sgd: {path}, {plan['steps']} steps, sigma={plan['noise_multiplier']:.4f}, "
                 f"C={plan['l2_norm_clip']:g}, expected batch {plan['batch_size']}, "
                 f"planned epsilon {plan['planned_epsilon']:.4f} (delta {plan['delta']:.3g})")
-            t0 = time.time()
+            t0 = t_epoch = time.time()
+            epoch_seconds = []
             spe = max(1, int(round(plan["steps_per_epoch"])))
             empty = 0
             for idx in batch_indices(n, plan["batch_size"], plan["steps"], a["sampling"], rng):
@@ -476,8 +477,11 @@ class DPSGDTrainer:
                 else:
                     stepper.step({k: v[idx] for k, v in x_train.items()}, y_train[idx])
                 if steps_done % spe == 0 or steps_done == plan["steps"]:
+                    now = time.time()
+                    epoch_seconds.append(now - t_epoch)
+                    t_epoch = now
                     log(f"dp_sgd: step {steps_done}/{plan['steps']} "
-                        f"({time.time() - t0:.1f}s)")
+                        f"({now - t0:.1f}s)")
             train_seconds = time.time() - t0
         except BaseException as exc:  # record what was spent, then re-raise
             status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -507,7 +511,8 @@ class DPSGDTrainer:
                                    "learning_rate": plan["learning_rate"],
                                    "momentum": float(a["momentum"] or 0.0),
                                    "optimizer": "SGD", "empty_batches": empty,
-                                   "ledger_run_id": run_id}
+                                   "ledger_run_id": run_id,
+                                   "epoch_seconds": ",".join(f"{x:.3f}" for x in epoch_seconds)}
         n_eval = y_eval.shape[0]
         if n_eval:
             logits_eval = _predict_logits(model, x_eval)
