@@ -21,6 +21,8 @@ def _add_run_parser(sub) -> None:
     p.add_argument("--min-auc", type=float, default=0.80, help="absolute AUC a model must exceed to be blessed")
     p.add_argument("--max-auc-drop", type=float, default=0.0,
                    help="allowed AUC drop against the latest blessed model of the same trainer kind")
+    p.add_argument("--allow-non-private", action="store_true",
+                   help="allow a non-private trainer on a data set that has a privacy budget")
     p.add_argument("--no-cache", action="store_true", help="re-run every component")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     seen = set()
@@ -56,6 +58,7 @@ class _DedupParser:
 
 
 def _cmd_run(args) -> int:
+    from dp_training.ledger import BudgetExceededError
     from pipeline.dataset import DatasetError
     from pipeline.runner import PipelineRunError, format_summary, run_pipeline
 
@@ -63,10 +66,11 @@ def _cmd_run(args) -> int:
     trainer_args = module.trainer_args(args) if hasattr(module, "trainer_args") else {}
     config = RunConfig(data_dir=args.data, workdir=os.path.abspath(args.workdir), trainer=args.trainer,
                        trainer_args=trainer_args, model_name=args.model_name, min_auc=args.min_auc,
-                       max_auc_drop=args.max_auc_drop, enable_cache=not args.no_cache)
+                       max_auc_drop=args.max_auc_drop, enable_cache=not args.no_cache,
+                       allow_non_private=args.allow_non_private)
     try:
         summary = run_pipeline(config)
-    except DatasetError as e:
+    except (DatasetError, BudgetExceededError) as e:
         print(f"privtrain: {e}", file=sys.stderr)
         return 2
     except PipelineRunError as e:

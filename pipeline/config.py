@@ -23,6 +23,7 @@ class RunConfig:
     min_auc: float = 0.80  # absolute AUC a model must exceed to be blessed
     max_auc_drop: float = 0.0  # how much lower than the latest blessed model's AUC is still blessed
     enable_cache: bool = True
+    allow_non_private: bool = False  # non-private training on a data set that has a privacy budget
 
     @property
     def pipeline_root(self) -> str:

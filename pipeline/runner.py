@@ -74,8 +74,18 @@ class _ProgressHandler(logging.Handler):
         self._stream.flush()
 
 
-def _quiet_tensorflow() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _quiet_libraries() -> None:
+    """TFX, Beam, TFMA and TF log a lot at WARNING; the user sees our progress lines and real errors."""
+    import warnings
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("tensorflow", "apache_beam", "tensorflow_model_analysis", "root"):
+        logging.getLogger(name if name != "root" else None).setLevel(logging.ERROR)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.ERROR)
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -90,13 +100,14 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
-    _quiet_tensorflow()
+    _quiet_libraries()
     from absl import logging as absl_logging
     from tfx import v1 as tfx
 
     spec = load_dataset(config.data_dir)
     os.makedirs(config.workdir, exist_ok=True)
     fingerprint = spec.fingerprint("train")
+    guard_non_private(config, fingerprint)
     pipeline = create_pipeline(config, spec, fingerprint)
     started = time.time()
     handler = _ProgressHandler(progress, started)
@@ -104,7 +115,7 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
     absl_logger.addHandler(handler)
     previous_level = absl_logger.level
     absl_logger.setLevel(logging.INFO)
-    absl_logging.get_absl_handler().setLevel(logging.WARNING)
+    absl_logging.get_absl_handler().setLevel(logging.ERROR)
     with open_store(config.metadata_path, must_exist=False) as store:
         before = run_context_ids(store)
     error: Optional[BaseException] = None
@@ -121,6 +132,17 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
         summary.error = f"{type(cause).__name__}: {cause}"
         raise PipelineRunError(summary.error, summary) from error
     return summary
+
+
+def guard_non_private(config: RunConfig, fingerprint: str) -> None:
+    """Refuses, before anything runs, non-private training on a data set that has a privacy budget."""
+    from pipeline.trainers import PRIVATE_KINDS
+
+    if config.trainer in PRIVATE_KINDS:
+        return
+    from dp_training.ledger import PrivacyLedger
+
+    PrivacyLedger(config.workdir).check_non_private(fingerprint, config.allow_non_private)
 
 
 def summarize(config: RunConfig, pipeline_name: str, before: set, wall_seconds: float) -> RunSummary:

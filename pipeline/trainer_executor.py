@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Dict, List
 
@@ -55,7 +56,7 @@ def run_fn(fn_args: FnArgs) -> None:
         dataset_name=spec.name, dataset_fingerprint=config["dataset_fingerprint"],
         train_features=train_x, train_labels=train_y, eval_features=eval_x, eval_labels=eval_y,
         build_model=lambda: build_model(spec, buckets, hidden), args=config.get("trainer_args", {}),
-        workdir=config["workdir"], log=lambda message: print(message, flush=True))
+        workdir=config["workdir"], log=lambda message: print(message, file=sys.stderr, flush=True))
     started = time.time()
     outcome = get_trainer(config["trainer"]).train(context)
     details = {"kind": config["trainer"], "train_rows": context.num_train_rows,

@@ -1,0 +1,55 @@
+"""Shared fixtures: small samples of the Adult data set and one pipeline run reused by several tests."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ADULT_DIR = os.path.join(PROJECT_ROOT, "data", "adult")
+
+
+def make_adult_sample(directory: str, train_rows: int, eval_rows: int, mutate=None) -> str:
+    """Copies Adult's description and reference schema plus the first rows of each split.
+
+    ``mutate(split, fields) -> fields`` may rewrite every parsed row (to corrupt the data)."""
+    os.makedirs(directory, exist_ok=True)
+    for name in ("dataset.json", "schema.pbtxt", "README.md"):
+        shutil.copy(os.path.join(ADULT_DIR, name), directory)
+    for split, filename, rows in (("train", "adult.data", train_rows), ("eval", "adult.test", eval_rows)):
+        with open(os.path.join(ADULT_DIR, filename)) as src, open(os.path.join(directory, filename), "w") as dst:
+            for i, line in enumerate(src):
+                if i >= rows:
+                    break
+                if mutate is not None:
+                    line = ", ".join(mutate(split, i, line.rstrip("\n").split(", "))) + "\n"
+                dst.write(line)
+    return directory
+
+
+def run_cli(*args, timeout=1200, env=None):
+    """Runs ``python -m pipeline.cli ARGS`` in the platform environment (this interpreter)."""
+    full_env = dict(os.environ, PYTHONPATH=PROJECT_ROOT, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=PROJECT_ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def adult_sample(tmp_path_factory):
+    return make_adult_sample(str(tmp_path_factory.mktemp("adult_sample")), train_rows=3000, eval_rows=1500)
+
+
+@pytest.fixture(scope="session")
+def standard_run(tmp_path_factory, adult_sample):
+    """One full pipeline run with the standard trainer on the Adult sample: (workdir, summary dict, result)."""
+    workdir = str(tmp_path_factory.mktemp("standard_run"))
+    result = run_cli("run", "--trainer", "standard", "--data", adult_sample, "--workdir", workdir, "--json",
+                     "--allow-non-private")
+    assert result.returncode == 0, f"pipeline failed:\n{result.stdout}\n{result.stderr[-5000:]}"
+    return workdir, json.loads(result.stdout), result
