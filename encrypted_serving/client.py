@@ -32,9 +32,11 @@ def predict(cluster_json: str, input_file: str, limit: Optional[int] = None, dat
     if not rows:
         raise pp.PreprocessingError("%s holds no rows" % input_file)
     from encrypted_serving.engine import EncryptedPredictor
+    _phase("connecting to the encrypted service and secret-sharing the model")
     t0 = time.perf_counter()
     predictor = EncryptedPredictor(cluster_json, timeout_s=timeout_s)
     t1 = time.perf_counter()
+    _phase("predicting %d rows" % len(rows))
     x = pp.transform(rows, predictor.preprocessing)
     logits = []
     for i in range(0, len(x), batch_size):
@@ -49,6 +51,11 @@ def predict(cluster_json: str, input_file: str, limit: Optional[int] = None, dat
             "seconds": {"connect_and_share_model": round(t1 - t0, 4), "predict": round(t2 - t1, 4)}}
 
 
+def _phase(text: str) -> None:
+    sys.stderr.write("phase: %s\n" % text)
+    sys.stderr.flush()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="privtrain encrypted prediction client (encrypted env)")
     ap.add_argument("--cluster", required=True, help="cluster.json of a running encrypted service")
@@ -59,6 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds before a silent party is an error")
     ap.add_argument("--batch-size", type=int, default=1000)
     args = ap.parse_args(argv)
+    # Last resort against a hang inside TF code that holds the GIL (where the engine's watchdog thread
+    # cannot run): a C-level timer dumps the stacks and exits; run_predict reports the last phase.
+    import faulthandler
+    faulthandler.dump_traceback_later(90 + 3 * args.timeout, exit=True)
     code = 0
     try:
         from encrypted_serving import cluster as cl, model_format as mf, preprocessing as pp

@@ -95,6 +95,30 @@ def port_open(addr: str, timeout: float = 0.5) -> bool:
         return False
 
 
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # + empty SETTINGS
+
+
+def answers(addr: str, timeout: float = 2.0) -> bool:
+    """True if the gRPC server at addr answers an HTTP/2 preface within timeout.
+
+    Unlike a TCP connect (which the kernel completes even for a stopped process), this needs the
+    party's process to run: it tells a silent party (SIGSTOPped, wedged) from a live one.
+    """
+    host, port = split_address(addr)
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            s.sendall(_H2_PREFACE)
+            return len(s.recv(9)) > 0
+    except OSError:
+        return False
+
+
+def silent(cluster: dict, names=SERVICE_PLAYERS, timeout: float = 2.0) -> List[str]:
+    """Names of players whose port is open but whose process does not answer."""
+    return [n for n in names if port_open(address(cluster, n), 0.5) and not answers(address(cluster, n), timeout)]
+
+
 def unreachable(cluster: dict, names=SERVICE_PLAYERS, timeout: float = 0.5) -> List[str]:
     """Names of players (default: the service's) whose port does not accept a TCP connection."""
     return [n for n in names if not port_open(address(cluster, n), timeout)]

@@ -221,8 +221,15 @@ class EncryptedPredictor:
         if n == 0:
             return np.zeros((0,), dtype=np.float64)
         fn = self._fns.get(n)
+        limit = None
         if fn is None:
-            fn = self._fns[n] = self._build(n)
+            fn = self._build(n)
+            spec = tf.TensorSpec([n, self.config["input_dim"]], tf.float32)
+            # Tracing is local Python work that can take tens of seconds on a busy machine: not a party timeout.
+            self._guarded(lambda: fn.get_concrete_function(spec), "tracing the encrypted graph",
+                          limit=max(600.0, 4 * self.timeout_s))
+            self._fns[n] = fn
+            limit = 2 * self.timeout_s + 30.0   # the first run also instantiates the graph on every party
 
         def run():
             if isinstance(self.prot, _FreshNonceMixin):
@@ -231,7 +238,7 @@ class EncryptedPredictor:
                 xt = tf.constant(x)
             return fn(xt).numpy()
 
-        return self._guarded(run, "predicting").astype(np.float64)
+        return self._guarded(run, "predicting", limit=limit).astype(np.float64)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         return mf.sigmoid(self.predict_logits(x))
@@ -250,8 +257,22 @@ class EncryptedPredictor:
                 "encrypted service party %s not reachable (%s) %s: the service is down or a party died; "
                 "restart it with `privtrain serve --encrypted`" % (", ".join(down), ", ".join(
                     cl.address(self.cluster, d) for d in down), when))
+        quiet = cl.silent(self.cluster, cl.SERVICE_PLAYERS, timeout=min(5.0, self.timeout_s))
+        if quiet:
+            raise PartyUnavailableError(
+                "encrypted service party %s accepts connections but does not answer (stopped or wedged) %s"
+                % (", ".join(quiet), when))
 
-    def _guarded(self, fn, what: str):
+    def _diagnose(self) -> str:
+        down = cl.unreachable(self.cluster, cl.SERVICE_PLAYERS)
+        if down:
+            return "unreachable part%s: %s" % ("ies" if len(down) > 1 else "y", ", ".join(down))
+        quiet = cl.silent(self.cluster, cl.SERVICE_PLAYERS, timeout=2.0)
+        if quiet:
+            return "part%s not answering: %s" % ("ies" if len(quiet) > 1 else "y", ", ".join(quiet))
+        return "every party answers now, so one was too slow or the connection broke"
+
+    def _guarded(self, fn, what: str, limit: Optional[float] = None):
         """Run fn with a watchdog: TF errors and hangs become PartyUnavailableError naming the culprit."""
         result, error = {}, {}
 
@@ -263,13 +284,11 @@ class EncryptedPredictor:
 
         t = threading.Thread(target=target, daemon=True, name="tfe-" + what.replace(" ", "-"))
         t.start()
-        t.join(self.timeout_s + 5.0)
+        limit = limit or self.timeout_s + 5.0
+        t.join(limit)
         if t.is_alive():
-            down = cl.unreachable(self.cluster, cl.SERVICE_PLAYERS)
-            raise PartyUnavailableError(
-                "encrypted prediction timed out after %.0fs while %s; %s" % (
-                    self.timeout_s, what, ("unreachable part%s: %s" % ("ies" if len(down) > 1 else "y", ", ".join(down)))
-                    if down else "every party's port is open, so a party is alive but not answering"))
+            raise PartyUnavailableError("encrypted prediction timed out after %.0fs while %s; %s"
+                                        % (limit, what, self._diagnose()))
         if "e" in error:
             e = error["e"]
             if isinstance(e, EncryptedServingError):
@@ -277,12 +296,12 @@ class EncryptedPredictor:
             if isinstance(e, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
                               tf.errors.CancelledError, tf.errors.AbortedError, tf.errors.InternalError,
                               tf.errors.UnknownError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError)):
-                down = cl.unreachable(self.cluster, cl.SERVICE_PLAYERS)
+                diagnosis = self._diagnose()
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-                if down or isinstance(e, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)):
+                if not diagnosis.startswith("every") or isinstance(
+                        e, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError)):
                     raise PartyUnavailableError("encrypted prediction failed while %s: %s (TF: %s: %s)" % (
-                        what, ("unreachable part%s: %s" % ("ies" if len(down) > 1 else "y", ", ".join(down)))
-                        if down else "a party did not answer in time", type(e).__name__, first)) from e
+                        what, diagnosis, type(e).__name__, first)) from e
                 raise EncryptedServingError("encrypted prediction failed while %s: %s: %s"
                                             % (what, type(e).__name__, first)) from e
             raise e

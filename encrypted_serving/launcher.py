@@ -316,6 +316,21 @@ def run_predict(input_file: str, workdir: Optional[str] = None, limit: Optional[
             return _run_client(svc.cluster_json, input_file, limit, dataset, timeout_s, batch_size, python)
 
 
+def _last_phase(err: str) -> str:
+    phases = [l[len("phase: "):] for l in (err or "").splitlines() if l.startswith("phase: ")]
+    return phases[-1] if phases else "starting"
+
+
+def _diagnose(cluster: dict) -> str:
+    down = cl.unreachable(cluster)
+    if down:
+        return "Unreachable: %s." % ", ".join(down)
+    quiet = cl.silent(cluster)
+    if quiet:
+        return "Not answering: %s." % ", ".join(quiet)
+    return "All parties answer now."
+
+
 def _run_client(cluster_json, input_file, limit, dataset, timeout_s, batch_size, python) -> dict:
     cluster = cl.load(cluster_json)
     down = cl.unreachable(cluster)
@@ -337,7 +352,9 @@ def _run_client(cluster_json, input_file, limit, dataset, timeout_s, batch_size,
         _, err = proc.communicate(timeout=outer)
     except subprocess.TimeoutExpired:
         _kill_group(proc, grace=1.0)
-        raise PartyUnavailable("encrypted prediction client did not finish within %.0fs; killed" % outer)
+        _, err = proc.communicate()
+        raise PartyUnavailable("encrypted prediction client did not finish within %.0fs (last phase: %s); killed. %s"
+                               % (outer, _last_phase(err), _diagnose(cluster)))
     finally:
         if proc.poll() is None:
             _kill_group(proc, grace=1.0)
@@ -346,6 +363,10 @@ def _run_client(cluster_json, input_file, limit, dataset, timeout_s, batch_size,
             msg = [l[len("error: "):] for l in err.splitlines() if l.startswith("error: ")]
             text = msg[-1] if msg else err.strip()[-2000:]
             cls = PartyUnavailable if proc.returncode == 3 else EncryptedServiceError
+            if not msg and "Timeout (" in err:   # the client's faulthandler hard limit fired
+                text = "encrypted prediction client hung while %s and was stopped; %s" % (_last_phase(err),
+                                                                                         _diagnose(cluster))
+                cls = PartyUnavailable
             raise cls(text or "encrypted prediction client failed with status %d" % proc.returncode)
         with open(out) as f:
             return json.load(f)

@@ -66,7 +66,19 @@ def main(argv=None):
     ap.add_argument("--protocol", default="aby3", choices=("aby3", "pond"))
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--output", help="directory: write bench_encrypted.json there (make bench)")
     args = ap.parse_args(argv)
+    try:
+        import tf_encrypted  # noqa: F401
+    except ImportError:
+        # Started from the platform env (e.g. `make bench`): re-run this script in the encrypted env.
+        import subprocess
+        cmd = [launcher.encrypted_python(), os.path.abspath(__file__)] + list(sys.argv[1:] if argv is None else argv)
+        env = dict(os.environ, PYTHONPATH=launcher.REPO)
+        sys.exit(subprocess.call(cmd, env=env))
+    if args.output and not args.json:
+        os.makedirs(args.output, exist_ok=True)
+        args.json = os.path.join(args.output, "bench_encrypted.json")
 
     d = 100
     config, weights, spec = make_model(d)
