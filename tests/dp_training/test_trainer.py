@@ -1,13 +1,11 @@
 """The dp_sgd trainer: what it trains, and that its accounting describes what really happened."""
 import argparse
-import os
-import sys
+import dataclasses
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from synthetic import build_model, make_context, make_data  # noqa: E402
+from tests.dp_training.synthetic import build_model, make_context, make_data
 
 from dp_training import accounting  # noqa: E402
 from dp_training import trainer as trainer_mod  # noqa: E402
@@ -236,7 +234,6 @@ def test_interrupted_run_records_steps_done(tmp_path):
     def log(msg):
         if "step 20/" in msg:
             raise KeyboardInterrupt
-    import dataclasses
     ctx = dataclasses.replace(ctx, log=log)
     with pytest.raises(KeyboardInterrupt):
         DPSGDTrainer().train(ctx)
