@@ -64,3 +64,35 @@ def test_private_mlp_matches_numpy_on_local_config(local_aby3):
     for _ in range(2):
         prot.bump_nonces()
         np.testing.assert_allclose(f(tf.constant(x)).numpy(), ref, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_party_stopped_mid_session_times_out(tmp_path):
+    """Client already connected and model shared; a server stops answering: clear error within the timeout.
+
+    Joins a real cluster (process-global in TF), so it runs last in its own pytest process ideally.
+    """
+    import os
+    import signal
+    import sys
+    import time
+
+    from conftest import random_mlp
+    from encrypted_serving import model_format as mf
+    from encrypted_serving.launcher import EncryptedService
+
+    spec = [{"name": "f%d" % i, "kind": "numeric", "mean": 0.0, "std": 1.0, "log1p": False} for i in range(6)]
+    config, weights = random_mlp(6, hidden=(4,))
+    model_dir = mf.save_model(str(tmp_path / "m"), config, weights, spec)
+    with EncryptedService(model_dir, run_dir=str(tmp_path / "run"), python=sys.executable) as svc:
+        pred = engine.EncryptedPredictor(svc.cluster_json, timeout_s=5)
+        x = np.random.default_rng(0).normal(size=(2, 6)).astype(np.float32)
+        np.testing.assert_allclose(pred.predict_logits(x), mf.forward_logits(config, weights, x), atol=1e-3)
+        os.killpg(svc.pids["server1"], signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(engine.PartyUnavailableError, match="not answering: server1"):
+                pred.predict_logits(x)
+            assert time.monotonic() - t0 < 30
+        finally:
+            os.killpg(svc.pids["server1"], signal.SIGCONT)
