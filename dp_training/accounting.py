@@ -56,6 +56,15 @@ def _check_number(name: str, value, fix: str) -> float:
     return v
 
 
+def _is_whole_number(x) -> bool:
+    import numpy as np
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    if isinstance(x, (int, np.integer)):
+        return True
+    return isinstance(x, (float, np.floating)) and math.isfinite(x) and float(x).is_integer()
+
+
 def validate_parameters(noise_multiplier, sampling_rate, steps, delta=None,
                         accountant: str | None = None, sampling: str | None = None) -> None:
     """Raises ValueError naming the first invalid parameter and how to fix it."""
@@ -70,15 +79,9 @@ def validate_parameters(noise_multiplier, sampling_rate, steps, delta=None,
     if not 0 < q <= 1:
         raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate!r}; pass "
                          "batch_size / num_examples with 0 < batch_size <= num_examples.")
-    if isinstance(steps, bool) or not isinstance(steps, (int,)) and not (
-            isinstance(steps, float) and float(steps).is_integer()):
-        try:
-            import numpy as np  # numpy integers are fine
-            if not isinstance(steps, np.integer):
-                raise TypeError
-        except TypeError:
-            raise ValueError(f"steps must be an integer >= 0, got {steps!r}; pass the number of "
-                             "optimizer steps taken.") from None
+    if not _is_whole_number(steps):
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}; pass the number of "
+                         "optimizer steps taken.")
     if int(steps) < 0:
         raise ValueError(f"steps must be >= 0, got {steps!r}; pass the number of optimizer steps "
                          "taken (0 if none ran).")
