@@ -245,8 +245,10 @@ class PrivacyLedger:
         if delta is None:
             delta = budget.delta if budget else (planned.delta if planned else None)
         if accountant is None:
+            run_accountants = [r["accountant"] for r in rows if r["accountant"]]
             accountant = budget.accountant if budget else (
-                planned.accountant if planned else accounting.DEFAULT_ACCOUNTANT)
+                planned.accountant if planned else
+                (run_accountants[-1] if run_accountants else accounting.DEFAULT_ACCOUNTANT))
         if delta is None:  # no budget, nothing planned: use the largest delta any run used
             deltas = [r["delta"] for r in rows if r["delta"]]
             delta = max(deltas) if deltas else 1e-5

@@ -99,7 +99,7 @@ def test_non_private_refused_on_budgeted_dataset(tmp_path):
 
 def test_history_and_format_budget(tmp_path):
     led = PrivacyLedger(str(tmp_path))
-    led.set_budget(FP, 8.0, 1e-5, dataset_name="adult")
+    led.set_budget(FP, 8.0, 1e-5, accountant="rdp", dataset_name="adult")
     rid = led.begin_run(_plan(steps=400))
     led.finish_run(rid, "completed", 400)
     led.record_run("other-fp", "fedavg", "completed", 1.2, 0.05, 50, 1e-6, accountant="rdp")
