@@ -43,7 +43,7 @@ class FederatedConfig:
     checkpoint_every: int = 0  # 0 -> no checkpoints
     resume: bool = True
     seed: int = 0
-    max_concurrent_computation_calls: int = -1
+    max_concurrent_computation_calls: int = 0  # 0: 2 x cores; -1: unlimited (TFF default)
     plot: bool = True
 
     def strategy(self, clients_per_round: Optional[float] = None) -> FedAvg:
@@ -238,17 +238,22 @@ def run_federated(train_features: Mapping[str, np.ndarray], train_labels: np.nda
                   build_model: Callable[[], Any], config: FederatedConfig, *,
                   output_dir: Optional[str] = None, log: Callable[[str], None] = print,
                   on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
-                  shards: Optional[List[np.ndarray]] = None) -> FederatedResult:
+                  shards: Optional[List[np.ndarray]] = None, model_key: Optional[tuple] = None) -> FederatedResult:
     """Runs ``config.rounds`` federated rounds in a TFF runtime whose worker is always stopped."""
     from federated.runtime import tff_runtime
 
     with tff_runtime(config.max_concurrent_computation_calls):
         return _run(train_features, train_labels, eval_features, eval_labels, build_model, config,
-                    output_dir, log, on_round, shards)
+                    output_dir, log, on_round, shards, model_key)
+
+
+# Built learning processes, reused by later runs in the same Python process when the caller names its
+# model with a hashable ``model_key`` (simulate() does): tracing/compiling costs 5-15 s per build.
+_PROCESS_CACHE: Dict[Any, Any] = {}
 
 
 def _run(train_features, train_labels, eval_features, eval_labels, build_model, config, output_dir, log,
-         on_round, shards):
+         on_round, shards, model_key):
     import tensorflow as tf
     import tensorflow_federated as tff
 
@@ -282,7 +287,15 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
             metrics=[tf.keras.metrics.BinaryAccuracy(threshold=0.0)])
 
     t0 = time.perf_counter()
-    process = strategy.build_process(model_fn)
+    cache_key = None
+    if model_key is not None:
+        cache_key = (model_key, repr(strategy), repr(element_spec))
+    process = _PROCESS_CACHE.get(cache_key) if cache_key else None
+    if process is None:
+        process = strategy.build_process(model_fn)
+        if cache_key:
+            _PROCESS_CACHE.clear()  # keep one: they hold graphs
+            _PROCESS_CACHE[cache_key] = process
     state = process.initialize()
     # deterministic initial weights from a seeded Keras model
     tf.keras.utils.set_random_seed(cfg.seed)

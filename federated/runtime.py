@@ -86,8 +86,23 @@ def _stop_context_worker(context, timeout: float) -> None:
     sm._stub = None  # pylint: disable=protected-access
 
 
-def _reset_context(max_concurrent_computation_calls: int = -1) -> None:
+def auto_concurrency() -> int:
+    """Default cap on concurrent client computations in the worker: 2 x usable cores.
+
+    Unlimited (TFF's default) runs every sampled client's graph at once; with 100 clients per round on
+    2 cores that thrashed (Adult, 100 clients/round: 3.3-5.3 s unlimited vs 1.4-2.0 s with a cap of 4)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(2, 2 * cores)
+
+
+def _reset_context(max_concurrent_computation_calls: int = 0) -> None:
+    """0 -> :func:`auto_concurrency`; negative -> unlimited (TFF's default)."""
     global _current_context
+    if max_concurrent_computation_calls == 0:
+        max_concurrent_computation_calls = auto_concurrency()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the worker inherits it: no per-op INFO spam
     import tensorflow_federated as tff
     from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
@@ -142,7 +157,7 @@ def _install_handlers() -> None:
 
 
 @contextlib.contextmanager
-def tff_runtime(max_concurrent_computation_calls: int = -1) -> Iterator[None]:
+def tff_runtime(max_concurrent_computation_calls: int = 0) -> Iterator[None]:
     """Context in which TFF computations run on a worker this process owns and always stops.
 
     Re-entrant: nested uses share the outer worker; the outermost exit kills it (KeyboardInterrupt

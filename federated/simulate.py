@@ -40,4 +40,5 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print,
         return build_mlp(numeric, vocab, hidden)
 
     return run_federated(data.train_features, data.train_labels, data.eval_features, data.eval_labels,
-                         build_model, config, output_dir=config.output_dir, log=log, on_round=on_round)
+                         build_model, config, output_dir=config.output_dir, log=log, on_round=on_round,
+                         model_key=("mlp", tuple(numeric), tuple(sorted(vocab.items())), hidden))

