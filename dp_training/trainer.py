@@ -98,9 +98,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="SGD momentum (default %(default)s).")
     g.add_argument("--accountant", choices=accounting.ACCOUNTANTS, default=DEFAULTS["accountant"],
                    help="privacy accountant (default %(default)s).")
-    g.add_argument("--sampling", choices=accounting.SAMPLINGS, default=DEFAULTS["sampling"],
-                   help="poisson: amplified, variable-size batches; shuffle: fixed-size shuffled "
-                        "batches, accounted without amplification (default %(default)s).")
+    # "fixed" is accepted too: the federated trainer uses that name for fixed-size sampling and
+    # the pipeline's CLI declares a shared flag once; for dp_sgd it means "shuffle".
+    g.add_argument("--sampling", choices=accounting.SAMPLINGS + ("fixed",),
+                   default=DEFAULTS["sampling"],
+                   help="poisson: amplified, variable-size batches; shuffle (dp_sgd) / fixed: "
+                        "fixed-size shuffled batches, accounted without amplification "
+                        "(default %(default)s).")
     g.add_argument("--budget-epsilon", type=float, default=None,
                    help="set this data set's total privacy budget in the ledger if it has none.")
     g.add_argument("--dp-path", choices=DP_PATHS, default="auto",
@@ -117,6 +121,8 @@ def trainer_args(namespace: argparse.Namespace) -> Dict[str, Any]:
                 "dp_path"):
         if getattr(namespace, key, None) is not None:
             out[key] = getattr(namespace, key)
+    if out["sampling"] == "fixed":
+        out["sampling"] = "shuffle"
     if getattr(namespace, "no_mia", False):
         out["mia"] = False
     return out

@@ -126,6 +126,7 @@ def test_flags_and_default_target_epsilon():
     assert args["mia"] is False and args["budget_epsilon"] == 8.0
     plan = plan_training(args, 1000)
     assert plan["steps"] == 20 and not plan["calibrated"]
+    assert trainer_args(p.parse_args(["--sampling", "fixed"]))["sampling"] == "shuffle"
 
 
 def test_plan_errors_and_delta_warning():
