@@ -25,7 +25,12 @@ def _add_run_parser(sub) -> None:
                    help="allow a non-private trainer on a data set that has a privacy budget")
     p.add_argument("--no-cache", action="store_true", help="re-run every component")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    seen = set()
+    # Flags several trainer kinds share are declared once, without defaults: each kind applies its own.
+    common = p.add_argument_group("training (every trainer kind; defaults depend on the kind)")
+    common.add_argument("--epochs", type=float, default=None, help="passes over the training data")
+    common.add_argument("--batch-size", type=int, default=None, help="(expected) batch size")
+    common.add_argument("--learning-rate", type=float, default=None, help="learning rate")
+    seen = {"--epochs", "--batch-size", "--learning-rate"}
     for kind in TRAINER_KINDS:
         try:
             module = trainer_module(kind)
@@ -81,14 +86,43 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _add_serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve pushed models over TF Serving's REST and gRPC APIs",
+                       description="Serve the models pushed under <workdir>/serving with TF Serving's APIs "
+                                   "(tensorflow_model_server when on PATH, else the built-in server).")
+    p.add_argument("--workdir", default=os.path.join(os.getcwd(), "privtrain-work"))
+    p.add_argument("--rest-port", type=int, default=8501, help="0 picks a free port")
+    p.add_argument("--grpc-port", type=int, default=8500, help="0 picks a free port")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--backend", default="auto", choices=["auto", "builtin", "tfserving"])
+    p.add_argument("--enable-batching", action="store_true", help="merge concurrent predict requests")
+
+
+def _cmd_serve(args) -> int:
+    from pipeline.config import RunConfig
+    from pipeline.serving.server import ModelServer, PortInUseError
+
+    serving_dir = RunConfig(workdir=os.path.abspath(args.workdir)).serving_dir
+    try:
+        server = ModelServer(serving_dir, args.rest_port, args.grpc_port, args.host, backend=args.backend,
+                             batching=args.enable_batching)
+        server.start()
+    except (PortInUseError, FileNotFoundError) as e:
+        print(f"privtrain serve: {e}", file=sys.stderr)
+        return 2
+    print(f"READY rest={server.rest_port} grpc={server.grpc_port}", flush=True)
+    return server.serve_forever()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privtrain", description="Privacy-preserving training platform.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 
-COMMANDS = {"run": _cmd_run}
+COMMANDS = {"run": _cmd_run, "serve": _cmd_serve}
 
 
 def main(argv=None) -> int:

@@ -124,16 +124,20 @@ def export_serving_model(model: tf.keras.Model, spec: DatasetSpec, tf_transform_
     write_preprocessing_description(spec, tf_transform_output, os.path.join(serving_model_dir, "assets.extra"))
 
 
+_PROBE = 1.0e6
+
+
 def preprocessing_description(spec: DatasetSpec, tf_transform_output: tft.TFTransformOutput) -> list:
     """The Transform graph as plain numbers, in model-input order (for clients that preprocess themselves,
-    such as TF-Encrypted's): numeric mean/std recovered by transforming raw values 0 and 1, vocabularies."""
+    such as TF-Encrypted's): vocabularies, and numeric mean/std recovered by transforming the raw values
+    0 and PROBE (far apart, so that float32 z-scores pin both numbers down to ~1e-7 relative)."""
     layer = tf_transform_output.transform_features_layer()
     raw_feature_spec = tf_transform_output.raw_feature_spec()
     raw_feature_spec.pop(spec.label_feature, None)
     probe = {}
     for column in spec.feature_columns:
         if column.kind == "numeric":
-            probe[column.name] = tf.constant([0.0, 1.0])
+            probe[column.name] = tf.constant([0.0, _PROBE])
         else:
             probe[column.name] = tf.constant(["", ""])
     transformed = layer(_dense_to_raw_features(spec, raw_feature_spec, probe))
@@ -141,7 +145,7 @@ def preprocessing_description(spec: DatasetSpec, tf_transform_output: tft.TFTran
     for column in spec.feature_columns:
         if column.kind == "numeric":
             z0, z1 = transformed[numeric_key(column.name)].numpy().astype(np.float64)
-            x0, x1 = (0.0, np.log1p(1.0)) if column.log1p else (0.0, 1.0)
+            x0, x1 = (0.0, np.log1p(_PROBE)) if column.log1p else (0.0, _PROBE)
             std = (x1 - x0) / (z1 - z0)
             description.append({"name": column.name, "kind": "numeric", "mean": float(x0 - z0 * std),
                                 "std": float(std), "log1p": column.log1p})

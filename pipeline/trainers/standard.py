@@ -6,13 +6,7 @@ import tensorflow as tf
 from pipeline.trainers.base import TrainerContext, TrainingOutcome
 
 
-def add_arguments(parser) -> None:
-    group = parser.add_argument_group("standard trainer")
-    group.add_argument("--epochs", type=int, default=None, help="training epochs (default 5)")
-    group.add_argument("--batch-size", type=int, default=None, help="global batch size (default 256)")
-    group.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate (default 1e-3)")
-
-
+# Uses the CLI's shared --epochs (default 5), --batch-size (256) and --learning-rate (Adam, 1e-3).
 def trainer_args(namespace) -> dict:
     return {k: v for k, v in {"epochs": getattr(namespace, "epochs", None),
                               "batch_size": getattr(namespace, "batch_size", None),
@@ -32,7 +26,7 @@ class StandardTrainer:
     name = "standard"
 
     def train(self, context: TrainerContext) -> TrainingOutcome:
-        epochs = int(context.args.get("epochs", 5))
+        epochs = int(round(float(context.args.get("epochs", 5))))
         batch_size = int(context.args.get("batch_size", 256))
         learning_rate = float(context.args.get("learning_rate", 1e-3))
         if epochs < 1 or batch_size < 1 or learning_rate <= 0:
