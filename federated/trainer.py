@@ -8,6 +8,8 @@ import json
 import os
 from typing import Any, Dict
 
+import numpy as np
+
 from federated.cli import add_federated_arguments, config_kwargs
 from federated.engine import FederatedConfig, run_federated
 
@@ -48,14 +50,19 @@ class FederatedTrainer:
         cfg_hash = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
         output_dir = os.path.join(context.workdir, "federated",
                                   f"{context.dataset_fingerprint[:16]}-{cfg_hash.hexdigest()[:8]}")
+        from federated.engine import _as_model_dtypes
+        from federated.partition import PartitionSpec, make_shards
+
+        shards = make_shards(PartitionSpec.parse(cfg.partition), _as_model_dtypes(context.train_features),
+                             context.train_labels, cfg.clients, np.random.default_rng([cfg.seed, 1]))
         ledger = run_id = None
         if cfg.dp_noise_multiplier is not None:
-            ledger, run_id = _ledger_begin(context, cfg)
+            ledger, run_id = _ledger_begin(context, cfg, len(shards))
         released = []
         try:
             res = run_federated(context.train_features, context.train_labels, context.eval_features,
                                 context.eval_labels, context.build_model, cfg, output_dir=output_dir,
-                                log=context.log, on_round=released.append)
+                                log=context.log, on_round=released.append, shards=shards)
         except BaseException:
             if ledger is not None:
                 _ledger_finish(ledger, run_id, "failed", cfg, None, len(released))
@@ -77,15 +84,13 @@ class FederatedTrainer:
 # The ledger composes example-level guarantees of a data set. A client-level guarantee covers adding or
 # removing a whole client; adding/removing one *example* changes one client's clipped update by at most
 # 2*clip, so the example-level event recorded in the ledger uses half the noise multiplier (conservative).
-def _ledger_begin(context, cfg):
+def _ledger_begin(context, cfg, clients: int):
     try:
         from dp_training import ledger as ledger_lib
         from federated import accounting
     except ImportError:
         context.log("[federated] dp_training.ledger not available: the run is not recorded in a budget ledger")
         return None, None
-    # number of clients is only known after partitioning; iid/dirichlet: cfg.clients
-    clients = cfg.clients
     q = min(1.0, cfg.clients_per_round / clients)
     delta = cfg.dp_delta if cfg.dp_delta is not None else accounting.default_delta(clients)
     planned = ledger_lib.PlannedRun(fingerprint=context.dataset_fingerprint,
