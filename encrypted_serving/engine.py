@@ -17,6 +17,9 @@ Fresh randomness per call: TFE 0.9.1 derives the servers' correlated randomness 
 every call. ``_FreshNonceMixin`` adds a per-call offset (a TF variable bumped before every call by
 2**32) so each prediction uses new masks while the graph is traced only once.
 
+Speed: ``fastops.install()`` replaces TFE's bit-by-bit ``BitSplitAndGather`` kernel (the bulk of ABY3's
+ReLU) by bit-identical vectorised standard TF ops: about 3.8x faster at batch 1000.
+
 Timeouts: every call runs under ``operation_timeout_in_ms`` plus a watchdog; a dead or silent party
 raises ``PartyUnavailableError`` naming the parties that do not answer.
 """
@@ -54,6 +57,7 @@ import tf_encrypted as tfe  # noqa: E402
 from tf_encrypted.protocol import ABY3, Pond  # noqa: E402
 
 from encrypted_serving import cluster as cl  # noqa: E402
+from encrypted_serving import fastops  # noqa: E402
 from encrypted_serving import model_format as mf  # noqa: E402
 from encrypted_serving import preprocessing as pp  # noqa: E402
 
@@ -69,11 +73,14 @@ class PartyUnavailableError(EncryptedServingError):
 
 
 class _FreshNonceMixin:
-    """Makes TFE's nonces tensor-valued so that a traced graph draws fresh randomness on every call.
+    """Fresh randomness per call of a reused traced graph.
 
-    TFE adds a nonce to a 256-bit key (int32[8]): ``seed = key + nonce``. We return, instead of the
-    Python counter c, the int32[8] vector [c, call, 0, ..., 0] where ``call`` is a variable bumped
-    before every call. (c, call) pairs never repeat, so no seed repeats for 2**32 calls.
+    TFE derives correlated randomness as ``seed = key + nonce`` (key: int32[8] from libsodium, nonce: a
+    Python int baked into the graph at trace time), so calling a traced graph again replays every mask.
+    We hand TFE, inside a graph, the keys ``key + [0, call, 0, ..., 0]`` where ``call`` is a TF variable
+    bumped before every call: seeds become ``key + [c, call + c, c, ...]``, distinct for distinct
+    (c, call) pairs, so nothing repeats for 2**32 calls while the graph is traced once. The shifted
+    keys are computed once per graph, on the device that uses them (one small transfer per server).
     """
 
     _call_counter = None
@@ -86,34 +93,30 @@ class _FreshNonceMixin:
         if self._call_counter is not None:
             self._call_counter.assign_add(1)
 
-    def _call_vector(self):
-        """[call, 0 x 6] int32, built once per traced graph on the client's device, so each server
-        receives it once per call (TF de-duplicates a tensor's transfers to one device)."""
-        if tf.executing_eagerly():
-            return tf.concat([tf.reshape(self._call_counter.read_value(), [1]), tf.zeros([6], tf.int32)], 0)
+    def _shifted(self, name, keys):
+        if self._call_counter is None or tf.executing_eagerly():
+            return keys
         graph = tf.compat.v1.get_default_graph()
-        cache = self.__dict__.setdefault("_call_vec_cache", weakref.WeakKeyDictionary())
-        vec = cache.get(graph)
-        if vec is None:
+        cache = self.__dict__.setdefault("_shifted_cache", weakref.WeakKeyDictionary()).setdefault(graph, {})
+        if name not in cache:
             with tf.device(self._call_counter.device):
                 call = tf.reshape(self._call_counter.read_value(), [1])
-                vec = cache[graph] = tf.concat([call, tf.zeros([6], tf.int32)], 0)   # [7]
-        return vec
+                vec = tf.concat([tf.zeros([1], tf.int32), call, tf.zeros([6], tf.int32)], 0)
+            out = []
+            for i, row in enumerate(keys):          # row i is used on server i
+                with tf.device(self.servers[i].device_name):
+                    out.append([None if k is None else k + vec for k in row])
+            cache[name] = out
+        return cache[name]
 
-    def _with_call(self, base):
-        vec = self._call_vector()
-        if np.ndim(base) == 0:
-            return tf.concat([tf.constant([int(base)], tf.int32), vec], 0)      # [8]
-        base = np.asarray(base, dtype=np.int32).reshape(-1, 1)
-        return tf.concat([tf.constant(base), tf.tile(tf.reshape(vec, [1, 7]), [base.shape[0], 1])], 1)  # [3, 8]
+    def pairwise_keys(self):
+        return self._shifted("pairwise", super().pairwise_keys())
 
-    def pairwise_nonces(self):
-        base = super().pairwise_nonces()
-        return base if self._call_counter is None else self._with_call(base)
+    def b2a_keys_1(self):
+        return self._shifted("b2a1", super().b2a_keys_1())
 
-    def b2a_nonce(self):
-        base = super().b2a_nonce()
-        return base if self._call_counter is None else self._with_call(base)
+    def b2a_keys_2(self):
+        return self._shifted("b2a2", super().b2a_keys_2())
 
 
 class _ABY3(_FreshNonceMixin, ABY3):
@@ -135,7 +138,7 @@ class EncryptedPredictor:
     """Client-side handle on a running encrypted service. One per process (TF's cluster is global)."""
 
     def __init__(self, cluster_json: str, timeout_s: float = 30.0, protocol: Optional[str] = None,
-                 connect_check: bool = True, resident_weights: bool = True):
+                 connect_check: bool = True, resident_weights: bool = True, fast_kernels: bool = True):
         global _CONNECTED
         self.cluster = cl.load(cluster_json)
         self.protocol_name = protocol or self.cluster["protocol"]
@@ -144,6 +147,8 @@ class EncryptedPredictor:
         self.config = mf.load_config(public)
         self.preprocessing = pp.load_spec(os.path.join(public, mf.PREPROCESSING_JSON),
                                           expected_dim=self.config["input_dim"])
+        if fast_kernels:
+            fastops.install()   # the driver builds the graph, so this changes what every party runs
         if connect_check:
             self._check_parties("before connecting")
         if _CONNECTED is not None and _CONNECTED != cluster_json:

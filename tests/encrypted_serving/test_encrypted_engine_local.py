@@ -96,3 +96,16 @@ def test_party_stopped_mid_session_times_out(tmp_path):
             assert time.monotonic() - t0 < 30
         finally:
             os.killpg(svc.pids["server1"], signal.SIGCONT)
+
+
+@pytest.mark.parametrize("dtype", [tf.int8, tf.int16, tf.int32, tf.int64])
+def test_fast_bit_split_and_gather_is_bit_identical(dtype):
+    from encrypted_serving import fastops
+    info = np.iinfo(dtype.as_numpy_dtype)
+    x = np.random.default_rng(0).integers(info.min, info.max, size=(50, 7), dtype=dtype.as_numpy_dtype,
+                                          endpoint=True)
+    x[0, :3] = [0, -1, info.min]
+    native = fastops.native_bit_split_and_gather(tf.constant(x), 2).numpy()
+    fast = fastops.bit_split_and_gather(tf.constant(x), 2).numpy()
+    assert fast.dtype == native.dtype and fast.shape == native.shape == (2, 50, 7)
+    np.testing.assert_array_equal(fast, native)
