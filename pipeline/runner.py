@@ -2,6 +2,7 @@
 the run from ML Metadata."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -49,29 +50,53 @@ class RunSummary:
                 "model_uri": self.model_uri, "model_properties": self.model_properties, "error": self.error}
 
 
-class _ProgressHandler(logging.Handler):
-    """Turns LocalDagRunner's log lines into short progress lines with durations."""
+class _ProgressReporter:
+    """Turns LocalDagRunner's component log calls into short progress lines with durations.
+
+    LocalDagRunner reports progress only through absl logging, whose level libraries change while the
+    pipeline runs (Transform turns it down), so we observe the runner module's and the launcher's
+    ``logging.info`` calls directly instead of attaching a handler."""
 
     def __init__(self, stream, started: float):
-        super().__init__(logging.INFO)
         self._stream, self._started, self._running = stream, started, {}
 
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
+    def info(self, message, *args):
+        text = message % args if args else str(message)
         now = time.time()
-        if message.startswith("Component ") and message.endswith(" is running."):
-            node = message[len("Component "):-len(" is running.")]
+        if text.startswith("Component ") and text.endswith(" is running."):
+            node = text[len("Component "):-len(" is running.")]
             self._running[node] = now
             self._print(f"{node} started")
-        elif message.startswith("Component ") and message.endswith(" is finished."):
-            node = message[len("Component "):-len(" is finished.")]
+        elif text.startswith("Component ") and text.endswith(" is finished."):
+            node = text[len("Component "):-len(" is finished.")]
             self._print(f"{node} finished in {now - self._running.pop(node, now):.1f}s")
-        elif message.startswith("A cached execution"):
+        elif text.startswith("A cached execution"):
             self._print("  (cached result reused)")
 
     def _print(self, text: str) -> None:
         self._stream.write(f"[{time.time() - self._started:7.1f}s] {text}\n")
         self._stream.flush()
+
+    @contextlib.contextmanager
+    def observing(self, *modules):
+        originals = [(m, m.logging) for m in modules]
+        reporter = self
+
+        class _Observed:
+            def __getattr__(self, name):
+                return getattr(originals[0][1], name)
+
+            def info(self, message, *args, **kwargs):
+                reporter.info(message, *args)
+                return originals[0][1].info(message, *args, **kwargs)
+
+        try:
+            for module, _ in originals:
+                module.logging = _Observed()
+            yield
+        finally:
+            for module, original in originals:
+                module.logging = original
 
 
 def _quiet_libraries() -> None:
@@ -103,6 +128,8 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
     _quiet_libraries()
     from absl import logging as absl_logging
     from tfx import v1 as tfx
+    from tfx.orchestration.local import local_dag_runner
+    from tfx.orchestration.portable import launcher
 
     spec = load_dataset(config.data_dir)
     os.makedirs(config.workdir, exist_ok=True)
@@ -110,22 +137,15 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
     guard_non_private(config, fingerprint)
     pipeline = create_pipeline(config, spec, fingerprint)
     started = time.time()
-    handler = _ProgressHandler(progress, started)
-    absl_logger = absl_logging.get_absl_logger()
-    absl_logger.addHandler(handler)
-    previous_level = absl_logger.level
-    absl_logger.setLevel(logging.INFO)
     absl_logging.get_absl_handler().setLevel(logging.ERROR)
     with open_store(config.metadata_path, must_exist=False) as store:
         before = run_context_ids(store)
     error: Optional[BaseException] = None
     try:
-        tfx.orchestration.LocalDagRunner().run(pipeline)
+        with _ProgressReporter(progress, started).observing(local_dag_runner, launcher):
+            tfx.orchestration.LocalDagRunner().run(pipeline)
     except Exception as e:  # noqa: BLE001 - reported with the summary below
         error = e
-    finally:
-        absl_logger.removeHandler(handler)
-        absl_logger.setLevel(previous_level)
     summary = summarize(config, pipeline.pipeline_info.pipeline_name, before, time.time() - started)
     if error is not None:
         cause = root_cause(error)
