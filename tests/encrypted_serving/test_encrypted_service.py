@@ -31,6 +31,8 @@ def test_parity_200_rows_aby3(make_service, adult_model_dir, adult_desc):
     assert result["n"] == 200 and result["protocol"] == "aby3"
     enc = np.array(result["probabilities"])
     ref = plaintext_probabilities(adult_model_dir, 200, adult_desc)
+    print("ABY3 parity on 200 Adult rows: max |p_enc - p_plain| = %.2e, max |logit diff| = %.2e" % (
+        np.abs(enc - ref).max(), np.abs(np.array(result["logits"]) - np.log(ref / (1 - ref))).max()))
     assert np.abs(enc - ref).max() < 1e-2, np.abs(enc - ref).max()
     assert result["labels"][:3] == [0, 0, 1]
     assert svc.is_alive()   # the service survives a client
@@ -110,3 +112,23 @@ def test_no_service_is_a_clear_error(tmp_path, adult_model_dir):
     cl.save(c, str(tmp_path / "cluster.json"))
     with pytest.raises(PartyUnavailable, match="server0, server1, server2, model-owner"):
         run_predict(ADULT_TEST, cluster_json=str(tmp_path / "cluster.json"), limit=1)
+
+
+@pytest.mark.slow
+def test_run_predict_starts_a_temporary_service(adult_model_dir, adult_desc):
+    """No running service: run_predict starts one for the model, predicts, and stops it."""
+    import glob
+    before = set(glob.glob("/proc/[0-9]*"))
+    result = run_predict(ADULT_TEST, model=adult_model_dir, limit=3, timeout_s=60)
+    ref = plaintext_probabilities(adult_model_dir, 3, adult_desc)
+    assert np.abs(np.array(result["probabilities"]) - ref).max() < 1e-2
+    time.sleep(0.5)
+    leftovers = []
+    for p in set(glob.glob("/proc/[0-9]*")) - before:
+        try:
+            with open(p + "/cmdline", "rb") as f:
+                if b"encrypted_serving.player" in f.read() and pid_alive(int(p[6:])):
+                    leftovers.append(p)
+        except OSError:
+            pass
+    assert not leftovers
