@@ -45,10 +45,11 @@ class FederatedConfig:
     seed: int = 0
     max_concurrent_computation_calls: int = 0  # 0: 2 x cores; -1: unlimited (TFF default)
     plot: bool = True
+    client_loop: str = "iterator"  # iterator (fast here) | reduce (TFF default)
 
     def strategy(self, clients_per_round: Optional[float] = None) -> FedAvg:
         common = dict(client_optimizer=self.client_optimizer, server_optimizer=self.server_optimizer,
-                      client_lr=self.client_lr, server_lr=self.server_lr)
+                      client_lr=self.client_lr, server_lr=self.server_lr, client_loop=self.client_loop)
         if self.dp_noise_multiplier is None:
             return FedAvg(**common)
         return DPFedAvg(**common, noise_multiplier=self.dp_noise_multiplier, clip=self.dp_clip,

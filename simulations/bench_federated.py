@@ -53,19 +53,19 @@ def bench_rounds(data, cpr: int, rounds: int, **overrides):
             "examples_per_round": examples, "build_s": res.final["build_seconds"]}
 
 
-def accuracy_runs(data, rounds: int, out_dir: str):
+def accuracy_runs(data, rounds: int, out_dir: str, cpr: int = 50):
     from federated.simulate import SimulationConfig, simulate
 
     rows = []
     for part in ("iid", "dirichlet:0.1"):
         for dp in (None, 1.0):
-            cfg = SimulationConfig(clients=100, clients_per_round=20, rounds=rounds, partition=part,
+            cfg = SimulationConfig(clients=100, clients_per_round=cpr, rounds=rounds, partition=part,
                                    client_lr=0.05, dp_noise_multiplier=dp, dp_clip=0.5,
                                    eval_every=max(1, rounds // 5), output_dir=os.path.join(
                                        out_dir, f"{part.replace(':', '')}-{'dp' if dp else 'nodp'}"))
             cfg.resume = False
             res = simulate(cfg, data=data, log=lambda m: None)
-            rows.append({"partition": part, "dp_noise_multiplier": dp, "rounds": rounds,
+            rows.append({"partition": part, "dp_noise_multiplier": dp, "rounds": rounds, "clients_per_round": cpr,
                          "eval_accuracy": res.final.get("eval_accuracy"),
                          "epsilon": res.privacy["epsilon"] if res.privacy else None,
                          "delta": res.privacy["delta"] if res.privacy else None})
@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--accuracy-rounds", type=int, default=0, help="0: skip the accuracy table")
     p.add_argument("--out", default="bench-federated-out")
     p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--stock", action="store_true",
+                   help="also time TFF's defaults (DATASET_REDUCE client loop, unlimited worker concurrency)")
     args = p.parse_args(argv)
 
     from federated.data import load_tabular
@@ -91,6 +93,10 @@ def main(argv=None) -> int:
         r = bench_rounds(data, cpr, args.rounds)
         r["keras_fit_s"] = keras_seconds(data, int(r["examples_per_round"]))
         r["overhead_ratio"] = r["round_s"] / r["keras_fit_s"]
+        if args.stock:
+            s = bench_rounds(data, cpr, args.rounds, client_loop="reduce", max_concurrent_computation_calls=-1)
+            r["stock_round_s"] = s["round_s"]
+            r["stock_overhead_ratio"] = s["round_s"] / r["keras_fit_s"]
         results["timing"].append(r)
         print(json.dumps(r), flush=True)
     if args.accuracy_rounds:
