@@ -13,9 +13,9 @@
    share of the logit to the client, which alone reconstructs it; sigmoid is applied in plaintext.
 
 Fresh randomness per call: TFE 0.9.1 derives the servers' correlated randomness from
-``pairwise key + nonce`` with Python-integer nonces, which a reused ``tf.function`` would replay on
-every call. ``_FreshNonceMixin`` adds a per-call offset (a TF variable bumped before every call by
-2**32) so each prediction uses new masks while the graph is traced only once.
+``key + nonce`` with Python-integer nonces, which a reused ``tf.function`` would replay on every call.
+``_FreshNonceMixin`` shifts the keys inside the graph by a call counter (a TF variable bumped before
+every call), so each prediction uses new masks while the graph is traced only once.
 
 Speed: ``fastops.install()`` replaces TFE's bit-by-bit ``BitSplitAndGather`` kernel (the bulk of ABY3's
 ReLU) by bit-identical vectorised standard TF ops: about 3.8x faster at batch 1000.
@@ -60,8 +60,6 @@ from encrypted_serving import cluster as cl  # noqa: E402
 from encrypted_serving import fastops  # noqa: E402
 from encrypted_serving import model_format as mf  # noqa: E402
 from encrypted_serving import preprocessing as pp  # noqa: E402
-
-NONCE_STRIDE = 2 ** 32
 
 
 class EncryptedServingError(RuntimeError):
