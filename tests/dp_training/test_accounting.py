@@ -103,7 +103,8 @@ def test_epochs_for_steps_is_robust_to_rounding():
 def test_edge_cases():
     assert compute_epsilon(1.0, 0.01, 0, 1e-5) == 0.0
     assert math.isinf(compute_epsilon(0.0, 0.01, 10, 1e-5))
-    assert compute_epsilon(1.0, 0.01, 100, 1e-5) < compute_epsilon(1.0, 0.01, 200, 1e-5)
+    assert compute_epsilon(1.0, 0.01, 100, 1e-5, "rdp") < compute_epsilon(1.0, 0.01, 200, 1e-5,
+                                                                             "rdp")
 
 
 @pytest.mark.parametrize("kwargs,name", [
