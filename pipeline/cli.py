@@ -114,18 +114,56 @@ def _cmd_serve(args) -> int:
     return server.serve_forever()
 
 
+def _workdir_flag(p) -> None:
+    p.add_argument("--workdir", default=os.path.join(os.getcwd(), "privtrain-work"),
+                   help="work directory of earlier runs (default ./privtrain-work)")
+
+
+def _add_privacy_parsers(sub) -> None:
+    privacy = sub.add_parser("privacy", help="privacy facts recorded in ML Metadata")
+    privacy_sub = privacy.add_subparsers(dest="privacy_command", required=True)
+    p = privacy_sub.add_parser("report", help="every trained model with its guarantee, metrics, blessing, push")
+    _workdir_flag(p)
+    p.add_argument("--json", action="store_true")
+    b = sub.add_parser("budget", help="the per-data-set privacy budget ledger: history and remaining budget")
+    _workdir_flag(b)
+    b.add_argument("--json", action="store_true")
+
+
+def _cmd_privacy(args) -> int:
+    from pipeline.report import report
+
+    try:
+        print(report(RunConfig(workdir=os.path.abspath(args.workdir)).metadata_path, as_json=args.json))
+    except FileNotFoundError as e:
+        print(f"privtrain privacy report: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_budget(args) -> int:
+    from dp_training.ledger import format_budget
+
+    print(format_budget(workdir=os.path.abspath(args.workdir), as_json=args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privtrain", description="Privacy-preserving training platform.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(sub)
     _add_serve_parser(sub)
+    _add_privacy_parsers(sub)
     return parser
 
 
-COMMANDS = {"run": _cmd_run, "serve": _cmd_serve}
+COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "privacy": _cmd_privacy, "budget": _cmd_budget}
 
 
 def main(argv=None) -> int:
+    from pipeline.quiet import quiet_libraries
+
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     return COMMANDS[args.command](args)
 

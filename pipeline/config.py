@@ -9,7 +9,9 @@ from typing import Any, Dict, Optional, Tuple
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA_DIR = os.path.join(PROJECT_ROOT, "data", "adult")
 DEFAULT_WORKDIR = os.path.join(os.getcwd(), "privtrain-work")
-CODE_PACKAGES = ("pipeline", "dp_training", "federated")
+# Code whose changes change Transform's or the Trainer's output (part of their cache keys).
+TRAINING_CODE = ("pipeline/dataset.py", "pipeline/features.py", "pipeline/transform.py", "pipeline/model.py",
+                 "pipeline/trainer_executor.py", "pipeline/trainers", "dp_training", "federated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +43,12 @@ class RunConfig:
 def code_version() -> str:
     """Hash of the training code, part of the Transform/Trainer cache keys so code changes re-run them."""
     h = hashlib.sha256()
-    for package in CODE_PACKAGES:
-        root = os.path.join(PROJECT_ROOT, package)
+    for entry in TRAINING_CODE:
+        root = os.path.join(PROJECT_ROOT, entry)
+        if os.path.isfile(root):
+            with open(root, "rb") as f:
+                h.update(entry.encode() + f.read())
+            continue
         for dirpath, dirnames, filenames in sorted(os.walk(root)):
             dirnames.sort()
             for name in sorted(filenames):

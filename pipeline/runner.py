@@ -14,6 +14,7 @@ from pipeline.config import RunConfig
 from pipeline.dataset import load_dataset
 from pipeline.metadata import ComponentRecord, components_of_run, load_slice_metrics, open_store, run_context_ids
 from pipeline.pipeline_def import create_pipeline
+from pipeline.quiet import quiet_libraries
 
 
 class PipelineRunError(RuntimeError):
@@ -99,20 +100,6 @@ class _ProgressReporter:
                 module.logging = original
 
 
-def _quiet_libraries() -> None:
-    """TFX, Beam, TFMA and TF log a lot at WARNING; the user sees our progress lines and real errors."""
-    import warnings
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("tensorflow", "apache_beam", "tensorflow_model_analysis", "root"):
-        logging.getLogger(name if name != "root" else None).setLevel(logging.ERROR)
-    for handler in logging.getLogger().handlers:
-        handler.setLevel(logging.ERROR)
-
-
 def root_cause(error: BaseException) -> BaseException:
     seen = set()
     while id(error) not in seen:
@@ -125,7 +112,7 @@ def root_cause(error: BaseException) -> BaseException:
 
 
 def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
-    _quiet_libraries()
+    quiet_libraries()
     from absl import logging as absl_logging
     from tfx import v1 as tfx
     from tfx.orchestration.local import local_dag_runner
