@@ -96,13 +96,56 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--backend", default="auto", choices=["auto", "builtin", "tfserving"])
     p.add_argument("--enable-batching", action="store_true", help="merge concurrent predict requests")
+    p.add_argument("--encrypted", action="store_true",
+                   help="also start the TF-Encrypted service (three compute parties + model owner on 127.0.0.1)")
+    p.add_argument("--protocol", default="aby3", choices=["aby3", "pond"], help="TF-Encrypted protocol")
+
+
+def _add_predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="predict raw rows with the newest pushed model (plain or encrypted)")
+    _workdir_flag(p)
+    p.add_argument("--input", required=True, help="file of raw rows in the data set's format (label optional)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows")
+    p.add_argument("--model-name", default=None, help="pushed model name (default: the only one)")
+    p.add_argument("--encrypted", action="store_true",
+                   help="secret-share the rows on this client and predict with the TF-Encrypted service "
+                        "(the running one of --workdir, else a temporary one)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before an encrypted call gives up")
+    p.add_argument("--json", action="store_true")
+
+
+def _cmd_predict(args) -> int:
+    from pipeline.predict import PredictError, format_predictions, latest_pushed_model, predict_plain
+
+    workdir = os.path.abspath(args.workdir)
+    try:
+        version_dir = latest_pushed_model(RunConfig(workdir=workdir).serving_dir, args.model_name)
+        if args.encrypted:
+            from encrypted_serving.launcher import EncryptedServiceError, run_predict
+
+            try:
+                result = run_predict(args.input, workdir=workdir, limit=args.limit, model=version_dir,
+                                     dataset=os.path.join(version_dir, "assets.extra", "dataset.json"),
+                                     timeout_s=args.timeout)
+            except EncryptedServiceError as e:
+                raise PredictError(str(e)) from e
+            result.setdefault("model", version_dir + " (encrypted)")
+        else:
+            result = predict_plain(version_dir, args.input, args.limit)
+    except (PredictError, FileNotFoundError) as e:
+        print(f"privtrain predict: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result) if args.json else format_predictions(result))
+    return 0
 
 
 def _cmd_serve(args) -> int:
     from pipeline.config import RunConfig
     from pipeline.serving.server import ModelServer, PortInUseError
 
-    serving_dir = RunConfig(workdir=os.path.abspath(args.workdir)).serving_dir
+    workdir = os.path.abspath(args.workdir)
+    serving_dir = RunConfig(workdir=workdir).serving_dir
+    encrypted = None
     try:
         server = ModelServer(serving_dir, args.rest_port, args.grpc_port, args.host, backend=args.backend,
                              batching=args.enable_batching)
@@ -110,8 +153,22 @@ def _cmd_serve(args) -> int:
     except (PortInUseError, FileNotFoundError) as e:
         print(f"privtrain serve: {e}", file=sys.stderr)
         return 2
-    print(f"READY rest={server.rest_port} grpc={server.grpc_port}", flush=True)
-    return server.serve_forever()
+    try:
+        if args.encrypted:
+            from encrypted_serving.launcher import EncryptedService, EncryptedServiceError
+
+            try:
+                encrypted = EncryptedService(workdir, workdir=workdir, protocol=args.protocol).start()
+            except EncryptedServiceError as e:
+                print(f"privtrain serve: the encrypted service did not start: {e}", file=sys.stderr)
+                return 2
+            print(f"ENCRYPTED READY cluster={encrypted.cluster_json}", flush=True)
+        print(f"READY rest={server.rest_port} grpc={server.grpc_port}", flush=True)
+        return server.serve_forever()
+    finally:
+        server.stop()
+        if encrypted is not None:
+            encrypted.stop()
 
 
 def _workdir_flag(p) -> None:
@@ -154,10 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_serve_parser(sub)
     _add_privacy_parsers(sub)
+    _add_predict_parser(sub)
     return parser
 
 
-COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "privacy": _cmd_privacy, "budget": _cmd_budget}
+COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "privacy": _cmd_privacy, "budget": _cmd_budget,
+            "predict": _cmd_predict}
 
 
 def main(argv=None) -> int:

@@ -23,6 +23,7 @@ from pipeline.dataset import DatasetSpec
 from pipeline.features import NUM_OOV_BUCKETS, categorical_key, numeric_key, vocabulary_name
 
 PREPROCESSING_FILE = "preprocessing.json"
+DATASET_FILE = "dataset.json"
 
 
 def vocabulary_sizes(spec: DatasetSpec, tf_transform_output: tft.TFTransformOutput) -> Dict[str, int]:
@@ -121,7 +122,10 @@ def export_serving_model(model: tf.keras.Model, spec: DatasetSpec, tf_transform_
         "predict_raw": serve_raw_flat.get_concrete_function(),
         "classify": classify.get_concrete_function(),
     })
-    write_preprocessing_description(spec, tf_transform_output, os.path.join(serving_model_dir, "assets.extra"))
+    extra = os.path.join(serving_model_dir, "assets.extra")
+    write_preprocessing_description(spec, tf_transform_output, extra)
+    with open(os.path.join(extra, DATASET_FILE), "w") as f:  # how to read raw rows for this model
+        json.dump({k: v for k, v in spec.to_json_dict().items() if k != "directory"}, f, indent=1)
 
 
 _PROBE = 1.0e6

@@ -119,4 +119,10 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec, dataset_fingerprint: s
         components=components, enable_cache=config.enable_cache,
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
             config.metadata_path),
-        beam_pipeline_args=["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+        beam_pipeline_args=BEAM_ARGS)
+
+
+# Beam's in-process direct runner. TFX builds an sdist of itself for remote Beam workers unless a
+# dependency flag is set; in-process workers already import it, so name the (unused) container image.
+BEAM_ARGS = ["--direct_running_mode=in_memory", "--direct_num_workers=1",
+             "--sdk_container_image=unused-by-the-in-process-direct-runner"]

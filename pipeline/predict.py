@@ -1,0 +1,78 @@
+"""``privtrain predict``: predictions for raw rows from the newest pushed model (in-process), or from the
+TF-Encrypted service with ``--encrypted``."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from pipeline.model import DATASET_FILE
+
+
+class PredictError(RuntimeError):
+    pass
+
+
+def latest_pushed_model(serving_dir: str, model_name: Optional[str] = None) -> str:
+    """``<serving_dir>/<name>/<newest version>``; the only model name when none is given."""
+    if not os.path.isdir(serving_dir):
+        raise PredictError(f"no pushed model under {serving_dir}; run 'privtrain run' first (a model is "
+                           f"pushed only when the Evaluator blesses it)")
+    names = sorted(n for n in os.listdir(serving_dir) if os.path.isdir(os.path.join(serving_dir, n)))
+    if model_name is None:
+        if len(names) != 1:
+            raise PredictError(f"{serving_dir} holds models {names}; choose one with --model-name")
+        model_name = names[0]
+    model_dir = os.path.join(serving_dir, model_name)
+    versions = sorted((int(v) for v in os.listdir(model_dir) if v.isdigit()), reverse=True) \
+        if os.path.isdir(model_dir) else []
+    if not versions:
+        raise PredictError(f"model {model_name!r} has no pushed version under {serving_dir}")
+    return os.path.join(model_dir, str(versions[0]))
+
+
+def dataset_description(version_dir: str) -> dict:
+    with open(os.path.join(version_dir, "assets.extra", DATASET_FILE)) as f:
+        return json.load(f)
+
+
+def predict_plain(version_dir: str, input_file: str, limit: Optional[int] = None) -> Dict[str, object]:
+    import tensorflow as tf
+
+    from encrypted_serving.preprocessing import read_raw_rows  # plain numpy, shared with the encrypted client
+
+    dataset = dataset_description(version_dir)
+    rows, labels = read_raw_rows(input_file, dataset, limit=limit)
+    if not rows:
+        raise PredictError(f"{input_file} holds no rows")
+    features = {}
+    for column in dataset["columns"]:
+        if column["kind"] == "label":
+            continue
+        values = [row.get(column["name"]) for row in rows]
+        if column["kind"] == "numeric":
+            features[column["name"]] = tf.constant([np.nan if v is None else float(v) for v in values], tf.float32)
+        else:
+            features[column["name"]] = tf.constant(["" if v is None else v for v in values])
+    model = tf.saved_model.load(version_dir)
+    out = model.signatures["predict_raw"](**features)
+    return {"model": version_dir, "probabilities": out["probabilities"].numpy().tolist(),
+            "logits": out["logits"].numpy().tolist(), "labels": labels}
+
+
+def format_predictions(result: Dict[str, object], show: int = 20) -> str:
+    probabilities: List[float] = result["probabilities"]  # type: ignore[assignment]
+    labels: List[Optional[int]] = result.get("labels") or [None] * len(probabilities)  # type: ignore
+    lines = [f"model: {result.get('model', '?')}", f"{'row':>5} {'probability':>12} {'predicted':>10} {'label':>6}"]
+    for i, (p, y) in enumerate(zip(probabilities, labels)):
+        if i == show:
+            lines.append(f"  ... {len(probabilities) - show} more rows (use --json for all)")
+            break
+        lines.append(f"{i:>5} {p:>12.4f} {int(p > 0.5):>10} {'-' if y is None else y:>6}")
+    known = [(p, y) for p, y in zip(probabilities, labels) if y is not None]
+    if known:
+        accuracy = float(np.mean([(p > 0.5) == bool(y) for p, y in known]))
+        lines.append(f"accuracy on the {len(known)} labelled rows: {accuracy:.4f}")
+    return "\n".join(lines)
