@@ -13,7 +13,8 @@ from pipeline.trainers import TRAINER_KINDS, trainer_module
 def _add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="run the pipeline: ingestion to a pushed model",
                        description="Run the TFX pipeline on a data set, from ingestion to a pushed model.")
-    p.add_argument("--trainer", choices=sorted(TRAINER_KINDS), default="standard", help="trainer kind")
+    p.add_argument("--trainer", choices=sorted(TRAINER_KINDS), default="dp_sgd",
+                   help="trainer kind (default dp_sgd: DP-SGD calibrated to epsilon 3)")
     p.add_argument("--data", default=DEFAULT_DATA_DIR, help="data directory with dataset.json (default: Adult)")
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), "privtrain-work"),
                    help="work directory: pipeline outputs, ML Metadata store, serving dir (default ./privtrain-work)")

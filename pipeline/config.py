@@ -18,7 +18,7 @@ TRAINING_CODE = ("pipeline/dataset.py", "pipeline/features.py", "pipeline/transf
 class RunConfig:
     data_dir: str = DEFAULT_DATA_DIR
     workdir: str = DEFAULT_WORKDIR
-    trainer: str = "standard"
+    trainer: str = "dp_sgd"  # privacy is the default
     trainer_args: Dict[str, Any] = dataclasses.field(default_factory=dict)
     model_name: Optional[str] = None  # defaults to the data set's name
     hidden_units: Tuple[int, ...] = (64, 64)

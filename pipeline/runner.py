@@ -177,6 +177,30 @@ def summarize(config: RunConfig, pipeline_name: str, before: set, wall_seconds: 
     return summary
 
 
+def _g(value, spec=".4g") -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def format_guarantee(privacy: Dict[str, object]) -> str:
+    """The recorded guarantee in one paragraph (every key stays in ML Metadata and privacy.json)."""
+    p = privacy
+    lines = [f"privacy guarantee: epsilon = {_g(p.get('epsilon'))}, delta = {_g(p.get('delta'))} "
+             f"({p.get('accountant', '?')} accountant, {p.get('neighboring_relation', 'add/remove-one')})"]
+    mechanism = [f"noise multiplier {_g(p.get('noise_multiplier'))}"]
+    if "l2_norm_clip" in p:
+        mechanism.append(f"clip {_g(p['l2_norm_clip'])}")
+    mechanism.append(f"sampling rate {_g(p.get('sampling_rate'))} ({p.get('sampling', p.get('sampling_method', '?'))})")
+    mechanism.append(f"{_g(p.get('steps'))} steps" + (f" / {_g(p['epochs'], '.3g')} epochs" if "epochs" in p else ""))
+    lines.append("  " + ", ".join(mechanism))
+    if "mia_auc" in p:
+        lines.append(f"  membership inference attack AUC {_g(p['mia_auc'], '.3f')} (0.5 = chance)")
+    if "ledger_spent_epsilon" in p:
+        budget = p.get("ledger_budget_epsilon")
+        lines.append(f"  data set budget: spent epsilon {_g(p['ledger_spent_epsilon'])}"
+                     + (f" of {_g(budget)}" if budget not in (None, "", "none") else " (no budget set)"))
+    return "\n".join(lines)
+
+
 def format_summary(summary: RunSummary) -> str:
     lines = [f"pipeline {summary.pipeline_name}: {'FAILED' if summary.error else 'succeeded'} "
              f"in {summary.wall_seconds:.1f}s", "", f"{'component':<28} {'state':<10} {'seconds':>8}"]
@@ -192,9 +216,9 @@ def format_summary(summary: RunSummary) -> str:
                 else f"{int(values[n]):>16d}" if n in values else f"{'-':>16}" for n in names))
     privacy = {k[len("privacy_"):]: v for k, v in summary.model_properties.items() if k.startswith("privacy_")}
     if privacy:
-        lines += ["", "privacy guarantee: " + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(privacy.items())
-            if k not in ("dataset_fingerprint",))]
+        lines += ["", format_guarantee(privacy)]
+    elif summary.model_properties:
+        lines += ["", "privacy guarantee: none (non-private trainer)"]
     if summary.blessed is not None:
         lines += ["", f"blessed: {'yes' if summary.blessed else 'no'}"]
     lines.append(f"pushed: {summary.pushed_path or 'no'}")
