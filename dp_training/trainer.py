@@ -460,6 +460,9 @@ class DPSGDTrainer:
             x_train = _as_inputs(context.train_features)
             y_train = np.asarray(context.train_labels, np.float32).reshape(-1, 1)
             base = context.build_model()
+            names = list(getattr(base, "input_names", None) or [])
+            if names and all(k in x_train for k in names):
+                x_train = {k: x_train[k] for k in names}  # only what the model consumes
             fast_ok = supports_fast_gradient_clipping(base)
             path = a["dp_path"]
             if path == "auto":
@@ -513,6 +516,8 @@ class DPSGDTrainer:
 
         model = base
         x_eval = _as_inputs(context.eval_features)
+        if all(k in x_eval for k in x_train):
+            x_eval = {k: x_eval[k] for k in x_train}
         y_eval = np.asarray(context.eval_labels, np.float32).reshape(-1)
         details: Dict[str, Any] = {"dp_path": path, "train_seconds": round(train_seconds, 3),
                                    "seconds_per_epoch": round(train_seconds * spe / max(1, steps_done), 4),
