@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import dp_accounting
 from dp_accounting import mechanism_calibration
 
 from dp_training import accounting
@@ -99,4 +98,3 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
 
 
 __all__ = ["calibrate_noise_multiplier", "CalibrationError"]
-_ = dp_accounting  # re-exported types are used in annotations by callers
