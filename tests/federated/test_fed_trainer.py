@@ -32,17 +32,39 @@ def test_flags_roundtrip():
     assert ns.rounds == 2 and ns.data.endswith(os.path.join("data", "adult"))
 
 
+def _pipeline_style(d):
+    """Features shaped like the pipeline's transformed ones: [n, 1], names age_z / native_country_id."""
+    import tensorflow as tf
+
+    key = lambda name, cat: name.replace("-", "_") + ("_id" if cat else "_z")  # noqa: E731
+
+    def feats(f):
+        return {key(k, k in d.vocab_sizes): v.reshape(-1, 1) for k, v in f.items()}
+
+    def build():
+        inputs, parts = {}, []
+        for k in d.numeric:
+            inputs[key(k, False)] = tf.keras.Input(shape=(1,), name=key(k, False), dtype=tf.float32)
+            parts.append(inputs[key(k, False)])
+        for k, n in d.vocab_sizes.items():
+            inputs[key(k, True)] = tf.keras.Input(shape=(1,), name=key(k, True), dtype=tf.int64)
+            parts.append(tf.keras.layers.CategoryEncoding(num_tokens=n, output_mode="one_hot")(inputs[key(k, True)]))
+        x = tf.keras.layers.Dense(16, activation="relu")(tf.keras.layers.Concatenate()(parts))
+        return tf.keras.Model(inputs, tf.keras.layers.Dense(1)(x))
+
+    return feats(d.train_features), feats(d.eval_features), build
+
+
 def test_trainer_dp_column_partition(adult, tmp_path, no_workers_after):
     from pipeline.trainers.base import TrainerContext
 
-    from federated.data import build_mlp
-
     d = adult.subsample(3000, 500, seed=1)
+    train_x, eval_x, build = _pipeline_style(d)
     logs = []
     ctx = TrainerContext(
-        dataset_name="adult", dataset_fingerprint="f" * 64, train_features=d.train_features,
-        train_labels=d.train_labels, eval_features=d.eval_features, eval_labels=d.eval_labels,
-        build_model=lambda: build_mlp(d.numeric, d.vocab_sizes), workdir=str(tmp_path), log=logs.append,
+        dataset_name="adult", dataset_fingerprint="f" * 64, train_features=train_x,
+        train_labels=d.train_labels, eval_features=eval_x, eval_labels=d.eval_labels,
+        build_model=build, workdir=str(tmp_path), log=logs.append,
         args={"partition": "column:native-country", "clients_per_round": 5, "rounds": 2,
               "dp_noise_multiplier": 0.8, "dp_clip": 0.5, "eval_every": 2, "client_lr": 0.1})
     out = trainer.FederatedTrainer().train(ctx)
