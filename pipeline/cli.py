@@ -206,6 +206,26 @@ def _cmd_budget(args) -> int:
     return 0
 
 
+def _add_simulate_parser(sub) -> None:
+    p = sub.add_parser("simulate", help="simulations that run without the pipeline")
+    kinds = p.add_subparsers(dest="simulation", required=True)
+    federated = kinds.add_parser("federated", help="TFF federated averaging (optionally DP-FedAvg) over client "
+                                                   "shards of a raw data set")
+    from federated.cli import add_simulate_arguments
+
+    add_simulate_arguments(federated)
+
+
+def _cmd_simulate(args) -> int:
+    from federated.cli import run_simulate
+
+    try:
+        return run_simulate(args)
+    except ValueError as e:
+        print(f"privtrain simulate federated: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privtrain", description="Privacy-preserving training platform.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,11 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
     _add_privacy_parsers(sub)
     _add_predict_parser(sub)
+    _add_simulate_parser(sub)
     return parser
 
 
 COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "privacy": _cmd_privacy, "budget": _cmd_budget,
-            "predict": _cmd_predict}
+            "predict": _cmd_predict, "simulate": _cmd_simulate}
 
 
 def main(argv=None) -> int:

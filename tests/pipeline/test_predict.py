@@ -23,7 +23,9 @@ def test_plain_predict_on_raw_rows(standard_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout)
     p, labels = np.array(out["probabilities"]), np.array(out["labels"])
-    assert out["model"] == summary["pushed_path"] and p.shape == (300,)
+    versions = sorted(int(v) for v in os.listdir(os.path.dirname(summary["pushed_path"])))
+    assert out["model"] == os.path.join(os.path.dirname(summary["pushed_path"]), str(versions[-1]))  # newest
+    assert p.shape == (300,)
     assert np.mean((p > 0.5) == (labels == 1)) > 0.75
     table = run_cli("predict", "--workdir", workdir, "--input", _rows_file(tmp_path, 300), "--limit", "5")
     assert "accuracy on the 5 labelled rows" in table.stdout

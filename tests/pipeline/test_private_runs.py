@@ -29,6 +29,7 @@ def test_guarantee_is_recorded_in_metadata_and_beside_the_pushed_model(dp_run):
     assert 1.5 < privacy["epsilon"] <= 2.0 and privacy["accountant"] == "pld"
     assert privacy["sampling"] == "poisson" and privacy["steps"] > 0 and privacy["noise_multiplier"] > 0
     assert 0.0 <= privacy["mia_auc"] <= 1.0
+    assert privacy["mia_implementation"] == "tensorflow_privacy.privacy_tests"  # TF Privacy's own attack
     with open_store(os.path.join(workdir, "metadata.sqlite")) as store:
         models = store.get_artifacts_by_type("Model")
         assert len(models) == 1
