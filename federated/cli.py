@@ -41,6 +41,8 @@ def add_federated_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dp-clip", type=float, default=d.dp_clip, help="L2 clip of client updates (initial if adaptive)")
     g.add_argument("--dp-delta", type=float, default=None, help="default min(1e-5, 1/clients^1.1)")
     g.add_argument("--adaptive-clipping", action="store_true", help="adaptive (quantile) clipping norm")
+    g.add_argument("--accountant", choices=["pld", "rdp"], default=d.accountant,
+                   help="accountant for poisson sampling (fixed sampling always uses RDP)")
     g.add_argument("--sampling", choices=["poisson", "fixed"], default=d.sampling,
                    help="poisson: each client joins w.p. clients-per-round/clients (accounted as such); "
                         "fixed: exactly clients-per-round, uniformly without replacement (RDP, replace-one)")
@@ -55,7 +57,7 @@ def add_federated_arguments(parser: argparse.ArgumentParser) -> None:
 def config_kwargs(ns: argparse.Namespace) -> Dict[str, Any]:
     keys = ["clients", "clients_per_round", "rounds", "local_epochs", "client_batch_size", "partition",
             "client_optimizer", "server_optimizer", "client_lr", "server_lr", "dp_noise_multiplier", "dp_clip",
-            "dp_delta", "adaptive_clipping", "sampling", "dropout_rate", "eval_every", "checkpoint_every",
+            "dp_delta", "adaptive_clipping", "accountant", "sampling", "dropout_rate", "eval_every", "checkpoint_every",
             "resume", "seed"]
     return {k: getattr(ns, k) for k in keys if hasattr(ns, k)}
 
