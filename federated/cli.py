@@ -58,7 +58,7 @@ def config_kwargs(ns: argparse.Namespace) -> Dict[str, Any]:
     keys = ["clients", "clients_per_round", "rounds", "local_epochs", "client_batch_size", "partition",
             "client_optimizer", "server_optimizer", "client_lr", "server_lr", "dp_noise_multiplier", "dp_clip",
             "dp_delta", "adaptive_clipping", "accountant", "sampling", "dropout_rate", "eval_every", "checkpoint_every",
-            "resume", "seed"]
+            "resume", "seed", "allow_non_private"]
     return {k: getattr(ns, k) for k in keys if hasattr(ns, k)}
 
 

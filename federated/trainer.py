@@ -29,7 +29,7 @@ _NULLABLE = ("dp_noise_multiplier", "dp_delta")
 
 def _config(args):
     fields = {f.name for f in dataclasses.fields(FederatedConfig)}
-    unknown = sorted(set(args) - fields)
+    unknown = sorted(set(args) - fields - {"allow_non_private"})
     kwargs = {k: v for k, v in dict(args).items() if k in fields and (v is not None or k in _NULLABLE)}
     cfg = FederatedConfig(**kwargs)
     return cfg, unknown
@@ -58,6 +58,8 @@ class FederatedTrainer:
         ledger = run_id = None
         if cfg.dp_noise_multiplier is not None:
             ledger, run_id = _ledger_begin(context, cfg, len(shards))
+        else:  # plain FedAvg is not DP: same guard as any non-private trainer
+            _guard_non_private(context)
         released = []
         try:
             res = run_federated(context.train_features, context.train_labels, context.eval_features,
@@ -78,6 +80,21 @@ class FederatedTrainer:
             if res.final.get(k) is not None:
                 details[k] = float(res.final[k])
         return TrainingOutcome(model=res.model, privacy=res.privacy, details=details)
+
+
+def _guard_non_private(context) -> None:
+    """Refuses FedAvg without DP on a data set with a privacy budget unless ``allow_non_private`` is in
+    the trainer args (the pipeline's guard skips the ``federated`` kind, which is private only with
+    ``--dp-noise-multiplier``); when allowed, the ledger records the non-private run."""
+    try:
+        from dp_training.ledger import PrivacyLedger
+    except ImportError:
+        return
+    led = PrivacyLedger(context.workdir)
+    allowed = bool((context.args or {}).get("allow_non_private"))
+    led.check_non_private(context.dataset_fingerprint, allowed)
+    if allowed and led.get_budget(context.dataset_fingerprint) is not None:
+        led.record_non_private(context.dataset_fingerprint, "federated", dataset_name=context.dataset_name)
 
 
 # --- budget ledger (dp_training.ledger, when present) -------------------------------------------------

@@ -87,6 +87,19 @@ def test_trainer_dp_column_partition(adult, tmp_path, no_workers_after):
     assert runs[0]["sampling_rate"] == pytest.approx(5 / n_clients)
 
 
+def test_non_private_fedavg_refused_on_a_budgeted_dataset(adult, tmp_path, no_workers_after):
+    ledger = pytest.importorskip("dp_training.ledger")
+    from pipeline.trainers.base import TrainerContext
+
+    ledger.PrivacyLedger(str(tmp_path)).set_budget("b" * 64, 3.0, 1e-5)
+    d = adult.subsample(200, 100, seed=0)
+    ctx = TrainerContext(dataset_name="adult", dataset_fingerprint="b" * 64, train_features=d.train_features,
+                         train_labels=d.train_labels, eval_features=d.eval_features, eval_labels=d.eval_labels,
+                         build_model=None, workdir=str(tmp_path), args={"rounds": 1})
+    with pytest.raises(ledger.NonPrivateTrainingRefused):
+        trainer.FederatedTrainer().train(ctx)
+
+
 SCRIPT = textwrap.dedent("""
     import sys
     from federated import SimulationConfig, simulate
