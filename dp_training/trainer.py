@@ -344,42 +344,28 @@ def membership_inference_auc(logits_train, labels_train, logits_test, labels_tes
                              seed: Optional[int] = 0) -> Dict[str, Any]:
     """Loss-threshold membership inference attack AUC (and the attack that got the max AUC).
 
-    Uses TF Privacy's ``privacy_tests.membership_inference_attack`` when importable. TF Privacy
-    0.9.0's wheel no longer ships it (moved to the separate ``tensorflow-empirical-privacy``
-    package, not in the platform lock); then the same threshold attack (ROC AUC of the
-    per-example loss, members = training rows) is computed with scikit-learn.
+    TF Privacy's ``privacy_tests.membership_inference_attack`` (TF Privacy 0.9 moved it out of its wheel
+    into the ``tensorflow-empirical-privacy`` package, which the platform lock pins).
     """
+    from tensorflow_privacy.privacy.privacy_tests.membership_inference_attack import (  # noqa
+        data_structures as mia_ds, membership_inference_attack as mia)
+
     logits_train = np.asarray(logits_train, np.float64).reshape(-1)
     logits_test = np.asarray(logits_test, np.float64).reshape(-1)
     labels_train = np.asarray(labels_train).reshape(-1).astype(int)
     labels_test = np.asarray(labels_test).reshape(-1).astype(int)
-    loss_train = _bce_from_logits(logits_train, labels_train)
-    loss_test = _bce_from_logits(logits_test, labels_test)
-    try:
-        from tensorflow_privacy.privacy.privacy_tests.membership_inference_attack import (  # noqa
-            data_structures as mia_ds, membership_inference_attack as mia)
-    except ImportError:
-        mia = None
-    if mia is not None:
-        two = lambda z: np.stack([np.zeros_like(z), z], axis=1)  # noqa: E731
-        inp = mia_ds.AttackInputData(logits_train=two(logits_train), logits_test=two(logits_test),
-                                     loss_train=loss_train, loss_test=loss_test,
-                                     labels_train=labels_train, labels_test=labels_test)
+    two = lambda z: np.stack([np.zeros_like(z), z], axis=1)  # noqa: E731  one logit -> two-class logits
+    inp = mia_ds.AttackInputData(logits_train=two(logits_train), logits_test=two(logits_test),
+                                 loss_train=_bce_from_logits(logits_train, labels_train),
+                                 loss_test=_bce_from_logits(logits_test, labels_test),
+                                 labels_train=labels_train, labels_test=labels_test)
+    # Its epsilon lower bound divides by empty confusion-matrix cells on small inputs; the AUC is unaffected.
+    with np.errstate(divide="ignore", invalid="ignore"):
         res = mia.run_attacks(inp, mia_ds.SlicingSpec(entire_dataset=True),
                               attack_types=[mia_ds.AttackType.THRESHOLD_ATTACK])
-        best = res.get_result_with_max_auc()
-        return {"mia_auc": float(best.get_auc()), "mia_attack": str(best.attack_type),
-                "mia_implementation": "tensorflow_privacy.privacy_tests"}
-    from sklearn import metrics
-    scores = -np.concatenate([loss_train, loss_test])  # lower loss -> more likely a member
-    member = np.concatenate([np.ones_like(loss_train), np.zeros_like(loss_test)])
-    auc = float(metrics.roc_auc_score(member, scores))
-    # TF Privacy reports max(AUC, 1 - AUC) semantics implicitly via its threshold sweep; we keep
-    # the raw AUC (0.5 = no leakage) and also the advantage max |TPR - FPR|.
-    fpr, tpr, _ = metrics.roc_curve(member, scores)
-    return {"mia_auc": auc, "mia_attack": "THRESHOLD_ATTACK (loss)",
-            "mia_advantage": float(np.max(np.abs(tpr - fpr))),
-            "mia_implementation": "sklearn loss-threshold (TF Privacy privacy_tests not installed)"}
+    best = res.get_result_with_max_auc()
+    return {"mia_auc": float(best.get_auc()), "mia_attack": str(best.attack_type),
+            "mia_implementation": "tensorflow_privacy.privacy_tests"}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -10,14 +10,15 @@ import pytest
 from pipeline.metadata import custom_properties, open_store
 from tests.conftest import run_cli
 
-BUDGET = 4.0
+BUDGET = 3.0  # the second run asks for 3 more: composed with the first, over budget
 
 
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory, adult_sample):
     workdir = str(tmp_path_factory.mktemp("dp_run"))
     result = run_cli("run", "--trainer", "dp_sgd", "--data", adult_sample, "--workdir", workdir, "--json",
-                     "--target-epsilon", "2", "--epochs", "3", "--budget-epsilon", str(BUDGET))
+                     "--target-epsilon", "2", "--epochs", "3", "--budget-epsilon", str(BUDGET),
+                     "--min-auc", "0.6")  # this module checks bookkeeping, not utility
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return workdir, json.loads(result.stdout)
 
