@@ -293,7 +293,7 @@ class PrivacyLedger:
                 f"composed spend to {_fmt(after.epsilon)}. Nothing was trained. Lower the run's "
                 "epsilon (--target-epsilon <= the remaining budget, or more noise / fewer epochs), "
                 "or raise the data set's budget explicitly "
-                "(dp_training.ledger.PrivacyLedger(workdir).set_budget(...)) if that is justified.")
+                "(privtrain budget --set-epsilon E --data DIR) if that is justified.")
         return after
 
     def check(self, planned: PlannedRun) -> Spend:

@@ -186,6 +186,11 @@ def _add_privacy_parsers(sub) -> None:
     b = sub.add_parser("budget", help="the per-data-set privacy budget ledger: history and remaining budget")
     _workdir_flag(b)
     b.add_argument("--json", action="store_true")
+    b.add_argument("--set-epsilon", type=float, default=None,
+                   help="set (or change) the total budget of the data set given by --data")
+    b.add_argument("--delta", type=float, default=None, help="with --set-epsilon: the budget's delta "
+                                                             "(default 1/(10 n), n = training rows)")
+    b.add_argument("--data", default=DEFAULT_DATA_DIR, help="with --set-epsilon: the data set (default Adult)")
 
 
 def _cmd_privacy(args) -> int:
@@ -200,9 +205,28 @@ def _cmd_privacy(args) -> int:
 
 
 def _cmd_budget(args) -> int:
-    from dp_training.ledger import format_budget
+    from dp_training.ledger import PrivacyLedger, format_budget
+    from pipeline.dataset import DatasetError, load_dataset
 
-    print(format_budget(workdir=os.path.abspath(args.workdir), as_json=args.json))
+    workdir = os.path.abspath(args.workdir)
+    fingerprint = None
+    if args.set_epsilon is not None:
+        try:
+            spec = load_dataset(args.data)
+        except DatasetError as e:
+            print(f"privtrain budget: {e}", file=sys.stderr)
+            return 2
+        fingerprint = spec.fingerprint("train")
+        delta = args.delta
+        if delta is None:
+            rows = sum(1 for path in spec.split_files("train") for line in open(path) if line.strip())
+            delta = 1.0 / (10 * rows)
+        try:
+            PrivacyLedger(workdir).set_budget(fingerprint, args.set_epsilon, delta, dataset_name=spec.name)
+        except ValueError as e:
+            print(f"privtrain budget: {e}", file=sys.stderr)
+            return 2
+    print(format_budget(workdir=workdir, fingerprint=fingerprint, as_json=args.json))
     return 0
 
 

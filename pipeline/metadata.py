@@ -7,6 +7,7 @@ import dataclasses
 import os
 from typing import Any, Dict, Iterator, List, Optional
 
+from google.protobuf import json_format
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
@@ -40,6 +41,9 @@ def custom_properties(item) -> Dict[str, Any]:
             out[key] = value.string_value
         elif kind == "bool_value":
             out[key] = value.bool_value
+        elif kind == "struct_value":  # TFX's JSON values: {"__value__": x} for a single value
+            decoded = json_format.MessageToDict(value.struct_value)
+            out[key] = decoded.get("__value__", decoded)
     return out
 
 

@@ -77,7 +77,9 @@ def _set_property(artifact, key: str, value: Any) -> None:
     elif isinstance(value, int):
         artifact.set_int_custom_property(key, value)
     elif isinstance(value, float):
-        artifact.set_float_custom_property(key, value)
+        # Not a double_value: ML Metadata's SQLite store keeps those to 6 decimal places (a delta of 1e-7
+        # would read back as 0). A JSON value is stored as a serialized Struct, exactly.
+        artifact.set_json_value_custom_property(key, value)
     elif value is not None:
         artifact.set_string_custom_property(key, value if isinstance(value, str) else json.dumps(value))
 

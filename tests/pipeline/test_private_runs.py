@@ -36,8 +36,10 @@ def test_guarantee_is_recorded_in_metadata_and_beside_the_pushed_model(dp_run):
         assert len(models) == 1
         props = custom_properties(models[0])
     for key in ("epsilon", "delta", "noise_multiplier", "l2_norm_clip", "sampling_rate", "steps", "epochs",
-                "train_rows", "dataset_fingerprint", "mia_auc"):
+                "train_rows", "mia_auc"):
         assert props[f"privacy_{key}"] == pytest.approx(privacy[key]), key
+    for key in ("accountant", "sampling_method", "dataset_fingerprint"):
+        assert props[f"privacy_{key}"] == privacy[key], key
     assert props["privacy_accountant"] == "pld" and props["private"] == 1
     assert props["trainer_kind"] == "dp_sgd" and props["trainer_dp_path"] in ("fast_gradient_clipping",
                                                                              "vectorized_optimizer")
@@ -63,13 +65,21 @@ def test_ledger_refuses_a_run_that_would_overspend_before_training(dp_run, adult
                      "--target-epsilon", "3", "--epochs", "3")
     assert result.returncode != 0
     assert "BudgetExceededError" in result.stderr or "budget" in result.stderr.lower()
-    assert "remaining" in result.stderr and "requested" in result.stderr
+    assert "remaining 1" in result.stderr and "requests epsilon=3" in result.stderr
     with open_store(os.path.join(workdir, "metadata.sqlite")) as store:
         assert len(store.get_artifacts_by_type("Model")) == 1  # nothing new was trained
     budget = json.loads(run_cli("budget", "--workdir", workdir, "--json").stdout)
     (dataset,) = budget
     assert dataset["budget"]["epsilon"] == BUDGET
     assert float(dataset["spent"]["epsilon"]) == pytest.approx(spent, rel=1e-3)
+
+
+def test_budget_can_be_raised_explicitly(dp_run, adult_sample):
+    workdir, _ = dp_run
+    result = run_cli("budget", "--workdir", workdir, "--data", adult_sample, "--set-epsilon", "8", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (dataset,) = json.loads(result.stdout)
+    assert dataset["budget"]["epsilon"] == 8.0
 
 
 def test_non_private_training_on_a_budgeted_data_set_is_refused_unless_allowed(dp_run, adult_sample):
