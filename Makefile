@@ -23,12 +23,13 @@ test: setup  ## the default test suite (both environments)
 test-slow: setup  ## long tests: full-data runs and other slow checks
 	scripts/run_tests.sh -m slow
 
-bench: setup  ## benchmarks; results under bench-results/
+bench: setup  ## benchmarks, each comparison measured side by side in one run; results under bench-results/
 	mkdir -p bench-results
-	for script in simulations/bench_*.py; do
-	  echo "== $$script"
-	  $(PLATFORM_PY) $$script --output bench-results
-	done
+	$(PLATFORM_PY) simulations/bench_pipeline.py --output bench-results
+	$(PLATFORM_PY) simulations/bench_dp.py all --seeds 0 1 | tee bench-results/dp.txt
+	$(PLATFORM_PY) simulations/bench_federated.py --accuracy-rounds 30 --stock --json bench-results/federated.json
+	$(PLATFORM_PY) simulations/bench_serving.py --json bench-results/serving.json
+	$(PLATFORM_PY) simulations/bench_encrypted.py --json bench-results/encrypted.json
 
 clean:
 	rm -rf $(WORKDIR) bench-results
