@@ -24,6 +24,11 @@ def trainer_args(namespace: argparse.Namespace) -> Dict[str, Any]:
     return config_kwargs(namespace)
 
 
+def is_private(args) -> bool:
+    """FedAvg is differentially private (DP-FedAvg) only with a noise multiplier."""
+    return (args or {}).get("dp_noise_multiplier") is not None
+
+
 _NULLABLE = ("dp_noise_multiplier", "dp_delta")
 
 
@@ -58,8 +63,6 @@ class FederatedTrainer:
         ledger = run_id = None
         if cfg.dp_noise_multiplier is not None:
             ledger, run_id = _ledger_begin(context, cfg, len(shards))
-        else:  # plain FedAvg is not DP: same guard as any non-private trainer
-            _guard_non_private(context)
         released = []
         try:
             res = run_federated(context.train_features, context.train_labels, context.eval_features,
@@ -80,21 +83,6 @@ class FederatedTrainer:
             if res.final.get(k) is not None:
                 details[k] = float(res.final[k])
         return TrainingOutcome(model=res.model, privacy=res.privacy, details=details)
-
-
-def _guard_non_private(context) -> None:
-    """Refuses FedAvg without DP on a data set with a privacy budget unless ``allow_non_private`` is in
-    the trainer args (the pipeline's guard skips the ``federated`` kind, which is private only with
-    ``--dp-noise-multiplier``); when allowed, the ledger records the non-private run."""
-    try:
-        from dp_training.ledger import PrivacyLedger
-    except ImportError:
-        return
-    led = PrivacyLedger(context.workdir)
-    allowed = bool((context.args or {}).get("allow_non_private"))
-    led.check_non_private(context.dataset_fingerprint, allowed)
-    if allowed and led.get_budget(context.dataset_fingerprint) is not None:
-        led.record_non_private(context.dataset_fingerprint, "federated", dataset_name=context.dataset_name)
 
 
 # --- budget ledger (dp_training.ledger, when present) -------------------------------------------------

@@ -15,6 +15,7 @@ from pipeline.dataset import load_dataset
 from pipeline.metadata import ComponentRecord, components_of_run, load_slice_metrics, open_store, run_context_ids
 from pipeline.pipeline_def import create_pipeline
 from pipeline.quiet import quiet_libraries
+from pipeline.trainers import is_private
 
 
 class PipelineRunError(RuntimeError):
@@ -122,6 +123,9 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
     os.makedirs(config.workdir, exist_ok=True)
     fingerprint = spec.fingerprint("train")
     guard_non_private(config, fingerprint)
+    if config.allow_non_private and not is_private(config.trainer, config.trainer_args):
+        # The Trainer records the allowed non-private run in the ledger.
+        config = dataclasses.replace(config, trainer_args={**config.trainer_args, "allow_non_private": True})
     pipeline = create_pipeline(config, spec, fingerprint)
     started = time.time()
     absl_logging.get_absl_handler().setLevel(logging.ERROR)
@@ -143,9 +147,7 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
 
 def guard_non_private(config: RunConfig, fingerprint: str) -> None:
     """Refuses, before anything runs, non-private training on a data set that has a privacy budget."""
-    from pipeline.trainers import PRIVATE_KINDS
-
-    if config.trainer in PRIVATE_KINDS:
+    if is_private(config.trainer, config.trainer_args):
         return
     from dp_training.ledger import PrivacyLedger
 

@@ -19,8 +19,8 @@ from tfx.utils import path_utils
 
 from pipeline.dataset import DatasetSpec
 from pipeline.model import build_model, export_serving_model, vocabulary_sizes
-from pipeline.trainers import get_trainer
-from pipeline.trainers.base import TrainerContext
+from pipeline.trainers import get_trainer, is_private
+from pipeline.trainers.base import TrainerContext, TrainingOutcome
 
 PRIVACY_FILE = "privacy.json"
 TRAINING_FILE = "training.json"
@@ -42,6 +42,22 @@ def load_transformed(file_patterns: List[str], feature_spec: Dict[str, Any], lab
     return {k: v.reshape(-1, 1) for k, v in arrays.items()}, labels
 
 
+def train_guarded(kind: str, context: TrainerContext) -> TrainingOutcome:
+    """Runs a trainer kind. A non-private run on a data set that has a privacy budget is refused before
+    training unless its args allow it (``allow_non_private``), and then recorded in the ledger (its spend
+    is infinite). Private kinds charge the ledger themselves, with the guarantee they computed."""
+    ledger = None
+    if not is_private(kind, context.args):
+        from dp_training.ledger import PrivacyLedger
+
+        ledger = PrivacyLedger(context.workdir)
+        ledger.check_non_private(context.dataset_fingerprint, bool(context.args.get("allow_non_private")))
+    outcome = get_trainer(kind).train(context)
+    if ledger is not None and ledger.get_budget(context.dataset_fingerprint) is not None:
+        ledger.record_non_private(context.dataset_fingerprint, kind, dataset_name=context.dataset_name)
+    return outcome
+
+
 def run_fn(fn_args: FnArgs) -> None:
     config = fn_args.custom_config
     spec = DatasetSpec.from_json_dict(config["dataset"])
@@ -58,7 +74,7 @@ def run_fn(fn_args: FnArgs) -> None:
         build_model=lambda: build_model(spec, buckets, hidden), args=config.get("trainer_args", {}),
         workdir=config["workdir"], log=lambda message: print(message, file=sys.stderr, flush=True))
     started = time.time()
-    outcome = get_trainer(config["trainer"]).train(context)
+    outcome = train_guarded(config["trainer"], context)
     details = {"kind": config["trainer"], "train_rows": context.num_train_rows,
                "eval_rows": int(eval_y.shape[0]), "seconds": round(time.time() - started, 2), **outcome.details}
 

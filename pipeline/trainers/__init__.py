@@ -21,6 +21,15 @@ def trainer_module(kind: str):
     return importlib.import_module(TRAINER_KINDS[kind].split(":")[0])
 
 
+def is_private(kind: str, trainer_args) -> bool:
+    """Whether a run of this kind with these arguments is differentially private (a kind may decide by its
+    arguments through a module-level ``is_private(args)``; e.g. FedAvg is private only with DP noise)."""
+    module = trainer_module(kind)
+    if hasattr(module, "is_private"):
+        return bool(module.is_private(trainer_args))
+    return kind in PRIVATE_KINDS
+
+
 def get_trainer(kind: str) -> TrainerKind:
     module = trainer_module(kind)
     return getattr(module, TRAINER_KINDS[kind].split(":")[1])()

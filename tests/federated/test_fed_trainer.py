@@ -96,8 +96,10 @@ def test_non_private_fedavg_refused_on_a_budgeted_dataset(adult, tmp_path, no_wo
     ctx = TrainerContext(dataset_name="adult", dataset_fingerprint="b" * 64, train_features=d.train_features,
                          train_labels=d.train_labels, eval_features=d.eval_features, eval_labels=d.eval_labels,
                          build_model=None, workdir=str(tmp_path), args={"rounds": 1})
+    from pipeline.trainer_executor import train_guarded
+
     with pytest.raises(ledger.NonPrivateTrainingRefused):
-        trainer.FederatedTrainer().train(ctx)
+        train_guarded("federated", ctx)
 
 
 SCRIPT = textwrap.dedent("""
