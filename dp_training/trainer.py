@@ -323,6 +323,19 @@ class _DPStepper:
     def step(self, x, y):
         return self._step(x, y)
 
+    def bind_rows(self, x: Dict[str, np.ndarray], y: np.ndarray) -> None:
+        """Keeps the training rows as tensors, so that ``step_rows(idx)`` gathers a batch inside the graph
+        (one small index tensor crosses from Python per step, not every feature column)."""
+        tf, step = self.tf, self._step
+        xs = {k: tf.constant(v) for k, v in x.items()}
+        ys = tf.constant(y)
+        self._step_rows = tf.function(
+            lambda idx: step({k: tf.gather(v, idx) for k, v in xs.items()}, tf.gather(ys, idx)),
+            input_signature=[tf.TensorSpec([None], tf.int64)])
+
+    def step_rows(self, idx: np.ndarray):
+        return self._step_rows(idx.astype(np.int64))
+
     def noise_step(self):
         if self.path == "vectorized_optimizer":
             # An empty Poisson batch still releases a noisy update; TF Privacy's optimizer asserts
@@ -459,6 +472,7 @@ class DPSGDTrainer:
             specs = {k: tf.TensorSpec((None,) + v.shape[1:], tf.as_dtype(v.dtype))
                      for k, v in x_train.items()}
             stepper = _DPStepper(base, path, plan, specs)
+            stepper.bind_rows(x_train, y_train)
             log(f"dp_sgd: {path}, {plan['steps']} steps, sigma={plan['noise_multiplier']:.4f}, "
                 f"C={plan['l2_norm_clip']:g}, expected batch {plan['batch_size']}, "
                 f"planned epsilon {plan['planned_epsilon']:.4f} (delta {plan['delta']:.3g})")
@@ -472,7 +486,7 @@ class DPSGDTrainer:
                     stepper.noise_step()
                     empty += 1
                 else:
-                    stepper.step({k: v[idx] for k, v in x_train.items()}, y_train[idx])
+                    stepper.step_rows(idx)
                 if steps_done % spe == 0 or steps_done == plan["steps"]:
                     now = time.time()
                     epoch_seconds.append(now - t_epoch)
