@@ -44,14 +44,20 @@ class InferenceCore:
 
     # ---- classify / regress --------------------------------------------------------------
     @staticmethod
-    def classification_signature(servable: Servable, name: str) -> Signature:
+    def _single_input_signature(servable: Servable, name: str):
+        """The named signature (default ``serving_default``), checked to take one input, as TF Serving
+        requires of classify and regress signatures."""
         name = name or "serving_default"
         sig = servable.signatures.get(name)
         if sig is None:
             raise invalid_argument(f"No signature was found with the name: {name}")
-        sd = sig.sig_def
-        if len(sd.inputs) != 1:
+        if len(sig.sig_def.inputs) != 1:
             raise invalid_argument("Expected one input Tensor.")
+        return name, sig, sig.sig_def
+
+    @classmethod
+    def classification_signature(cls, servable: Servable, name: str) -> Signature:
+        name, sig, sd = cls._single_input_signature(servable, name)
         if len(sd.outputs) not in (1, 2):
             raise invalid_argument(f"Expected one or two output Tensors, found {len(sd.outputs)}")
         if "inputs" not in sd.inputs:
@@ -62,15 +68,9 @@ class InferenceCore:
                 f'or "scores". Signature was: {name}')
         return sig
 
-    @staticmethod
-    def regression_signature(servable: Servable, name: str) -> Signature:
-        name = name or "serving_default"
-        sig = servable.signatures.get(name)
-        if sig is None:
-            raise invalid_argument(f"No signature was found with the name: {name}")
-        sd = sig.sig_def
-        if len(sd.inputs) != 1:
-            raise invalid_argument("Expected one input Tensor.")
+    @classmethod
+    def regression_signature(cls, servable: Servable, name: str) -> Signature:
+        name, sig, sd = cls._single_input_signature(servable, name)
         if len(sd.outputs) != 1:
             raise invalid_argument("Expected one output Tensor.")
         if "inputs" not in sd.inputs:
