@@ -12,7 +12,8 @@ from typing import Dict, List, Optional
 
 from pipeline.config import RunConfig
 from pipeline.dataset import load_dataset
-from pipeline.metadata import ComponentRecord, components_of_run, load_slice_metrics, open_store, run_context_ids
+from pipeline.metadata import (ComponentRecord, components_of_run, custom_properties, load_slice_metrics, open_store,
+                               run_context_ids)
 from pipeline.pipeline_def import create_pipeline
 from pipeline.quiet import quiet_libraries
 from pipeline.trainers import is_private
@@ -159,8 +160,6 @@ def summarize(config: RunConfig, pipeline_name: str, before: set, wall_seconds: 
         new_runs = sorted(run_context_ids(store) - before)
         components = components_of_run(store, new_runs[-1]) if new_runs else []
         summary = RunSummary(pipeline_name=pipeline_name, components=components, wall_seconds=wall_seconds)
-        from pipeline.metadata import custom_properties
-
         models = summary.outputs("Trainer", "model")
         if models:
             summary.model_uri = models[0].uri
