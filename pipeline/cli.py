@@ -65,7 +65,7 @@ class _DedupParser:
 
 def _cmd_run(args) -> int:
     from dp_training.ledger import BudgetExceededError
-    from pipeline.dataset import DatasetError
+    from dp_training.dataset import DatasetError
     from pipeline.runner import PipelineRunError, format_summary, run_pipeline
 
     module = trainer_module(args.trainer)
@@ -206,7 +206,7 @@ def _cmd_privacy(args) -> int:
 
 def _cmd_budget(args) -> int:
     from dp_training.ledger import PrivacyLedger, format_budget
-    from pipeline.dataset import DatasetError, load_dataset
+    from dp_training.dataset import DatasetError, load_dataset
 
     workdir = os.path.abspath(args.workdir)
     fingerprint = None

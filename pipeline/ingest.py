@@ -20,7 +20,7 @@ from tfx.proto import example_gen_pb2
 from tfx.types import standard_component_specs
 from tfx.utils import proto_utils
 
-from pipeline.dataset import DatasetSpec
+from dp_training.dataset import DatasetSpec
 
 INT, FLOAT, STRING = "INT", "FLOAT", "STRING"
 

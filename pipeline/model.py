@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from pipeline.dataset import DatasetSpec
+from dp_training.dataset import DatasetSpec
 from pipeline.features import NUM_OOV_BUCKETS, categorical_key, numeric_key, vocabulary_name
 
 PREPROCESSING_FILE = "preprocessing.json"

@@ -13,7 +13,7 @@ from tfx.components import FileBasedExampleGen
 from tfx.proto import example_gen_pb2
 
 from pipeline.config import RunConfig, code_version
-from pipeline.dataset import DatasetSpec
+from dp_training.dataset import DatasetSpec
 from pipeline.ingest import DelimitedExampleGenExecutor, spec_to_custom_config
 from pipeline.trainer_executor import PrivacyRecordingTrainerExecutor
 from pipeline.validation import StrictExampleValidator

@@ -17,7 +17,7 @@ from tfx.components.trainer.fn_args_utils import FnArgs
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import path_utils
 
-from pipeline.dataset import DatasetSpec
+from dp_training.dataset import DatasetSpec
 from pipeline.model import build_model, export_serving_model, vocabulary_sizes
 from pipeline.trainers import get_trainer, is_private
 from pipeline.trainers.base import TrainerContext, TrainingOutcome

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from pipeline.dataset import DatasetSpec
+from dp_training.dataset import DatasetSpec
 from pipeline.features import NUM_OOV_BUCKETS, categorical_key, numeric_key, vocabulary_name
 
 
