@@ -142,7 +142,7 @@ def _cmd_predict(args) -> int:
 
 def _cmd_serve(args) -> int:
     from pipeline.config import RunConfig
-    from pipeline.serving.server import ModelServer, PortInUseError
+    from serving.server import ModelServer, PortInUseError
 
     workdir = os.path.abspath(args.workdir)
     serving_dir = RunConfig(workdir=workdir).serving_dir

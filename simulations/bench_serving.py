@@ -3,7 +3,7 @@ in-process call of the same SavedModel signature, at batch 1 and 100, in one run
 
     PYTHONPATH=. python simulations/bench_serving.py [--iters 300] [--json out.json]
 
-The server runs in its own process (``python -m pipeline.serving.server``) so client and server do
+The server runs in its own process (``python -m serving.server``) so client and server do
 not share a GIL; clients reuse one keep-alive HTTP connection / one gRPC channel. Client-side work
 (JSON / proto encoding and decoding) is included in the REST and gRPC figures, as a real client pays it.
 """
@@ -75,11 +75,11 @@ def main(argv=None):
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-    from pipeline.serving.testing import export_demo_model, make_example, random_rows
+    from serving.testing import export_demo_model, make_example, random_rows
 
     tmp = tempfile.TemporaryDirectory(prefix="bench-serving-")
     path = export_demo_model(os.path.join(tmp.name, "adult", "1"))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serving.server", "--serving-dir", tmp.name,
+    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--serving-dir", tmp.name,
                              "--rest-port", "0", "--grpc-port", "0", "--backend", "builtin",
                              "--poll-interval", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

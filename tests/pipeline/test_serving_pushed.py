@@ -12,7 +12,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc, predict_pb2, \
     prediction_service_pb2_grpc
 
-from pipeline.serving.server import ModelServer
+from serving.server import ModelServer
 from tests.conftest import ADULT_DIR
 
 

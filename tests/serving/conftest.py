@@ -15,7 +15,7 @@ BIAS = {"a": 0.0, "b": 3.0}
 
 @pytest.fixture(scope="session")
 def model_templates(tmp_path_factory):
-    from pipeline.serving.testing import export_demo_model
+    from serving.testing import export_demo_model
 
     root = tmp_path_factory.mktemp("templates")
     return {k: export_demo_model(str(root / k), bias=b) for k, b in BIAS.items()}
@@ -35,7 +35,7 @@ def make_serving_dir(tmp_path, model_templates):
 @pytest.fixture
 def start_server():
     """``start_server(serving_dir, **kw)`` -> started ModelServer on free ports; stopped at teardown."""
-    from pipeline.serving import ModelServer
+    from serving import ModelServer
 
     started = []
 

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from pipeline.serving.testing import make_example
+from serving.testing import make_example
 
 ROWS = [(39.0, 40.0, "Private"), (52.0, 60.0, "Gov"), (23.0, 20.0, "Other")]
 
@@ -29,7 +29,7 @@ def http(method, url, body=None):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, model_templates):
     """One server for this module: model 'adult' versions 1 (bias 0) and 2 (bias 3)."""
-    from pipeline.serving import ModelServer
+    from serving import ModelServer
     from .helpers import push_version
 
     d = tmp_path_factory.mktemp("served")

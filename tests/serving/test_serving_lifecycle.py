@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from .helpers import privtrain_threads, push_version
-from pipeline.serving import PortInUseError
-from pipeline.serving.testing import make_example
+from serving import PortInUseError
+from serving.testing import make_example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EX = make_example(39.0, 40.0, "Private")
@@ -169,7 +169,7 @@ def test_stop_releases_ports_and_threads(make_serving_dir, start_server):
 def test_sigterm_shuts_down_cleanly(make_serving_dir):
     d = make_serving_dir({1: "a"})
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3", PATH="/usr/bin:/bin")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.serving.server", "--serving-dir", d,
+    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "--serving-dir", d,
                              "--rest-port", "0", "--grpc-port", "0", "--poll-interval", "0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
@@ -214,7 +214,7 @@ def test_batching_merges_concurrent_requests(make_serving_dir, start_server):
 
 
 def test_batcher_unit_isolates_bad_requests():
-    from pipeline.serving.batcher import Batcher
+    from serving.batcher import Batcher
 
     b = Batcher(max_batch_size=8, timeout_s=0.05)
     sizes = []
@@ -246,7 +246,7 @@ def test_batcher_unit_isolates_bad_requests():
 
 def test_tensorflow_model_server_on_path_gets_models_config(make_serving_dir, tmp_path, monkeypatch):
     """With a (fake) tensorflow_model_server on PATH, 'auto' writes models.config and runs it."""
-    from pipeline.serving import ModelServer
+    from serving import ModelServer
 
     d = make_serving_dir({1: "a", 2: "b"})
     with open(os.path.join(d, "adult", "labels.json"), "w") as f:

@@ -1,12 +1,12 @@
 """``privtrain serve``: TF Serving's REST and gRPC APIs over the Pusher's serving directory.
 
-    from pipeline.serving.server import serve
+    from serving.server import serve
     with serve("/path/to/serving", rest_port=8501, grpc_port=8500) as server:
         ...                       # or: serve(...).serve_forever()  (blocks; SIGTERM / Ctrl-C stop it)
 
 When ``tensorflow_model_server`` is on PATH (``backend="auto"``) it is run on a generated
 ``models.config``; otherwise the built-in server (this package) answers the same APIs.
-Command line: ``python -m pipeline.serving.server --serving-dir DIR [--rest-port P] [--grpc-port P]``.
+Command line: ``python -m serving.server --serving-dir DIR [--rest-port P] [--grpc-port P]``.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ class ModelServer:
       backend: "auto" (the binary when on PATH, else built-in), "builtin" or "tfserving".
       poll_interval_s: how often new versions / labels are picked up (0 disables polling).
       max_versions: newest versions kept loaded (plus labelled ones); None keeps all.
-      batching: False, True, or a dict of :class:`~pipeline.serving.batcher.Batcher` arguments
+      batching: False, True, or a dict of :class:`~serving.batcher.Batcher` arguments
         (``max_batch_size``, ``timeout_s``).
     """
 
@@ -250,7 +250,7 @@ def serve(serving_dir: str, rest_port: Optional[int] = DEFAULT_REST_PORT,
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.serving.server", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__.split("\n")[0])
     p.add_argument("--serving-dir", required=True)
     p.add_argument("--rest-port", type=int, default=DEFAULT_REST_PORT)
     p.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
