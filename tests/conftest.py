@@ -15,6 +15,20 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ADULT_DIR = os.path.join(PROJECT_ROOT, "data", "adult")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_ledger(tmp_path_factory):
+    """Every test session gets its own budget ledger: no test ever reads or charges the user's real one.
+    (Tests that need a ledger of their own set PRIVTRAIN_LEDGER again with monkeypatch.)"""
+    path = str(tmp_path_factory.mktemp("privtrain_ledger") / "ledger.sqlite")
+    old = os.environ.get("PRIVTRAIN_LEDGER")
+    os.environ["PRIVTRAIN_LEDGER"] = path
+    yield path
+    if old is None:
+        os.environ.pop("PRIVTRAIN_LEDGER", None)
+    else:
+        os.environ["PRIVTRAIN_LEDGER"] = old
+
+
 def make_adult_sample(directory: str, train_rows: int, eval_rows: int, mutate=None) -> str:
     """Copies Adult's description and reference schema plus the first rows of each split.
 
