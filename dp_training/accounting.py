@@ -1,4 +1,4 @@
-"""Small, swappable privacy accountants for DP-SGD (dp_accounting 0.4.3 underneath).
+"""DP-SGD's events and epsilons (the accountants themselves live in ``dp_training.accountants``).
 
 Public API (stable; other packages, e.g. ``federated/``, call it):
 
@@ -25,13 +25,14 @@ Sampling semantics
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Dict
 
 import dp_accounting
-from dp_accounting import pld as _pld
-from dp_accounting import rdp as _rdp
 
-ACCOUNTANTS = ("pld", "rdp")
+from dp_training import accountants as _accountants
+from dp_training import events as _events
+
+ACCOUNTANTS = _accountants.NAMES
 SAMPLINGS = ("poisson", "shuffle")
 DEFAULT_ACCOUNTANT = "pld"
 
@@ -124,47 +125,28 @@ def dp_event(noise_multiplier: float, sampling_rate: float, steps: int,
                                              epochs_for_steps(steps, q))
 
 
-def make_accountant(accountant: str = DEFAULT_ACCOUNTANT,
-                    pld_discretization: float | None = None) -> dp_accounting.PrivacyAccountant:
-    """A fresh dp_accounting accountant: "pld" (PLDAccountant) or "rdp" (RdpAccountant).
-
-    ``pld_discretization``: PLD value discretization interval (default PLD_VALUE_DISCRETIZATION);
-    any value gives a valid upper bound (pessimistic rounding), coarser is faster and looser.
-    """
-    if accountant == "pld":
-        return _pld.PLDAccountant(value_discretization_interval=(
-            pld_discretization or PLD_VALUE_DISCRETIZATION))
-    if accountant == "rdp":
-        return _rdp.RdpAccountant()
-    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}; use 'pld' "
-                     "(tightest, default) or 'rdp'.")
-
-
-ACCOUNTANT_FACTORIES: Dict[str, Callable[[], dp_accounting.PrivacyAccountant]] = {
-    "pld": lambda: make_accountant("pld"),
-    "rdp": lambda: make_accountant("rdp"),
-}
+def make_accountant(accountant: str = DEFAULT_ACCOUNTANT, pld_discretization: float | None = None,
+                    relation: str = _events.ADD_OR_REMOVE_ONE) -> dp_accounting.PrivacyAccountant:
+    """A fresh dp_accounting accountant from the registry (``dp_training.accountants``)."""
+    return _accountants.get(accountant).make(relation, value_discretization_interval=pld_discretization)
 
 
 def epsilon_of_event(event: dp_accounting.DpEvent, delta: float,
                      accountant: str = DEFAULT_ACCOUNTANT,
-                     pld_discretization: float | None = None) -> float:
-    """Epsilon at ``delta`` of any DpEvent (e.g. a composition of several runs)."""
+                     pld_discretization: float | None = None,
+                     relation: str = _events.ADD_OR_REMOVE_ONE) -> float:
+    """Epsilon at ``delta`` of any DpEvent (e.g. a composition of several runs) under ``relation``."""
     d = _check_number("delta", delta, "pass a delta in (0, 1).")
     if not 0 < d < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta!r}; pass a delta strictly between 0 "
                          "and 1, typically below 1/num_examples (e.g. 1e-5).")
-    acc = make_accountant(accountant, pld_discretization)
-    if not acc.supports(event):
-        raise ValueError(f"the {accountant} accountant cannot account for {event}; "
-                         "use the other accountant.")
-    acc.compose(event)
-    eps = float(acc.get_epsilon(d))
-    return max(0.0, eps)
+    return _accountants.get(accountant).epsilon(event, d, relation,
+                                                value_discretization_interval=pld_discretization)
 
 
 def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
-                    accountant: str = "pld", sampling: str = "poisson") -> float:
+                    accountant: str = "pld", sampling: str = "poisson",
+                    relation: str = _events.ADD_OR_REMOVE_ONE) -> float:
     """Epsilon (at ``delta``) of ``steps`` DP-SGD steps with noise ``noise_multiplier``.
 
     Args:
@@ -181,4 +163,4 @@ def compute_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, d
     if float(noise_multiplier) == 0:
         return math.inf
     return epsilon_of_event(dp_event(noise_multiplier, sampling_rate, steps, sampling), delta,
-                            accountant)
+                            accountant, relation=relation)

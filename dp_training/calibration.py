@@ -8,10 +8,12 @@ the accountant, find the smallest sigma in ``[min_noise, max_noise]`` with
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
+import dp_accounting
 from dp_accounting import mechanism_calibration
 
-from dp_training import accounting
+from dp_training import accountants, accounting, events
 
 DEFAULT_MIN_NOISE = 0.3
 DEFAULT_MAX_NOISE = 100.0
@@ -26,52 +28,75 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
                                delta: float, accountant: str = "pld", sampling: str = "poisson",
                                min_noise: float = DEFAULT_MIN_NOISE,
                                max_noise: float = DEFAULT_MAX_NOISE,
-                               tol: float = 1e-3) -> float:
-    """Smallest noise multiplier (within ``tol``) whose epsilon at ``delta`` is <= target_epsilon.
+                               tol: float = 1e-3, relation: str = events.ADD_OR_REMOVE_ONE,
+                               base_event: Optional[dp_accounting.DpEvent] = None) -> float:
+    """Smallest noise multiplier (within ``tol``) whose DP-SGD event, composed with ``base_event`` (e.g. the
+    run's DP preprocessing), has epsilon <= target_epsilon at ``delta`` under ``relation``.
 
     Raises:
       ValueError: invalid parameters (named in the message).
       CalibrationError: the target cannot be met with noise <= max_noise (or is <= 0).
     """
+    accounting.validate_parameters(1.0, sampling_rate, steps, delta, accountant, sampling)
+    if int(steps) == 0:
+        return float(min_noise)
+
+    def make_event(sigma: float) -> dp_accounting.DpEvent:
+        return accounting.dp_event(sigma, sampling_rate, steps, sampling)
+
+    what = (f"{steps} steps, sampling rate {sampling_rate:.4g}, {sampling} sampling, {accountant} accountant, "
+            f"{relation}")
+    return calibrate(target_epsilon, make_event, delta, accountant, relation, base_event, min_noise,
+                     max_noise, tol, what,
+                     fix="Raise the target epsilon, train for fewer steps/epochs, use a smaller batch (lower "
+                         "sampling rate) or Poisson sampling, lower --preprocessing-epsilon, or more data.")
+
+
+def calibrate(target_epsilon: float, make_event: Callable[[float], dp_accounting.DpEvent], delta: float,
+              accountant: str = "pld", relation: str = events.ADD_OR_REMOVE_ONE,
+              base_event: Optional[dp_accounting.DpEvent] = None,
+              min_noise: float = DEFAULT_MIN_NOISE, max_noise: float = DEFAULT_MAX_NOISE,
+              tol: float = 1e-3, what: str = "", fix: str = "Raise the target epsilon.") -> float:
+    """Smallest noise multiplier s in [min_noise, max_noise] with epsilon(base + make_event(s)) <= target.
+
+    Any mechanism whose epsilon decreases with its noise multiplier (DP-SGD, DP-FedAvg) calibrates here."""
     t = accounting._check_number("target_epsilon", target_epsilon, "pass e.g. 3.0.")
     if not t > 0 or math.isinf(t):
         raise CalibrationError(
             f"target_epsilon must be a finite number > 0, got {target_epsilon!r}; epsilon 0 is "
             "only reachable with infinite noise. Pass a positive target (e.g. 1.0 or 3.0).")
-    accounting.validate_parameters(1.0, sampling_rate, steps, delta, accountant, sampling)
     if not 0 < min_noise < max_noise:
         raise ValueError(f"need 0 < min_noise < max_noise, got min_noise={min_noise!r}, "
                          f"max_noise={max_noise!r}.")
-    if int(steps) == 0:
-        return float(min_noise)
+    base = base_event if base_event is not None else dp_accounting.NoOpDpEvent()
+    accountants.check_supported(accountant, events.compose(base, make_event(1.0)), relation)
+
+    def full(sigma: float) -> dp_accounting.DpEvent:
+        return events.compose(base, make_event(sigma))
 
     def eps(sigma: float) -> float:  # the reported (fine) accounting
-        return accounting.compute_epsilon(sigma, sampling_rate, steps, delta, accountant, sampling)
+        return accountants.epsilon(full(sigma), delta, accountant, relation)
 
     def eps_search(sigma: float) -> float:
         # During the search PLD runs 10x coarser: still a valid (slightly larger) upper bound, so
         # the sigma found also meets the target under the fine accounting used for reporting.
         if accountant != "pld":
             return eps(sigma)
-        return accounting.epsilon_of_event(
-            accounting.dp_event(sigma, sampling_rate, steps, sampling), delta, "pld",
-            pld_discretization=SEARCH_PLD_DISCRETIZATION)
+        return accountants.epsilon(full(sigma), delta, "pld", relation,
+                                   value_discretization_interval=SEARCH_PLD_DISCRETIZATION)
 
     eps_max = eps(max_noise)
     if eps_max > t:
         raise CalibrationError(
             f"target epsilon {t:g} is unreachable: even noise_multiplier={max_noise:g} gives "
-            f"epsilon {eps_max:.4g} at delta={delta:g} ({steps} steps, sampling rate "
-            f"{sampling_rate:.4g}, {sampling} sampling, {accountant} accountant). Raise the target "
-            "epsilon, train for fewer steps/epochs, use a smaller batch (lower sampling rate) or "
-            "Poisson sampling, or more data.")
+            f"epsilon {eps_max:.4g} at delta={delta:g}" + (f" ({what})" if what else "") + f". {fix}")
     lo, hi = float(min_noise), float(max_noise)
-    if accountant == "pld":
+    if accountant == "pld" and accountants.get("rdp").supports(full(1.0), relation):
         # PLD is slow (~1 s per evaluation, more at small noise) and at least as tight as RDP:
         # calibrate with RDP first (milliseconds) and search PLD in [0.7 * sigma_rdp, sigma_rdp].
         try:
-            sigma_rdp = calibrate_noise_multiplier(t, sampling_rate, steps, delta, "rdp", sampling,
-                                                   min_noise, max_noise, tol)
+            sigma_rdp = calibrate(t, make_event, delta, "rdp", relation, base_event, min_noise, max_noise, tol,
+                                  what, fix)
         except CalibrationError:
             sigma_rdp = max_noise
         if sigma_rdp <= min_noise:
@@ -85,9 +110,9 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
         return float(min_noise)
 
     sigma = mechanism_calibration.calibrate_dp_mechanism(
-        lambda: accounting.make_accountant(accountant, SEARCH_PLD_DISCRETIZATION),
-        lambda s: accounting.dp_event(s, sampling_rate, steps, sampling),
-        target_epsilon=t, target_delta=float(delta),
+        lambda: accountants.get(accountant).make(relation, value_discretization_interval=(
+            SEARCH_PLD_DISCRETIZATION if accountant == "pld" else None)),
+        full, target_epsilon=t, target_delta=float(delta),
         bracket_interval=mechanism_calibration.ExplicitBracketInterval(lo, hi),
         tol=tol)
     sigma = float(sigma)
@@ -97,4 +122,4 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
     return sigma
 
 
-__all__ = ["calibrate_noise_multiplier", "CalibrationError"]
+__all__ = ["calibrate_noise_multiplier", "calibrate", "CalibrationError"]

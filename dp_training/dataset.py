@@ -1,19 +1,28 @@
 """Data-set descriptions: a data directory holds its raw files plus a ``dataset.json`` that says how to read them.
 
 The description is the single source of truth for ingestion (column names and kinds, missing-value token,
-label mapping), Transform (which columns are numeric / categorical) and evaluation (slices).
+label mapping), Transform (which columns are numeric / categorical), evaluation (slices) and the privacy layer:
+its ``privacy`` section declares the data source (``source_id``: the ledger's key), the privacy unit
+(``row``, or ``column:NAME`` for a person/client column), the neighbouring relation every mechanism on it is
+accounted under, a public planning figure for its size, and which splits are public. The reference schema's
+domains (categorical values, numeric ``int_domain``/``float_domain`` ranges) are public by declaration: the
+transform uses them instead of anything estimated from the private rows (``public_domains``).
+
+This module is the platform's one reader of ``dataset.json``; it imports nothing of the pipeline or TFX.
 """
 from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
+import math
 import json
 import os
 from typing import Dict, List, Optional, Tuple
 
 DESCRIPTION_FILE = "dataset.json"
 KINDS = ("numeric", "categorical", "label")
+RELATIONS = ("add_or_remove_one", "replace_one")
+UNIT_HELP = "use \"row\" (one row is one person) or \"column:NAME\" (NAME identifies the person or client)"
 
 
 class DatasetError(ValueError):
@@ -31,6 +40,61 @@ class Column:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacyDeclaration:
+    """The ``privacy`` section of ``dataset.json`` (everything in it is public by declaration).
+
+    Attributes:
+      source_id: the data source's stable name, the budget ledger's key (never a content hash).
+      unit: ``"row"`` or ``"column:NAME"`` (the person or client the guarantee protects).
+      relation: the neighbouring relation every mechanism on this source is accounted under:
+        ``add_or_remove_one`` (the number of rows stays private: the platform plans sampling rates, steps and
+        delta from ``public_row_estimate`` and never publishes the exact count) or ``replace_one`` (the count
+        is public; plans use it).
+      public_row_estimate: a public planning figure for the training split's size, declared by the data
+        owner (not computed from the data); required under ``add_or_remove_one``.
+      public_splits: splits whose rows are public by declaration (e.g. a published test set); evaluation
+        metrics on a private split are not covered by the guarantee and are labelled so.
+      public_benchmark: the whole data set is public (no budget is enforced; runs are still recorded).
+    """
+
+    source_id: str
+    unit: str = "row"
+    relation: str = "add_or_remove_one"
+    public_row_estimate: Optional[int] = None
+    public_splits: Tuple[str, ...] = ()
+    public_benchmark: bool = False
+
+    @property
+    def unit_column(self) -> Optional[str]:
+        return self.unit.split(":", 1)[1] if self.unit.startswith("column:") else None
+
+    @property
+    def unit_name(self) -> str:
+        return self.unit_column or "row"
+
+    def is_public_split(self, split: str) -> bool:
+        return self.public_benchmark or split in self.public_splits
+
+
+@dataclasses.dataclass(frozen=True)
+class NumericDomain:
+    """A numeric feature's public range, after the declared log1p (the transform clips to it)."""
+
+    name: str
+    low: float
+    high: float
+    log1p: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoricalDomain:
+    """A categorical feature's public vocabulary (values outside it map to one out-of-vocabulary id)."""
+
+    name: str
+    values: Tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     name: str
     directory: str
@@ -42,6 +106,7 @@ class DatasetSpec:
     slice_features: Tuple[str, ...] = ()
     schema_file: Optional[str] = None
     description: str = ""
+    privacy: Optional[PrivacyDeclaration] = None
 
     @property
     def label_column(self) -> Column:
@@ -76,16 +141,74 @@ class DatasetSpec:
         d = dict(d)
         d["columns"] = tuple(Column(**c) for c in d["columns"])
         d["slice_features"] = tuple(d.get("slice_features", ()))
+        if d.get("privacy") is not None:
+            p = dict(d["privacy"])
+            p["public_splits"] = tuple(p.get("public_splits", ()))
+            d["privacy"] = PrivacyDeclaration(**p)
         return cls(**d)
 
-    def fingerprint(self, split: str = "train") -> str:
-        """SHA-256 over the split's file contents (the privacy ledger's key for "this data set")."""
-        h = hashlib.sha256()
-        for path in self.split_files(split):
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-        return h.hexdigest()
+    def require_privacy(self) -> PrivacyDeclaration:
+        if self.privacy is None:
+            raise DatasetError(
+                f"{os.path.join(self.directory, DESCRIPTION_FILE)} has no \"privacy\" section; declare the data "
+                "source, e.g. \"privacy\": {\"source_id\": \"my-source\", \"unit\": \"row\", \"relation\": "
+                "\"add_or_remove_one\", \"public_row_estimate\": 30000} (see docs/privacy_model.md)")
+        return self.privacy
+
+    def public_domains(self) -> Dict[str, object]:
+        """{feature: NumericDomain | CategoricalDomain} from the reference schema (public by declaration).
+
+        Raises DatasetError naming the feature when a feature has no declared domain (the privacy layer
+        must then not derive one from the private rows)."""
+        if not self.schema_path:
+            raise DatasetError(f"{self.name}: no reference schema; the public feature domains (categorical "
+                               "values, numeric ranges) come from it: add \"schema\" to dataset.json")
+        from google.protobuf import text_format
+        from tensorflow_metadata.proto.v0 import schema_pb2
+        with open(self.schema_path) as f:
+            schema = text_format.Parse(f.read(), schema_pb2.Schema())
+        string_domains = {d.name: tuple(d.value) for d in schema.string_domain}
+        features = {f.name: f for f in schema.feature}
+        out: Dict[str, object] = {}
+        for column in self.feature_columns:
+            feature = features.get(column.name)
+            if feature is None:
+                raise DatasetError(f"{self.schema_path}: feature {column.name!r} is missing from the reference schema")
+            if column.kind == "numeric":
+                if feature.HasField("int_domain") and feature.int_domain.HasField("min") \
+                        and feature.int_domain.HasField("max"):
+                    low, high = float(feature.int_domain.min), float(feature.int_domain.max)
+                elif feature.HasField("float_domain") and feature.float_domain.HasField("min") \
+                        and feature.float_domain.HasField("max"):
+                    low, high = float(feature.float_domain.min), float(feature.float_domain.max)
+                else:
+                    raise DatasetError(
+                        f"{self.schema_path}: numeric feature {column.name!r} has no declared range; add "
+                        "int_domain { min: LOW max: HIGH } (public bounds, e.g. from the data's documentation, "
+                        "never from the private rows)")
+                if column.log1p:
+                    if low < 0:
+                        raise DatasetError(f"{self.schema_path}: feature {column.name!r} is log1p but its range "
+                                           f"starts below 0 ({low:g})")
+                    low, high = float(math.log1p(low)), float(math.log1p(high))
+                if not high > low:
+                    raise DatasetError(f"{self.schema_path}: feature {column.name!r} has an empty range "
+                                       f"[{low:g}, {high:g}]")
+                out[column.name] = NumericDomain(column.name, low, high, column.log1p)
+            else:
+                if feature.HasField("domain") and feature.domain in string_domains:
+                    values = string_domains[feature.domain]
+                elif feature.HasField("string_domain"):
+                    values = tuple(feature.string_domain.value)
+                else:
+                    raise DatasetError(
+                        f"{self.schema_path}: categorical feature {column.name!r} has no declared domain; list its "
+                        "values in a string_domain (public, e.g. from the data's documentation)")
+                if not values:
+                    raise DatasetError(f"{self.schema_path}: categorical feature {column.name!r} has an empty domain")
+                out[column.name] = CategoricalDomain(column.name, tuple(values))
+        return out
+
 
 
 def load_dataset(directory: str) -> DatasetSpec:
@@ -117,7 +240,9 @@ def load_dataset(directory: str) -> DatasetSpec:
     labels = [c for c in columns if c.kind == "label"]
     if len(labels) != 1 or labels[0].positive is None or labels[0].negative is None:
         raise DatasetError(f"{path}: exactly one column must have type 'label' with 'positive' and 'negative' values")
+    privacy = _privacy_declaration(raw.get("privacy"), path, columns, raw.get("splits", {}))
     spec = DatasetSpec(
+        privacy=privacy,
         name=raw["name"], directory=directory, columns=tuple(columns), splits=dict(raw["splits"]),
         label_feature=raw["label_feature"], delimiter=raw.get("delimiter", ","),
         missing_value=raw.get("missing_value", "?"), slice_features=tuple(raw.get("slice_features", ())),
@@ -134,3 +259,40 @@ def load_dataset(directory: str) -> DatasetSpec:
     if spec.schema_path and not os.path.isfile(spec.schema_path):
         raise DatasetError(f"{path} names the reference schema {spec.schema_file!r}, which is missing from {directory}")
     return spec
+
+
+def _privacy_declaration(raw, path: str, columns, splits) -> Optional[PrivacyDeclaration]:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: \"privacy\" must be an object with source_id, unit, relation")
+    known = {f.name for f in dataclasses.fields(PrivacyDeclaration)}
+    unknown = set(raw) - known
+    if unknown:
+        raise DatasetError(f"{path}: unknown key(s) {sorted(unknown)} in \"privacy\"; known: {sorted(known)}")
+    source_id = raw.get("source_id")
+    if not isinstance(source_id, str) or not source_id.strip() or len(source_id) > 200:
+        raise DatasetError(f"{path}: privacy.source_id must be a non-empty name of the data source (the budget "
+                           "ledger's key), e.g. \"hospital-a-admissions-2024\"")
+    unit = raw.get("unit", "row")
+    names = {c.name for c in columns}
+    if not isinstance(unit, str) or not (unit == "row" or (unit.startswith("column:") and unit[7:])):
+        raise DatasetError(f"{path}: unknown privacy unit {unit!r}; {UNIT_HELP}")
+    if unit.startswith("column:") and unit[7:] not in names:
+        raise DatasetError(f"{path}: privacy unit {unit!r} names no column; {UNIT_HELP}")
+    relation = raw.get("relation", "add_or_remove_one")
+    if relation not in RELATIONS:
+        raise DatasetError(f"{path}: unknown neighbouring relation {relation!r}; use one of {', '.join(RELATIONS)}")
+    estimate = raw.get("public_row_estimate")
+    if estimate is not None and (isinstance(estimate, bool) or not isinstance(estimate, int) or estimate < 1):
+        raise DatasetError(f"{path}: privacy.public_row_estimate must be a positive whole number (a public "
+                           f"planning figure), got {estimate!r}")
+    public_splits = raw.get("public_splits", [])
+    if not isinstance(public_splits, list) or any(s not in splits for s in public_splits):
+        raise DatasetError(f"{path}: privacy.public_splits must list split names from \"splits\", got {public_splits!r}")
+    if "train" in public_splits:
+        raise DatasetError(f"{path}: the train split cannot be declared public in privacy.public_splits; set "
+                           "privacy.public_benchmark to true if the whole data set is public")
+    return PrivacyDeclaration(source_id=source_id.strip(), unit=unit, relation=relation,
+                              public_row_estimate=estimate, public_splits=tuple(public_splits),
+                              public_benchmark=bool(raw.get("public_benchmark", False)))

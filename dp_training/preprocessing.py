@@ -1,0 +1,131 @@
+"""DP normalisation statistics: the means and standard deviations the model normalises numeric features with.
+
+The pipeline's Transform only applies public functions (declared log1p, clipping to the reference schema's
+public range, scaling that range to [0, 1]); nothing it outputs is estimated from the private rows. The model
+then standardises each scaled feature ``u`` with a mean and standard deviation released here with the Gaussian
+mechanism (as Tramèr & Boneh 2021 normalise ScatterNet features), and this release is composed with training
+into the run's one guarantee and ledger entry.
+
+Mechanism: every training row contributes the vector ``(1, u_1..u_k, u_1²..u_k²) / sqrt(1 + 2k)`` (each
+``u_j`` clipped to [0, 1]), whose L2 norm is at most 1; the sum over rows gets ``N(0, σ² I)`` noise. Adding or
+removing a row moves the sum by at most 1 (replacing one: at most 2, which dp_accounting's Gaussian under
+``replace_one`` accounts for). The event is ``GaussianDpEvent(σ)``. Means, variances and the noisy row count
+are post-processing of that one release. The noisy count is used only inside this computation and is never
+published.
+
+    plan = plan_normalization(feature_keys, epsilon, delta, accountant, relation)   # public, before any data
+    stats = release_normalization(plan, {key: u[n, 1]}, rng)                      # touches the private rows
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import dp_accounting
+import numpy as np
+
+from dp_training import accountants, events as ev
+
+# Floor on a released standard deviation (in [0, 1] units): keeps the normalisation finite when a feature is
+# (nearly) constant or the noise drives the variance estimate below zero.
+MIN_STD = 1e-2
+MAX_NOISE = 1e6
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizationPlan:
+    """Public before any data is read: which scaled features, and the noise on the statistics vector."""
+
+    feature_keys: Tuple[str, ...]
+    noise_multiplier: float          # sigma of N(0, sigma^2) per coordinate of the unit-sensitivity sum
+    epsilon_alone: Optional[float]   # the epsilon this release would have on its own (for the record)
+
+    def event(self) -> dp_accounting.DpEvent:
+        if not self.feature_keys:
+            return dp_accounting.NoOpDpEvent()
+        return dp_accounting.GaussianDpEvent(self.noise_multiplier)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalizationStats:
+    """The released statistics (covered by the run's guarantee); mean/std in the scaled [0, 1] units."""
+
+    mean: Mapping[str, float]
+    std: Mapping[str, float]
+
+    def to_json(self) -> dict:
+        return {"mean": dict(self.mean), "std": dict(self.std)}
+
+
+def gaussian_noise_for_epsilon(epsilon: float, delta: float, accountant: str = accountants.DEFAULT,
+                               relation: str = ev.ADD_OR_REMOVE_ONE, tol: float = 1e-3) -> float:
+    """Smallest sigma (within ``tol`` relative) whose unit-sensitivity Gaussian release has epsilon <= ``epsilon``."""
+    e = float(epsilon)
+    if not e > 0 or math.isinf(e):
+        raise ValueError(f"the preprocessing epsilon must be a finite number > 0, got {epsilon!r}; pass e.g. "
+                         "--preprocessing-epsilon 0.1")
+
+    def eps(s: float) -> float:
+        return accountants.epsilon(dp_accounting.GaussianDpEvent(s), delta, accountant, relation)
+
+    lo, hi = 1e-3, 1.0
+    while eps(hi) > e:
+        lo, hi = hi, hi * 2
+        if hi > MAX_NOISE:
+            raise ValueError(f"preprocessing epsilon {e:g} is unreachable at delta {delta:g}")
+    while (hi - lo) > tol * hi:
+        mid = 0.5 * (lo + hi)
+        if eps(mid) > e:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def plan_normalization(feature_keys: Sequence[str], epsilon: float, delta: float,
+                       accountant: str = accountants.DEFAULT,
+                       relation: str = ev.ADD_OR_REMOVE_ONE) -> NormalizationPlan:
+    keys = tuple(feature_keys)
+    if not keys:
+        return NormalizationPlan((), 0.0, 0.0)
+    sigma = gaussian_noise_for_epsilon(epsilon, delta, accountant, relation)
+    alone = accountants.epsilon(dp_accounting.GaussianDpEvent(sigma), delta, accountant, relation)
+    return NormalizationPlan(keys, float(sigma), float(alone))
+
+
+def release_normalization(plan: NormalizationPlan, scaled: Mapping[str, np.ndarray],
+                          rng: Optional[np.random.Generator] = None) -> NormalizationStats:
+    """The Gaussian release of the module docstring. ``scaled[key]`` holds each row's value in [0, 1]."""
+    keys = plan.feature_keys
+    if not keys:
+        return NormalizationStats({}, {})
+    if rng is None:  # fresh OS entropy per release; a seed is for tests only
+        rng = np.random.default_rng(secrets.randbits(128))
+    k = len(keys)
+    scale = 1.0 / math.sqrt(1 + 2 * k)
+    columns = [np.clip(np.asarray(scaled[key], np.float64).reshape(-1), 0.0, 1.0) for key in keys]
+    n = columns[0].shape[0] if columns else 0
+    sums = np.empty(1 + 2 * k)
+    sums[0] = n
+    for j, u in enumerate(columns):
+        sums[1 + j] = u.sum()
+        sums[1 + k + j] = np.square(u).sum()
+    noisy = sums * scale + rng.normal(0.0, plan.noise_multiplier, size=sums.shape)
+    noisy = noisy / scale
+    count = noisy[0]
+    mean, std = {}, {}
+    for j, key in enumerate(keys):
+        if count < 1.0:  # the noise swamps the count: fall back to the uniform distribution's moments
+            m, s = 0.5, math.sqrt(1.0 / 12.0)
+        else:
+            m = float(np.clip(noisy[1 + j] / count, 0.0, 1.0))
+            var = noisy[1 + k + j] / count - m * m
+            s = float(math.sqrt(max(var, MIN_STD ** 2)))
+        mean[key], std[key] = m, max(s, MIN_STD)
+    return NormalizationStats(mean, std)
+
+
+__all__ = ["NormalizationPlan", "NormalizationStats", "plan_normalization", "release_normalization",
+           "gaussian_noise_for_epsilon", "MIN_STD"]
