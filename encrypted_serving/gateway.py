@@ -1,0 +1,425 @@
+"""A party's share gateway (runs on the party's host, outside the TF cluster's network): gRPC + mutual TLS.
+
+    python -m encrypted_serving.gateway --config parties.json --party server1
+
+Public side (clients and the model owner, certificates signed by the service CA; role = the cert's OU):
+
+* ``Info``   -> the public model description (model.json, preprocessing.json), output policy, limits.
+* ``Submit`` -> a frame holding this party's replicated share pair (``a`` = s_i, ``b`` = s_{i+1}) of a
+  batch (role ``client``, kind ``predict``) or of every weight array (role ``model-owner``, kind ``model``).
+  Checked: role, rate limit (per certificate), request id, dtype, shapes, lengths, batch size.
+* ``Fetch``  -> this party's share of the request's output, **only to the certificate that submitted it**.
+
+Private side: a Unix socket in the party's own directory, accepted only from processes in the TF cluster's
+network namespace (local mode) or of the same user (multi-host), used by this party's compute worker
+(``encrypted_serving.worker``): ``wait`` (new submissions, long poll), ``take`` (the shares, handed once
+into the fixed program), ``put`` (the output share), ``fail``, ``hb`` (heartbeat). Nothing is written to
+disk: shares live in this process's memory until fetched or expired.
+
+Pure Python (grpcio, numpy, cryptography): no TF, no platform import.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from concurrent import futures
+from typing import Dict, Optional
+
+import grpc
+import numpy as np
+
+from encrypted_serving import certs
+from encrypted_serving import parties as pc
+from encrypted_serving import ring
+
+SERVICE = "privtrain.ShareGateway"
+MAX_MSG = 64 * 1024 * 1024
+GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MSG), ("grpc.max_send_message_length", MAX_MSG)]
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,80}$")
+
+
+def log(party, msg):
+    sys.stderr.write("[gateway %s pid=%d] %s\n" % (party, os.getpid(), msg))
+    sys.stderr.flush()
+
+
+def _ident(x):
+    return x
+
+
+class Request:
+    __slots__ = ("id", "owner", "owner_name", "kind", "n", "arrays", "seq", "created", "state", "result",
+                 "error", "event", "digests")
+
+    def __init__(self, rid, owner, owner_name, kind, n, arrays, seq, digests):
+        self.id, self.owner, self.owner_name, self.kind, self.n = rid, owner, owner_name, kind, n
+        self.arrays, self.seq, self.digests = arrays, seq, digests
+        self.created = time.monotonic()
+        self.state = "submitted"
+        self.result = None
+        self.error = None
+        self.event = threading.Event()
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = float(rate), float(burst)
+        self.buckets: Dict[str, list] = {}
+        self.lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            tokens, last = self.buckets.get(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens < 1.0:
+                self.buckets[key] = [tokens, now]
+                return False
+            self.buckets[key] = [tokens - 1.0, now]
+            return True
+
+
+class Gateway:
+    def __init__(self, config: dict, party: str, fault_file: Optional[str] = None):
+        from encrypted_serving import model_format as mf
+        self.c, self.party = config, party
+        self.fault_file = fault_file
+        self.model = mf.load_config(config["public_dir"])
+        with open(os.path.join(config["public_dir"], mf.PREPROCESSING_JSON)) as f:
+            self.preprocessing = json.load(f)
+        self.weight_shapes = {}
+        fan = self.model["input_dim"]
+        for i, layer in enumerate(self.model["layers"]):
+            self.weight_shapes[mf.kernel_key(i)] = [fan, layer["units"]]
+            self.weight_shapes[mf.bias_key(i)] = [layer["units"]]
+            fan = layer["units"]
+        self.requests: Dict[str, Request] = {}
+        self.cond = threading.Condition()
+        self.seq = 0
+        self.last_hb = None
+        self.last_wait = None
+        self.model_loaded = False
+        self.stopping = None
+        rl = config.get("rate_limit") or {}
+        self.bucket = TokenBucket(rl.get("per_second", 50), rl.get("burst", 100))
+        self._cert_cache: Dict[bytes, tuple] = {}
+        netns = config.get("netns")
+        self.netns_ino = os.stat("/run/netns/" + netns).st_ino if netns else None
+
+    # ------------------------------------------------------------------ identity
+    def _peer(self, context):
+        ac = context.auth_context()
+        pem = (ac.get("x509_pem_cert") or [None])[0]
+        if not pem:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate signed by the service CA is required")
+        hit = self._cert_cache.get(pem)
+        if hit is None:
+            from cryptography import x509
+            cert = x509.load_pem_x509_certificate(pem)
+            hit = (certs.fingerprint_pem(pem), certs.role_of(cert), certs.name_of(cert))
+            self._cert_cache[pem] = hit
+        return hit
+
+    # ------------------------------------------------------------------ public RPCs
+    def info(self, request: bytes, context) -> bytes:
+        fp, role, name = self._peer(context)
+        return json.dumps({"party": self.party, "model": self.model, "preprocessing": self.preprocessing,
+                           "output": self.c["output"], "max_batch": self.c["max_batch"],
+                           "batch_sizes": self.c["batch_sizes"],
+                           "rate_limit": self.c["rate_limit"], "model_loaded": self.model_loaded,
+                           "you": {"name": name, "role": role}}).encode()
+
+    def submit(self, request: bytes, context) -> bytes:
+        fp, role, name = self._peer(context)
+        if self.stopping:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "party %s is stopping: %s" % (self.party, self.stopping))
+        try:
+            header, arrays = ring.unpack(request)
+        except ring.FrameError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed share for party %s: %s" % (self.party, e))
+        kind, rid = header.get("kind"), header.get("request_id")
+        if not isinstance(rid, str) or not _ID.match(rid):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id must be 1-80 characters of [A-Za-z0-9_.:-]")
+        if kind == "predict":
+            if role != "client":
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              "certificate %r has role %r; predictions need a client certificate" % (name, role))
+            if not self.bucket.allow(fp):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              "rate limit of %s requests/s (burst %s) exceeded for certificate %r; retry later"
+                              % (self.bucket.rate, self.bucket.burst, name))
+            if not self.model_loaded:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no model has been loaded into the service yet")
+            d = self.model["input_dim"]
+            if set(arrays) != {"a", "b"}:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a prediction frame holds exactly arrays 'a' and 'b' "
+                              "(this party's share pair), got %s" % sorted(arrays))
+            a, b = arrays["a"], arrays["b"]
+            if a.ndim != 2 or a.shape != b.shape or a.shape[1] != d:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "share shape must be [n, %d] for both arrays, got %s "
+                              "and %s (wrong length)" % (d, list(a.shape), list(b.shape)))
+            n = int(a.shape[0])
+            if n not in self.c["batch_sizes"]:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "batch size must be one of %s (pad the batch), got %d"
+                              % (self.c["batch_sizes"], n))
+            digests = [ring.digest(a), ring.digest(b)]
+        elif kind == "model":
+            if role != "model-owner":
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              "certificate %r has role %r; only the model owner may upload weights" % (name, role))
+            want = {k + s: v for k, v in self.weight_shapes.items() for s in ("/a", "/b")}
+            got = {k: list(v.shape) for k, v in arrays.items()}
+            if got != want:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "weight shares do not match model.json: expected %s, "
+                              "got %s" % (want, got))
+            n = 0
+            digests = [ring.digest(np.concatenate([arrays[k + "/a"].ravel() for k in self.weight_shapes])),
+                       ring.digest(np.concatenate([arrays[k + "/b"].ravel() for k in self.weight_shapes]))]
+        else:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kind must be 'predict' or 'model', got %r" % (kind,))
+        with self.cond:
+            if rid in self.requests:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, "request id %r is already in use" % rid)
+            self.seq += 1
+            self.requests[rid] = Request(rid, fp, name, kind, n, arrays, self.seq, digests)
+            self.cond.notify_all()
+        return json.dumps({"accepted": rid, "party": self.party}).encode()
+
+    def fetch(self, request: bytes, context) -> bytes:
+        fp, role, name = self._peer(context)
+        try:
+            rid = json.loads(request.decode())["request_id"]
+        except (ValueError, KeyError, UnicodeDecodeError, TypeError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fetch needs a JSON object with request_id")
+        with self.cond:
+            req = self.requests.get(rid)
+        if req is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no request %r at party %s (expired, fetched, or never "
+                          "submitted here)" % (rid, self.party))
+        if req.owner != fp:
+            log(self.party, "refused fetch of %s by %r (submitted by %r)" % (rid, name, req.owner_name))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "request %r was submitted with another certificate; outputs go only to their submitter" % rid)
+        timeout = float(self.c["request_timeout_s"])
+        if not req.event.wait(timeout):
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "party %s: no result for %r within %.0fs; %s"
+                          % (self.party, rid, timeout, self.diagnose()))
+        with self.cond:
+            self.requests.pop(rid, None)
+        if req.error:
+            context.abort(grpc.StatusCode.ABORTED, req.error)
+        return req.result
+
+    def diagnose(self) -> str:
+        now = time.monotonic()
+        if self.last_hb is None:
+            return "this party's compute worker never connected"
+        if now - self.last_hb > 3.0:
+            return "party %s's compute worker has not answered for %.1fs (stopped, wedged or dead)" % (
+                self.party, now - self.last_hb)
+        if self.last_wait is None or now - self.last_wait > 3.0:
+            return "the driver has not polled party %s for a while (driver or another party stuck)" % self.party
+        return "the computation did not finish in time (another party may be slow or missing the request)"
+
+    # ------------------------------------------------------------------ backend (compute worker)
+    def _backend_allowed(self, conn) -> Optional[str]:
+        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        if uid != os.getuid():
+            return "uid %d" % uid
+        if self.netns_ino is not None:
+            try:
+                ino = os.stat("/proc/%d/ns/net" % pid).st_ino
+            except OSError:
+                return "pid %d (namespace unknown)" % pid
+            if ino != self.netns_ino:
+                return "pid %d outside the service's network namespace" % pid
+        return None
+
+    def serve_backend(self, path: str):
+        if os.path.exists(path):
+            os.remove(path)
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        os.chmod(path, 0o600)
+        srv.listen(16)
+        while True:
+            conn, _ = srv.accept()
+            why = self._backend_allowed(conn)
+            if why:
+                log(self.party, "refused backend connection from %s" % why)
+                conn.close()
+                continue
+            threading.Thread(target=self._backend_conn, args=(conn,), daemon=True).start()
+
+    def _backend_conn(self, conn):
+        try:
+            while True:
+                head = _recv_exact(conn, 8)
+                if head is None:
+                    return
+                (length,) = struct.unpack("<Q", head)
+                header, arrays = ring.unpack(_recv_exact(conn, length))
+                reply = self._backend_op(header, arrays)
+                conn.sendall(struct.pack("<Q", len(reply)) + reply)
+        except (OSError, ring.FrameError) as e:
+            log(self.party, "backend connection closed: %s" % e)
+        finally:
+            conn.close()
+
+    def _backend_op(self, header, arrays) -> bytes:
+        op = header.get("op")
+        if op == "hb":
+            self.last_hb = time.monotonic()
+            return ring.pack({"ok": True})
+        if op == "wait":
+            self.last_wait = time.monotonic()
+            self.model_loaded = bool(header.get("model_loaded", self.model_loaded))
+            since, deadline = int(header.get("since", 0)), time.monotonic() + header.get("timeout_ms", 200) / 1000.0
+            with self.cond:
+                while True:
+                    ready = [r for r in self.requests.values() if r.seq > since and r.state == "submitted"]
+                    left = deadline - time.monotonic()
+                    if ready or left <= 0 or self.stopping:
+                        break
+                    self.cond.wait(left)
+                out = [{"id": r.id, "kind": r.kind, "n": r.n, "digests": r.digests, "seq": r.seq} for r in ready]
+                return ring.pack({"seq": self.seq, "ready": out})
+        rid = header.get("id")
+        with self.cond:
+            req = self.requests.get(rid)
+        if req is None:
+            return ring.pack({"error": "no request %r at party %s (gateway restarted or request expired)" % (rid, self.party)})
+        if op == "take":
+            if req.state != "submitted":
+                return ring.pack({"error": "request %r was already taken" % rid})
+            req.state = "taken"
+            arrays, req.arrays = req.arrays, None     # handed over once; not kept
+            return ring.pack({"ok": True}, arrays)
+        if op == "put":
+            req.result = ring.pack({"request_id": rid, "party": self.party, "kind": req.kind,
+                                    "output": header.get("output")}, arrays)
+            req.state = "done"
+            if req.kind == "model":
+                self.model_loaded = True
+            req.event.set()
+            return ring.pack({"ok": True})
+        if op == "fail":
+            self._fail(req, header.get("error", "failed"))
+            return ring.pack({"ok": True})
+        return ring.pack({"error": "unknown op %r" % op})
+
+    def _fail(self, req, message):
+        req.arrays = None
+        req.error = message
+        req.state = "failed"
+        req.event.set()
+
+    def janitor(self):
+        ttl = 2 * float(self.c["request_timeout_s"]) + 10
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self.cond:
+                for rid, r in list(self.requests.items()):
+                    if r.state == "submitted" and now - r.created > float(self.c["request_timeout_s"]):
+                        self._fail(r, "party %s: request %r was not computed within %.0fs; %s"
+                                   % (self.party, rid, float(self.c["request_timeout_s"]), self.diagnose()))
+                    if now - r.created > ttl:
+                        self.requests.pop(rid, None)
+
+    def stop_all(self, reason):
+        self.stopping = reason
+        with self.cond:
+            for r in self.requests.values():
+                if not r.event.is_set():
+                    self._fail(r, "service stopped: %s" % reason)
+            self.cond.notify_all()
+
+
+def _recv_exact(conn, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def server_credentials(c: dict, party: str):
+    p = c["parties"][party]
+    certs.check_valid(p["cert"], "gateway certificate of %s" % party)
+    with open(p["key"], "rb") as f:
+        key = f.read()
+    with open(p["cert"], "rb") as f:
+        cert = f.read()
+    with open(c["ca"], "rb") as f:
+        ca = f.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="privtrain share gateway (one per party)")
+    ap.add_argument("--config", required=True, help="parties.json")
+    ap.add_argument("--party", required=True, choices=pc.PARTY_NAMES)
+    ap.add_argument("--fault-file", default=None, help="on SIGTERM, fail pending requests with the reason in this file")
+    args = ap.parse_args(argv)
+    try:
+        c = pc.load_parties(args.config)
+        gw = Gateway(c, args.party, args.fault_file)
+        creds = server_credentials(c, args.party)
+    except (pc.ConfigError, certs.CertError, OSError, ValueError) as e:
+        log(args.party, "error: %s" % e)
+        return 2
+    pdir = c["parties"][args.party]["dir"]
+    os.makedirs(pdir, exist_ok=True)
+    os.chmod(pdir, 0o700)
+    threading.Thread(target=gw.serve_backend, args=(pc.backend_socket(c, args.party),), daemon=True).start()
+    threading.Thread(target=gw.janitor, daemon=True).start()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+    handlers = {
+        "Info": grpc.unary_unary_rpc_method_handler(gw.info, _ident, _ident),
+        "Submit": grpc.unary_unary_rpc_method_handler(gw.submit, _ident, _ident),
+        "Fetch": grpc.unary_unary_rpc_method_handler(gw.fetch, _ident, _ident),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    addr = c["parties"][args.party]["gateway"]
+    if server.add_secure_port(addr, creds) == 0:
+        log(args.party, "error: cannot listen on %s" % addr)
+        return 2
+    server.start()
+    parent = os.getppid()
+    done = threading.Event()
+
+    def on_term(signum, _frame):
+        reason = "operator stopped the service"
+        if args.fault_file and os.path.isfile(args.fault_file):
+            with open(args.fault_file) as f:
+                reason = f.read().strip() or reason
+        gw.stop_all(reason)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    with open(os.path.join(pdir, "gateway.ready"), "w") as f:
+        f.write("%d\n" % os.getpid())
+    log(args.party, "listening on %s (mutual TLS)" % addr)
+    while not done.wait(0.5):
+        if os.getppid() != parent:
+            gw.stop_all("the launcher is gone")
+            break
+    time.sleep(1.0)            # let waiting Fetch calls deliver the reason
+    server.stop(0.5).wait(2)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

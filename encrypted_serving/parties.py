@@ -1,0 +1,129 @@
+"""``parties.json`` (operators) and ``client.json`` (clients, the model owner): pure Python, both environments.
+
+parties.json (one file shared by the operators; paths relative to the file)::
+
+    {"format": "privtrain-encrypted-parties/1",
+     "protocol": "aby3",
+     "public_dir": "public",                   # model.json + preprocessing.json: no weights
+     "ca": "certs/ca.pem",
+     "tf": {"server0": "10.0.0.1:7100", "server1": "10.0.0.2:7100", "server2": "10.0.0.3:7100",
+            "driver": "10.0.0.1:7101"},        # the private TF cluster: never given to clients
+     "parties": {"server0": {"gateway": "0.0.0.0:8443", "cert": "certs/server0.pem",
+                             "key": "certs/server0.key", "dir": "parties/server0"}, ...},
+     "driver": {"dir": "driver"},
+     "netns": null,                            # local mode: the network namespace the TF cluster runs in
+     "output": "logit",                        # or "label"
+     "rate_limit": {"per_second": 50, "burst": 100},
+     "max_batch": 1000, "batch_sizes": [1, 1000],   # the programs the driver instantiates; clients pad
+     "request_timeout_s": 30}
+
+client.json (what a client or the model owner holds)::
+
+    {"format": "privtrain-encrypted-client/1", "ca": "ca.pem", "cert": "client.pem", "key": "client.key",
+     "gateways": [["server0", "127.0.0.1:8443"], ["server1", ...], ["server2", ...]]}
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict
+
+PARTIES_FORMAT = "privtrain-encrypted-parties/1"
+CLIENT_FORMAT = "privtrain-encrypted-client/1"
+PARTY_NAMES = ("server0", "server1", "server2")
+DRIVER = "driver"
+OUTPUTS = ("logit", "label")
+PROTOCOLS = ("aby3",)
+
+
+class ConfigError(RuntimeError):
+    """parties.json / client.json is missing or invalid; the message names the field and the fix."""
+
+
+def _read(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise ConfigError("cannot read %s: %s" % (path, e.strerror)) from e
+    except ValueError as e:
+        raise ConfigError("%s is not valid JSON: %s" % (path, e)) from e
+
+
+def _abs(base: str, p):
+    return p if p is None or os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+
+
+def save(obj: dict, path: str) -> str:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def load_parties(path: str) -> dict:
+    c = _read(path)
+    if c.get("format") != PARTIES_FORMAT:
+        raise ConfigError("%s: 'format' must be %r" % (path, PARTIES_FORMAT))
+    base = os.path.dirname(os.path.abspath(path))
+    for key in ("public_dir", "ca", "tf", "parties"):
+        if key not in c:
+            raise ConfigError("%s: missing %r" % (path, key))
+    if c.get("protocol", "aby3") not in PROTOCOLS:
+        raise ConfigError("%s: protocol must be one of %s (Pond was dropped: its ReLU is 0.4 off)" % (path, PROTOCOLS))
+    if c.get("output", "logit") not in OUTPUTS:
+        raise ConfigError("%s: output must be one of %s" % (path, OUTPUTS))
+    missing = [n for n in PARTY_NAMES + (DRIVER,) if n not in c["tf"]]
+    if missing:
+        raise ConfigError("%s: 'tf' needs an address for %s" % (path, ", ".join(missing)))
+    c["public_dir"] = _abs(base, c["public_dir"])
+    c["ca"] = _abs(base, c["ca"])
+    for name in PARTY_NAMES:
+        p = c["parties"].get(name)
+        if not isinstance(p, dict) or not all(k in p for k in ("gateway", "cert", "key", "dir")):
+            raise ConfigError("%s: parties.%s needs gateway, cert, key and dir" % (path, name))
+        for k in ("cert", "key", "dir"):
+            p[k] = _abs(base, p[k])
+    c.setdefault("driver", {})
+    c["driver"]["dir"] = _abs(base, c["driver"].get("dir", "driver"))
+    c.setdefault("protocol", "aby3")
+    c.setdefault("output", "logit")
+    c.setdefault("netns", None)
+    c.setdefault("rate_limit", {"per_second": 50, "burst": 100})
+    c.setdefault("max_batch", 1000)
+    c.setdefault("batch_sizes", [1, c["max_batch"]])
+    if not all(isinstance(n, int) and 1 <= n <= c["max_batch"] for n in c["batch_sizes"]):
+        raise ConfigError("%s: batch_sizes must be integers in 1..max_batch" % path)
+    c.setdefault("request_timeout_s", 30)
+    c["path"] = os.path.abspath(path)
+    return c
+
+
+def load_client(path: str) -> dict:
+    c = _read(path)
+    if c.get("format") != CLIENT_FORMAT:
+        raise ConfigError("%s: 'format' must be %r" % (path, CLIENT_FORMAT))
+    base = os.path.dirname(os.path.abspath(path))
+    for key in ("ca", "cert", "key", "gateways"):
+        if key not in c:
+            raise ConfigError("%s: missing %r" % (path, key))
+        if key != "gateways":
+            c[key] = _abs(base, c[key])
+    names = [g[0] for g in c["gateways"]]
+    if tuple(names) != PARTY_NAMES:
+        raise ConfigError("%s: gateways must be %s in that order, got %s" % (path, PARTY_NAMES, names))
+    return c
+
+
+def tf_task_index(name: str) -> int:
+    return (PARTY_NAMES + (DRIVER,)).index(name)
+
+
+def tf_addresses(c: dict) -> Dict[str, str]:
+    return {n: c["tf"][n] for n in PARTY_NAMES + (DRIVER,)}
+
+
+def backend_socket(c: dict, party: str) -> str:
+    """The party's gateway <-> compute-worker Unix socket (same host, in the party's private dir)."""
+    return os.path.join(c["parties"][party]["dir"], "backend.sock")
