@@ -637,14 +637,16 @@ class Ledger:
 
     def reserve(self, source_id: str, event: dp_accounting.DpEvent, *, trainer: str, private: bool,
                 accountant: str, relation: str, delta: float, budget: Optional[BudgetRequest] = None,
-                allow_non_private: bool = False, label: Optional[str] = None) -> Reservation:
+                allow_non_private: bool = False, label: Optional[str] = None,
+                anchors: Iterable[Tuple[int, str]] = ()) -> Reservation:
         """Checks and reserves a run's planned event in one IMMEDIATE transaction (see module doc).
 
         A non-private run (``private=False``, or an event without a DP guarantee such as noise 0) is recorded
         as ``NonPrivateDpEvent`` (infinite spend); on a budgeted source it is refused unless
         ``allow_non_private``. Raises ``BudgetExceededError``, ``NonPrivateTrainingRefused``,
         ``BudgetConflictError``, ``RelationMismatchError``, ``LedgerTamperedError``, ``NotALedgerError``;
-        ``accountants.UnsupportedRelationError`` when an accountant cannot account the event."""
+        ``accountants.UnsupportedRelationError`` when an accountant cannot account the event. ``anchors``:
+        receipts recorded elsewhere, checked like ``verify(anchors)`` before anything is appended."""
         _check_source(source_id)
         _check_event(event, "planned event")
         _check_accountant(accountant)
@@ -664,8 +666,11 @@ class Ledger:
         if label is not None:
             label = str(label)
         run_id = uuid.uuid4().hex[:12]
+        anchors = list(anchors)
+        if anchors and not os.path.exists(self.path):
+            self._state(anchors)  # raises: receipts exist but the ledger file does not
         with self._connect(write=True) as con:
-            state = self._load(con)
+            state = self._load(con, anchors)
             self._check_relation_of(state, source_id, relation)
             src = state.sources.get(source_id)
             current = src.budget if src else None
@@ -694,9 +699,9 @@ class Ledger:
             receipt = self._append(con, state, source_id, "reserve", {
                 "event": ev.to_json(event), "trainer": trainer, "private": private, "accountant": accountant,
                 "relation": relation, "delta": delta, "run_id": run_id, "label": label, "time": _now()})
-            src = state.sources[source_id]
-            spend_after = self._spend_of(source_id, src.runs, src.budget, relation,
-                                         None if src.budget else delta, None)
+        src = state.sources[source_id]  # computed after the commit: the write lock is not held for it
+        spend_after = self._spend_of(source_id, src.runs, src.budget, relation,
+                                     None if src.budget else delta, None)
         return Reservation(receipt.seq, run_id, receipt.head_hash, spend_after)
 
     def _exceeded_message(self, source_id: str, budget: Budget, before: Spend, after: Spend,
@@ -783,10 +788,15 @@ class Ledger:
             else:  # no budget: the largest delta any run used
                 deltas = [float(r.payload["delta"]) for r in runs]
                 delta = max(deltas) if deltas else 1e-5
-        if accountant is None:  # the budget's; without one the default (tightest, widest support)
-            accountant = budget.accountant if budget else accountants.DEFAULT
         charged = [r.charged for r in runs] + ([extra] if extra is not None else [])
         total = ev.compose(*charged)
+        if accountant is None:  # the budget's; without one the default (tightest) if it covers the runs
+            if budget is not None:
+                accountant = budget.accountant
+            else:
+                candidates = [accountants.DEFAULT] + [r.payload["accountant"] for r in reversed(runs)]
+                accountant = next((a for a in candidates if accountants.get(a).supports(total, relation)),
+                                  accountants.DEFAULT)
         epsilon = self._epsilon(total, delta, accountant, relation)
         naive_eps = naive_delta = 0.0
         for r in runs:

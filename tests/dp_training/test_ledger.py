@@ -399,6 +399,10 @@ def test_a_recomputed_forged_chain_is_caught_by_receipts_recorded_elsewhere(ledg
     with pytest.raises(LedgerTamperedError, match="entry 3") as err:
         forged.verify(anchors=[r.anchor for r in receipts])
     assert "rewritten" in str(err.value)
+    size = os.path.getsize(ledger_path)
+    with pytest.raises(LedgerTamperedError, match="entry 3"):  # the pipeline passes its receipts to reserve
+        reserve(forged, dpsgd(10, sigma=5.0), anchors=[r.anchor for r in receipts])
+    assert os.path.getsize(ledger_path) == size
     # Anchors of entries before the edit still match; a receipt of a vanished entry does not.
     forged.verify(anchors=[receipts[0].anchor])
     with pytest.raises(LedgerTamperedError, match="entry 9"):
