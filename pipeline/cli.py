@@ -97,6 +97,9 @@ def _add_serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--backend", default="auto", choices=["auto", "builtin", "tfserving"])
     p.add_argument("--enable-batching", action="store_true", help="merge concurrent predict requests")
+    from serving.server import add_serve_flags
+
+    add_serve_flags(p)  # TLS, bearer-token auth, request limits (docs/serving.md)
     p.add_argument("--encrypted", action="store_true",
                    help="also start the TF-Encrypted service (three compute parties + model owner on 127.0.0.1)")
     p.add_argument("--protocol", default="aby3", choices=["aby3", "pond"], help="TF-Encrypted protocol")
@@ -142,16 +145,16 @@ def _cmd_predict(args) -> int:
 
 def _cmd_serve(args) -> int:
     from pipeline.config import RunConfig
-    from serving.server import ModelServer, PortInUseError
+    from serving.errors import ServingConfigError
+    from serving.server import server_from_args
 
     workdir = os.path.abspath(args.workdir)
     serving_dir = RunConfig(workdir=workdir).serving_dir
     encrypted = None
     try:
-        server = ModelServer(serving_dir, args.rest_port, args.grpc_port, args.host, backend=args.backend,
-                             batching=args.enable_batching)
+        server = server_from_args(args, serving_dir)
         server.start()
-    except (PortInUseError, FileNotFoundError) as e:
+    except ServingConfigError as e:  # bad flag, file, port or address: one line
         print(f"privtrain serve: {e}", file=sys.stderr)
         return 2
     try:

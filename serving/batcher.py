@@ -1,12 +1,20 @@
-"""A small request batcher: concurrent predict calls on the same (model, version, signature) are
-merged along dimension 0, run once, and split again. Off by default (``ModelServer(batching=...)``).
+"""Request batching: concurrent predict calls on the same (model, version, signature) are merged
+along dimension 0, run once, and split again. Off by default (``ModelServer(batching=...)``).
 
-The first request to arrive becomes the batch leader: it waits up to ``timeout_s`` for others (or
-until ``max_batch_size`` rows are queued), runs the merged batch and hands every caller its slice.
-Requests whose inputs are not batch-major (rank 0, or inputs with different leading sizes) run alone.
+No request waits for company by default (``timeout_s=0``): an idle signature runs a request at once;
+requests arriving while a batch is being computed queue up and run together as the next batch
+(up to ``max_batch_size`` rows). So batching costs no latency to a lone client and, under load, turns
+many small TensorFlow calls into few larger ones. ``timeout_s > 0`` additionally lets a batch wait
+that long for more requests (TF Serving's ``batch_timeout_micros``).
+
+Two front ends share the rules: :class:`Batcher` for threads (gRPC) and :class:`AsyncBatcher` for the
+REST server's event loop (the batch runs on an executor thread while the loop keeps parsing requests).
+Requests whose inputs are not batch-major (rank 0, or inputs with different leading sizes) run alone;
+if a merged batch fails, each request is re-run alone so one bad request cannot fail others.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from typing import Callable, Dict, Hashable, List, Mapping, Optional
@@ -32,7 +40,7 @@ class _Queue:
 
 
 class Batcher:
-    def __init__(self, max_batch_size: int = 64, timeout_s: float = 0.002):
+    def __init__(self, max_batch_size: int = 64, timeout_s: float = 0.0):
         self.max_batch_size = max_batch_size
         self.timeout_s = timeout_s
         self._queues: Dict[Hashable, _Queue] = {}
@@ -40,16 +48,9 @@ class Batcher:
         self.batches_run = 0      # merged batches (more than one request), for tests / benchmark
         self.requests_merged = 0
 
-    @staticmethod
-    def _rows(inputs: Mapping[str, np.ndarray]) -> Optional[int]:
-        sizes = {v.shape[0] if v.ndim else None for v in inputs.values()}
-        if len(sizes) != 1 or None in sizes:
-            return None
-        return sizes.pop()
-
     def run(self, key: Hashable, fn: Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]],
             inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        rows = self._rows(inputs)
+        rows = _rows_of(inputs)
         if rows is None or rows >= self.max_batch_size:
             return fn(inputs)
         with self._lock:
@@ -92,31 +93,114 @@ class Batcher:
         return req.result
 
     def _execute(self, fn, batch: List[_Req], total: int) -> None:
-        if len(batch) == 1:
-            r = batch[0]
+        if len(batch) > 1:
+            self.batches_run += 1
+            self.requests_merged += len(batch)
+        execute_batch(fn, batch, total)
+
+
+def _rows_of(inputs: Mapping[str, np.ndarray]) -> Optional[int]:
+    sizes = {v.shape[0] if v.ndim else None for v in inputs.values()}
+    if len(sizes) != 1 or None in sizes:
+        return None
+    return sizes.pop()
+
+
+def execute_batch(fn, batch, total: int) -> None:
+    """Run ``batch`` (objects with ``inputs``, ``rows``, ``result``, ``error``) as one call of ``fn``."""
+    if len(batch) == 1:
+        r = batch[0]
+        try:
+            r.result = fn(r.inputs)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            r.error = e
+        return
+    try:
+        keys = set(batch[0].inputs)
+        if any(set(r.inputs) != keys for r in batch):
+            raise ValueError("different input names")
+        merged = {k: np.concatenate([r.inputs[k] for r in batch], axis=0) for k in keys}
+        out = fn(merged)
+        if any(v.ndim == 0 or v.shape[0] != total for v in out.values()):
+            raise ValueError("outputs not batch-major")
+    except BaseException:  # noqa: BLE001 - fall back to running each request alone
+        for r in batch:
             try:
                 r.result = fn(r.inputs)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
+            except BaseException as e:  # noqa: BLE001
                 r.error = e
+        return
+    start = 0
+    for r in batch:
+        r.result = {k: v[start:start + r.rows] for k, v in out.items()}
+        start += r.rows
+
+
+class _AsyncReq:
+    __slots__ = ("inputs", "rows", "future", "result", "error")
+
+    def __init__(self, inputs, rows, future):
+        self.inputs, self.rows, self.future = inputs, rows, future
+        self.result = None
+        self.error: Optional[BaseException] = None
+
+
+class AsyncBatcher:
+    """The batcher for an asyncio event loop: at most one batch per key is computing (on ``executor``)
+    at a time; requests that arrive meanwhile form the next one. Must be used from the loop's thread."""
+
+    def __init__(self, executor, max_batch_size: int = 64, timeout_s: float = 0.0):
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.timeout_s = timeout_s
+        self._pending: Dict[Hashable, List[_AsyncReq]] = {}
+        self._busy: Dict[Hashable, bool] = {}
+        self.batches_run = 0
+        self.requests_merged = 0
+
+    async def run(self, key: Hashable, fn: Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]],
+                  inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        rows = _rows_of(inputs)
+        if rows is None or rows >= self.max_batch_size:
+            return await loop.run_in_executor(self.executor, fn, inputs)
+        req = _AsyncReq(inputs, rows, loop.create_future())
+        self._pending.setdefault(key, []).append(req)
+        if not self._busy.get(key):
+            self._busy[key] = True
+            if self.timeout_s > 0:
+                loop.call_later(self.timeout_s, self._dispatch, loop, key, fn)
+            else:
+                self._dispatch(loop, key, fn)
+        return await req.future
+
+    def _dispatch(self, loop, key, fn) -> None:
+        pending = self._pending.get(key) or []
+        if not pending:
+            self._busy[key] = False
             return
-        self.batches_run += 1
-        self.requests_merged += len(batch)
-        try:
-            keys = set(batch[0].inputs)
-            if any(set(r.inputs) != keys for r in batch):
-                raise ValueError("different input names")
-            merged = {k: np.concatenate([r.inputs[k] for r in batch], axis=0) for k in keys}
-            out = fn(merged)
-            if any(v.ndim == 0 or v.shape[0] != total for v in out.values()):
-                raise ValueError("outputs not batch-major")
-        except BaseException:  # noqa: BLE001 - fall back to running each request alone
-            for r in batch:
-                try:
-                    r.result = fn(r.inputs)
-                except BaseException as e:  # noqa: BLE001
-                    r.error = e
-            return
-        start = 0
+        batch, total = [], 0
+        for r in pending:
+            if batch and total + r.rows > self.max_batch_size:
+                break
+            batch.append(r)
+            total += r.rows
+        del pending[:len(batch)]
+        if len(batch) > 1:
+            self.batches_run += 1
+            self.requests_merged += len(batch)
+        cf = self.executor.submit(execute_batch, fn, batch, total)
+        cf.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._finished, loop, key, fn, batch))
+
+    def _finished(self, loop, key, fn, batch) -> None:
         for r in batch:
-            r.result = {k: v[start:start + r.rows] for k, v in out.items()}
-            start += r.rows
+            if r.future.done():        # the client went away (cancelled)
+                continue
+            if r.error is not None:
+                r.future.set_exception(r.error)
+            else:
+                r.future.set_result(r.result)
+        if self._pending.get(key):
+            self._dispatch(loop, key, fn)
+        else:
+            self._busy[key] = False

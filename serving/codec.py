@@ -13,7 +13,8 @@ from __future__ import annotations
 import base64
 import json
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+import re
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from .errors import invalid_argument
 _TYPE_NAMES = {np.float32: "float", np.float64: "double", np.int32: "int32", np.int64: "int64",
                np.int8: "int8", np.int16: "int16", np.uint8: "uint8", np.bool_: "bool",
                np.object_: "string", np.float16: "half"}
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _json_type(v) -> str:
@@ -44,7 +48,10 @@ def _is_b64(v) -> bool:
 
 def _to_bytes(v) -> bytes:
     if isinstance(v, str):
-        return v.encode("utf-8")
+        try:
+            return v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid_argument("JSON Parse error: The surrogate pair in string is invalid.") from None
     if _is_b64(v):
         try:
             return base64.b64decode(v["b64"], validate=False)
@@ -99,15 +106,41 @@ def _fill(arr: np.ndarray, nested) -> None:
     walk(nested, 0)
 
 
-def json_to_array(value, np_dtype, what: str) -> np.ndarray:
+# Exact ranges of the integer dtypes; float32 / float16 overflow is detected after the cast.
+def _type_name(np_dtype) -> str:
+    return _TYPE_NAMES.get(np_dtype, np.dtype(np_dtype).name)
+
+
+def _out_of_range(arr: np.ndarray, np_dtype) -> Optional[Any]:
+    """The first value of ``arr`` that ``np_dtype`` cannot hold (None when all fit)."""
+    dt = np.dtype(np_dtype)
+    if not arr.size:
+        return None
+    if dt.kind in "iu":
+        if arr.dtype.kind in "iu" and np.can_cast(arr.dtype, dt):
+            return None
+        info = np.iinfo(dt)
+        bad = (arr < info.min) | (arr > info.max)
+    elif dt.kind == "f" and dt.itemsize < arr.dtype.itemsize:
+        wide = arr.astype(np.float64, copy=False)
+        bad = np.isfinite(wide) & (np.abs(wide) > np.finfo(dt).max)
+    else:
+        return None
+    return arr[bad].reshape(-1)[0] if np.any(bad) else None
+
+
+def json_to_array(value, np_dtype, what: str, max_elements: Optional[int] = None) -> np.ndarray:
     """A JSON value (scalar / nested lists) as an array of the signature input's dtype."""
     if np_dtype is np.object_:
-        return _string_array(value)
+        arr = _string_array(value)
+        _check_elements(arr.size, what, max_elements)
+        return arr
     try:
         arr = np.asarray(value)
     except ValueError:
         raise invalid_argument(f"Failed to process {what}: expecting tensor size to be "
                                "consistent across dimensions") from None
+    _check_elements(arr.size, what, max_elements)
     if arr.dtype == object or arr.dtype.kind in "US":
         bad = value
         while isinstance(bad, list) and bad:
@@ -115,20 +148,53 @@ def json_to_array(value, np_dtype, what: str) -> np.ndarray:
         if arr.dtype == object and _shape_of(value) != arr.shape:
             raise invalid_argument(f"Failed to process {what}: expecting tensor size to be "
                                    "consistent across dimensions")
+        if arr.dtype == object:   # e.g. an integer beyond 64 bits among numbers
+            bad = next((x for x in arr.reshape(-1) if not isinstance(x, (float, str)) and not (
+                isinstance(x, int) and not isinstance(x, bool) and -2 ** 63 <= x < 2 ** 64)), bad)
         raise invalid_argument(f"JSON Value: {json.dumps(bad)} Type: {_json_type(bad)} is not of "
-                               f"expected type: {_TYPE_NAMES.get(np_dtype, np.dtype(np_dtype).name)}")
+                               f"expected type: {_type_name(np_dtype)}")
     if np_dtype is np.bool_:
         if arr.dtype != np.bool_:
             raise invalid_argument(f"JSON Value in {what} is not of expected type: bool")
         return arr
     if arr.dtype == np.bool_:
         raise invalid_argument(f"JSON Value: {json.dumps(value)} Type: Bool is not of expected type: "
-                               f"{_TYPE_NAMES.get(np_dtype, np.dtype(np_dtype).name)}")
+                               f"{_type_name(np_dtype)}")
     if np.dtype(np_dtype).kind in "iu" and arr.dtype.kind == "f":
         if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise invalid_argument(f"JSON Value in {what} is not of expected type: "
-                                   f"{_TYPE_NAMES.get(np_dtype, np.dtype(np_dtype).name)}")
+            raise invalid_argument(f"JSON Value in {what} is not of expected type: {_type_name(np_dtype)}")
+    bad = _out_of_range(arr, np_dtype)
+    if bad is not None:   # e.g. 1e300 for a float32 input: TF Serving answers 400, not inf
+        raise invalid_argument(f"JSON Value: {json.dumps(bad.item() if hasattr(bad, 'item') else bad)} "
+                               f"Type: Number is not of expected type: {_type_name(np_dtype)} "
+                               f"(out of range) in {what}")
     return arr.astype(np_dtype, copy=False)
+
+
+def _check_elements(n: int, what: str, max_elements: Optional[int]) -> None:
+    if max_elements is not None and n > max_elements:
+        raise invalid_argument(f"{what} has {n} elements, more than the server allows per tensor "
+                               f"({max_elements}, privtrain serve --max-tensor-elements)")
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _has_lone_surrogate(doc) -> bool:
+    stack = [doc]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+    return False
 
 
 def parse_json_body(body: bytes) -> dict:
@@ -136,9 +202,15 @@ def parse_json_body(body: bytes) -> dict:
         raise invalid_argument("JSON Parse error: The document is empty")
     try:
         doc = json.loads(body)
+    except RecursionError:
+        raise invalid_argument("JSON Parse error: The document is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise invalid_argument(f"JSON Parse error: Invalid value. at offset: "
                                f"{getattr(e, 'pos', 0)}") from None
+    # "\ud800" without its pair parses in Python but is not text (RapidJSON, TF Serving's parser,
+    # rejects it): look only when the body holds a surrogate escape at all.
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(doc):
+        raise invalid_argument("JSON Parse error: The surrogate pair in string is invalid.")
     if not isinstance(doc, dict):
         raise invalid_argument("JSON Value is not an object")
     return doc
@@ -151,7 +223,8 @@ def signature_name_of(doc: dict) -> str:
     return sig
 
 
-def predict_request_from_json(doc: dict, sig_inputs: Mapping[str, Any]) -> Tuple[Dict[str, np.ndarray], str]:
+def predict_request_from_json(doc: dict, sig_inputs: Mapping[str, Any], max_elements: Optional[int] = None
+                              ) -> Tuple[Dict[str, np.ndarray], str]:
     """Inputs ``{name: array}`` and the format (``"row"`` / ``"columnar"``) of a REST predict body."""
     has_inst, has_inp = "instances" in doc, "inputs" in doc
     if has_inst and has_inp:
@@ -163,19 +236,17 @@ def predict_request_from_json(doc: dict, sig_inputs: Mapping[str, Any]) -> Tuple
     if has_inp:
         value = doc["inputs"]
         if isinstance(value, dict) and not _is_b64(value):
+            # As TF Serving: every signature input must be there; other keys are ignored.
             out = {}
-            for k, v in value.items():
-                if k not in sig_inputs:
-                    raise invalid_argument(f"input size does not match signature: {len(value)}!="
-                                           f"{len(names)} len({{{','.join(value)}}}) != len("
-                                           f"{{{','.join(names)}}}). Sent extra: {{{k}}}. "
-                                           "Missing but required: {}.")
-                out[k] = json_to_array(v, sig_inputs[k], f"input: {k}")
+            for k in names:
+                if k not in value:
+                    raise invalid_argument(f"Missing named input: {k} in 'inputs' object.")
+                out[k] = json_to_array(value[k], sig_inputs[k], f"input: {k}", max_elements)
             return out, "columnar"
         if len(names) != 1:
             raise invalid_argument("Input to signature has more than one named tensor; "
                                    "'inputs' must be an object keyed by input name")
-        return {names[0]: json_to_array(value, sig_inputs[names[0]], "'inputs'")}, "columnar"
+        return {names[0]: json_to_array(value, sig_inputs[names[0]], "'inputs'", max_elements)}, "columnar"
 
     inst = doc["instances"]
     if not isinstance(inst, list):
@@ -186,7 +257,7 @@ def predict_request_from_json(doc: dict, sig_inputs: Mapping[str, Any]) -> Tuple
     if not named:
         if len(names) != 1:
             raise invalid_argument(f"Expecting object but got list at item 0 of input list")
-        return {names[0]: json_to_array(inst, sig_inputs[names[0]], "'instances' list")}, "row"
+        return {names[0]: json_to_array(inst, sig_inputs[names[0]], "'instances' list", max_elements)}, "row"
     cols: Dict[str, list] = {}
     for i, row in enumerate(inst):
         if not isinstance(row, dict) or _is_b64(row):
@@ -200,7 +271,8 @@ def predict_request_from_json(doc: dict, sig_inputs: Mapping[str, Any]) -> Tuple
                 f"(missing: {{{','.join(missing)}}}, extra: {{{','.join(extra)}}})")
         for k, v in row.items():
             cols.setdefault(k, []).append(v)
-    return {k: json_to_array(v, sig_inputs[k], f"'instances' key: {k}") for k, v in cols.items()}, "row"
+    return {k: json_to_array(v, sig_inputs[k], f"'instances' key: {k}", max_elements)
+            for k, v in cols.items()}, "row"
 
 
 def _nest(flat: list, shape: Tuple[int, ...]):
@@ -273,14 +345,18 @@ def _feature(key: str, value):
     if not vals:
         return f
     first = vals[0]
-    if isinstance(first, bool):
-        raise invalid_argument(f"Feature '{key}': boolean values are not supported in tf.Example")
     if isinstance(first, str) or _is_b64(first):
         f.bytes_list.value.extend(_to_bytes(v) for v in vals)
-    elif all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
-        f.int64_list.value.extend(vals)
+    elif all(isinstance(v, int) for v in vals):
+        # integers and booleans (true -> 1, false -> 0) become int64_list, as in TF Serving
+        if any(not -2 ** 63 <= v < 2 ** 63 for v in vals):
+            raise invalid_argument(f"Feature '{key}': integer out of int64 range")
+        f.int64_list.value.extend(int(v) for v in vals)
     elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-        f.float_list.value.extend(float(v) for v in vals)
+        floats = [float(v) for v in vals]
+        if any(math.isfinite(v) and abs(v) > _FLOAT32_MAX for v in floats):
+            raise invalid_argument(f"Feature '{key}': value out of float32 range (float_list)")
+        f.float_list.value.extend(floats)
     else:
         raise invalid_argument(f"Feature '{key}' has values of mixed or unsupported JSON types")
     return f
@@ -321,23 +397,86 @@ def examples_from_input_proto(inp) -> List[bytes]:
 
 
 # ---- TensorProto ------------------------------------------------------------------------------
-def tensor_proto_to_array(tp, np_dtype=None) -> np.ndarray:
-    import tensorflow as tf
-    from tensorflow.core.framework import types_pb2
+# dtype enum -> the TensorProto field holding its values (tensorflow/core/framework/tensor.proto)
+_VAL_FIELD = {1: "float_val", 2: "double_val", 3: "int_val", 4: "int_val", 5: "int_val", 6: "int_val",
+              7: "string_val", 9: "int64_val", 10: "bool_val", 14: "half_val", 17: "int_val",
+              19: "half_val", 22: "uint32_val", 23: "uint64_val"}
+_TF_MAX_RANK = 254
 
-    shape = [d.size for d in tp.tensor_shape.dim]
-    if tp.dtype == types_pb2.DT_STRING:
-        vals = list(tp.string_val)
-        arr = np.empty(len(vals), dtype=object)
-        arr[:] = vals
-        n = int(np.prod(shape)) if shape else 1
-        if len(vals) == 1 and n != 1:
-            arr = np.full(n, vals[0], dtype=object)
-        return arr.reshape(shape)
+
+def dtype_name(dt_enum: int) -> str:
+    import tensorflow as tf
+
+    try:
+        return tf.dtypes.as_dtype(dt_enum).name
+    except TypeError:
+        return f"dtype enum {dt_enum}"
+
+
+def tensor_proto_to_array(tp, name: str = "input", max_elements: Optional[int] = None,
+                          max_bytes: Optional[int] = None) -> np.ndarray:
+    """A request TensorProto as a numpy array, checked *before* anything is allocated: the declared
+    shape (at most ``max_elements`` elements), and the values actually sent (``tensor_content`` of
+    exactly the declared size, or at most as many typed values as elements; fewer are padded with
+    the last one as TensorFlow does, as long as the padded tensor stays within ``max_bytes``).
+    The caller has already checked that the dtype is the signature's."""
+    import tensorflow as tf
+
+    if tp.tensor_shape.unknown_rank:
+        raise invalid_argument(f"tensor parsing error: {name}: the shape must be known")
+    dims = [d.size for d in tp.tensor_shape.dim]
+    if len(dims) > _TF_MAX_RANK:
+        raise invalid_argument(f"tensor parsing error: {name}: rank {len(dims)} is more than {_TF_MAX_RANK}")
+    n = 1
+    for d in dims:
+        if d < 0:
+            raise invalid_argument(f"tensor parsing error: {name}: negative dimension {d} in shape {dims}")
+        n *= d
+        if max_elements is not None and n > max_elements:
+            n = math.prod(dims)
+            raise invalid_argument(
+                f"{name}: shape {dims} declares {n} elements, more than the server allows per tensor "
+                f"({max_elements}, privtrain serve --max-tensor-elements)")
+    field = _VAL_FIELD.get(tp.dtype)
+    if tp.dtype == 7:  # DT_STRING
+        vals = tp.string_val
+        k = len(vals)
+        if k > n:
+            raise invalid_argument(f"tensor parsing error: {name}: {k} string values for shape {dims} "
+                                   f"({n} elements)")
+        if 0 < k < n and max_bytes is not None and (n - k) * (len(vals[-1]) + 32) > max_bytes:
+            raise invalid_argument(f"tensor parsing error: {name}: {k} string values would be padded to "
+                                   f"{n} elements, more than {max_bytes} bytes")
+        arr = np.empty(n, dtype=object)
+        if k:
+            arr[:k] = list(vals)
+            if k < n:
+                arr[k:] = vals[-1]
+        else:
+            arr[:] = b""
+        return arr.reshape(dims)
+    try:
+        np_dtype = tf.dtypes.as_dtype(tp.dtype).as_numpy_dtype
+    except TypeError:
+        raise invalid_argument(f"tensor parsing error: {name}: unsupported dtype enum {tp.dtype}") from None
+    itemsize = np.dtype(np_dtype).itemsize
     if tp.tensor_content:
-        dt = tf.dtypes.as_dtype(tp.dtype).as_numpy_dtype
-        return np.frombuffer(tp.tensor_content, dtype=dt).reshape(shape)
-    return tf.make_ndarray(tp)
+        if len(tp.tensor_content) != n * itemsize:
+            raise invalid_argument(
+                f"tensor parsing error: {name}: tensor_content has {len(tp.tensor_content)} bytes, "
+                f"shape {dims} of {dtype_name(tp.dtype)} needs {n * itemsize}")
+        return np.frombuffer(tp.tensor_content, dtype=np_dtype).reshape(dims)
+    if max_bytes is not None and n * itemsize > max_bytes:
+        raise invalid_argument(f"tensor parsing error: {name}: shape {dims} of {dtype_name(tp.dtype)} is "
+                               f"{n * itemsize} bytes, more than {max_bytes}")
+    if field is not None:
+        k = len(getattr(tp, field))
+        if k > n:
+            raise invalid_argument(f"tensor parsing error: {name}: {k} values for shape {dims} ({n} elements)")
+    try:
+        return tf.make_ndarray(tp)
+    except (ValueError, TypeError) as e:
+        raise invalid_argument(f"tensor parsing error: {name}: {e}") from None
 
 
 _NP_TO_DT = None

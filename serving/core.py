@@ -14,26 +14,52 @@ def _join(names) -> str:
     return ",".join(sorted(names))
 
 
+def check_input_names(sig: Signature, sent_names) -> None:
+    """TF Serving's checks (predict_util.cc): the same number of inputs, then every alias known."""
+    sent, expected = set(sent_names), set(sig.inputs)
+    if len(sent) != len(expected):
+        raise invalid_argument(
+            f"input size does not match signature: {len(sent)}!={len(expected)} "
+            f"len({{{_join(sent)}}}) != len({{{_join(expected)}}}). "
+            f"Sent extra: {{{_join(sent - expected)}}}. "
+            f"Missing but required: {{{_join(expected - sent)}}}.")
+    for alias in sorted(sent - expected):
+        raise invalid_argument(
+            f"input tensor alias not found in signature: {alias}. Inputs expected to be in the set "
+            f"{{{_join(expected)}}}.")
+
+
+def check_input_dtypes(sig: Signature, sent_dtypes: Mapping[str, int]) -> None:
+    """gRPC tensors must have the signature's dtype exactly (TF Serving does not convert)."""
+    for i, name in enumerate(sorted(sig.inputs)):
+        want = sig.sig_def.inputs[name].dtype
+        got = sent_dtypes[name]
+        if got != want:
+            from .codec import dtype_name
+
+            raise invalid_argument(f"Expects arg[{i}] to be {dtype_name(want)} but {dtype_name(got)} is "
+                                   f"provided (input '{name}')")
+
+
 class InferenceCore:
-    def __init__(self, repo: ModelRepository, batcher: Optional[Batcher] = None):
+    def __init__(self, repo: ModelRepository, batcher: Optional[Batcher] = None, async_batcher=None):
         self.repo = repo
         self.batcher = batcher
+        self.async_batcher = async_batcher
 
     # ---- predict -----------------------------------------------------------------------
-    def predict(self, servable: Servable, sig: Signature, inputs: Mapping[str, np.ndarray],
-                output_filter: Sequence[str] = ()) -> Dict[str, np.ndarray]:
-        sent, expected = set(inputs), set(sig.inputs)
-        if sent != expected:
-            raise invalid_argument(
-                f"input size does not match signature: {len(sent)}!={len(expected)} "
-                f"len({{{_join(sent)}}}) != len({{{_join(expected)}}}). "
-                f"Sent extra: {{{_join(sent - expected)}}}. "
-                f"Missing but required: {{{_join(expected - sent)}}}.")
+    @staticmethod
+    def _check(sig: Signature, inputs: Mapping[str, np.ndarray], output_filter: Sequence[str]) -> None:
+        check_input_names(sig, inputs)
         for alias in output_filter:
             if alias not in sig.outputs:
                 raise invalid_argument(
                     f"output tensor alias not found in signature: {alias} Outputs expected to be "
                     f"in the set {{{_join(sig.outputs)}}}.")
+
+    def predict(self, servable: Servable, sig: Signature, inputs: Mapping[str, np.ndarray],
+                output_filter: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+        self._check(sig, inputs, output_filter)
         if self.batcher is not None:
             out = self.batcher.run((servable.name, servable.version, sig.name), sig, inputs)
         else:
@@ -41,6 +67,12 @@ class InferenceCore:
         if output_filter:
             out = {k: v for k, v in out.items() if k in set(output_filter)}
         return out
+
+    async def predict_async(self, servable: Servable, sig: Signature,
+                            inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """The REST server's path when batching is on (runs on its event loop)."""
+        self._check(sig, inputs, ())
+        return await self.async_batcher.run((servable.name, servable.version, sig.name), sig, inputs)
 
     # ---- classify / regress --------------------------------------------------------------
     @staticmethod

@@ -49,14 +49,31 @@ def not_found(msg: str) -> ServingError:
     return ServingError(grpc.StatusCode.NOT_FOUND, msg)
 
 
-class PortInUseError(OSError):
+class ServingConfigError(ValueError):
+    """A bad flag / option / file given to the server: one line naming the problem and the fix.
+
+    Messages carry no ``privtrain serve:`` prefix; the command-line entry points add it once."""
+
+
+class PortInUseError(ServingConfigError, OSError):
     """Raised by :class:`ModelServer.start` when a port cannot be bound."""
 
     def __init__(self, kind: str, host: str, port: int, flag: str):
         self.kind, self.host, self.port, self.flag = kind, host, port, flag
         super().__init__(
-            f"privtrain serve: the {kind} port {port} on {host} is already in use "
-            f"(another `privtrain serve` or tensorflow_model_server?). Stop the process holding it "
+            f"the {kind} port {port} on {host} is already in use "
+            f"(another `privtrain serve`?). Stop the process holding it "
             f"(e.g. `ss -ltnp 'sport = :{port}'` shows it) or choose another port with {flag} "
             f"(0 picks a free one)."
         )
+
+
+class InsecureBindError(ServingConfigError):
+    """Refusal to listen beyond loopback without TLS or authentication."""
+
+    def __init__(self, host: str):
+        self.host = host
+        super().__init__(
+            f"refusing to listen on {host} without TLS or authentication: anyone who can reach this "
+            "address could query the models. Pass --tls-cert/--tls-key (optionally --tls-client-ca for "
+            "mutual TLS) and/or --auth-token-file, or listen on loopback only (--host 127.0.0.1).")

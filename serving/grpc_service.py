@@ -1,4 +1,6 @@
-"""TF Serving's gRPC services (PredictionService, ModelService) on grpcio."""
+"""TF Serving's gRPC services (PredictionService, ModelService) on grpcio: TLS / mutual TLS, bearer-token
+auth (metadata ``authorization: Bearer <token>``), bounded concurrency (``maximum_concurrent_rpcs``), and
+request tensors checked (names, dtypes, declared sizes) before anything is allocated."""
 from __future__ import annotations
 
 from concurrent import futures
@@ -9,8 +11,10 @@ from tensorflow_serving.apis import (classification_pb2, get_model_metadata_pb2,
                                      predict_pb2, prediction_service_pb2_grpc, regression_pb2)
 
 from . import codec
-from .core import InferenceCore, model_metadata_response, model_status_response
-from .errors import ServingError, invalid_argument
+from .core import (InferenceCore, check_input_dtypes, check_input_names, model_metadata_response,
+                   model_status_response)
+from .errors import PortInUseError, ServingError, invalid_argument
+from .options import ServerOptions, TokenChecker
 
 
 def _spec(model_spec):
@@ -38,9 +42,10 @@ def _guard(fn):
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, core: InferenceCore):
+    def __init__(self, core: InferenceCore, options: Optional[ServerOptions] = None):
         self.core = core
         self.repo = core.repo
+        self.options = options or ServerOptions()
 
     @_guard
     def Predict(self, request, context):  # noqa: N802
@@ -48,7 +53,12 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             raise invalid_argument("Missing ModelSpec")
         with self.repo.handle(*_spec(request.model_spec)) as s:
             sig = s.signature(request.model_spec.signature_name)
-            inputs = {k: codec.tensor_proto_to_array(v) for k, v in request.inputs.items()}
+            # Names, then dtypes, then each declared shape against the limits: all before allocating.
+            check_input_names(sig, request.inputs.keys())
+            check_input_dtypes(sig, {k: v.dtype for k, v in request.inputs.items()})
+            o = self.options
+            inputs = {k: codec.tensor_proto_to_array(v, k, o.max_tensor_elements, o.max_message_bytes)
+                      for k, v in request.inputs.items()}
             out = self.core.predict(s, sig, inputs, list(request.output_filter))
             resp = predict_pb2.PredictResponse()
             _fill_spec(resp.model_spec, s, sig.name)
@@ -111,34 +121,60 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
                       "privtrain serve reloads from the serving directory; config reload is not supported")
 
 
-class GrpcServer:
-    """Binds in the constructor (a taken port fails fast with ``bound_port == 0`` / RuntimeError)."""
+class _AuthInterceptor(grpc.ServerInterceptor):
+    """Every call needs ``authorization: Bearer <token>`` metadata (UNAUTHENTICATED otherwise)."""
 
-    def __init__(self, host: str, port: int, core: InferenceCore, max_workers: int = 8,
-                 max_message_bytes: int = 64 * 1024 * 1024):
-        self._executor = futures.ThreadPoolExecutor(max_workers=max_workers,
+    def __init__(self, checker: TokenChecker):
+        self.checker = checker
+
+    def intercept_service(self, continuation, handler_call_details):
+        md = {k.lower(): v for k, v in (handler_call_details.invocation_metadata or ())}
+        auth = md.get("authorization")
+        problem = self.checker.check(auth if isinstance(auth, str) else None)
+        if problem is None:
+            return continuation(handler_call_details)
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class GrpcServer:
+    """Binds in the constructor (a taken port raises PortInUseError at once)."""
+
+    def __init__(self, host: str, port: int, core: InferenceCore, options: Optional[ServerOptions] = None):
+        self.options = o = options or ServerOptions()
+        checker = TokenChecker(o.tokens())
+        creds = o.grpc_credentials()
+        self._executor = futures.ThreadPoolExecutor(max_workers=o.grpc_workers,
                                                     thread_name_prefix="privtrain-grpc")
-        self._server = grpc.server(self._executor, options=[
-            ("grpc.so_reuseport", 0),   # a port already taken must fail, not be shared
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ])
+        self._server = grpc.server(
+            self._executor, interceptors=[_AuthInterceptor(checker)] if checker else None,
+            maximum_concurrent_rpcs=o.max_concurrent_requests,
+            options=[
+                ("grpc.so_reuseport", 0),   # a port already taken must fail, not be shared
+                ("grpc.max_receive_message_length", o.max_message_bytes),
+                ("grpc.max_send_message_length", o.max_message_bytes),
+            ])
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(core), self._server)
+            PredictionServicer(core, o), self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core), self._server)
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            self.port = self._server.add_insecure_port(addr)
+            self.port = (self._server.add_secure_port(addr, creds) if creds is not None
+                         else self._server.add_insecure_port(addr))
         except RuntimeError:
             self.port = 0
         if not self.port:
             self._server.stop(None)
             self._executor.shutdown(wait=False)
-            raise OSError(f"could not bind {addr}")
+            raise PortInUseError("gRPC", host, port, "--grpc-port")
 
     def start(self) -> None:
         self._server.start()
 
-    def stop(self, grace: Optional[float] = 2.0) -> None:
-        self._server.stop(grace).wait()
+    def stop(self, grace: Optional[float] = None) -> None:
+        """Refuse new calls, let in-flight ones finish (``grace`` s, default the drain timeout)."""
+        self._server.stop(self.options.drain_timeout_s if grace is None else grace).wait()
         self._executor.shutdown(wait=True)

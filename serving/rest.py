@@ -1,20 +1,17 @@
-"""TF Serving's REST API (``/v1/models/...``) on the standard library's ThreadingHTTPServer."""
+"""TF Serving's REST API (``/v1/models/...``): routing and request handling (the HTTP server that
+carries it is :mod:`serving.http_server`). Mirrors tensorflow_serving/model_servers/http_rest_api_handler.cc."""
 from __future__ import annotations
 
-import json
 import re
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional, Tuple
-from urllib.parse import unquote, urlsplit
+from typing import NamedTuple, Optional, Tuple
+from urllib.parse import unquote
 
 import numpy as np
 from google.protobuf import json_format
 
 from . import codec
 from .core import InferenceCore, model_metadata_response, model_status_response
-from .errors import ServingError, invalid_argument
+from .errors import invalid_argument
 
 # tensorflow_serving/model_servers/http_rest_api_util.cc
 _V1 = re.compile(r"/v1/.*", re.I)
@@ -28,10 +25,9 @@ _INT64_MAX = 2 ** 63 - 1
 def _version(s: Optional[str]) -> Optional[int]:
     if not s:
         return None
-    v = int(s)
-    if v > _INT64_MAX:
-        raise invalid_argument(f"Failed to convert version: {s} to numeric.")
-    return v
+    if len(s) > 19 or int(s) > _INT64_MAX:
+        raise invalid_argument(f"Failed to convert version: {s[:40]} to numeric.")
+    return int(s)
 
 
 def _proto_json(msg) -> dict:
@@ -39,23 +35,33 @@ def _proto_json(msg) -> dict:
                                      preserving_proto_field_name=True)
 
 
+class Route(NamedTuple):
+    verb: str            # predict | classify | regress | status | metadata
+    name: str
+    version: Optional[int]
+    label: Optional[str]
+
+
+def is_api_path(path: str) -> bool:
+    return bool(_V1.fullmatch(path))
+
+
 class RestApi:
     """Maps (method, path, body) to (http status, JSON-able body), raising ServingError on failure."""
 
-    def __init__(self, core: InferenceCore):
+    def __init__(self, core: InferenceCore, max_elements: Optional[int] = None):
         self.core = core
         self.repo = core.repo
+        self.max_elements = max_elements
 
-    def handle(self, method: str, path: str, body: bytes) -> Tuple[int, dict]:
+    def route(self, method: str, path: str) -> Route:
         malformed = invalid_argument(f"Malformed request: {method} {path}")
         if method == "POST":
             m = _PREDICT.fullmatch(path)
             if not m:
                 raise malformed
-            name, version, label = unquote(m.group(1)), _version(m.group(2)), m.group(3)
-            label = unquote(label) if label else None
-            verb = m.group(4).lower()
-            return 200, getattr(self, "_" + verb)(name, version, label, body)
+            label = unquote(m.group(3)) if m.group(3) else None
+            return Route(m.group(4).lower(), unquote(m.group(1)), _version(m.group(2)), label)
         if method == "GET":
             m = _STATUS.fullmatch(path)
             if not m:
@@ -67,27 +73,48 @@ class RestApi:
             if version is not None and label:
                 raise invalid_argument(f"Both model version ({version}) and model version label "
                                        f"({label}) cannot be supplied.")
-            if m.group(4):
-                with self.repo.handle(name, version, label) as s:
-                    cached = getattr(s, "_rest_metadata", None)
-                    if cached is None:
-                        resp = model_metadata_response(s)
-                        from tensorflow_serving.apis import get_model_metadata_pb2
-                        sdm = get_model_metadata_pb2.SignatureDefMap()
-                        resp.metadata["signature_def"].Unpack(sdm)
-                        cached = {"model_spec": _proto_json(resp.model_spec),
-                                  "metadata": {"signature_def": _proto_json(sdm)}}
-                        s._rest_metadata = cached
-                    return 200, cached
-            return 200, _proto_json(model_status_response(self.repo, name, version, label))
+            return Route("metadata" if m.group(4) else "status", name, version, label)
         raise malformed
+
+    def handle(self, method: str, path: str, body: bytes) -> Tuple[int, dict]:
+        return self.handle_route(self.route(method, path), body)
+
+    def handle_route(self, r: Route, body: bytes) -> Tuple[int, dict]:
+        if r.verb == "status":
+            return 200, _proto_json(model_status_response(self.repo, r.name, r.version, r.label))
+        if r.verb == "metadata":
+            with self.repo.handle(r.name, r.version, r.label) as s:
+                cached = getattr(s, "_rest_metadata", None)
+                if cached is None:
+                    resp = model_metadata_response(s)
+                    from tensorflow_serving.apis import get_model_metadata_pb2
+                    sdm = get_model_metadata_pb2.SignatureDefMap()
+                    resp.metadata["signature_def"].Unpack(sdm)
+                    cached = {"model_spec": _proto_json(resp.model_spec),
+                              "metadata": {"signature_def": _proto_json(sdm)}}
+                    s._rest_metadata = cached
+                return 200, cached
+        return 200, getattr(self, "_" + r.verb)(r.name, r.version, r.label, body)
+
+    async def predict_async(self, r: Route, body: bytes) -> dict:
+        """``:predict`` parsed on the event loop and computed by the core's AsyncBatcher."""
+        doc = codec.parse_json_body(body)
+        sig_name = codec.signature_name_of(doc)
+        s = self.repo.acquire(r.name, r.version, r.label)
+        try:
+            sig = s.signature(sig_name, rest=True)
+            inputs, fmt = codec.predict_request_from_json(doc, sig.np_inputs, self.max_elements)
+            out = await self.core.predict_async(s, sig, inputs)
+        finally:
+            self.repo.release(s)
+        return codec.predict_response_to_json(out, fmt)
 
     def _predict(self, name, version, label, body):
         doc = codec.parse_json_body(body)
         sig_name = codec.signature_name_of(doc)
         with self.repo.handle(name, version, label) as s:
             sig = s.signature(sig_name, rest=True)
-            inputs, fmt = codec.predict_request_from_json(doc, sig.np_inputs)
+            inputs, fmt = codec.predict_request_from_json(doc, sig.np_inputs, self.max_elements)
             out = self.core.predict(s, sig, inputs)
         return codec.predict_response_to_json(out, fmt)
 
@@ -106,96 +133,3 @@ class RestApi:
         with self.repo.handle(name, version, label) as s:
             _, result = self.core.regress(s, sig_name, examples)
         return {"results": result}
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"      # keep-alive, like TF Serving's libevent server
-    disable_nagle_algorithm = True     # small JSON replies must not wait for delayed ACKs
-    server_version = "privtrain-serving"
-    sys_version = ""
-
-    def log_message(self, fmt, *args):  # quiet; errors are in the JSON replies
-        pass
-
-    def _reply(self, status: int, data: bytes, content_type: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _dispatch(self, method: str) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length > 0 else b""
-        path = urlsplit(self.path).path
-        if not _V1.fullmatch(path):
-            self._reply(404, b"", "text/plain")
-            return
-        try:
-            status, payload = self.server.api.handle(method, path, body)
-        except ServingError as e:
-            status, payload = e.http_status, {"error": e.message}
-        except Exception as e:  # noqa: BLE001 - reported like TF Serving's INTERNAL errors
-            status, payload = 500, {"error": f"{type(e).__name__}: {e}"}
-        self._reply(status, json.dumps(payload).encode("utf-8"))
-
-    def do_GET(self):  # noqa: N802
-        self._dispatch("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._dispatch("POST")
-
-    def do_PUT(self):  # noqa: N802
-        self._dispatch("PUT")
-
-    def do_DELETE(self):  # noqa: N802
-        self._dispatch("DELETE")
-
-
-class RestServer(ThreadingHTTPServer):
-    """Binds in the constructor (so a taken port fails fast); ``start()`` begins serving."""
-
-    daemon_threads = False
-    block_on_close = True
-    request_queue_size = 128
-
-    def __init__(self, host: str, port: int, api: RestApi):
-        self.api = api
-        self._conns = set()
-        self._conns_lock = threading.Lock()
-        self._thread: Optional[threading.Thread] = None
-        super().__init__((host, port), _Handler)
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def process_request(self, request, client_address):
-        with self._conns_lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request):
-        with self._conns_lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name=f"privtrain-rest-{self.port}", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join()
-            self._thread = None
-        # Unblock handler threads idling on keep-alive connections, then join them.
-        with self._conns_lock:
-            conns = list(self._conns)
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        self.server_close()

@@ -1,20 +1,15 @@
-"""Running the real ``tensorflow_model_server`` when it is on PATH: its ``models.config`` and process."""
+"""A ``models.config`` for the real ``tensorflow_model_server`` over a serving directory.
+
+privtrain does not start that binary itself (it listens on all interfaces without auth; see
+``serving.server.TFSERVING_REFUSED``); this module prints the config for operators who run it behind
+their own TLS-terminating, authenticating proxy."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import threading
-from typing import Dict, List, Optional
+import sys
+from typing import List, Optional
 
 from .repository import discover_models, read_labels_file
-
-BINARY = "tensorflow_model_server"
-
-
-def find_binary() -> Optional[str]:
-    return shutil.which(BINARY)
-
 
 def _q(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -54,83 +49,18 @@ def models_config_text(serving_dir: str, max_versions: Optional[int] = 2,
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: str, text: str) -> bool:
-    """Write if changed; returns whether the file changed."""
-    try:
-        with open(path) as f:
-            if f.read() == text:
-                return False
-    except OSError:
-        pass
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return True
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m serving.tfserving",
+                                description="Print a models.config for tensorflow_model_server over a serving "
+                                            "directory (for running it yourself behind a TLS/auth proxy).")
+    p.add_argument("--serving-dir", required=True)
+    p.add_argument("--max-versions", type=int, default=2, help="0 keeps all versions")
+    a = p.parse_args(argv)
+    sys.stdout.write(models_config_text(a.serving_dir, a.max_versions or None))
+    return 0
 
 
-class TFServingProcess:
-    """``tensorflow_model_server`` on a generated ``models.config`` that is kept in sync with the
-    serving directory (new models / labels) by a small thread; TF Serving itself polls the config
-    file and the version directories."""
-
-    def __init__(self, binary: str, serving_dir: str, config_dir: str, rest_port: int, grpc_port: int,
-                 poll_interval_s: float = 1.0, max_versions: Optional[int] = 2,
-                 model_names: Optional[List[str]] = None, extra_args: Optional[List[str]] = None,
-                 batching: bool = False):
-        self.binary, self.serving_dir, self.config_dir = binary, serving_dir, config_dir
-        self.rest_port, self.grpc_port = rest_port, grpc_port
-        self.poll_interval_s = max(1.0, float(poll_interval_s or 1.0))
-        self.max_versions, self.model_names = max_versions, model_names
-        self.extra_args = list(extra_args or [])
-        self.batching = batching
-        self.config_path = os.path.join(config_dir, "models.config")
-        self.proc: Optional[subprocess.Popen] = None
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def command(self) -> List[str]:
-        cmd = [self.binary, f"--port={self.grpc_port}", f"--rest_api_port={self.rest_port}",
-               f"--model_config_file={self.config_path}",
-               f"--model_config_file_poll_wait_seconds={int(self.poll_interval_s)}",
-               f"--file_system_poll_wait_seconds={int(self.poll_interval_s)}"]
-        if self.batching:
-            cmd.append("--enable_batching=true")
-        return cmd + self.extra_args
-
-    def write_config(self) -> bool:
-        os.makedirs(self.config_dir, exist_ok=True)
-        return write_atomic(self.config_path,
-                            models_config_text(self.serving_dir, self.max_versions, self.model_names))
-
-    def start(self) -> None:
-        self.write_config()
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._sync_loop, name="privtrain-tfserving-config",
-                                        daemon=True)
-        self._thread.start()
-
-    def _sync_loop(self) -> None:
-        while not self._stop.wait(self.poll_interval_s):
-            try:
-                self.write_config()
-            except OSError:
-                pass
-
-    def poll(self) -> Optional[int]:
-        return None if self.proc is None else self.proc.poll()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+if __name__ == "__main__":
+    sys.exit(main())

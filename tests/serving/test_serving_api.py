@@ -213,7 +213,9 @@ def test_grpc_predict_metadata_status(served, expected):
                                                                       "workclass": ["Gov"]}},
      400, "is not of expected type: float"),
     ("POST", ":predict", {"signature_name": "predict_raw", "inputs": {"age": [1.0]}}, 400,
-     "input size does not match signature"),
+     "Missing named input: hours in 'inputs' object."),
+    ("POST", ":predict", {"signature_name": "predict_raw", "instances": [{"age": 1.0}]}, 400,
+     "keys do not match signature inputs"),
     ("POST", "/versions/7:predict", {"instances": ["x"]}, 404, "Servable not found for request: Specific(adult, 7)"),
     ("POST", "/labels/nope:predict", {"instances": ["x"]}, 400, "Unrecognized servable version label: nope"),
     ("GET", "/versions/9", None, 404, "Could not find version 9 of model adult"),
@@ -244,4 +246,12 @@ def test_unknown_model_rest_and_grpc(served):
     with pytest.raises(grpc.RpcError) as e:
         stub.Predict(req, timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # same number of inputs, unknown name: TF Serving's wording, not "1!=1"
+    assert e.value.details() == ("input tensor alias not found in signature: wrong. Inputs expected to be "
+                                 "in the set {examples}.")
+    req.inputs["other"].CopyFrom(tf.make_tensor_proto([b"x"]))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Predict(req, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("input size does not match signature: 2!=1 ")
     assert "Missing but required: {examples}" in e.value.details()

@@ -210,7 +210,7 @@ def test_batching_merges_concurrent_requests(make_serving_dir, start_server):
         t.join()
     assert errors == [] and len(results) == 6
     np.testing.assert_allclose(results, single, rtol=1e-6)
-    assert s.batcher.batches_run >= 1
+    assert s.async_batcher.batches_run >= 1     # REST batches on the event loop
 
 
 def test_batcher_unit_isolates_bad_requests():
@@ -244,42 +244,23 @@ def test_batcher_unit_isolates_bad_requests():
     assert max(sizes) > 1
 
 
-def test_tensorflow_model_server_on_path_gets_models_config(make_serving_dir, tmp_path, monkeypatch):
-    """With a (fake) tensorflow_model_server on PATH, 'auto' writes models.config and runs it."""
-    from serving import ModelServer
+def test_tfserving_backend_is_refused_and_models_config_is_printed(make_serving_dir, start_server):
+    """tensorflow_model_server cannot bind loopback only nor check tokens: privtrain does not start it,
+    but prints its models.config for operators who run it behind their own proxy."""
+    from serving.errors import ServingConfigError
+    from serving.tfserving import models_config_text
 
     d = make_serving_dir({1: "a", 2: "b"})
     with open(os.path.join(d, "adult", "labels.json"), "w") as f:
         json.dump({"stable": 1}, f)
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    argsfile = tmp_path / "args.txt"
-    fake = bindir / "tensorflow_model_server"
-    fake.write_text(f"#!/bin/sh\necho \"$@\" > {argsfile}\nexec sleep 60\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    ports = []
-    for _ in range(2):
-        sk = socket.socket()
-        sk.bind(("127.0.0.1", 0))
-        ports.append(sk.getsockname()[1])
-        sk.close()
-    s = ModelServer(d, ports[0], ports[1], config_dir=str(tmp_path / "cfg"), log=lambda m: None)
-    try:
-        s.start()
-        proc = s._proc.proc
-        wait_for(lambda: argsfile.exists() and argsfile.read_text().strip(), 10, "fake binary")
-        args = argsfile.read_text().split()
-        assert f"--port={ports[1]}" in args and f"--rest_api_port={ports[0]}" in args
-        cfg = (tmp_path / "cfg" / "models.config").read_text()
-        assert f'base_path: "{os.path.join(d, "adult")}"' in cfg
-        assert 'version_labels { key: "stable" value: 1 }' in cfg
-        assert "versions: 1 versions: 2" in cfg
-        from google.protobuf import text_format
-        from tensorflow_serving.config import model_server_config_pb2
-        parsed = text_format.Parse(cfg, model_server_config_pb2.ModelServerConfig())
-        assert parsed.model_config_list.config[0].name == "adult"
-    finally:
-        s.stop()
-    assert proc.poll() is not None
+    with pytest.raises(ServingConfigError, match="listens on all interfaces"):
+        start_server(d, backend="tfserving")
     assert privtrain_threads() == []
+    cfg = models_config_text(d, max_versions=2)
+    assert f'base_path: "{os.path.join(d, "adult")}"' in cfg
+    assert 'version_labels { key: "stable" value: 1 }' in cfg
+    assert "versions: 1 versions: 2" in cfg
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+    parsed = text_format.Parse(cfg, model_server_config_pb2.ModelServerConfig())
+    assert parsed.model_config_list.config[0].name == "adult"

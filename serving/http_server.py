@@ -1,0 +1,361 @@
+"""The HTTP server carrying TF Serving's REST API: Tornado's HTTP/1.1 server on an asyncio event loop
+in one thread, predictions computed on a small thread pool (or by the AsyncBatcher).
+
+What it guarantees (each has a regression test in tests/serving/test_serving_http.py):
+  * framing: ``Transfer-Encoding: chunked`` bodies are read as bodies (never as a next request);
+    a request with both Content-Length and Transfer-Encoding, another transfer coding, or a
+    non-numeric Content-Length is answered 400 and its connection closed (no request smuggling);
+  * limits: body (``max_body_bytes``, Content-Length or chunked: 413), request line + headers
+    (``max_header_bytes``), time to receive headers, and again the body, and keep-alive idleness
+    (``read_timeout_s``), open connections (``max_connections``: 503), requests being computed
+    (``max_concurrent_requests``: 429). Connections cost no thread.
+  * auth: with tokens, every request needs ``Authorization: Bearer <token>`` (401 otherwise, checked
+    before the body is read); TLS and mutual TLS through an ``ssl.SSLContext``;
+  * drain: ``stop()`` stops accepting, lets requests already received finish (their responses are
+    written whole, with ``Connection: close``), then closes idle keep-alive connections;
+  * memory: after a request or response over 1 MiB the C heap is trimmed (glibc ``malloc_trim``),
+    so the process shrinks back instead of keeping the peak.
+
+Why Tornado: it is already pinned in env/platform.lock.txt (no new packages, no environment rebuild),
+maintained, implements HTTP/1.1 keep-alive and chunked request bodies with strict framing checks, and
+its delegate API lets this server answer over-size or unauthenticated requests before reading bodies.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Tuple
+from urllib.parse import urlsplit
+
+from .errors import PortInUseError, ServingError
+from .options import ServerOptions, TokenChecker
+from .rest import RestApi, Route, is_api_path
+
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+            409: "Conflict", 413: "Payload Too Large", 429: "Too Many Requests",
+            500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
+            504: "Gateway Timeout", 499: "Client Closed Request"}
+_TRIM_BYTES = 1 << 20          # trim the C heap after requests / responses larger than this
+_INLINE_PARSE_BYTES = 64 << 10  # with batching, bodies up to this size are parsed on the event loop
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode("utf-8")
+
+
+def _compute(api: RestApi, route: Route, body: bytes) -> Tuple[int, bytes]:
+    """One request on a worker thread: parse, predict, encode."""
+    try:
+        status, payload = api.handle_route(route, body)
+        return status, json.dumps(payload).encode("utf-8")
+    except ServingError as e:
+        return e.http_status, _error_body(e.message)
+    except RecursionError:
+        return 400, _error_body("JSON Parse error: The document is nested too deeply")
+    except Exception as e:  # noqa: BLE001 - reported like TF Serving's INTERNAL errors
+        return 500, _error_body(f"{type(e).__name__}: {e}")
+
+
+class _Trimmer:
+    """``malloc_trim(0)`` on a worker thread, at most one pending at a time (no-op without glibc)."""
+
+    def __init__(self):
+        self._fn = None
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            self._fn = libc.malloc_trim
+            self._fn.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            pass
+        self._pending = False
+
+    def schedule(self, executor) -> None:
+        if self._fn is None or self._pending:
+            return
+        self._pending = True
+        try:
+            executor.submit(self._run)
+        except RuntimeError:      # executor shut down
+            self._pending = False
+
+    def _run(self) -> None:
+        try:
+            import gc
+            gc.collect()
+            self._fn(0)
+        finally:
+            self._pending = False
+
+
+class _Request:
+    """One HTTP request (tornado ``HTTPMessageDelegate``)."""
+
+    def __init__(self, server: "HttpServer", conn):
+        self.server, self.conn = server, conn
+        self.chunks, self.size = [], 0
+        self.start_line = None
+        self.headers = None
+        self.counted = False
+        self.rejected = False
+        self.closed = False
+
+    # -- tornado callbacks --
+    def headers_received(self, start_line, headers):
+        srv = self.server
+        self.start_line, self.headers = start_line, headers
+        srv.active += 1
+        self.counted = True
+        cl = headers.get("Content-Length")
+        te = headers.get("Transfer-Encoding")
+        if te is not None and cl is not None:
+            return self._reject(400, "A request may not have both Content-Length and Transfer-Encoding")
+        if te is not None and te.strip().lower() != "chunked":
+            return self._reject(400, f"Unsupported Transfer-Encoding: {te[:40]} (only chunked)")
+        if cl is not None:
+            pieces = {p.strip() for p in cl.split(",")}
+            if len(pieces) != 1 or not next(iter(pieces)).isdigit():
+                return self._reject(400, "Content-Length must be a non-negative integer, not "
+                                         f"{cl[:40]!r}")
+            if int(next(iter(pieces))) > srv.options.max_body_bytes:
+                return self._reject(413, self._too_large())
+        if srv.tokens:
+            problem = srv.tokens.check(headers.get("Authorization"))
+            if problem is not None:
+                return self._reject(401, problem, {"WWW-Authenticate": 'Bearer realm="privtrain"'})
+        return None
+
+    def data_received(self, chunk):
+        if self.rejected:
+            return None
+        self.size += len(chunk)
+        if self.size > self.server.options.max_body_bytes:   # chunked bodies: no length up front
+            self.chunks = []
+            return self._reject(413, self._too_large())
+        self.chunks.append(chunk)
+        return None
+
+    def finish(self):
+        if not self.rejected:
+            asyncio.ensure_future(self._process())
+
+    def on_connection_close(self):
+        self.closed = True
+        self._done()
+
+    # -- helpers --
+    def _too_large(self) -> str:
+        mb = self.server.options.max_body_bytes / (1 << 20)
+        return (f"Request body larger than the server allows ({mb:g} MiB); send smaller batches "
+                "or raise privtrain serve --max-body-mb")
+
+    def _done(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.server.active -= 1
+
+    async def _reject(self, status: int, message: str, extra=None):
+        """Answer before (the rest of) the body is read, then close the connection."""
+        self.rejected = True
+        try:
+            fut = self._write(status, _error_body(message), close=True, extra=extra)
+            if fut is not None:
+                await fut
+        except Exception:  # noqa: BLE001 - the client went away
+            pass
+        self.conn.close()
+        self._done()
+
+    def _write(self, status: int, data: bytes, content_type: str = "application/json", close: bool = False,
+               extra=None):
+        from tornado.httputil import HTTPHeaders, ResponseStartLine
+
+        if self.closed:
+            return None
+        headers = HTTPHeaders({"Content-Type": content_type, "Content-Length": str(len(data))})
+        if extra:
+            headers.update(extra)
+        if close or self.server.draining:
+            headers["Connection"] = "close"
+            self.conn._disconnect_on_finish = True   # tornado then closes after this response
+        fut = self.conn.write_headers(ResponseStartLine("HTTP/1.1", status, _REASONS.get(status, "")),
+                                      headers, data)
+        self.conn.finish()
+        return fut
+
+    async def _process(self) -> None:
+        srv = self.server
+        try:
+            body = b"".join(self.chunks)
+            self.chunks = []
+            try:
+                status, data, ctype = await self._respond(body)
+            except Exception as e:  # noqa: BLE001 - never leave a request unanswered
+                status, data, ctype = 500, _error_body(f"{type(e).__name__}: {e}"), "application/json"
+            fut = self._write(status, data, ctype)
+            if len(body) > _TRIM_BYTES or len(data) > _TRIM_BYTES:
+                del body, data
+                srv.trimmer.schedule(srv.executor)
+            if fut is not None:
+                await fut          # a draining stop() waits until the response is written whole
+        except Exception:  # noqa: BLE001 - the client went away
+            pass
+        finally:
+            self._done()
+
+    async def _respond(self, body: bytes) -> Tuple[int, bytes, str]:
+        srv = self.server
+        method = self.start_line.method
+        path = urlsplit(self.start_line.path).path
+        if not is_api_path(path):
+            return 404, b"", "text/plain"
+        try:
+            route = srv.api.route(method, path)
+        except ServingError as e:
+            return e.http_status, _error_body(e.message), "application/json"
+        if route.verb in ("status", "metadata"):
+            return (*_compute(srv.api, route, body), "application/json")
+        if srv.computing >= srv.options.max_concurrent_requests:
+            return 429, _error_body(
+                f"Server busy: {srv.computing} requests are being computed (privtrain serve "
+                "--max-concurrent-requests); retry later"), "application/json"
+        srv.computing += 1
+        try:
+            if srv.batching and route.verb == "predict" and len(body) <= _INLINE_PARSE_BYTES:
+                try:
+                    payload = await srv.api.predict_async(route, body)
+                    return 200, json.dumps(payload).encode("utf-8"), "application/json"
+                except ServingError as e:
+                    return e.http_status, _error_body(e.message), "application/json"
+                except RecursionError:
+                    return 400, _error_body("JSON Parse error: The document is nested too deeply"), \
+                        "application/json"
+            loop = asyncio.get_running_loop()
+            status, data = await loop.run_in_executor(srv.executor, _compute, srv.api, route, body)
+            return status, data, "application/json"
+        finally:
+            srv.computing -= 1
+
+
+class HttpServer:
+    """Binds in the constructor (a taken port fails fast); ``start()`` begins serving on its own
+    event-loop thread; ``stop()`` drains and joins it."""
+
+    def __init__(self, host: str, port: int, api: RestApi, options: ServerOptions, *, batching: bool = False,
+                 batcher_args: Optional[dict] = None):
+        from tornado.netutil import bind_sockets
+
+        self.api, self.options = api, options
+        self.batching = batching
+        self.batcher_args = dict(batcher_args or {})
+        self.tokens = TokenChecker(options.tokens())
+        self.ssl_context = options.ssl_context()
+        try:
+            self._sockets = bind_sockets(port, address=host, backlog=1024)
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise PortInUseError("REST", host, port, "--rest-port") from None
+            raise
+        self.port = self._sockets[0].getsockname()[1]
+        self.executor = ThreadPoolExecutor(max_workers=options.rest_workers, thread_name_prefix="privtrain-rest")
+        self.trimmer = _Trimmer()
+        self.active = 0          # requests received (headers in) and not yet answered
+        self.computing = 0       # requests being computed or queued for it
+        self.draining = False
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._server = None
+        self._thread: Optional[threading.Thread] = None
+        self._ready = threading.Event()
+        self._error: Optional[BaseException] = None
+
+    @property
+    def async_batcher(self):
+        return getattr(self.api.core, "async_batcher", None)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"privtrain-rest-loop-{self.port}", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        from tornado.httpserver import HTTPServer
+        from tornado.httputil import HTTPServerConnectionDelegate
+
+        outer = self
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            class _Delegate(HTTPServerConnectionDelegate):
+                def start_request(self, server_conn, request_conn):
+                    return _Request(outer, request_conn)
+
+            class _Server(HTTPServer):
+                def handle_stream(self, stream, address):
+                    if len(self._connections) >= outer.options.max_connections:
+                        msg = _error_body(f"Too many connections ({outer.options.max_connections}, privtrain "
+                                          "serve --max-connections); retry later")
+                        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                f"Content-Length: {len(msg)}\r\nConnection: close\r\n\r\n").encode()
+                        try:
+                            stream.write(head + msg).add_done_callback(lambda _f: stream.close())
+                        except Exception:  # noqa: BLE001
+                            stream.close()
+                        return
+                    super().handle_stream(stream, address)
+
+            if self.batching:
+                from .batcher import AsyncBatcher
+
+                self.api.core.async_batcher = AsyncBatcher(self.executor, **self.batcher_args)
+            o = self.options
+            self._server = _Server(_Delegate(), ssl_options=self.ssl_context, max_header_size=o.max_header_bytes,
+                                   idle_connection_timeout=o.read_timeout_s, body_timeout=o.read_timeout_s,
+                                   max_body_size=1 << 62,  # enforced per request by _Request (413)
+                                   max_buffer_size=o.max_body_bytes + (1 << 20), chunk_size=256 * 1024)
+            self._server.add_sockets(self._sockets)
+        except BaseException as e:  # noqa: BLE001
+            self._error = e
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+
+    async def _shutdown(self, timeout: float) -> None:
+        self.draining = True
+        self._server.stop()       # stop accepting; close the listening sockets
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.active > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        await self._server.close_all_connections()
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Drain (at most ``timeout`` s, default ``options.drain_timeout_s``) and stop."""
+        timeout = self.options.drain_timeout_s if timeout is None else timeout
+        if self._thread is not None and self._loop is not None and self._server is not None:
+            fut = asyncio.run_coroutine_threadsafe(self._shutdown(timeout), self._loop)
+            try:
+                fut.result(timeout + 10)
+            except Exception:  # noqa: BLE001 - stop anyway
+                pass
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+        elif self._thread is None:
+            for s in self._sockets:
+                s.close()
+        self._thread = None
+        self.executor.shutdown(wait=True)
