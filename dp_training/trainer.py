@@ -1,4 +1,5 @@
-"""The ``dp_sgd`` trainer kind: DP-SGD with TF Privacy, honest accounting and a budget ledger.
+"""The ``dp_sgd`` trainer kind: DP-SGD with TF Privacy. It plans its event from public inputs, trains, and
+reports the event it released; the pipeline's executor owns the ledger and the guarantee (``dp_training.contract``).
 
 Code paths (``details['dp_path']``):
 
@@ -16,22 +17,25 @@ What the accounting assumes, and how the trainer makes it true
 * Per-example clipping to ``l2_norm_clip`` (C); Gaussian noise of std ``noise_multiplier * C``
   added once to the *sum* of clipped gradients per step (TF Privacy does this in both paths).
 * ``sampling="poisson"``: every step draws a fresh batch that includes each training row
-  independently with probability ``q = batch_size / n`` (so batch sizes vary, and may be 0; an
-  empty batch still releases a noise-only step). The noisy sum is divided by the *expected* batch
-  size ``q * n``, a constant, never by the realised batch size (dividing by the realised size would
-  make the update depend on a non-private count). For the fast path this is done by using a SUM
+  independently with probability ``q = batch_size / N`` where ``N`` is the data set's *public* planning
+  size (``public_row_estimate`` under add/remove-one; the exact count under replace-one, where it is
+  public), so q, the number of steps and delta never depend on the private row count. Batch sizes vary,
+  and may be 0 (an empty batch still releases a noise-only step). The noisy sum is divided by the
+  nominal expected batch size ``q * N = batch_size``, a public constant, never by the realised batch
+  size (dividing by the realised size would make the update depend on a non-private count). For the fast path this is done by using a SUM
   loss reduction (so TF Privacy adds noise of std ``sigma * C`` to the clipped sum) and a learning
   rate ``lr / (q n)``, which for (momentum) SGD is exactly the same update as dividing the gradient;
   for the vectorized path the optimizer's mean over the realised batch is rescaled by
   ``B_t / (q n)``, exactly undoing it.
 * ``sampling="shuffle"``: each epoch is a fresh permutation cut into ``n // batch_size`` batches of
   exactly ``batch_size`` rows (the remainder is dropped); accounted with no amplification (one
-  Gaussian release per epoch), see ``dp_training.accounting``.
+  Gaussian release per epoch), see ``dp_training.accounting``. Only under replace-one (n public, so
+  the batch layout is the same for neighbours; the sensitivity is 2C, which the accountant applies).
 * The epsilon returned is computed from the steps actually run.
 
-Not covered by the guarantee: ``privacy['mia_auc']`` (an audit statistic computed on the raw
-training rows) and floating-point / PRNG caveats of ``tf.random.normal`` (not a cryptographic
-sampler). Do not publish the MIA figures as if they were DP outputs.
+Not covered by the guarantee, so kept in the private details (the workdir), never published: the
+membership-inference AUC (computed on raw training rows), timings, losses, empty-batch counts. Caveat:
+floating-point / PRNG effects of ``tf.random.normal`` (not a cryptographic sampler).
 """
 from __future__ import annotations
 
@@ -43,14 +47,12 @@ from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
-from dp_training import accounting, calibration
-from dp_training.ledger import PlannedRun, PrivacyLedger
+from dp_training import accounting, calibration, events
+from dp_training.contract import PlanInputs, TrainerContext, TrainingInterrupted, TrainingOutcome, TrainingPlan
 
 DEFAULT_TARGET_EPSILON = 3.0
 DEFAULTS: Dict[str, Any] = {
-    "noise_multiplier": None,
-    "target_epsilon": None,          # None and no noise multiplier -> DEFAULT_TARGET_EPSILON
-    "delta": None,                   # None -> 1 / (10 n)
+    "noise_multiplier": None,        # None: calibrate to the run's target epsilon
     # Tuned on Adult (simulations/bench_dp.py, docs/dp_training.md): clip 0.5, expected batch 512,
     # 20 epochs, SGD lr 1.0 with momentum 0.9.
     "l2_norm_clip": 0.5,
@@ -58,15 +60,11 @@ DEFAULTS: Dict[str, Any] = {
     "epochs": 20,
     "learning_rate": 1.0,
     "momentum": 0.9,
-    "accountant": "pld",
     "sampling": "poisson",
-    "budget_epsilon": None,
-    "budget_delta": None,            # None -> the run's delta
     "dp_path": "auto",               # auto | fast_gradient_clipping | vectorized_optimizer
     "seed": None,                    # for tests only: makes batches and noise reproducible
     "mia": True,
     "mia_max_rows": 10000,
-    "run_id": None,
 }
 DP_PATHS = ("auto", "fast_gradient_clipping", "vectorized_optimizer")
 
@@ -75,50 +73,38 @@ DP_PATHS = ("auto", "fast_gradient_clipping", "vectorized_optimizer")
 # Command line
 # ------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the dp_sgd trainer's flags to ``privtrain run`` (--allow-non-private is the pipeline's)."""
+    """Adds the dp_sgd trainer's flags to ``privtrain run`` (the run's privacy flags are the pipeline's)."""
     g = parser.add_argument_group("dp_sgd trainer (differentially private SGD)")
     g.add_argument("--noise-multiplier", type=float, default=None,
-                   help="Gaussian noise std / clip norm. Give this or --target-epsilon "
-                        f"(default: calibrate for epsilon {DEFAULT_TARGET_EPSILON:g}).")
-    g.add_argument("--target-epsilon", type=float, default=None,
-                   help="calibrate the smallest noise multiplier meeting this epsilon "
-                        f"(default {DEFAULT_TARGET_EPSILON:g} when no noise multiplier is given).")
-    g.add_argument("--delta", type=float, default=None,
-                   help="delta of the guarantee (default 1/(10 n) for n training rows).")
+                   help="Gaussian noise std / clip norm (default: calibrated to --target-epsilon).")
     g.add_argument("--l2-norm-clip", type=float, default=DEFAULTS["l2_norm_clip"],
                    help="per-example gradient L2 clip norm (default %(default)s).")
     g.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
                    help="expected (poisson) or exact (shuffle) batch size (default %(default)s).")
     g.add_argument("--epochs", type=float, default=DEFAULTS["epochs"],
-                   help="passes over the data; steps = epochs * n / batch size "
-                        "(default %(default)s).")
+                   help="passes over the data's public planning size (default %(default)s).")
     g.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"],
                    help="SGD learning rate (default %(default)s).")
     g.add_argument("--momentum", type=float, default=DEFAULTS["momentum"],
                    help="SGD momentum (default %(default)s).")
-    g.add_argument("--accountant", choices=accounting.ACCOUNTANTS, default=DEFAULTS["accountant"],
-                   help="privacy accountant (default %(default)s).")
     # "fixed" is accepted too: the federated trainer uses that name for fixed-size sampling and
     # the pipeline's CLI declares a shared flag once; for dp_sgd it means "shuffle".
     g.add_argument("--sampling", choices=accounting.SAMPLINGS + ("fixed",),
                    default=DEFAULTS["sampling"],
                    help="poisson: amplified, variable-size batches; shuffle (dp_sgd) / fixed: "
-                        "fixed-size shuffled batches, accounted without amplification "
-                        "(default %(default)s).")
-    g.add_argument("--budget-epsilon", type=float, default=None,
-                   help="set this data set's total privacy budget in the ledger if it has none.")
+                        "fixed-size shuffled batches, accounted without amplification, only under "
+                        "replace-one (default %(default)s).")
     g.add_argument("--dp-path", choices=DP_PATHS, default="auto",
                    help="force a DP code path (default: fast gradient clipping when supported).")
     g.add_argument("--no-mia", action="store_true",
-                   help="skip the post-training membership inference audit.")
+                   help="skip the post-training membership inference check (private, workdir only).")
 
 
 def trainer_args(namespace: argparse.Namespace) -> Dict[str, Any]:
-    """The trainer-args dict (``TrainerContext.args``) from parsed ``add_arguments`` flags."""
+    """The trainer-args dict from parsed ``add_arguments`` flags."""
     out = dict(DEFAULTS)
-    for key in ("noise_multiplier", "target_epsilon", "delta", "l2_norm_clip", "batch_size",
-                "epochs", "learning_rate", "momentum", "accountant", "sampling", "budget_epsilon",
-                "dp_path"):
+    for key in ("noise_multiplier", "l2_norm_clip", "batch_size", "epochs", "learning_rate", "momentum",
+                "sampling", "dp_path"):
         if getattr(namespace, key, None) is not None:
             out[key] = getattr(namespace, key)
     if out["sampling"] == "fixed":
@@ -128,8 +114,12 @@ def trainer_args(namespace: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
+def is_private(args: Mapping[str, Any]) -> bool:
+    return True
+
+
 # ------------------------------------------------------------------------------------------------
-# Planning
+# Planning (public inputs only)
 # ------------------------------------------------------------------------------------------------
 def _resolve_args(args: Mapping[str, Any]) -> Dict[str, Any]:
     unknown = set(args) - set(DEFAULTS)
@@ -140,22 +130,20 @@ def _resolve_args(args: Mapping[str, Any]) -> Dict[str, Any]:
     return a
 
 
-def plan_training(args: Mapping[str, Any], num_rows: int) -> Dict[str, Any]:
-    """Works out q, steps, delta and the noise multiplier (calibrating it if needed).
-
-    Returns a dict with keys: sampling_rate, steps, steps_per_epoch, delta, noise_multiplier,
-    target_epsilon, calibrated, planned_epsilon, warnings (list of str) and the resolved args.
-    """
-    a = _resolve_args(args)
-    n = int(num_rows)
+def plan_training(inputs: PlanInputs) -> TrainingPlan:
+    """q, steps and the noise multiplier from public inputs (calibrated so that the run's whole release,
+    ``inputs.base_event`` plus DP-SGD, meets ``inputs.target_epsilon``)."""
+    a = _resolve_args(inputs.args)
+    n = int(inputs.planning_rows)
     if n <= 0:
-        raise ValueError("the training split is empty; dp_sgd needs at least one training row.")
+        raise ValueError("the data set's public planning size is 0; dp_sgd needs at least one training row.")
     bs = a["batch_size"]
     if isinstance(bs, bool) or int(bs) != bs or bs < 1:
         raise ValueError(f"batch_size must be a positive integer, got {bs!r}.")
     bs = int(bs)
     if bs > n:
-        raise ValueError(f"batch_size {bs} exceeds the {n} training rows; pass --batch-size <= {n}.")
+        raise ValueError(f"batch_size {bs} exceeds the data set's planning size of {n} rows; pass "
+                         f"--batch-size <= {n}.")
     if not a["epochs"] or float(a["epochs"]) <= 0:
         raise ValueError(f"epochs must be > 0, got {a['epochs']!r}.")
     clip = accounting._check_number("l2_norm_clip", a["l2_norm_clip"], "pass e.g. 1.0.")
@@ -167,7 +155,15 @@ def plan_training(args: Mapping[str, Any], num_rows: int) -> Dict[str, Any]:
         raise ValueError(f"learning_rate must be > 0, got {a['learning_rate']!r}.")
     if a["dp_path"] not in DP_PATHS:
         raise ValueError(f"dp_path must be one of {DP_PATHS}, got {a['dp_path']!r}.")
-    accounting.validate_parameters(0.0, 1.0, 0, None, a["accountant"], a["sampling"])
+    accounting.validate_parameters(0.0, 1.0, 0, None, inputs.accountant, a["sampling"])
+    if inputs.source.unit != "row":
+        raise ValueError(f"dp_sgd accounts per training row, but this data set's privacy unit is "
+                         f"{inputs.source.unit!r}; use --trainer federated with --partition "
+                         f"{inputs.source.unit} (one client per {inputs.source.unit_name}).")
+    if a["sampling"] == "shuffle" and inputs.relation != events.REPLACE_ONE:
+        raise ValueError("--sampling shuffle is accounted per epoch with a fixed batch layout, which needs the "
+                         "number of rows to be public (relation replace_one); under add_or_remove_one use "
+                         "--sampling poisson.")
 
     q = bs / n
     epochs = float(a["epochs"])
@@ -180,49 +176,48 @@ def plan_training(args: Mapping[str, Any], num_rows: int) -> Dict[str, Any]:
             raise ValueError(f"with --sampling shuffle, epochs must be a whole number (got {epochs}).")
         steps = int(epochs) * steps_per_epoch
 
-    notes = []
-    delta = a["delta"]
-    if delta is None:
-        delta = 1.0 / (10 * n)
-    accounting.validate_parameters(0.0, q, steps, delta)
-    if delta >= 1.0 / n:
-        notes.append(f"delta={delta:g} >= 1/n = {1.0 / n:.3g}: a mechanism that publishes one random "
-                     "row satisfies such a guarantee; use delta << 1/n (default 1/(10 n)).")
-
     sigma = a["noise_multiplier"]
-    target = a["target_epsilon"]
+    target = inputs.target_epsilon
     calibrated = False
     if sigma is not None and target is not None:
-        raise ValueError("give either noise_multiplier or target_epsilon, not both "
+        raise ValueError("give either --noise-multiplier or --target-epsilon, not both "
                          f"(got {sigma!r} and {target!r}).")
     if sigma is None:
         target = DEFAULT_TARGET_EPSILON if target is None else target
-        sigma = calibration.calibrate_noise_multiplier(target, q, steps, delta, a["accountant"],
-                                                       a["sampling"])
+        sigma = calibration.calibrate_noise_multiplier(
+            target, q, steps, inputs.delta, inputs.accountant, a["sampling"], relation=inputs.relation,
+            base_event=inputs.base_event)
         calibrated = True
     else:
-        accounting.validate_parameters(sigma, q, steps, delta)
-        if float(sigma) == 0:
+        accounting.validate_parameters(sigma, q, steps, inputs.delta)
+        if float(sigma) <= 0:
             raise ValueError("noise_multiplier 0 gives no privacy (epsilon = inf); use a "
                              "non-private trainer (with --allow-non-private if the data set has a "
                              "budget) or pass a positive noise multiplier / a target epsilon.")
     sigma = float(sigma)
-    eps = accounting.compute_epsilon(sigma, q, steps, delta, a["accountant"], a["sampling"])
-    return {"args": a, "num_rows": n, "batch_size": bs, "sampling_rate": q, "steps": steps,
-            "steps_per_epoch": steps_per_epoch, "delta": float(delta), "noise_multiplier": sigma,
-            "target_epsilon": None if target is None else float(target), "calibrated": calibrated,
-            "planned_epsilon": eps, "warnings": notes, "l2_norm_clip": float(clip),
-            "learning_rate": float(lr)}
+    event = accounting.dp_event(sigma, q, steps, a["sampling"])
+    mechanism = ("DP-SGD, Poisson-sampled Gaussian per step" if a["sampling"] == "poisson"
+                 else "DP-SGD, one Gaussian per epoch (shuffled fixed batches, no amplification)")
+    public = {"noise_multiplier": sigma, "l2_norm_clip": float(clip), "sampling": a["sampling"],
+              "sampling_rate": q, "steps": steps, "epochs": epochs, "expected_batch_size": bs,
+              "planning_rows": n, "learning_rate": float(lr), "momentum": float(a["momentum"] or 0.0),
+              "optimizer": "SGD", "noise_calibrated": calibrated,
+              "gradient_normalization": "noisy clipped sum divided by the nominal expected batch size"}
+    internal = {"args": a, "num_rows": n, "batch_size": bs, "sampling_rate": q, "steps": steps,
+                "steps_per_epoch": steps_per_epoch, "noise_multiplier": sigma, "l2_norm_clip": float(clip),
+                "learning_rate": float(lr)}
+    return TrainingPlan(event=event, private=True, mechanism=mechanism, public=public, internal=internal)
 
 
 # ------------------------------------------------------------------------------------------------
 # Batching
 # ------------------------------------------------------------------------------------------------
 def batch_indices(n: int, batch_size: int, steps: int, sampling: str,
-                  rng: np.random.Generator):
-    """Yields one index array per step: Poisson (rate batch_size/n) or shuffled fixed batches."""
+                  rng: np.random.Generator, sampling_rate: Optional[float] = None):
+    """Yields one index array per step: Poisson (rate ``sampling_rate``, default batch_size/n) or shuffled
+    fixed batches."""
     if sampling == "poisson":
-        q = batch_size / n
+        q = batch_size / n if sampling_rate is None else float(sampling_rate)
         for _ in range(steps):
             yield np.flatnonzero(rng.random(n) < q)
     else:
@@ -410,48 +405,23 @@ class DPSGDTrainer:
 
     name = "dp_sgd"
 
-    def train(self, context):
+    def plan(self, inputs: PlanInputs) -> TrainingPlan:
+        return plan_training(inputs)
+
+    def train(self, context: TrainerContext) -> TrainingOutcome:
         import tensorflow as tf
-        from pipeline.trainers.base import TrainingOutcome
 
         log = context.log
-        n = context.num_train_rows
-        plan = plan_training(context.args, n)
+        plan = dict(context.plan.internal)
         a = plan["args"]
-        for note in plan["warnings"]:
-            warnings.warn(note)
-            log(f"WARNING: {note}")
-        if plan["calibrated"]:
-            log(f"dp_sgd: calibrated noise multiplier {plan['noise_multiplier']:.4f} for target "
-                f"epsilon {plan['target_epsilon']:g} at delta {plan['delta']:.3g} "
-                f"({plan['steps']} steps, q={plan['sampling_rate']:.5f}, {a['sampling']}, "
-                f"{a['accountant']})")
-
-        # Ledger: budget, then check + reserve before any training.
-        ledger = PrivacyLedger(context.workdir)
-        fp = context.dataset_fingerprint
-        if a["budget_epsilon"] is not None:
-            existing = ledger.get_budget(fp)
-            b_delta = a["budget_delta"] if a["budget_delta"] is not None else plan["delta"]
-            if existing is None:
-                ledger.set_budget(fp, a["budget_epsilon"], b_delta, a["accountant"],
-                                  context.dataset_name)
-                log(f"dp_sgd: set privacy budget epsilon={a['budget_epsilon']:g} "
-                    f"delta={b_delta:.3g} for data set {fp}")
-            elif not math.isclose(existing.epsilon, float(a["budget_epsilon"])):
-                raise ValueError(
-                    f"data set {fp} already has a privacy budget of epsilon={existing.epsilon:g} "
-                    f"(delta={existing.delta:g}); --budget-epsilon {a['budget_epsilon']:g} would "
-                    "change it. Changing a budget must be explicit: "
-                    "dp_training.ledger.PrivacyLedger(workdir).set_budget(...).")
-        planned = PlannedRun(fingerprint=fp, noise_multiplier=plan["noise_multiplier"],
-                             sampling_rate=plan["sampling_rate"], steps=plan["steps"],
-                             delta=plan["delta"], sampling=a["sampling"],
-                             accountant=a["accountant"], trainer=self.name,
-                             dataset_name=context.dataset_name)
-        run_id = ledger.begin_run(planned, run_id=a["run_id"])
-
+        n = context.num_train_rows
+        if n == 0:
+            raise ValueError("the training split is empty; dp_sgd needs at least one training row.")
         steps_done = 0
+
+        def released(steps: int):
+            return accounting.dp_event(plan["noise_multiplier"], plan["sampling_rate"], steps, a["sampling"])
+
         try:
             if a["seed"] is not None:
                 tf.random.set_seed(int(a["seed"]))
@@ -474,13 +444,14 @@ class DPSGDTrainer:
             stepper = _DPStepper(base, path, plan, specs)
             stepper.bind_rows(x_train, y_train)
             log(f"dp_sgd: {path}, {plan['steps']} steps, sigma={plan['noise_multiplier']:.4f}, "
-                f"C={plan['l2_norm_clip']:g}, expected batch {plan['batch_size']}, "
-                f"planned epsilon {plan['planned_epsilon']:.4f} (delta {plan['delta']:.3g})")
+                f"C={plan['l2_norm_clip']:g}, expected batch {plan['batch_size']}")
             t0 = t_epoch = time.time()
             epoch_seconds = []
             spe = max(1, int(round(plan["steps_per_epoch"])))
             empty = 0
-            for idx in batch_indices(n, plan["batch_size"], plan["steps"], a["sampling"], rng):
+            q_actual = plan["batch_size"] / plan["num_rows"]   # rate from the public planning size
+            for idx in batch_indices(n, plan["batch_size"], plan["steps"], a["sampling"], rng,
+                                     sampling_rate=q_actual):
                 steps_done += 1  # counted before the update: never under-count released steps
                 if idx.size == 0:
                     stepper.noise_step()
@@ -491,93 +462,43 @@ class DPSGDTrainer:
                     now = time.time()
                     epoch_seconds.append(now - t_epoch)
                     t_epoch = now
-                    log(f"dp_sgd: step {steps_done}/{plan['steps']} "
-                        f"({now - t0:.1f}s)")
+                    log(f"dp_sgd: step {steps_done}/{plan['steps']} ({now - t0:.1f}s)")
             train_seconds = time.time() - t0
-        except BaseException as exc:  # record what was spent, then re-raise
-            status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-            try:
-                ledger.finish_run(run_id, status, steps_done,
-                                  extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
-                log(f"dp_sgd: run {run_id} {status} after {steps_done} step(s); recorded in the "
-                    "privacy ledger")
-            except Exception as rec_exc:  # pragma: no cover - keep the original error
-                log(f"dp_sgd: could not record the {status} run in the ledger: {rec_exc}")
-            raise
-
-        eps = accounting.compute_epsilon(plan["noise_multiplier"], plan["sampling_rate"],
-                                         steps_done, plan["delta"], a["accountant"], a["sampling"])
-        ledger.finish_run(run_id, "completed", steps_done, epsilon=eps,
-                          extra={"dp_path": path})
-        if ledger.get_budget(fp) is None:  # no budget: report the spend in this run's terms
-            spend = ledger.spent(fp, delta=plan["delta"], accountant=a["accountant"])
-        else:
-            spend = ledger.spent(fp)
+        except BaseException as exc:  # report what was released, then stop
+            raise TrainingInterrupted(released(steps_done), exc) from exc
 
         model = base
+        public = {"dp_path": path}
+        private: Dict[str, Any] = {
+            "train_seconds": round(train_seconds, 3),
+            "seconds_per_epoch": round(train_seconds * spe / max(1, steps_done), 4),
+            "empty_batches": empty, "train_rows": n,
+            "epoch_seconds": [round(x, 3) for x in epoch_seconds]}
         x_eval = _as_inputs(context.eval_features)
         if all(k in x_eval for k in x_train):
             x_eval = {k: x_eval[k] for k in x_train}
         y_eval = np.asarray(context.eval_labels, np.float32).reshape(-1)
-        details: Dict[str, Any] = {"dp_path": path, "train_seconds": round(train_seconds, 3),
-                                   "seconds_per_epoch": round(train_seconds * spe / max(1, steps_done), 4),
-                                   "learning_rate": plan["learning_rate"],
-                                   "momentum": float(a["momentum"] or 0.0),
-                                   "optimizer": "SGD", "empty_batches": empty,
-                                   "ledger_run_id": run_id,
-                                   "epoch_seconds": ",".join(f"{x:.3f}" for x in epoch_seconds)}
         n_eval = y_eval.shape[0]
         if n_eval:
             logits_eval = _predict_logits(model, x_eval)
-            loss_eval = _bce_from_logits(logits_eval, y_eval)
-            details["eval_loss"] = float(loss_eval.mean())
-            details["eval_accuracy"] = float(((logits_eval > 0) == (y_eval > 0.5)).mean())
-
-        sampling = a["sampling"]
-        privacy: Dict[str, Any] = {
-            "epsilon": eps,
-            "delta": plan["delta"],
-            "accountant": a["accountant"],
-            "noise_multiplier": plan["noise_multiplier"],
-            "l2_norm_clip": plan["l2_norm_clip"],
-            "sampling_rate": plan["sampling_rate"],
-            "sampling_method": accounting.SAMPLING_METHOD_LABELS[sampling],
-            "sampling": sampling,
-            "steps": steps_done,
-            "epochs": (steps_done * plan["sampling_rate"] if sampling == "poisson"
-                       else accounting.epochs_for_steps(steps_done, plan["sampling_rate"])),
-            "train_rows": n,
-            "batch_size": plan["batch_size"],
-            "target_epsilon": plan["target_epsilon"],
-            "noise_calibrated": plan["calibrated"],
-            "neighboring_relation": ("add_or_remove_one" if sampling == "poisson"
-                                     else "zero_out_one"),
-            "gradient_normalization": "divided by the expected batch size q*n",
-            "epsilon_rdp": accounting.compute_epsilon(
-                plan["noise_multiplier"], plan["sampling_rate"], steps_done, plan["delta"],
-                "rdp", sampling),
-            "ledger_run_id": run_id,
-            "ledger_spent_epsilon": spend.epsilon,
-            "ledger_budget_epsilon": spend.budget_epsilon,
-            "dataset_fingerprint": fp,
-        }
+            private["eval_loss"] = float(_bce_from_logits(logits_eval, y_eval).mean())
+            private["eval_accuracy"] = float(((logits_eval > 0) == (y_eval > 0.5)).mean())
         if a["mia"] and n_eval:
             m = min(int(a["mia_max_rows"]), n, n_eval)
             mrng = np.random.default_rng(0)
             tr = mrng.choice(n, m, replace=False)
-            ev = mrng.choice(n_eval, m, replace=False)
+            ev_idx = mrng.choice(n_eval, m, replace=False)
             logits_tr = _predict_logits(model, {k: v[tr] for k, v in x_train.items()})
             res = membership_inference_auc(logits_tr, y_train.reshape(-1)[tr],
-                                           _predict_logits(model, {k: v[ev] for k, v in x_eval.items()}),
-                                           y_eval[ev])
+                                           _predict_logits(model, {k: v[ev_idx] for k, v in x_eval.items()}),
+                                           y_eval[ev_idx])
             res["mia_rows"] = m
-            privacy.update(res)
-            log(f"dp_sgd: membership inference audit AUC {res['mia_auc']:.4f} (0.5 = chance)")
-        log(f"dp_sgd: done, epsilon {eps:.4f} at delta {plan['delta']:.3g} ({a['accountant']}); "
-            f"data set spend {spend.epsilon:.4f}"
-            + (f" of {spend.budget_epsilon:g}" if spend.budget_epsilon is not None else ""))
-        return TrainingOutcome(model=model, privacy=privacy, details=details)
+            private.update(res)
+            log(f"dp_sgd: membership inference check AUC {res['mia_auc']:.4f} (0.5 = chance; private, "
+                "computed on training rows)")
+        return TrainingOutcome(model=model, released_event=released(steps_done), public_details=public,
+                               private_details=private)
 
 
-__all__ = ["DPSGDTrainer", "add_arguments", "trainer_args", "plan_training",
+__all__ = ["DPSGDTrainer", "add_arguments", "trainer_args", "plan_training", "is_private",
            "membership_inference_auc", "batch_indices", "supports_fast_gradient_clipping"]

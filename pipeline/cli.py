@@ -24,6 +24,23 @@ def _add_run_parser(sub) -> None:
                    help="allowed AUC drop against the latest blessed model of the same trainer kind")
     p.add_argument("--allow-non-private", action="store_true",
                    help="allow a non-private trainer on a data set that has a privacy budget")
+    priv = p.add_argument_group("privacy (every trainer kind; see docs/privacy_model.md)")
+    priv.add_argument("--target-epsilon", type=float, default=None,
+                      help="the run's total epsilon (preprocessing + training); private kinds calibrate their noise "
+                           "to it (default 3 unless a noise multiplier is given)")
+    priv.add_argument("--delta", type=float, default=None,
+                      help="delta of the guarantee (default 1/(10 N) for the data set's public planning size N)")
+    priv.add_argument("--accountant", choices=["pld", "rdp"], default=None, help="privacy accountant (default pld)")
+    priv.add_argument("--preprocessing-epsilon", type=float, default=None,
+                      help="epsilon the DP normalisation statistics would have alone (default: a tenth of the "
+                           "target); composed with training into the run's guarantee")
+    priv.add_argument("--budget-epsilon", type=float, default=None,
+                      help="create the data source's total budget in the ledger if it has none (never raises an "
+                           "existing one: use privtrain budget --set-epsilon)")
+    priv.add_argument("--audit-canaries", type=int, default=None,
+                      help="insert N synthetic canaries and report an empirical epsilon lower bound (one-run audit)")
+    priv.add_argument("--min-slice-size", type=int, default=None,
+                      help="evaluation slices with fewer rows are suppressed in summaries and reports (default 30)")
     p.add_argument("--no-cache", action="store_true", help="re-run every component")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     # Flags several trainer kinds share are declared once, without defaults: each kind applies its own.
@@ -31,7 +48,8 @@ def _add_run_parser(sub) -> None:
     common.add_argument("--epochs", type=float, default=None, help="passes over the training data")
     common.add_argument("--batch-size", type=int, default=None, help="(expected) batch size")
     common.add_argument("--learning-rate", type=float, default=None, help="learning rate")
-    seen = {"--epochs", "--batch-size", "--learning-rate"}
+    seen = {"--epochs", "--batch-size", "--learning-rate", "--target-epsilon", "--delta", "--accountant",
+            "--preprocessing-epsilon", "--budget-epsilon", "--audit-canaries", "--min-slice-size"}
     for kind in TRAINER_KINDS:
         try:
             module = trainer_module(kind)
@@ -64,22 +82,30 @@ class _DedupParser:
 
 
 def _cmd_run(args) -> int:
-    from dp_training.ledger import BudgetExceededError
+    from dp_training.ledger import LedgerError
     from dp_training.dataset import DatasetError
     from pipeline.runner import PipelineRunError, format_summary, run_pipeline
 
     module = trainer_module(args.trainer)
     trainer_args = module.trainer_args(args) if hasattr(module, "trainer_args") else {}
+    privacy = {"target_epsilon": args.target_epsilon, "delta": args.delta, "accountant": args.accountant,
+               "preprocessing_epsilon": args.preprocessing_epsilon, "budget_epsilon": args.budget_epsilon,
+               "ledger": getattr(args, "ledger", None), "audit_canaries": args.audit_canaries,
+               "min_slice_size": args.min_slice_size}
     config = RunConfig(data_dir=args.data, workdir=os.path.abspath(args.workdir), trainer=args.trainer,
                        trainer_args=trainer_args, model_name=args.model_name, min_auc=args.min_auc,
                        max_auc_drop=args.max_auc_drop, enable_cache=not args.no_cache,
-                       allow_non_private=args.allow_non_private)
+                       allow_non_private=args.allow_non_private, privacy=privacy)
     try:
         summary = run_pipeline(config)
-    except (DatasetError, BudgetExceededError) as e:
+    except (DatasetError, LedgerError, ValueError) as e:
         print(f"privtrain: {e}", file=sys.stderr)
         return 2
     except PipelineRunError as e:
+        if isinstance(e.cause, (LedgerError, DatasetError)) or type(e.cause).__name__ in (
+                "PlanError", "UnsupportedRelationError", "CalibrationError"):
+            print(f"privtrain: {e.cause}", file=sys.stderr)   # refused by the privacy layer: nothing trained
+            return 2
         print(json.dumps(e.summary.to_json(), indent=1) if args.json else format_summary(e.summary))
         print(f"\nprivtrain: the run failed: {e}", file=sys.stderr)
         return 1

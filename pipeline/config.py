@@ -10,7 +10,7 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA_DIR = os.path.join(PROJECT_ROOT, "data", "adult")
 DEFAULT_WORKDIR = os.path.join(os.getcwd(), "privtrain-work")
 # Code whose changes change Transform's or the Trainer's output (part of their cache keys).
-TRAINING_CODE = ("pipeline/dataset.py", "pipeline/features.py", "pipeline/transform.py", "pipeline/model.py",
+TRAINING_CODE = ("pipeline/features.py", "pipeline/transform.py", "pipeline/model.py",
                  "pipeline/trainer_executor.py", "pipeline/trainers", "dp_training", "federated")
 
 
@@ -26,6 +26,15 @@ class RunConfig:
     max_auc_drop: float = 0.0  # how much lower than the latest blessed model's AUC is still blessed
     enable_cache: bool = True
     allow_non_private: bool = False  # non-private training on a data set that has a privacy budget
+    # Run-level privacy arguments (dp_training.protocol.PRIVACY_DEFAULTS): target_epsilon, delta, accountant,
+    # preprocessing_epsilon, budget_epsilon, budget_delta, ledger, audit_canaries, min_slice_size.
+    privacy: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def privacy_args(self) -> Dict[str, Any]:
+        out = {k: v for k, v in self.privacy.items() if v is not None}
+        if self.allow_non_private:
+            out["allow_non_private"] = True
+        return out
 
     @property
     def pipeline_root(self) -> str:

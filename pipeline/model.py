@@ -1,7 +1,8 @@
 """The Keras model over transformed features, and its export with TF Serving signatures.
 
-Model: z-scored numerics + one-hot (CategoryEncoding) categoricals -> Concatenate -> Dense(ReLU)... -> 1 logit.
-Only Dense layers carry weights, which is what DP-SGD's fast gradient clipping, TFF and TF-Encrypted need.
+Model: scaled numerics standardised with DP statistics (fixed Normalization layers) + one-hot (CategoryEncoding)
+categoricals over the public domains -> Concatenate -> Dense(ReLU)... -> 1 logit. Only Dense layers carry
+trainable weights, which is what DP-SGD's fast gradient clipping, TFF and TF-Encrypted need.
 
 Exported signatures (on a SavedModel that embeds the Transform graph, so callers send raw features):
 - ``serving_default``: ``examples`` (serialized tf.Example) -> ``probabilities``, ``logits``;
@@ -13,33 +14,39 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
 from dp_training.dataset import DatasetSpec
-from pipeline.features import NUM_OOV_BUCKETS, categorical_key, numeric_key, vocabulary_name
+from dp_training.preprocessing import NormalizationStats
+from pipeline.features import NUM_OOV_BUCKETS, categorical_key, numeric_key
 
 PREPROCESSING_FILE = "preprocessing.json"
 DATASET_FILE = "dataset.json"
 
 
-def vocabulary_sizes(spec: DatasetSpec, tf_transform_output: tft.TFTransformOutput) -> Dict[str, int]:
-    """Number of one-hot buckets (vocabulary + OOV) per categorical column."""
-    return {c: tf_transform_output.vocabulary_size_by_name(vocabulary_name(c)) + NUM_OOV_BUCKETS
-            for c in spec.categorical_features}
+def bucket_sizes(spec: DatasetSpec) -> Dict[str, int]:
+    """Number of one-hot buckets (public domain + one out-of-vocabulary bucket) per categorical column."""
+    domains = spec.public_domains()
+    return {c: len(domains[c].values) + NUM_OOV_BUCKETS for c in spec.categorical_features}
 
 
-def build_model(spec: DatasetSpec, buckets: Mapping[str, int], hidden_units: Sequence[int] = (64, 64),
-                seed: int = 0) -> tf.keras.Model:
+def build_model(spec: DatasetSpec, buckets: Mapping[str, int], normalization: Optional[NormalizationStats] = None,
+                hidden_units: Sequence[int] = (64, 64), seed: int = 0) -> tf.keras.Model:
+    """Scaled numerics standardised with the DP ``normalization`` (None: identity, e.g. before it is released)
+    + one-hot categoricals -> Dense(ReLU)... -> one logit. Only Dense layers carry trainable weights."""
     inputs, parts = {}, []
     for column in spec.feature_columns:
         if column.kind == "numeric":
             key = numeric_key(column.name)
             inputs[key] = tf.keras.Input(shape=(1,), name=key, dtype=tf.float32)
-            parts.append(inputs[key])
+            mean = normalization.mean[key] if normalization else 0.0
+            std = normalization.std[key] if normalization else 1.0
+            parts.append(tf.keras.layers.Normalization(mean=[mean], variance=[std * std],
+                                                       name=f"{key}_dp_norm")(inputs[key]))
         else:
             key = categorical_key(column.name)
             inputs[key] = tf.keras.Input(shape=(1,), name=key, dtype=tf.int64)
@@ -84,7 +91,7 @@ def _dense_to_raw_features(spec: DatasetSpec, raw_feature_spec, tensors: Mapping
 
 
 def export_serving_model(model: tf.keras.Model, spec: DatasetSpec, tf_transform_output: tft.TFTransformOutput,
-                         serving_model_dir: str) -> None:
+                         serving_model_dir: str, normalization: Optional[NormalizationStats] = None) -> None:
     model.tft_layer = tf_transform_output.transform_features_layer()
     raw_feature_spec = tf_transform_output.raw_feature_spec()
     raw_feature_spec.pop(spec.label_feature, None)
@@ -123,47 +130,37 @@ def export_serving_model(model: tf.keras.Model, spec: DatasetSpec, tf_transform_
         "classify": classify.get_concrete_function(),
     })
     extra = os.path.join(serving_model_dir, "assets.extra")
-    write_preprocessing_description(spec, tf_transform_output, extra)
+    write_preprocessing_description(spec, normalization, extra)
     with open(os.path.join(extra, DATASET_FILE), "w") as f:  # how to read raw rows for this model
         json.dump({k: v for k, v in spec.to_json_dict().items() if k != "directory"}, f, indent=1)
 
 
-_PROBE = 1.0e6
-
-
-def preprocessing_description(spec: DatasetSpec, tf_transform_output: tft.TFTransformOutput) -> list:
-    """The Transform graph as plain numbers, in model-input order (for clients that preprocess themselves,
-    such as TF-Encrypted's): vocabularies, and numeric mean/std recovered by transforming the raw values
-    0 and PROBE (far apart, so that float32 z-scores pin both numbers down to ~1e-7 relative)."""
-    layer = tf_transform_output.transform_features_layer()
-    raw_feature_spec = tf_transform_output.raw_feature_spec()
-    raw_feature_spec.pop(spec.label_feature, None)
-    probe = {}
-    for column in spec.feature_columns:
-        if column.kind == "numeric":
-            probe[column.name] = tf.constant([0.0, _PROBE])
-        else:
-            probe[column.name] = tf.constant(["", ""])
-    transformed = layer(_dense_to_raw_features(spec, raw_feature_spec, probe))
+def preprocessing_description(spec: DatasetSpec, normalization: Optional[NormalizationStats]) -> list:
+    """What the model computes from raw features, as plain numbers in model-input order (for clients that
+    preprocess themselves, such as TF-Encrypted's): public vocabularies, and per numeric feature
+    ``z = (clip(log1p?(x), clip[0], clip[1]) - mean) / std`` where ``clip`` is the public range and mean/std are
+    the DP normalisation (covered by the guarantee), expressed in the clipped feature's units."""
+    domains = spec.public_domains()
     description = []
     for column in spec.feature_columns:
+        domain = domains[column.name]
         if column.kind == "numeric":
-            z0, z1 = transformed[numeric_key(column.name)].numpy().astype(np.float64)
-            x0, x1 = (0.0, np.log1p(_PROBE)) if column.log1p else (0.0, _PROBE)
-            std = (x1 - x0) / (z1 - z0)
-            description.append({"name": column.name, "kind": "numeric", "mean": float(x0 - z0 * std),
-                                "std": float(std), "log1p": column.log1p})
+            key = numeric_key(column.name)
+            width = domain.high - domain.low
+            m = normalization.mean[key] if normalization else 0.0
+            s = normalization.std[key] if normalization else 1.0
+            description.append({"name": column.name, "kind": "numeric", "log1p": column.log1p,
+                                "clip": [domain.low, domain.high], "missing": domain.low + 0.5 * width,
+                                "mean": domain.low + m * width, "std": s * width})
         else:
-            vocab = tf_transform_output.vocabulary_by_name(vocabulary_name(column.name))
-            description.append({"name": column.name, "kind": "categorical",
-                                "vocabulary": [v.decode() if isinstance(v, bytes) else v for v in vocab],
+            description.append({"name": column.name, "kind": "categorical", "vocabulary": list(domain.values),
                                 "num_oov_buckets": NUM_OOV_BUCKETS})
     return description
 
 
-def write_preprocessing_description(spec, tf_transform_output, directory: str) -> str:
+def write_preprocessing_description(spec, normalization, directory: str) -> str:
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, PREPROCESSING_FILE)
     with open(path, "w") as f:
-        json.dump(preprocessing_description(spec, tf_transform_output), f, indent=1)
+        json.dump(preprocessing_description(spec, normalization), f, indent=1)
     return path

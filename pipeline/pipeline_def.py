@@ -57,7 +57,7 @@ def eval_config(spec: DatasetSpec, config: RunConfig) -> tfma.EvalConfig:
         ])])
 
 
-def create_pipeline(config: RunConfig, spec: DatasetSpec, dataset_fingerprint: str) -> tfx.dsl.Pipeline:
+def create_pipeline(config: RunConfig, spec: DatasetSpec) -> tfx.dsl.Pipeline:
     version = code_version()
     example_gen = FileBasedExampleGen(
         input_base=spec.directory,
@@ -95,8 +95,8 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec, dataset_fingerprint: s
         train_args=tfx.proto.TrainArgs(splits=["train"]),
         eval_args=tfx.proto.EvalArgs(splits=["eval"]),
         custom_config={"dataset": spec.to_json_dict(), "trainer": config.trainer,
-                       "trainer_args": dict(config.trainer_args), "workdir": os.path.abspath(config.workdir),
-                       "dataset_fingerprint": dataset_fingerprint, "hidden_units": list(config.hidden_units),
+                       "trainer_args": dict(config.trainer_args), "privacy": config.privacy_args(),
+                       "hidden_units": list(config.hidden_units),
                        "code_version": version},
         custom_executor_spec=executor_spec.ExecutorClassSpec(PrivacyRecordingTrainerExecutor),
     )

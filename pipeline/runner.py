@@ -16,15 +16,15 @@ from pipeline.metadata import (ComponentRecord, components_of_run, custom_proper
                                run_context_ids)
 from pipeline.pipeline_def import create_pipeline
 from pipeline.quiet import quiet_libraries
-from pipeline.trainers import is_private
 
 
 class PipelineRunError(RuntimeError):
     """The run failed; ``summary`` holds what ran before the failure."""
 
-    def __init__(self, message: str, summary: "RunSummary"):
+    def __init__(self, message: str, summary: "RunSummary", cause: Optional[BaseException] = None):
         super().__init__(message)
         self.summary = summary
+        self.cause = cause
 
 
 @dataclasses.dataclass
@@ -38,6 +38,7 @@ class RunSummary:
     model_uri: Optional[str] = None
     model_properties: Dict[str, object] = dataclasses.field(default_factory=dict)
     error: Optional[str] = None
+    min_slice_size: Optional[int] = None
 
     def outputs(self, node_id: str, key: str):
         for record in self.components:
@@ -49,7 +50,7 @@ class RunSummary:
         return {"pipeline": self.pipeline_name, "wall_seconds": round(self.wall_seconds, 2),
                 "components": [{"component": c.node_id, "state": c.state, "seconds": round(c.seconds, 2)}
                                for c in self.components],
-                "metrics": self.metrics, "blessed": self.blessed, "pushed_path": self.pushed_path,
+                "metrics": visible_slices(self.metrics, self.min_slice_size or 30), "blessed": self.blessed, "pushed_path": self.pushed_path,
                 "model_uri": self.model_uri, "model_properties": self.model_properties, "error": self.error}
 
 
@@ -121,13 +122,10 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
     from tfx.orchestration.portable import launcher
 
     spec = load_dataset(config.data_dir)
+    spec.require_privacy()
     os.makedirs(config.workdir, exist_ok=True)
-    fingerprint = spec.fingerprint("train")
-    guard_non_private(config, fingerprint)
-    if config.allow_non_private and not is_private(config.trainer, config.trainer_args):
-        # The Trainer records the allowed non-private run in the ledger.
-        config = dataclasses.replace(config, trainer_args={**config.trainer_args, "allow_non_private": True})
-    pipeline = create_pipeline(config, spec, fingerprint)
+    preflight(config, spec)
+    pipeline = create_pipeline(config, spec)
     started = time.time()
     absl_logging.get_absl_handler().setLevel(logging.ERROR)
     with open_store(config.metadata_path, must_exist=False) as store:
@@ -142,24 +140,33 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
     if error is not None:
         cause = root_cause(error)
         summary.error = f"{type(cause).__name__}: {cause}"
-        raise PipelineRunError(summary.error, summary) from error
+        raise PipelineRunError(summary.error, summary, cause) from error
     return summary
 
 
-def guard_non_private(config: RunConfig, fingerprint: str) -> None:
-    """Refuses, before anything runs, non-private training on a data set that has a privacy budget."""
-    if is_private(config.trainer, config.trainer_args):
-        return
-    from dp_training.ledger import PrivacyLedger
+def preflight(config: RunConfig, spec) -> None:
+    """Plans the run from public inputs and checks it against the data source's ledger before anything runs
+    (the Trainer repeats the check atomically when it reserves). Raises PlanError / ledger errors / ValueError."""
+    from dp_training.protocol import RunProtocol, plan_run
+    from pipeline.features import numeric_key
+    from pipeline.trainers import get_trainer
 
-    PrivacyLedger(config.workdir).check_non_private(fingerprint, config.allow_non_private)
+    if spec.require_privacy().relation == "replace_one":
+        from dp_training.ledger import Ledger, resolve_ledger_path
+
+        Ledger(resolve_ledger_path(config.privacy_args().get("ledger"))).verify()
+        return  # the plan needs the exact row count, known once ingestion ran
+    plan = plan_run(spec, config.trainer, get_trainer(config.trainer), config.trainer_args, config.privacy_args(),
+                    [numeric_key(c) for c in spec.numeric_features])
+    RunProtocol(plan).check()
 
 
 def summarize(config: RunConfig, pipeline_name: str, before: set, wall_seconds: float) -> RunSummary:
     with open_store(config.metadata_path) as store:
         new_runs = sorted(run_context_ids(store) - before)
         components = components_of_run(store, new_runs[-1]) if new_runs else []
-        summary = RunSummary(pipeline_name=pipeline_name, components=components, wall_seconds=wall_seconds)
+        summary = RunSummary(pipeline_name=pipeline_name, components=components, wall_seconds=wall_seconds,
+                             min_slice_size=config.privacy_args().get("min_slice_size"))
         models = summary.outputs("Trainer", "model")
         if models:
             summary.model_uri = models[0].uri
@@ -182,24 +189,50 @@ def _g(value, spec=".4g") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
-def format_guarantee(privacy: Dict[str, object]) -> str:
-    """The recorded guarantee in one paragraph (every key stays in ML Metadata and privacy.json)."""
-    p = privacy
-    lines = [f"privacy guarantee: epsilon = {_g(p.get('epsilon'))}, delta = {_g(p.get('delta'))} "
-             f"({p.get('accountant', '?')} accountant, {p.get('neighboring_relation', 'add/remove-one')})"]
-    mechanism = [f"noise multiplier {_g(p.get('noise_multiplier'))}"]
-    if "l2_norm_clip" in p:
-        mechanism.append(f"clip {_g(p['l2_norm_clip'])}")
-    mechanism.append(f"sampling rate {_g(p.get('sampling_rate'))} ({p.get('sampling', p.get('sampling_method', '?'))})")
-    mechanism.append(f"{_g(p.get('steps'))} steps" + (f" / {_g(p['epochs'], '.3g')} epochs" if "epochs" in p else ""))
-    lines.append("  " + ", ".join(mechanism))
-    if "mia_auc" in p:
-        lines.append(f"  membership inference attack AUC {_g(p['mia_auc'], '.3f')} (0.5 = chance)")
-    if "ledger_spent_epsilon" in p:
-        budget = p.get("ledger_budget_epsilon")
-        lines.append(f"  data set budget: spent epsilon {_g(p['ledger_spent_epsilon'])}"
-                     + (f" of {_g(budget)}" if budget not in (None, "", "none") else " (no budget set)"))
+def guarantee_of(properties: Dict[str, object]):
+    """The run's Guarantee from the Model artifact's properties (None when there is none)."""
+    from dp_training.guarantee import Guarantee
+
+    text = properties.get("privacy_guarantee")
+    return Guarantee.loads(text) if isinstance(text, str) and text else None
+
+
+def format_guarantee(guarantee) -> str:
+    """The recorded guarantee as a paragraph (the same object is in privacy.json and ML Metadata)."""
+    g = guarantee
+    if not g.private:
+        lines = [f"privacy guarantee: NONE ({g.statement()})"]
+    else:
+        lines = [f"privacy guarantee: epsilon = {g.epsilon:.4g}, delta = {g.delta:.3g} ({g.accountant} accountant), "
+                 f"for {g.relation_text} of source {g.source_id!r}"]
+        for m in g.mechanisms:
+            alone = f" (epsilon {m.epsilon_alone:.3g} alone)" if m.epsilon_alone is not None else ""
+            lines.append(f"  covers {m.covers}: {m.name}{alone}")
+        p = g.parameters
+        if "noise_multiplier" in p:
+            lines.append(f"  noise multiplier {p['noise_multiplier']:.4g}, clip {p.get('l2_norm_clip', '-')}, "
+                         f"sampling rate {p.get('sampling_rate', 0):.4g} ({p.get('sampling', '-')}), "
+                         f"{p.get('steps', '-')} steps, planned on {p.get('planning_rows', '-')} rows (public figure)")
+    if g.audit:
+        lines.append(f"  empirical audit: epsilon lower bound {g.audit.get('epsilon_lower_bound', float('nan')):.3g} "
+                     f"({g.audit.get('method', 'canaries')})")
+    led = g.ledger or {}
+    if led:
+        budget = led.get("budget_epsilon")
+        spent = led.get("spent_epsilon")
+        spent_text = spent if isinstance(spent, str) else f"{spent:.4g}"
+        lines.append(f"  data source budget: spent epsilon {spent_text}"
+                     + (f" of {budget:.4g}" if isinstance(budget, (int, float)) else " (no budget set)")
+                     + f"; ledger entry {led.get('seq')} ({str(led.get('head_hash', ''))[:12]})")
+    for item in g.not_covered:
+        lines.append(f"  not covered: {item}")
     return "\n".join(lines)
+
+
+def visible_slices(metrics: Dict[str, Dict[str, float]], min_size: int) -> Dict[str, Dict[str, float]]:
+    """Slices with at least ``min_size`` examples (small groups are suppressed from what is shown/published)."""
+    return {name: values for name, values in metrics.items()
+            if name == "Overall" or values.get("example_count", 0) >= min_size}
 
 
 def format_summary(summary: RunSummary) -> str:
@@ -208,18 +241,23 @@ def format_summary(summary: RunSummary) -> str:
     for c in summary.components:
         lines.append(f"{c.node_id:<28} {c.state:<10} {c.seconds:8.1f}")
     if summary.metrics:
+        from dp_training.protocol import DEFAULT_MIN_SLICE_SIZE
+
+        shown = visible_slices(summary.metrics, summary.min_slice_size or DEFAULT_MIN_SLICE_SIZE)
         names = ["auc", "binary_accuracy", "precision", "recall", "example_count"]
         lines += ["", f"{'slice':<36}" + "".join(f"{n:>16}" for n in names)]
-        for slice_name in sorted(summary.metrics, key=lambda s: (s != "Overall", s)):
-            values = summary.metrics[slice_name]
+        for slice_name in sorted(shown, key=lambda s: (s != "Overall", s)):
+            values = shown[slice_name]
             lines.append(f"{slice_name:<36}" + "".join(
                 f"{values[n]:>16.4f}" if n in values and n != "example_count"
                 else f"{int(values[n]):>16d}" if n in values else f"{'-':>16}" for n in names))
-    privacy = {k[len("privacy_"):]: v for k, v in summary.model_properties.items() if k.startswith("privacy_")}
-    if privacy:
-        lines += ["", format_guarantee(privacy)]
-    elif summary.model_properties:
-        lines += ["", "privacy guarantee: none (non-private trainer)"]
+        hidden = len(summary.metrics) - len(shown)
+        if hidden:
+            lines.append(f"({hidden} slice(s) with fewer than {summary.min_slice_size or DEFAULT_MIN_SLICE_SIZE} "
+                         "rows suppressed)")
+    guarantee = guarantee_of(summary.model_properties)
+    if guarantee is not None:
+        lines += ["", format_guarantee(guarantee)]
     if summary.blessed is not None:
         lines += ["", f"blessed: {'yes' if summary.blessed else 'no'}"]
     lines.append(f"pushed: {summary.pushed_path or 'no'}")

@@ -1,12 +1,23 @@
-"""The pipeline's Trainer: loads Transform's output, runs the chosen trainer kind, exports the model with
-its serving signatures, and records what the trainer reports (privacy guarantee, details) as ML Metadata
-custom properties of the Model artifact and as ``privacy.json`` / ``training.json`` beside the SavedModel."""
+"""The pipeline's Trainer: drives the privacy protocol (``dp_training.protocol``) around the chosen trainer kind.
+
+plan (public inputs) -> reserve in the data source's ledger (or refuse, nothing trained) -> DP normalisation
+statistics -> the kind trains -> finish the ledger entry with what was released -> one guarantee, exported with
+the model. What leaves the trust boundary from here (``docs/privacy_model.md``):
+
+- the SavedModel (weights and DP normalisation: covered by the guarantee; public-domain vocabularies),
+- ``assets.extra/preprocessing.json`` (public domains and the DP normalisation) and ``assets.extra/dataset.json``
+  (the public data-set description),
+- ``privacy.json`` (the guarantee) and ``training.json`` (the kind's public run parameters),
+- the Model artifact's ML Metadata properties listed in :data:`PUBLIC_PROPERTIES`.
+
+Everything computed from the private rows that is not covered (timings, losses, row counts, the membership
+inference check) goes to ``private_details.json`` in the Trainer's ModelRun directory inside the workdir.
+"""
 from __future__ import annotations
 
 import json
 import os
 import sys
-import time
 from typing import Any, Dict, List
 
 import numpy as np
@@ -17,13 +28,22 @@ from tfx.components.trainer.fn_args_utils import FnArgs
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import path_utils
 
+from dp_training.contract import TrainerContext, TrainingInterrupted
 from dp_training.dataset import DatasetSpec
-from pipeline.model import build_model, export_serving_model, vocabulary_sizes
-from pipeline.trainers import get_trainer, is_private
-from pipeline.trainers.base import TrainerContext, TrainingOutcome
+from dp_training.guarantee import Guarantee
+from dp_training.preprocessing import release_normalization
+from dp_training.protocol import RunProtocol, plan_run
+from pipeline.features import numeric_key
+from pipeline.model import bucket_sizes, build_model, export_serving_model
+from pipeline.trainers import get_trainer
 
 PRIVACY_FILE = "privacy.json"
 TRAINING_FILE = "training.json"
+PRIVATE_DETAILS_FILE = "private_details.json"
+# The Model artifact's custom properties, all public (a test enumerates them).
+PUBLIC_PROPERTIES = ("private", "privacy_guarantee", "privacy_epsilon", "privacy_delta", "privacy_accountant",
+                     "privacy_relation", "privacy_unit", "privacy_source_id", "privacy_ledger_seq",
+                     "privacy_ledger_head", "trainer_kind", "trainer_parameters")
 
 
 def load_transformed(file_patterns: List[str], feature_spec: Dict[str, Any], label_feature: str):
@@ -37,54 +57,86 @@ def load_transformed(file_patterns: List[str], feature_spec: Dict[str, Any], lab
     for batch in dataset:
         for key, value in batch.items():
             columns[key].append(value.numpy())
-    arrays = {k: np.concatenate(v) for k, v in columns.items()}
+    arrays = {k: (np.concatenate(v) if v else np.zeros((0,), feature_spec[k].dtype.as_numpy_dtype))
+              for k, v in columns.items()}
     labels = arrays.pop(label_feature).astype(np.float32).reshape(-1)
     return {k: v.reshape(-1, 1) for k, v in arrays.items()}, labels
 
 
-def train_guarded(kind: str, context: TrainerContext) -> TrainingOutcome:
-    """Runs a trainer kind. A non-private run on a data set that has a privacy budget is refused before
-    training unless its args allow it (``allow_non_private``), and then recorded in the ledger (its spend
-    is infinite). Private kinds charge the ledger themselves, with the guarantee they computed."""
-    ledger = None
-    if not is_private(kind, context.args):
-        from dp_training.ledger import PrivacyLedger
+def not_covered(spec: DatasetSpec) -> tuple:
+    """What the run publishes outside the guarantee, by declaration (stated in privacy.json and the summary)."""
+    source = spec.require_privacy()
+    items = ["the public data-set description (dataset.json) and the reference schema's domains and ranges",
+             "the run's hyper-parameters and the public planning size"]
+    if source.is_public_split("eval"):
+        items.append("evaluation metrics: computed on the eval split, which the data set declares public")
+    else:
+        items.append("evaluation metrics: computed on the PRIVATE eval split and NOT covered by epsilon "
+                     "(slices below the minimum size are suppressed)")
+    return tuple(items)
 
-        ledger = PrivacyLedger(context.workdir)
-        ledger.check_non_private(context.dataset_fingerprint, bool(context.args.get("allow_non_private")))
-    outcome = get_trainer(kind).train(context)
-    if ledger is not None and ledger.get_budget(context.dataset_fingerprint) is not None:
-        ledger.record_non_private(context.dataset_fingerprint, kind, dataset_name=context.dataset_name)
-    return outcome
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
 def run_fn(fn_args: FnArgs) -> None:
     config = fn_args.custom_config
     spec = DatasetSpec.from_json_dict(config["dataset"])
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    kind_name = config["trainer"]
+    kind = get_trainer(kind_name)
+    numeric_keys = [numeric_key(c) for c in spec.numeric_features]
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
     feature_spec = tf_transform_output.transformed_feature_spec()
     train_x, train_y = load_transformed(fn_args.train_files, feature_spec, spec.label_feature)
     eval_x, eval_y = load_transformed(fn_args.eval_files, feature_spec, spec.label_feature)
-    buckets = vocabulary_sizes(spec, tf_transform_output)
-    hidden = tuple(config.get("hidden_units", (64, 64)))
 
-    context = TrainerContext(
-        dataset_name=spec.name, dataset_fingerprint=config["dataset_fingerprint"],
-        train_features=train_x, train_labels=train_y, eval_features=eval_x, eval_labels=eval_y,
-        build_model=lambda: build_model(spec, buckets, hidden), args=config.get("trainer_args", {}),
-        workdir=config["workdir"], log=lambda message: print(message, file=sys.stderr, flush=True))
-    started = time.time()
-    outcome = train_guarded(config["trainer"], context)
-    details = {"kind": config["trainer"], "train_rows": context.num_train_rows,
-               "eval_rows": int(eval_y.shape[0]), "seconds": round(time.time() - started, 2), **outcome.details}
+    # 1. plan from public inputs (the exact row count only where the relation makes it public).
+    source = spec.require_privacy()
+    exact = int(train_y.shape[0]) if source.relation == "replace_one" else None
+    plan = plan_run(spec, kind_name, kind, config.get("trainer_args", {}), config.get("privacy", {}),
+                    numeric_keys, exact_rows=exact)
+    if plan.private:
+        log(f"privacy plan: {plan.training.mechanism}; planned epsilon {plan.planned_epsilon():.4g} at delta "
+            f"{plan.delta:.3g} ({plan.accountant}, {source.relation} of one {source.unit_name})")
+    # 2. reserve (or refuse before any private row is used).
+    protocol = RunProtocol(plan)
+    protocol.reserve()
+    released_training = None
+    try:
+        # 3. the private computations: DP normalisation, then the kind's training.
+        stats = release_normalization(plan.preprocessing, {k: train_x[k] for k in numeric_keys})
+        buckets = bucket_sizes(spec)
+        hidden = tuple(config.get("hidden_units", (64, 64)))
+        scratch = os.path.join(fn_args.model_run_dir, "scratch")
+        os.makedirs(scratch, exist_ok=True)
+        context = TrainerContext(
+            dataset_name=spec.name, train_features=train_x, train_labels=train_y, eval_features=eval_x,
+            eval_labels=eval_y, build_model=lambda: build_model(spec, buckets, stats, hidden),
+            args=config.get("trainer_args", {}), plan=plan.training, scratch_dir=scratch, source=source, log=log)
+        outcome = kind.train(context)
+    except TrainingInterrupted as e:
+        protocol.fail(e.released_event, "cancelled" if isinstance(e.cause, KeyboardInterrupt) else "failed")
+        raise e.cause from None
+    except BaseException:
+        protocol.fail(released_training, "failed")
+        raise
+    # 4. charge what was released; one guarantee for everything published.
+    guarantee = protocol.finish(outcome, not_covered=not_covered(spec))
+    log(f"privacy: {guarantee.statement()}")
 
-    export_serving_model(outcome.model, spec, tf_transform_output, fn_args.serving_model_dir)
+    export_serving_model(outcome.model, spec, tf_transform_output, fn_args.serving_model_dir, stats)
+    with tf.io.gfile.GFile(os.path.join(fn_args.serving_model_dir, PRIVACY_FILE), "w") as f:
+        f.write(guarantee.dumps())
     with tf.io.gfile.GFile(os.path.join(fn_args.serving_model_dir, TRAINING_FILE), "w") as f:
-        json.dump(details, f, indent=1, sort_keys=True)
-    if outcome.privacy is not None:
-        privacy = {"dataset": spec.name, "dataset_fingerprint": config["dataset_fingerprint"], **outcome.privacy}
-        with tf.io.gfile.GFile(os.path.join(fn_args.serving_model_dir, PRIVACY_FILE), "w") as f:
-            json.dump(privacy, f, indent=1, sort_keys=True)
+        json.dump({"trainer": kind_name, "parameters": guarantee.parameters}, f, indent=1, sort_keys=True,
+                  default=_json_default)
+    with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, PRIVATE_DETAILS_FILE), "w") as f:
+        json.dump({"trainer": kind_name, **outcome.private_details}, f, indent=1, sort_keys=True,
+                  default=_json_default)
 
 
 def _set_property(artifact, key: str, value: Any) -> None:
@@ -100,20 +152,26 @@ def _set_property(artifact, key: str, value: Any) -> None:
         artifact.set_string_custom_property(key, value if isinstance(value, str) else json.dumps(value))
 
 
+def guarantee_properties(guarantee: Guarantee) -> Dict[str, Any]:
+    """The Model artifact's public properties: the guarantee (one JSON value) plus scalar copies for queries."""
+    return {"private": guarantee.private, "privacy_guarantee": guarantee.dumps(),
+            "privacy_epsilon": guarantee.epsilon if guarantee.private else "inf", "privacy_delta": guarantee.delta,
+            "privacy_accountant": guarantee.accountant, "privacy_relation": guarantee.relation,
+            "privacy_unit": guarantee.unit, "privacy_source_id": guarantee.source_id,
+            "privacy_ledger_seq": int(guarantee.ledger.get("seq", -1)),
+            "privacy_ledger_head": guarantee.ledger.get("head_hash", ""), "trainer_kind": guarantee.trainer,
+            "trainer_parameters": json.dumps(guarantee.parameters, sort_keys=True, default=_json_default)}
+
+
 class PrivacyRecordingTrainerExecutor(tfx_trainer_executor.GenericExecutor):
-    """TFX's GenericExecutor, plus: the trainer's report becomes custom properties of the Model artifact."""
+    """TFX's GenericExecutor, plus: the run's guarantee becomes public properties of the Model artifact."""
 
     def Do(self, input_dict, output_dict, exec_properties) -> None:
         super().Do(input_dict, output_dict, exec_properties)
         model = artifact_utils.get_single_instance(output_dict[standard_component_specs.MODEL_KEY])
         serving_dir = path_utils.serving_model_path(model.uri)
-        with tf.io.gfile.GFile(os.path.join(serving_dir, TRAINING_FILE)) as f:
-            details = json.load(f)
-        for key, value in details.items():
-            _set_property(model, f"trainer_{key}", value)
-        privacy_path = os.path.join(serving_dir, PRIVACY_FILE)
-        _set_property(model, "private", tf.io.gfile.exists(privacy_path))
-        if tf.io.gfile.exists(privacy_path):
-            with tf.io.gfile.GFile(privacy_path) as f:
-                for key, value in json.load(f).items():
-                    _set_property(model, f"privacy_{key}", value)
+        with tf.io.gfile.GFile(os.path.join(serving_dir, PRIVACY_FILE)) as f:
+            guarantee = Guarantee.loads(f.read())
+        for key, value in guarantee_properties(guarantee).items():
+            assert key in PUBLIC_PROPERTIES, key
+            _set_property(model, key, value)

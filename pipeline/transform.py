@@ -1,16 +1,22 @@
-"""Transform's ``preprocessing_fn``: numeric z-scores (optionally of log1p) and categorical vocabularies.
+"""Transform's ``preprocessing_fn``: public functions only, nothing estimated from the private rows.
 
-Missing numeric values become 0 after scaling (the mean); missing and unseen categorical values map to the
-out-of-vocabulary bucket, the last id (= vocabulary size). The graph is saved with the model, so serving
-takes raw features.
+Numeric features: the declared ``log1p``, clipping to the reference schema's public range, and scaling that
+range to [0, 1] (a missing value becomes the range's midpoint, 0.5). The model standardises these scaled
+values with means and standard deviations released by the privacy layer (``dp_training.preprocessing``),
+inside the run's guarantee.
+
+Categorical features: ids in the reference schema's public domain (in its order); values outside it and
+missing values map to one out-of-vocabulary id (= the domain's size). No vocabulary is computed from the
+data, so removing a row never changes the model's vocabulary or its shape.
+
+The graph has no analyzers: it is saved with the model, so serving takes raw features.
 """
 from __future__ import annotations
 
 import tensorflow as tf
-import tensorflow_transform as tft
 
-from dp_training.dataset import DatasetSpec
-from pipeline.features import NUM_OOV_BUCKETS, categorical_key, numeric_key, vocabulary_name
+from dp_training.dataset import CategoricalDomain, DatasetSpec
+from pipeline.features import categorical_key, numeric_key
 
 
 def _squeeze_dense(x: tf.Tensor) -> tf.Tensor:
@@ -24,33 +30,48 @@ def _sparse_to_vector(x: tf.SparseTensor, default) -> tf.Tensor:
     return tf.reshape(dense, [-1])
 
 
+def scale_numeric(values: tf.Tensor, low: float, high: float, log1p: bool) -> tf.Tensor:
+    """Public scaling: (clip(log1p?(x), low, high) - low) / (high - low), in [0, 1]; NaN -> 0.5."""
+    values = tf.cast(values, tf.float32)
+    if log1p:
+        values = tf.math.log1p(tf.maximum(values, 0.0))
+    scaled = (tf.clip_by_value(values, low, high) - low) / (high - low)
+    return tf.where(tf.math.is_nan(scaled), tf.constant(0.5, tf.float32), scaled)
+
+
+def domain_ids(values: tf.Tensor, domain: CategoricalDomain) -> tf.Tensor:
+    """Position of each string in the public domain; the domain's size for anything else."""
+    keys = tf.constant(list(domain.values), tf.string)
+    eq = tf.equal(tf.reshape(values, [-1, 1]), tf.reshape(keys, [1, -1]))
+    found = tf.reduce_any(eq, axis=1)
+    ids = tf.argmax(tf.cast(eq, tf.int32), axis=1, output_type=tf.int64)
+    return tf.where(found, ids, tf.constant(len(domain.values), tf.int64))
+
+
 def preprocessing_fn(inputs, custom_config):
     spec = DatasetSpec.from_json_dict(custom_config["dataset"])
+    domains = spec.public_domains()
     outputs = {}
     for column in spec.feature_columns:
         x = inputs[column.name]
+        domain = domains[column.name]
         if column.kind == "numeric":
             if isinstance(x, tf.SparseTensor):
-                values = tf.cast(x.values, tf.float32)
-                if column.log1p:
-                    values = tf.math.log1p(values)
-                z = tft.scale_to_z_score(tf.SparseTensor(x.indices, values, x.dense_shape))
-                outputs[numeric_key(column.name)] = _sparse_to_vector(z, 0.0)
+                values = _sparse_to_vector(tf.SparseTensor(x.indices, tf.cast(x.values, tf.float32),
+                                                           x.dense_shape), float("nan"))
             else:
                 values = tf.cast(_squeeze_dense(x), tf.float32)
-                if column.log1p:
-                    values = tf.math.log1p(values)
-                outputs[numeric_key(column.name)] = tft.scale_to_z_score(values)
+            outputs[numeric_key(column.name)] = scale_numeric(values, domain.low, domain.high, column.log1p)
         else:
-            if not isinstance(x, tf.SparseTensor):  # always present: every row has a value
-                x = tf.sparse.from_dense(tf.reshape(x, [-1, 1]))
-            if x.dtype != tf.string:  # a categorical column that happens to hold numbers
-                x = tf.SparseTensor(x.indices, tf.strings.as_string(x.values), x.dense_shape)
-            name = vocabulary_name(column.name)
-            ids = tft.compute_and_apply_vocabulary(x, num_oov_buckets=NUM_OOV_BUCKETS, vocab_filename=name)
-            oov_id = tft.experimental.get_vocabulary_size_by_name(name)
-            ids = _sparse_to_vector(ids, tf.constant(-1, tf.int64))
-            outputs[categorical_key(column.name)] = tf.where(ids < 0, oov_id, ids)
+            if isinstance(x, tf.SparseTensor):
+                if x.dtype != tf.string:  # a categorical column that happens to hold numbers
+                    x = tf.SparseTensor(x.indices, tf.strings.as_string(x.values), x.dense_shape)
+                values = _sparse_to_vector(x, tf.constant("", tf.string))
+            else:
+                values = _squeeze_dense(x)
+                if values.dtype != tf.string:
+                    values = tf.strings.as_string(values)
+            outputs[categorical_key(column.name)] = domain_ids(values, domain)
     label = inputs[spec.label_feature]
     outputs[spec.label_feature] = (_sparse_to_vector(label, tf.constant(0, tf.int64))
                                    if isinstance(label, tf.SparseTensor) else _squeeze_dense(label))

@@ -29,13 +29,23 @@ def _private_ledger(tmp_path_factory):
         os.environ["PRIVTRAIN_LEDGER"] = old
 
 
-def make_adult_sample(directory: str, train_rows: int, eval_rows: int, mutate=None) -> str:
+def make_adult_sample(directory: str, train_rows: int, eval_rows: int, mutate=None, source_id=None,
+                      privacy=None) -> str:
     """Copies Adult's description and reference schema plus the first rows of each split.
 
+    The copy declares its own data source (``source_id``, default: one per directory, so that budgets of
+    different tests never mix in the session's ledger) with ``train_rows`` as its public planning size;
+    ``privacy`` overrides keys of the privacy section.
     ``mutate(split, fields) -> fields`` may rewrite every parsed row (to corrupt the data)."""
     os.makedirs(directory, exist_ok=True)
-    for name in ("dataset.json", "schema.pbtxt", "README.md"):
+    for name in ("schema.pbtxt", "README.md"):
         shutil.copy(os.path.join(ADULT_DIR, name), directory)
+    with open(os.path.join(ADULT_DIR, "dataset.json")) as f:
+        description = json.load(f)
+    description["privacy"].update({"source_id": source_id or f"adult-sample-{os.path.basename(directory)}",
+                                   "public_row_estimate": int(train_rows), **(privacy or {})})
+    with open(os.path.join(directory, "dataset.json"), "w") as f:
+        json.dump(description, f, indent=1)
     for split, filename, rows in (("train", "adult.data", train_rows), ("eval", "adult.test", eval_rows)):
         with open(os.path.join(ADULT_DIR, filename)) as src, open(os.path.join(directory, filename), "w") as dst:
             for i, line in enumerate(src):

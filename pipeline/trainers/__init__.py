@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 
-from pipeline.trainers.base import TrainerContext, TrainerKind, TrainingOutcome  # noqa: F401
+from dp_training.contract import TrainerContext, TrainerKind, TrainingOutcome  # noqa: F401
 
 TRAINER_KINDS = {
     "standard": "pipeline.trainers.standard:StandardTrainer",

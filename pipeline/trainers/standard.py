@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from pipeline.trainers.base import TrainerContext, TrainingOutcome
+import dp_accounting
+
+from dp_training.contract import PlanInputs, TrainerContext, TrainingOutcome, TrainingPlan
 
 
 # Uses the CLI's shared --epochs (default 5), --batch-size (256) and --learning-rate (Adam, 1e-3).
@@ -22,16 +24,32 @@ def distribution_strategy() -> tf.distribute.Strategy:
     return tf.distribute.OneDeviceStrategy("/cpu:0")
 
 
+def is_private(args) -> bool:
+    return False
+
+
+def _settings(args):
+    epochs = int(round(float(args.get("epochs", 5))))
+    batch_size = int(args.get("batch_size", 256))
+    learning_rate = float(args.get("learning_rate", 1e-3))
+    if epochs < 1 or batch_size < 1 or learning_rate <= 0:
+        raise ValueError(f"standard trainer: epochs ({epochs}) and batch size ({batch_size}) must be >= 1 "
+                         f"and the learning rate ({learning_rate}) > 0")
+    return epochs, batch_size, learning_rate
+
+
 class StandardTrainer:
     name = "standard"
 
+    def plan(self, inputs: PlanInputs) -> TrainingPlan:
+        epochs, batch_size, learning_rate = _settings(inputs.args)
+        return TrainingPlan(event=dp_accounting.NonPrivateDpEvent(), private=False,
+                            mechanism="none (non-private Keras fit)",
+                            public={"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
+                                    "optimizer": "Adam"})
+
     def train(self, context: TrainerContext) -> TrainingOutcome:
-        epochs = int(round(float(context.args.get("epochs", 5))))
-        batch_size = int(context.args.get("batch_size", 256))
-        learning_rate = float(context.args.get("learning_rate", 1e-3))
-        if epochs < 1 or batch_size < 1 or learning_rate <= 0:
-            raise ValueError(f"standard trainer: epochs ({epochs}) and batch size ({batch_size}) must be >= 1 "
-                             f"and the learning rate ({learning_rate}) > 0")
+        epochs, batch_size, learning_rate = _settings(context.args)
         strategy = distribution_strategy()
         context.log(f"standard trainer: {strategy.__class__.__name__} over "
                     f"{strategy.num_replicas_in_sync} replica(s), {epochs} epochs, batch {batch_size}")
@@ -46,11 +64,11 @@ class StandardTrainer:
             (dict(context.eval_features), context.eval_labels)).batch(1024)
         history = model.fit(train, epochs=epochs, validation_data=evaluation, verbose=0,
                             callbacks=[_EpochLog(context.log, epochs)])
-        return TrainingOutcome(model=model, privacy=None, details={
-            "strategy": strategy.__class__.__name__, "replicas": strategy.num_replicas_in_sync,
-            "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-            "final_train_loss": float(history.history["loss"][-1]),
-            "final_eval_accuracy": float(history.history["val_accuracy"][-1])})
+        return TrainingOutcome(
+            model=model, released_event=dp_accounting.NonPrivateDpEvent(),
+            public_details={"strategy": strategy.__class__.__name__, "replicas": strategy.num_replicas_in_sync},
+            private_details={"final_train_loss": float(history.history["loss"][-1]),
+                             "final_eval_accuracy": float(history.history["val_accuracy"][-1])})
 
 
 class _EpochLog(tf.keras.callbacks.Callback):

@@ -1,0 +1,239 @@
+"""The privacy protocol of one training run, in one place (the pipeline's Trainer executor drives it).
+
+1. ``plan_run``: from public inputs only (the data set's privacy declaration, the run's privacy arguments,
+   the trainer kind's arguments), the preprocessing release and the trainer kind's plan; their composition
+   is the run's planned event. Also used by the runner as a pre-flight check before the pipeline starts.
+2. ``RunProtocol.reserve``: verifies the ledger and reserves the planned event against the data source's
+   budget in one transaction, or refuses before any private row is used.
+3. ``RunProtocol.release_preprocessing`` / the kind's ``train``: the only code that reads private rows.
+4. ``RunProtocol.finish``: charges what was actually released (the kind's report; the whole plan if it
+   failed without one) and builds the one :class:`~dp_training.guarantee.Guarantee` that ML Metadata,
+   ``privacy.json``, the summary and the reports publish.
+
+Trainer kinds never open the ledger; nothing else computes the run's epsilon.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import dp_accounting
+
+from dp_training import accountants, events as ev
+from dp_training.contract import PlanInputs, TrainingOutcome, TrainingPlan
+from dp_training.dataset import DatasetSpec, PrivacyDeclaration
+from dp_training.guarantee import Guarantee, Mechanism
+from dp_training.preprocessing import NormalizationPlan, plan_normalization
+
+DEFAULT_TARGET_EPSILON = 3.0
+PREPROCESSING_SHARE = 0.1      # default preprocessing epsilon: this share of the run's target
+DEFAULT_PREPROCESSING_EPSILON = 0.3   # when the kind's noise is given instead of a target
+DEFAULT_MIN_SLICE_SIZE = 30
+
+# Run-level privacy arguments (``privtrain run`` flags), shared by every trainer kind.
+PRIVACY_DEFAULTS: Dict[str, Any] = {
+    "target_epsilon": None, "delta": None, "accountant": accountants.DEFAULT, "preprocessing_epsilon": None,
+    "budget_epsilon": None, "budget_delta": None, "ledger": None, "allow_non_private": False,
+    "audit_canaries": 0, "min_slice_size": DEFAULT_MIN_SLICE_SIZE, "label": None,
+}
+
+
+class PlanError(ValueError):
+    """The run cannot be planned from its public inputs (the message names the fix)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    kind: str
+    dataset: str
+    source: PrivacyDeclaration
+    accountant: str
+    delta: float
+    target_epsilon: Optional[float]
+    preprocessing: NormalizationPlan
+    preprocessing_event: dp_accounting.DpEvent
+    training: TrainingPlan
+    privacy_args: Mapping[str, Any]
+
+    @property
+    def private(self) -> bool:
+        return self.training.private
+
+    @property
+    def event(self) -> dp_accounting.DpEvent:
+        if not self.private:
+            return dp_accounting.NonPrivateDpEvent()
+        return ev.compose(self.preprocessing_event, self.training.event)
+
+    def planned_epsilon(self) -> float:
+        return accountants.epsilon(self.event, self.delta, self.accountant, self.source.relation)
+
+
+def resolve_privacy_args(args: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    out = dict(PRIVACY_DEFAULTS)
+    unknown = set(args or {}) - set(out)
+    if unknown:
+        raise PlanError(f"unknown privacy arguments {sorted(unknown)}; known: {sorted(out)}")
+    out.update({k: v for k, v in (args or {}).items() if v is not None})
+    return out
+
+
+def planning_rows(source: PrivacyDeclaration, exact_rows: Optional[int]) -> int:
+    """The public size a plan may use: the declared estimate (add/remove-one) or the exact count (replace-one)."""
+    if source.relation == ev.REPLACE_ONE:
+        if exact_rows is None:
+            raise PlanError("under replace_one the plan uses the exact number of training rows; count them first")
+        return int(exact_rows)
+    if source.public_row_estimate is None:
+        raise PlanError(
+            f"source {source.source_id!r} is accounted under add_or_remove_one, where the number of rows is "
+            "private; declare a public planning figure in dataset.json (privacy.public_row_estimate, e.g. a "
+            "rounded size the data owner may publish) or use relation replace_one if the count is public")
+    return int(source.public_row_estimate)
+
+
+def plan_run(spec: DatasetSpec, kind_name: str, kind, trainer_args: Mapping[str, Any],
+             privacy_args: Optional[Mapping[str, Any]], numeric_keys, exact_rows: Optional[int] = None) -> RunPlan:
+    """Step 1 of the protocol (public inputs only)."""
+    source = spec.require_privacy()
+    p = resolve_privacy_args(privacy_args)
+    accountant = p["accountant"]
+    accountants.get(accountant)
+    n_plan = planning_rows(source, exact_rows)
+    delta = p["delta"] if p["delta"] is not None else 1.0 / (10 * n_plan)
+    if not 0 < float(delta) < 1:
+        raise PlanError(f"delta must be in (0, 1), got {delta!r}; pass e.g. --delta 1e-5")
+    delta = float(delta)
+    private_kind = _kind_is_private(kind, trainer_args)
+    target = p["target_epsilon"]
+    if private_kind and target is None and trainer_args.get("noise_multiplier") is None \
+            and trainer_args.get("dp_noise_multiplier") is None:
+        target = DEFAULT_TARGET_EPSILON
+    if target is not None and (not float(target) > 0 or math.isinf(float(target))):
+        raise PlanError(f"target epsilon must be a finite number > 0, got {target!r}; pass e.g. --target-epsilon 3")
+    if private_kind and numeric_keys:
+        pre_eps = p["preprocessing_epsilon"]
+        if pre_eps is None:
+            pre_eps = PREPROCESSING_SHARE * float(target) if target is not None else DEFAULT_PREPROCESSING_EPSILON
+        if target is not None and float(pre_eps) >= float(target):
+            raise PlanError(f"--preprocessing-epsilon {pre_eps:g} leaves nothing of the target epsilon {target:g} "
+                            "for training; pass a smaller share (e.g. a tenth of the target)")
+        pre = plan_normalization(numeric_keys, float(pre_eps), delta, accountant, source.relation)
+        pre_event = pre.event()
+    else:
+        pre = NormalizationPlan(tuple(numeric_keys), 0.0, None)   # exact statistics for non-private runs
+        pre_event = dp_accounting.NoOpDpEvent()
+    inputs = PlanInputs(kind=kind_name, dataset_name=spec.name, source=source, planning_rows=n_plan,
+                        args=dict(trainer_args), accountant=accountant, delta=delta, base_event=pre_event,
+                        target_epsilon=None if target is None else float(target))
+    training = kind.plan(inputs)
+    if training.private:
+        accountants.check_supported(accountant, ev.compose(pre_event, training.event), source.relation)
+    return RunPlan(kind=kind_name, dataset=spec.name, source=source, accountant=accountant, delta=delta,
+                   target_epsilon=None if target is None else float(target), preprocessing=pre,
+                   preprocessing_event=pre_event, training=training, privacy_args=p)
+
+
+def _kind_is_private(kind, trainer_args) -> bool:
+    import sys
+    module = sys.modules.get(type(kind).__module__)
+    if module is not None and hasattr(module, "is_private"):
+        return bool(module.is_private(trainer_args))
+    return True
+
+
+class RunProtocol:
+    """Steps 2-4 for one run against one ledger."""
+
+    def __init__(self, plan: RunPlan, ledger=None):
+        from dp_training.ledger import Ledger, resolve_ledger_path
+
+        self.plan = plan
+        self.ledger = ledger if ledger is not None else Ledger(resolve_ledger_path(plan.privacy_args["ledger"]))
+        self.reservation = None
+        self.receipt = None
+
+    def budget_request(self):
+        from dp_training.ledger import BudgetRequest
+
+        p = self.plan.privacy_args
+        if p["budget_epsilon"] is None:
+            return None
+        return BudgetRequest(float(p["budget_epsilon"]),
+                             float(p["budget_delta"] if p["budget_delta"] is not None else self.plan.delta),
+                             self.plan.accountant)
+
+    def check(self) -> None:
+        """Pre-flight before the pipeline starts: the ledger verifies, and the plan would be accepted now
+        (the executor's reservation repeats the check atomically)."""
+        check = getattr(self.ledger, "check", None)
+        if check is None:
+            self.ledger.verify()
+            return
+        check(self.plan.source.source_id, self.plan.event, trainer=self.plan.kind, private=self.plan.private,
+              accountant=self.plan.accountant, relation=self.plan.source.relation, delta=self.plan.delta,
+              budget=self.budget_request(), allow_non_private=bool(self.plan.privacy_args["allow_non_private"]))
+
+    def reserve(self):
+        self.ledger.verify()
+        self.reservation = self.ledger.reserve(
+            self.plan.source.source_id, self.plan.event, trainer=self.plan.kind, private=self.plan.private,
+            accountant=self.plan.accountant, relation=self.plan.source.relation, delta=self.plan.delta,
+            budget=self.budget_request(), allow_non_private=bool(self.plan.privacy_args["allow_non_private"]),
+            label=self.plan.privacy_args.get("label"))
+        return self.reservation
+
+    def fail(self, released_training: Optional[dp_accounting.DpEvent], status: str = "failed") -> None:
+        """Charges a failed run: the preprocessing (already released) plus what training reported, or the
+        whole plan when it reported nothing."""
+        if self.reservation is None:
+            return
+        if released_training is None or not self.plan.private:
+            released = self.plan.event
+        else:
+            released = ev.compose(self.plan.preprocessing_event, released_training)
+        self.receipt = self.ledger.finish(self.reservation, released, status)
+
+    def finish(self, outcome: TrainingOutcome, not_covered: Tuple[str, ...] = (),
+               audit: Optional[Mapping[str, Any]] = None) -> Guarantee:
+        plan = self.plan
+        released = (ev.compose(plan.preprocessing_event, outcome.released_event) if plan.private
+                    else dp_accounting.NonPrivateDpEvent())
+        self.receipt = self.ledger.finish(self.reservation, released, "completed")
+        spend = self.ledger.spend(plan.source.source_id)
+        relation = plan.source.relation
+        eps = accountants.epsilon(released, plan.delta, plan.accountant, relation)
+        mechanisms = []
+        if plan.private and not isinstance(plan.preprocessing_event, dp_accounting.NoOpDpEvent):
+            mechanisms.append(Mechanism(
+                "DP normalisation statistics (Gaussian)",
+                "the numeric features' normalisation means and standard deviations",
+                ev.to_json(plan.preprocessing_event),
+                accountants.epsilon(plan.preprocessing_event, plan.delta, plan.accountant, relation)))
+        if plan.private:
+            mechanisms.append(Mechanism(
+                plan.training.mechanism, "the model's trained weights",
+                ev.to_json(outcome.released_event),
+                accountants.epsilon(outcome.released_event, plan.delta, plan.accountant, relation)))
+        parameters = {**dict(plan.training.public), **dict(outcome.public_details)}
+        if plan.private and plan.preprocessing.feature_keys:
+            parameters["preprocessing_noise_multiplier"] = plan.preprocessing.noise_multiplier
+        ledger = {"seq": self.receipt.seq, "head_hash": self.receipt.head_hash, "run_id": self.reservation.run_id,
+                  "spent_epsilon": _num(spend.epsilon), "spent_at_delta": spend.delta,
+                  "budget_epsilon": spend.budget_epsilon, "remaining_epsilon": spend.remaining,
+                  "runs": spend.runs}
+        return Guarantee(
+            private=plan.private, epsilon=eps, delta=plan.delta, accountant=plan.accountant, relation=relation,
+            unit=plan.source.unit, source_id=plan.source.source_id, dataset=plan.dataset, trainer=plan.kind,
+            mechanisms=tuple(mechanisms), event=ev.to_json(released), parameters=parameters,
+            target_epsilon=plan.target_epsilon, ledger=ledger, audit=audit,
+            not_covered=tuple(not_covered), notes=tuple(plan.training.notes))
+
+
+def _num(x):
+    return "inf" if isinstance(x, float) and math.isinf(x) else x
+
+
+__all__ = ["RunPlan", "RunProtocol", "plan_run", "planning_rows", "resolve_privacy_args", "PlanError",
+           "PRIVACY_DEFAULTS", "DEFAULT_TARGET_EPSILON"]
