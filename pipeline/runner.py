@@ -148,7 +148,7 @@ def preflight(config: RunConfig, spec) -> None:
     """Plans the run from public inputs and checks it against the data source's ledger before anything runs
     (the Trainer repeats the check atomically when it reserves). Raises PlanError / ledger errors / ValueError."""
     from dp_training.protocol import RunProtocol, plan_run
-    from pipeline.features import numeric_key
+    from dp_training.features import numeric_key
     from pipeline.trainers import get_trainer
 
     if spec.require_privacy().relation == "replace_one":

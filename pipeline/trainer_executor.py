@@ -33,7 +33,7 @@ from dp_training.dataset import DatasetSpec
 from dp_training.guarantee import Guarantee
 from dp_training.preprocessing import release_normalization
 from dp_training.protocol import RunProtocol, plan_run
-from pipeline.features import numeric_key
+from dp_training.features import numeric_key
 from pipeline.model import bucket_sizes, build_model, export_serving_model
 from pipeline.trainers import get_trainer
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from dp_training.dataset import CategoricalDomain, DatasetSpec
-from pipeline.features import categorical_key, numeric_key
+from dp_training.features import categorical_key, numeric_key
 
 
 def _squeeze_dense(x: tf.Tensor) -> tf.Tensor:
