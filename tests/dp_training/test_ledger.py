@@ -233,6 +233,7 @@ def test_concurrent_budget_creation_leaves_exactly_one_budget(ledger_path):
     assert led.get_budget(SRC).epsilon in epsilons
     assert winners == [led.get_budget(SRC).epsilon]  # only runs that asked for the winning budget got in
     assert sum(1 for status, _ in out if status == "conflict") == len(epsilons) - 1
+    assert os.listdir(os.path.dirname(ledger_path)) == ["ledger.sqlite"]  # the racing creators left no temp files
 
 
 def _reserve_one(path, _, barrier, results):
