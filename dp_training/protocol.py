@@ -237,3 +237,101 @@ def _num(x):
 
 __all__ = ["RunPlan", "RunProtocol", "plan_run", "planning_rows", "resolve_privacy_args", "PlanError",
            "PRIVACY_DEFAULTS", "DEFAULT_TARGET_EPSILON"]
+
+
+@dataclasses.dataclass
+class PrivateRunResult:
+    outcome: TrainingOutcome
+    guarantee: Guarantee
+    normalization: Any          # dp_training.preprocessing.NormalizationStats (covered by the guarantee)
+    plan: RunPlan
+
+
+def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mapping[str, Any],
+                         privacy_args: Optional[Mapping[str, Any]], train_x, train_y, eval_x, eval_y,
+                         scratch_dir: str, kind, log=print, hidden_units=(64, 64),
+                         not_covered: Tuple[str, ...] = (), ledger=None) -> PrivateRunResult:
+    """The whole protocol for one run on model inputs already transformed with the public transform
+    (``dp_training.features``): plan -> reserve -> DP normalisation -> train -> finish -> guarantee.
+
+    Used by the pipeline's Trainer executor and by code that trains without TFX (benchmarks, studies,
+    the federated simulator): the same plan, ledger rules and guarantee everywhere."""
+    import os
+
+    from dp_training.contract import TrainerContext, TrainingInterrupted
+    from dp_training.features import numeric_key
+    from dp_training.model import bucket_sizes, build_model
+    from dp_training.preprocessing import release_normalization
+
+    numeric_keys = [numeric_key(c) for c in spec.numeric_features]
+    source = spec.require_privacy()
+    exact = int(len(train_y)) if source.relation == ev.REPLACE_ONE else None
+    plan = plan_run(spec, kind_name, kind, trainer_args, privacy_args, numeric_keys, exact_rows=exact)
+    if plan.private:
+        log(f"privacy plan: {plan.training.mechanism}; planned epsilon {plan.planned_epsilon():.4g} at delta "
+            f"{plan.delta:.3g} ({plan.accountant}, {source.relation} of one {source.unit_name})")
+    protocol = RunProtocol(plan, ledger)
+    protocol.reserve()
+    audit_setup = None
+    canaries_m = int(plan.privacy_args.get("audit_canaries") or 0)
+    if canaries_m > 0:
+        train_x, train_y, audit_setup = _insert_canaries(spec, train_x, train_y, canaries_m)
+        log(f"audit: {canaries_m} synthetic canaries, each inserted with probability 1/2")
+    try:
+        stats = release_normalization(plan.preprocessing, {k: train_x[k] for k in numeric_keys})
+        buckets = bucket_sizes(spec)
+        os.makedirs(scratch_dir, exist_ok=True)
+        context = TrainerContext(
+            dataset_name=spec.name, train_features=train_x, train_labels=train_y, eval_features=eval_x,
+            eval_labels=eval_y, build_model=lambda: build_model(spec, buckets, stats, tuple(hidden_units)),
+            args=dict(trainer_args), plan=plan.training, scratch_dir=scratch_dir, source=source, log=log)
+        outcome = kind.train(context)
+    except TrainingInterrupted as e:
+        protocol.fail(e.released_event, "cancelled" if isinstance(e.cause, KeyboardInterrupt) else "failed")
+        raise e.cause from None
+    except BaseException:
+        protocol.fail(None, "failed")
+        raise
+    guarantee = protocol.finish(outcome, not_covered=not_covered)
+    if audit_setup is not None:
+        guarantee = guarantee.with_audit(_run_audit(outcome.model, audit_setup, guarantee))
+        log(f"audit: empirical epsilon lower bound {guarantee.audit['epsilon_lower_bound']:.3g} "
+            f"(stated {guarantee.epsilon:.3g}; {guarantee.audit['confidence']:.0%} confidence)")
+    log(f"privacy: {guarantee.statement()}")
+    return PrivateRunResult(outcome, guarantee, stats, plan)
+
+
+def _insert_canaries(spec: DatasetSpec, train_x, train_y, m: int):
+    """One-run audit set-up (dp_training.audit): m canaries from the public domains (numeric inputs are the
+    public transform's [0, 1] scale, categorical ids the public domain plus the out-of-vocabulary id), each
+    added to the training rows with probability 1/2 before any release, so the audit covers the whole run."""
+    import secrets
+
+    import numpy as np
+
+    from dp_training import audit
+    from dp_training.features import categorical_key, numeric_key
+    from dp_training.model import bucket_sizes
+
+    buckets = bucket_sizes(spec)
+    layout = {numeric_key(c): None for c in spec.numeric_features}
+    layout.update({categorical_key(c): buckets[c] for c in spec.categorical_features})
+    rng = np.random.default_rng(secrets.randbits(128))
+    canaries = audit.make_canaries(layout, m, rng, numeric_range=(0.0, 1.0))
+    x, y, included = audit.insert({k: train_x[k] for k in layout}, train_y, canaries, rng)
+    return x, y, (canaries, included)
+
+
+def _run_audit(model, setup, guarantee: Guarantee) -> dict:
+    import numpy as np
+
+    from dp_training import audit
+
+    canaries, included = setup
+
+    def logits(features):
+        return np.asarray(model({k: np.asarray(v) for k, v in features.items()}, training=False)).reshape(-1)
+
+    result = audit.run_audit(logits, canaries, included, delta=guarantee.delta,
+                             stated_epsilon=guarantee.epsilon if guarantee.private else None)
+    return result.to_dict()

@@ -28,13 +28,10 @@ from tfx.components.trainer.fn_args_utils import FnArgs
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import path_utils
 
-from dp_training.contract import TrainerContext, TrainingInterrupted
 from dp_training.dataset import DatasetSpec
 from dp_training.guarantee import Guarantee
-from dp_training.preprocessing import release_normalization
-from dp_training.protocol import RunProtocol, plan_run
-from dp_training.features import numeric_key
-from pipeline.model import bucket_sizes, build_model, export_serving_model
+from dp_training.protocol import run_private_training
+from pipeline.model import export_serving_model
 from pipeline.trainers import get_trainer
 
 PRIVACY_FILE = "privacy.json"
@@ -88,45 +85,16 @@ def run_fn(fn_args: FnArgs) -> None:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     kind_name = config["trainer"]
     kind = get_trainer(kind_name)
-    numeric_keys = [numeric_key(c) for c in spec.numeric_features]
     tf_transform_output = tft.TFTransformOutput(fn_args.transform_output)
     feature_spec = tf_transform_output.transformed_feature_spec()
     train_x, train_y = load_transformed(fn_args.train_files, feature_spec, spec.label_feature)
     eval_x, eval_y = load_transformed(fn_args.eval_files, feature_spec, spec.label_feature)
 
-    # 1. plan from public inputs (the exact row count only where the relation makes it public).
-    source = spec.require_privacy()
-    exact = int(train_y.shape[0]) if source.relation == "replace_one" else None
-    plan = plan_run(spec, kind_name, kind, config.get("trainer_args", {}), config.get("privacy", {}),
-                    numeric_keys, exact_rows=exact)
-    if plan.private:
-        log(f"privacy plan: {plan.training.mechanism}; planned epsilon {plan.planned_epsilon():.4g} at delta "
-            f"{plan.delta:.3g} ({plan.accountant}, {source.relation} of one {source.unit_name})")
-    # 2. reserve (or refuse before any private row is used).
-    protocol = RunProtocol(plan)
-    protocol.reserve()
-    released_training = None
-    try:
-        # 3. the private computations: DP normalisation, then the kind's training.
-        stats = release_normalization(plan.preprocessing, {k: train_x[k] for k in numeric_keys})
-        buckets = bucket_sizes(spec)
-        hidden = tuple(config.get("hidden_units", (64, 64)))
-        scratch = os.path.join(fn_args.model_run_dir, "scratch")
-        os.makedirs(scratch, exist_ok=True)
-        context = TrainerContext(
-            dataset_name=spec.name, train_features=train_x, train_labels=train_y, eval_features=eval_x,
-            eval_labels=eval_y, build_model=lambda: build_model(spec, buckets, stats, hidden),
-            args=config.get("trainer_args", {}), plan=plan.training, scratch_dir=scratch, source=source, log=log)
-        outcome = kind.train(context)
-    except TrainingInterrupted as e:
-        protocol.fail(e.released_event, "cancelled" if isinstance(e.cause, KeyboardInterrupt) else "failed")
-        raise e.cause from None
-    except BaseException:
-        protocol.fail(released_training, "failed")
-        raise
-    # 4. charge what was released; one guarantee for everything published.
-    guarantee = protocol.finish(outcome, not_covered=not_covered(spec))
-    log(f"privacy: {guarantee.statement()}")
+    result = run_private_training(
+        spec, kind_name, config.get("trainer_args", {}), config.get("privacy", {}), train_x, train_y, eval_x,
+        eval_y, scratch_dir=os.path.join(fn_args.model_run_dir, "scratch"), kind=kind, log=log,
+        hidden_units=tuple(config.get("hidden_units", (64, 64))), not_covered=not_covered(spec))
+    outcome, guarantee, stats = result.outcome, result.guarantee, result.normalization
 
     export_serving_model(outcome.model, spec, tf_transform_output, fn_args.serving_model_dir, stats)
     with tf.io.gfile.GFile(os.path.join(fn_args.serving_model_dir, PRIVACY_FILE), "w") as f:

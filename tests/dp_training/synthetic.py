@@ -1,9 +1,11 @@
-"""Small synthetic data sets and TrainerContexts for the dp_training tests."""
+"""Small synthetic data sets, plans and TrainerContexts for the dp_training tests."""
 from __future__ import annotations
 
+import dp_accounting
 import numpy as np
 
-from pipeline.trainers.base import TrainerContext
+from dp_training.contract import PlanInputs, TrainerContext
+from dp_training.dataset import PrivacyDeclaration
 
 
 def make_data(n: int, seed: int = 0):
@@ -27,12 +29,21 @@ def build_model(hidden: int = 8):
     return tf.keras.Model(inputs={"num": num, "cat": cat}, outputs=out)
 
 
-def make_context(workdir, args, n_train=600, n_eval=300, fingerprint="fp-synthetic", seed=0,
-                 builder=build_model):
+def plan_inputs(args, planning_rows=600, *, relation="add_or_remove_one", target_epsilon=None, delta=None,
+                accountant="rdp", base_event=None, unit="row"):
+    source = PrivacyDeclaration(source_id="synthetic", unit=unit, relation=relation,
+                                public_row_estimate=planning_rows)
+    return PlanInputs(kind="dp_sgd", dataset_name="synthetic", source=source, planning_rows=planning_rows,
+                      args=dict(args), accountant=accountant,
+                      delta=delta if delta is not None else 1.0 / (10 * planning_rows),
+                      base_event=base_event or dp_accounting.NoOpDpEvent(), target_epsilon=target_epsilon)
+
+
+def make_context(tmp_path, args, plan, n_train=600, n_eval=300, seed=0, builder=build_model, log=None):
     xtr, ytr = make_data(n_train, seed)
     xev, yev = make_data(n_eval, seed + 1)
     logs = []
-    ctx = TrainerContext(dataset_name="synthetic", dataset_fingerprint=fingerprint,
-                         train_features=xtr, train_labels=ytr, eval_features=xev, eval_labels=yev,
-                         build_model=builder, args=args, workdir=str(workdir), log=logs.append)
+    ctx = TrainerContext(dataset_name="synthetic", train_features=xtr, train_labels=ytr, eval_features=xev,
+                         eval_labels=yev, build_model=builder, args=args, plan=plan, scratch_dir=str(tmp_path),
+                         log=log or logs.append)
     return ctx, logs

@@ -1,22 +1,19 @@
 """The dp_sgd trainer: what it trains, and that its accounting describes what really happened."""
 import argparse
-import dataclasses
 
 import numpy as np
 import pytest
 
-from tests.dp_training.synthetic import build_model, make_context, make_data
+import dp_accounting
+
+from tests.dp_training.synthetic import build_model, make_context, make_data, plan_inputs
 
 from dp_training import accounting  # noqa: E402
 from dp_training import trainer as trainer_mod  # noqa: E402
-from dp_training.ledger import BudgetExceededError, PrivacyLedger  # noqa: E402
+from dp_training.contract import TrainingInterrupted  # noqa: E402
 from dp_training.trainer import DPSGDTrainer, add_arguments, plan_training, trainer_args  # noqa
 
 tf = pytest.importorskip("tensorflow")
-
-
-def _ledger_runs(workdir, fp="fp-synthetic"):
-    return PrivacyLedger(str(workdir)).history(fp)[0]["runs"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -109,65 +106,82 @@ def test_shuffle_batches_are_fixed_and_disjoint_within_an_epoch():
 
 
 # ------------------------------------------------------------------------------------------------
-# Planning and flags
+# Planning (public inputs only) and flags
 # ------------------------------------------------------------------------------------------------
-def test_flags_and_default_target_epsilon():
+def test_flags_and_calibration_to_the_runs_target():
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = trainer_args(p.parse_args([]))
-    plan = plan_training(dict(args, accountant="rdp"), 2000)
-    assert plan["target_epsilon"] == 3.0 and plan["calibrated"]
-    assert 2.9 <= plan["planned_epsilon"] <= 3.0
-    assert plan["delta"] == pytest.approx(1 / 20000)
+    plan = plan_training(plan_inputs(args, 2000, target_epsilon=3.0))
+    assert plan.public["noise_calibrated"] and plan.private
+    eps = accounting.epsilon_of_event(plan.event, 1 / 20000, "rdp")
+    assert 2.9 <= eps <= 3.0
+    # calibrated for the composition with the preprocessing release: more noise than alone
+    base = dp_accounting.GaussianDpEvent(8.0)
+    plan2 = plan_training(plan_inputs(args, 2000, target_epsilon=3.0, base_event=base))
+    assert plan2.public["noise_multiplier"] > plan.public["noise_multiplier"]
+    both = accounting.epsilon_of_event(dp_accounting.ComposedDpEvent([base, plan2.event]), 1 / 20000, "rdp")
+    assert 2.9 <= both <= 3.0
     args = trainer_args(p.parse_args(["--noise-multiplier", "1.1", "--sampling", "shuffle",
-                                      "--accountant", "rdp", "--batch-size", "100",
-                                      "--epochs", "2", "--no-mia", "--budget-epsilon", "8"]))
-    assert args["noise_multiplier"] == 1.1 and args["sampling"] == "shuffle"
-    assert args["mia"] is False and args["budget_epsilon"] == 8.0
-    plan = plan_training(args, 1000)
-    assert plan["steps"] == 20 and not plan["calibrated"]
+                                      "--batch-size", "100", "--epochs", "2", "--no-mia"]))
+    assert args["noise_multiplier"] == 1.1 and args["sampling"] == "shuffle" and args["mia"] is False
+    plan = plan_training(plan_inputs(args, 1000, relation="replace_one"))
+    assert plan.public["steps"] == 20 and not plan.public["noise_calibrated"]
     assert trainer_args(p.parse_args(["--sampling", "fixed"]))["sampling"] == "shuffle"
 
 
-def test_plan_errors_and_delta_warning():
+def test_plan_uses_the_public_planning_size_only():
+    a = {"noise_multiplier": 1.0, "batch_size": 100, "epochs": 2}
+    plan = plan_training(plan_inputs(a, 5000))
+    assert plan.public["sampling_rate"] == pytest.approx(100 / 5000)
+    assert plan.public["steps"] == 100 and plan.public["planning_rows"] == 5000
+    assert plan.event == accounting.dp_event(1.0, 100 / 5000, 100, "poisson")
+
+
+def test_plan_errors():
     with pytest.raises(ValueError, match="not both"):
-        plan_training({"noise_multiplier": 1.0, "target_epsilon": 2.0, "batch_size": 10}, 100)
+        plan_training(plan_inputs({"noise_multiplier": 1.0, "batch_size": 10}, 100, target_epsilon=2.0))
     with pytest.raises(ValueError, match="batch_size"):
-        plan_training({"noise_multiplier": 1.0, "batch_size": 500}, 100)
-    with pytest.raises(ValueError, match="noise_multiplier"):
-        plan_training({"noise_multiplier": 0.0, "batch_size": 10}, 100)
+        plan_training(plan_inputs({"noise_multiplier": 1.0, "batch_size": 500}, 100))
+    with pytest.raises(ValueError, match="noise"):
+        plan_training(plan_inputs({"noise_multiplier": 0.0, "batch_size": 10}, 100))
     with pytest.raises(ValueError, match="l2_norm_clip"):
-        plan_training({"noise_multiplier": 1.0, "l2_norm_clip": -1, "batch_size": 10}, 100)
+        plan_training(plan_inputs({"noise_multiplier": 1.0, "l2_norm_clip": -1, "batch_size": 10}, 100))
     with pytest.raises(ValueError, match="unknown"):
-        plan_training({"noise": 1.0}, 100)
-    plan = plan_training({"noise_multiplier": 1.0, "delta": 0.02, "batch_size": 10}, 100)
-    assert plan["warnings"] and "1/n" in plan["warnings"][0]
+        plan_training(plan_inputs({"noise": 1.0}, 100))
+    with pytest.raises(ValueError, match="replace_one"):  # shuffle needs a public n
+        plan_training(plan_inputs({"noise_multiplier": 1.0, "batch_size": 10, "sampling": "shuffle"}, 100))
+    with pytest.raises(ValueError, match="privacy unit"):
+        plan_training(plan_inputs({"noise_multiplier": 1.0, "batch_size": 10}, 100, unit="column:person"))
 
 
 # ------------------------------------------------------------------------------------------------
 # End to end on a tiny synthetic data set
 # ------------------------------------------------------------------------------------------------
-def test_trains_fast_path_and_epsilon_matches_accounting(tmp_path):
-    ctx, logs = make_context(tmp_path, {"noise_multiplier": 0.8, "batch_size": 60, "epochs": 4,
-                                        "learning_rate": 1.0, "accountant": "rdp", "seed": 0})
+def test_trains_fast_path_and_reports_what_it_released(tmp_path):
+    args = {"noise_multiplier": 0.8, "batch_size": 60, "epochs": 4, "learning_rate": 1.0, "seed": 0}
+    plan = plan_training(plan_inputs(args, 600))
+    ctx, logs = make_context(tmp_path, args, plan)
     out = DPSGDTrainer().train(ctx)
-    p = out.privacy
-    assert out.details["dp_path"] == "fast_gradient_clipping"
-    assert p["steps"] == 40
-    assert p["epsilon"] == pytest.approx(accounting.compute_epsilon(
-        0.8, 60 / 600, 40, 1 / 6000, "rdp", "poisson"), rel=1e-12)
-    for key in ("epsilon", "delta", "accountant", "noise_multiplier", "l2_norm_clip",
-                "sampling_rate", "sampling_method", "steps", "epochs", "train_rows"):
-        assert key in p
-    assert p["train_rows"] == 600 and p["sampling"] == "poisson"
-    assert 0.0 <= p["mia_auc"] <= 1.0
-    assert out.details["eval_accuracy"] > 0.6  # learned something
-    runs = _ledger_runs(tmp_path)
-    assert runs[0]["status"] == "completed" and runs[0]["steps"] == 40
-    assert runs[0]["epsilon"] == pytest.approx(p["epsilon"])
-    # the returned model is the plain functional model from build_model (exportable)
+    assert out.public_details["dp_path"] == "fast_gradient_clipping"
+    assert out.released_event == accounting.dp_event(0.8, 60 / 600, 40, "poisson")
+    assert 0.0 <= out.private_details["mia_auc"] <= 1.0
+    assert out.private_details["eval_accuracy"] > 0.6  # learned something
+    # nothing computed from the rows is in the public details
+    assert set(out.public_details) == {"dp_path"}
     assert out.model({"num": np.zeros((2, 4), np.float32),
                       "cat": np.zeros((2, 1), np.int64)}).shape == (2, 1)
+
+
+def test_sampling_rate_comes_from_the_public_figure_not_the_rows(tmp_path):
+    # planned on 6000 rows, trained on 600: batches average 60 * 600 / 6000 = 6 rows
+    args = {"noise_multiplier": 1.0, "batch_size": 60, "epochs": 0.1, "seed": 0, "mia": False}
+    plan = plan_training(plan_inputs(args, 6000))
+    sizes = []
+    rng = np.random.default_rng(0)
+    for idx in trainer_mod.batch_indices(600, 60, 2000, "poisson", rng, sampling_rate=plan.public["sampling_rate"]):
+        sizes.append(idx.size)
+    assert np.mean(sizes) == pytest.approx(6.0, rel=0.05)
 
 
 def _ln_model():
@@ -182,78 +196,42 @@ def _ln_model():
 def test_unsupported_layer_falls_back_to_vectorized_optimizer_with_shuffle(tmp_path):
     assert trainer_mod.supports_fast_gradient_clipping(build_model())
     assert not trainer_mod.supports_fast_gradient_clipping(_ln_model())
-    ctx, _ = make_context(tmp_path, {"target_epsilon": 5.0, "batch_size": 100, "epochs": 2,
-                                     "sampling": "shuffle", "accountant": "pld", "seed": 1,
-                                     "mia": False}, builder=_ln_model)
+    args = {"batch_size": 100, "epochs": 2, "sampling": "shuffle", "seed": 1, "mia": False}
+    plan = plan_training(plan_inputs(args, 600, relation="replace_one", target_epsilon=5.0, accountant="pld"))
+    ctx, _ = make_context(tmp_path, args, plan, builder=_ln_model)
     out = DPSGDTrainer().train(ctx)
-    p = out.privacy
-    assert out.details["dp_path"] == "vectorized_optimizer"
-    assert p["steps"] == 12 and p["epochs"] == 2
-    assert "no amplification" in p["sampling_method"]
-    assert p["epsilon"] <= 5.0
-    assert p["epsilon"] == pytest.approx(accounting.compute_epsilon(
-        p["noise_multiplier"], 100 / 600, 12, p["delta"], "pld", "shuffle"), rel=1e-9)
-    assert "mia_auc" not in p
+    assert out.public_details["dp_path"] == "vectorized_optimizer"
+    assert plan.public["steps"] == 12
+    sigma = plan.public["noise_multiplier"]
+    assert out.released_event == accounting.dp_event(sigma, 100 / 600, 12, "shuffle")
+    eps = accounting.epsilon_of_event(out.released_event, 1 / 6000, "pld", relation="replace_one")
+    assert eps <= 5.0
+    assert "mia_auc" not in out.private_details
 
 
-def test_budget_refused_before_training(tmp_path):
-    built = []
-
-    def builder():
-        built.append(1)
-        return build_model()
-
-    led = PrivacyLedger(str(tmp_path))
-    led.set_budget("fp-synthetic", 0.5, 1e-4, accountant="rdp")
-    ctx, _ = make_context(tmp_path, {"noise_multiplier": 0.8, "batch_size": 60, "epochs": 4,
-                                     "accountant": "rdp"}, builder=builder)
-    with pytest.raises(BudgetExceededError, match="remaining"):
-        DPSGDTrainer().train(ctx)
-    assert built == []  # nothing was trained
-    assert PrivacyLedger(str(tmp_path)).history("fp-synthetic")[0]["runs"] == []
-
-
-def test_budget_flag_sets_budget_and_composes_runs(tmp_path):
-    args = {"noise_multiplier": 2.0, "batch_size": 60, "epochs": 1, "accountant": "rdp",
-            "budget_epsilon": 2.0, "mia": False}
-    for _ in range(2):
-        ctx, _ = make_context(tmp_path, args)
-        out = DPSGDTrainer().train(ctx)
-    one = out.privacy["epsilon"]
-    spend = PrivacyLedger(str(tmp_path)).spent("fp-synthetic")
-    assert out.privacy["ledger_budget_epsilon"] == 2.0
-    assert one < spend.epsilon < 2 * one + 1e-9
-    ctx, _ = make_context(tmp_path, dict(args, budget_epsilon=50.0))
-    with pytest.raises(ValueError, match="already has a privacy budget"):
-        DPSGDTrainer().train(ctx)
-
-
-def test_interrupted_run_records_steps_done(tmp_path):
-    ctx, logs = make_context(tmp_path, {"noise_multiplier": 1.0, "batch_size": 60, "epochs": 5,
-                                        "accountant": "rdp", "mia": False})
+def test_interrupted_run_reports_the_steps_it_released(tmp_path):
+    args = {"noise_multiplier": 1.0, "batch_size": 60, "epochs": 5, "mia": False}
+    plan = plan_training(plan_inputs(args, 600))
 
     def log(msg):
         if "step 20/" in msg:
             raise KeyboardInterrupt
-    ctx = dataclasses.replace(ctx, log=log)
-    with pytest.raises(KeyboardInterrupt):
+    ctx, _ = make_context(tmp_path, args, plan, log=log)
+    with pytest.raises(TrainingInterrupted) as info:
         DPSGDTrainer().train(ctx)
-    run = _ledger_runs(tmp_path)[0]
-    assert run["status"] == "cancelled" and run["steps"] == 20
-    assert run["epsilon"] == pytest.approx(accounting.compute_epsilon(
-        1.0, 0.1, 20, 1 / 6000, "rdp"))
+    assert isinstance(info.value.cause, KeyboardInterrupt)
+    assert info.value.released_event == accounting.dp_event(1.0, 0.1, 20, "poisson")
 
 
-def test_failed_run_before_any_step_spends_nothing(tmp_path):
+def test_failed_run_before_any_step_released_nothing(tmp_path):
     def broken():
         raise RuntimeError("model construction failed")
-    ctx, _ = make_context(tmp_path, {"noise_multiplier": 1.0, "batch_size": 60, "epochs": 1,
-                                     "accountant": "rdp"}, builder=broken)
-    with pytest.raises(RuntimeError):
+    args = {"noise_multiplier": 1.0, "batch_size": 60, "epochs": 1}
+    plan = plan_training(plan_inputs(args, 600))
+    ctx, _ = make_context(tmp_path, args, plan, builder=broken)
+    with pytest.raises(TrainingInterrupted) as info:
         DPSGDTrainer().train(ctx)
-    run = _ledger_runs(tmp_path)[0]
-    assert run["status"] == "failed" and run["steps"] == 0 and run["epsilon"] == 0.0
-    assert "model construction failed" in run["extra"]["error"]
+    assert isinstance(info.value.released_event, dp_accounting.NoOpDpEvent)
 
 
 def test_membership_inference_auc():
