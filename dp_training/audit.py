@@ -396,7 +396,9 @@ def gaussian_delta(mu: float, epsilon: float) -> float:
     """delta(epsilon) of the Gaussian mechanism with sensitivity / sigma = mu (Balle & Wang 2018)."""
     if mu <= 0:
         return 0.0
-    return float(stats.norm.cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * stats.norm.cdf(-epsilon / mu - mu / 2))
+    # e^eps * Phi(-eps/mu - mu/2) in log space (no overflow at large eps)
+    second = math.exp(min(epsilon + float(stats.norm.logcdf(-epsilon / mu - mu / 2)), 700.0))
+    return float(stats.norm.cdf(-epsilon / mu + mu / 2) - second)
 
 
 def gaussian_epsilon(mu: float, delta: float) -> float:

@@ -141,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--seeds", type=int, default=1)
-    p.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 4.0, 16.0, 64.0])
+    p.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 4.0, 16.0, 64.0, 256.0, 1024.0])
     a = p.parse_args(argv)
     configs = [("non-private", 0.0, math.inf),
                ("broken (claims eps=1)", 0.0, 1.0)]

@@ -311,3 +311,16 @@ def test_audit_detects_broken_dp_many_canaries():
     """1,000 canaries: the bound on a noise-0 run claiming epsilon 2 must exceed 2 (and 3)."""
     broken = _run(0.0, 2.0, num_canaries=1000, num_rows=1000, seed=1)
     assert broken.epsilon_lower_bound > 3.0, broken
+
+
+def test_gaussian_curve_round_trip_and_large_epsilon():
+    # independent oracle: dp-accounting's PLD of one Gaussian with noise multiplier 1/mu
+    dp_accounting = pytest.importorskip("dp_accounting")
+    for sigma in (1.0, 0.5):
+        pld = dp_accounting.pld.PLDAccountant().compose(dp_accounting.GaussianDpEvent(sigma)).get_epsilon(1e-5)
+        assert audit.gaussian_epsilon(1 / sigma, 1e-5) == pytest.approx(pld, rel=1e-4)   # 4.377, 9.997
+    # no overflow at large eps
+    for eps in (0.5, 3.0, 64.0, 4096.0):
+        mu = audit.gaussian_mu_for_epsilon(eps, 1e-5)
+        assert audit.gaussian_epsilon(mu, 1e-5) == pytest.approx(eps, rel=1e-6)
+    assert audit.gaussian_epsilon(math.inf, 1e-5) == math.inf
