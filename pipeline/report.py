@@ -10,8 +10,6 @@ from ml_metadata.proto import metadata_store_pb2
 
 from pipeline.metadata import custom_properties, load_slice_metrics, open_store
 
-GUARANTEE_KEYS = ("epsilon", "delta", "accountant", "noise_multiplier", "l2_norm_clip", "sampling_rate",
-                  "sampling", "steps", "epochs", "train_rows", "mia_auc")
 
 
 def _downstream(store, artifact_id: int) -> Dict[str, List[Any]]:
@@ -37,7 +35,8 @@ def collect(metadata_path: str) -> List[Dict[str, Any]]:
             if model.state != metadata_store_pb2.Artifact.LIVE:
                 continue
             props = custom_properties(model)
-            privacy = {k[len("privacy_"):]: v for k, v in props.items() if k.startswith("privacy_")}
+            text = props.get("privacy_guarantee")
+            privacy = json.loads(text) if isinstance(text, str) and text else {}
             downstream = _downstream(store, model.id)
             metrics = {}
             for evaluation in downstream.get("evaluation", [])[-1:]:
@@ -51,7 +50,7 @@ def collect(metadata_path: str) -> List[Dict[str, Any]]:
             rows.append({
                 "model_id": model.id, "uri": model.uri, "trainer": props.get("trainer_kind", "?"),
                 "private": bool(props.get("private", 0)), "privacy": privacy,
-                "dataset_fingerprint": privacy.get("dataset_fingerprint"),
+                "source_id": privacy.get("source_id"),
                 "metrics": {k: metrics[k] for k in ("auc", "binary_accuracy", "precision", "recall")
                             if k in metrics},
                 "blessed": bool(custom_properties(blessings[-1]).get("blessed", 0)) if blessings else None,
@@ -71,14 +70,18 @@ def _fmt(value) -> str:
 def format_report(rows: List[Dict[str, Any]]) -> str:
     if not rows:
         return "No trained models recorded in this workdir yet."
-    header = ["model", "trainer", "epsilon", "delta", "accountant", "sigma", "q", "steps", "mia_auc", "auc",
-              "accuracy", "blessed", "pushed"]
+    header = ["model", "trainer", "source", "epsilon", "delta", "relation", "accountant", "sigma", "steps",
+              "audit_lb", "auc", "accuracy", "blessed", "pushed"]
     table = [header]
     for r in rows:
         p = r["privacy"]
-        table.append([str(r["model_id"]), r["trainer"], _fmt(p.get("epsilon")) if r["private"] else "inf (non-private)",
-                      _fmt(p.get("delta")), _fmt(p.get("accountant")), _fmt(p.get("noise_multiplier")),
-                      _fmt(p.get("sampling_rate")), _fmt(p.get("steps")), _fmt(p.get("mia_auc")),
+        params = p.get("parameters", {})
+        audit = p.get("audit") or {}
+        table.append([str(r["model_id"]), r["trainer"], _fmt(p.get("source_id")),
+                      _fmt(p.get("epsilon")) if r["private"] else "inf (non-private)",
+                      _fmt(p.get("delta")), _fmt(p.get("neighbouring_relation")), _fmt(p.get("accountant")),
+                      _fmt(params.get("noise_multiplier")), _fmt(params.get("steps")),
+                      _fmt(audit.get("epsilon_lower_bound")),
                       _fmt(r["metrics"].get("auc")), _fmt(r["metrics"].get("binary_accuracy")),
                       {True: "yes", False: "no", None: "-"}[r["blessed"]], r["pushed_to"] or "no"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -96,6 +96,7 @@ def test_preprocessing_description_reproduces_the_transform_graph(standard_run):
         if item["kind"] == "numeric":
             x = np.array([float(v) for v in values])
             x = np.log1p(x) if item["log1p"] else x
+            x = np.clip(x, *item["clip"])  # the public range, then the DP normalisation
             columns.append(((x - item["mean"]) / item["std"])[:, None])
         else:
             vocab = {v: i for i, v in enumerate(item["vocabulary"])}
