@@ -7,8 +7,8 @@ stores them, ``privacy.json`` and ML Metadata publish them) and names the neighb
     to_json(event) -> dict          from_json(dict) -> event          canonical(event) -> str
     compose(*events) -> event       is_non_private(event) -> bool       describe(event) -> str
 
-Only dp_accounting's own event classes are accepted (``from_json`` refuses any other module), so a ledger
-or a file cannot make the platform import arbitrary code.
+Only dp_accounting's own event classes, plus this module's :class:`ReplaceAdjacencyDpEvent`, are accepted
+(``from_json`` refuses any other name), so a ledger or a file cannot make the platform import arbitrary code.
 """
 from __future__ import annotations
 
@@ -43,7 +43,25 @@ def _event_classes() -> Dict[str, type]:
     return out
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class ReplaceAdjacencyDpEvent(_dp_event.DpEvent):
+    """One unit's change replaces one element of the wrapped mechanism's input.
+
+    A mechanism that runs on derived elements (e.g. DP-FedAvg on clients built from rows) may see a change of
+    one privacy unit as the *replacement* of one of its elements, whatever the data source's relation: with a
+    row-stable partition, adding or removing one row changes exactly one client's data, so one client's clipped
+    update moves by up to twice the clip norm while the number of clients stays fixed. The accountants
+    (``dp_training.accountants``) analyse ``event`` under the replace-one relation (noise multipliers relative
+    to one element's norm bound, so a replacement moves the sum by up to 2 of them, as dp_accounting's PLD
+    does) and compose the result with the rest of a run's events, analysed under the source's relation. Both
+    analyses bound the same unit-level neighbouring pairs, so the composition is valid.
+    """
+
+    event: _dp_event.DpEvent
+
+
 _CLASSES = _event_classes()
+_CLASSES[ReplaceAdjacencyDpEvent.__name__] = ReplaceAdjacencyDpEvent   # the one class of our own
 
 
 def to_json(event: dp_accounting.DpEvent) -> Dict[str, Any]:
@@ -135,6 +153,8 @@ def is_non_private(event: dp_accounting.DpEvent) -> bool:
         return event.noise_multiplier <= 0
     if isinstance(event, dp_accounting.ComposedDpEvent):
         return any(is_non_private(e) for e in event.events)
+    if isinstance(event, ReplaceAdjacencyDpEvent):
+        return is_non_private(event.event)
     inner = getattr(event, "event", None)
     if isinstance(inner, _dp_event.DpEvent):
         return is_non_private(inner)
@@ -158,8 +178,11 @@ def describe(event: dp_accounting.DpEvent) -> str:
         return f"{event.count} × {describe(event.event)}"
     if isinstance(event, dp_accounting.ComposedDpEvent):
         return " + ".join(describe(e) for e in event.events)
+    if isinstance(event, ReplaceAdjacencyDpEvent):
+        return f"ReplaceOneElement[{describe(event.event)}]"
     return type(event).__name__
 
 
-__all__ = ["ADD_OR_REMOVE_ONE", "REPLACE_ONE", "RELATIONS", "RELATION_TEXT", "EventError", "to_json",
+__all__ = ["ADD_OR_REMOVE_ONE", "REPLACE_ONE", "RELATIONS", "RELATION_TEXT", "EventError", "ReplaceAdjacencyDpEvent",
+           "to_json",
            "from_json", "canonical", "compose", "is_non_private", "describe"]
