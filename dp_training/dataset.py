@@ -8,16 +8,19 @@ accounted under, a public planning figure for its size, and which splits are pub
 domains (categorical values, numeric ``int_domain``/``float_domain`` ranges) are public by declaration: the
 transform uses them instead of anything estimated from the private rows (``public_domains``).
 
-This module is the platform's one reader of ``dataset.json``; it imports nothing of the pipeline or TFX.
+This module is the platform's one reader of ``dataset.json`` and of raw rows outside the pipeline
+(``parse_row`` is the pipeline ingestion's row rule; ``read_rows`` reads a whole split with it); it imports
+nothing of the pipeline or TFX.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import glob
 import math
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 DESCRIPTION_FILE = "dataset.json"
 KINDS = ("numeric", "categorical", "label")
@@ -296,3 +299,101 @@ def _privacy_declaration(raw, path: str, columns, splits) -> Optional[PrivacyDec
     return PrivacyDeclaration(source_id=source_id.strip(), unit=unit, relation=relation,
                               public_row_estimate=estimate, public_splits=tuple(public_splits),
                               public_benchmark=bool(raw.get("public_benchmark", False)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Raw rows: the one parser (the pipeline's ingestion applies the same ``parse_row``)
+# ------------------------------------------------------------------------------------------------------------
+class RowError(DatasetError):
+    """A raw row cannot be read as the data set's description says (the message names file and line)."""
+
+
+def parse_row(spec: DatasetSpec, cells: Sequence[str], where: str) -> List[str]:
+    """One row's cells as the description says: stripped, the missing token -> "", the label (after stripping
+    its suffix) -> "1"/"0". A wrong number of fields or an unknown label raises :class:`RowError` naming
+    ``where`` (file and line)."""
+    if len(cells) != len(spec.columns):
+        names = ", ".join(c.name for c in spec.columns)
+        raise RowError(
+            f"{where}: expected {len(spec.columns)} fields ({names}) separated by {spec.delimiter!r}, "
+            f"found {len(cells)}; fix the file or the column list in {spec.directory}/dataset.json")
+    out = []
+    for column, cell in zip(spec.columns, cells):
+        cell = cell.strip()
+        if cell == spec.missing_value:
+            cell = ""
+        if column.kind == "label":
+            if column.strip_suffix and cell.endswith(column.strip_suffix):
+                cell = cell[: -len(column.strip_suffix)]
+            if cell == column.positive:
+                cell = "1"
+            elif cell == column.negative:
+                cell = "0"
+            else:
+                raise RowError(f"{where}: label column {column.name!r} has {cell!r}; expected "
+                               f"{column.positive!r} or {column.negative!r}")
+        out.append(cell)
+    return out
+
+
+def iter_file_rows(spec: DatasetSpec, path: str, opener=open):
+    """Yields ``(where, parsed cells)`` for every non-blank line of one raw file (blank lines are skipped, as
+    the pipeline's ingestion does; every other line is parsed or raises)."""
+    with opener(path, "r") as f:
+        for lineno, cells in enumerate(csv.reader(f, delimiter=spec.delimiter), start=1):
+            if not cells or all(not c.strip() for c in cells):
+                continue
+            where = f"{os.path.basename(path)} line {lineno}"
+            yield where, parse_row(spec, cells, where)
+
+
+@dataclasses.dataclass
+class RawRows:
+    """A split's rows by column: numerics as float64 with NaN for missing, categoricals as strings with "" for
+    missing (what ``dp_training.features.transform_columns`` takes), labels as float32 0/1."""
+
+    columns: Dict[str, object]
+    labels: object
+    files: Tuple[str, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return int(len(self.labels))
+
+
+def read_rows(spec: DatasetSpec, split: str) -> RawRows:
+    """Reads every file of ``split`` with :func:`parse_row`. A numeric cell that is not a number raises
+    :class:`RowError` naming file, line and column (the pipeline's validation stops such a run too); no row
+    is dropped silently."""
+    import numpy as np
+
+    if split not in spec.splits:
+        raise DatasetError(f"{spec.name}: no split {split!r}; dataset.json names {sorted(spec.splits)}")
+    files = spec.split_files(split)
+    if not files:
+        raise DatasetError(f"no file matches the {split} split's pattern {spec.splits[split]!r} in {spec.directory}")
+    cols: Dict[str, list] = {c.name: [] for c in spec.columns}
+    for path in files:
+        for where, cells in iter_file_rows(spec, path):
+            for column, cell in zip(spec.columns, cells):
+                if column.kind == "numeric":
+                    if cell == "":
+                        value = math.nan
+                    else:
+                        try:
+                            value = float(cell)
+                        except ValueError:
+                            raise RowError(f"{where}: numeric column {column.name!r} has {cell!r}; fix the file "
+                                           f"or declare the column categorical in {spec.directory}/dataset.json"
+                                           ) from None
+                    cols[column.name].append(value)
+                else:
+                    cols[column.name].append(cell)
+    label = spec.label_column.name
+    labels = np.asarray([float(v) for v in cols.pop(label)], np.float32)
+    out: Dict[str, object] = {}
+    for column in spec.feature_columns:
+        values = cols[column.name]
+        out[column.name] = (np.asarray(values, np.float64) if column.kind == "numeric"
+                            else np.asarray(values, dtype=object))
+    return RawRows(out, labels, tuple(files))
