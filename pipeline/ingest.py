@@ -20,7 +20,7 @@ from tfx.proto import example_gen_pb2
 from tfx.types import standard_component_specs
 from tfx.utils import proto_utils
 
-from dp_training.dataset import DatasetSpec
+from dp_training.dataset import DatasetSpec, RowError, parse_row
 
 INT, FLOAT, STRING = "INT", "FLOAT", "STRING"
 
@@ -47,29 +47,12 @@ def spec_from_exec_properties(exec_properties: Dict[str, Any]) -> DatasetSpec:
 
 
 def clean_row(spec: DatasetSpec, cells: List[str], where: str) -> List[str]:
-    """Strips cells, maps the missing token to '' and the label to '0'/'1'."""
-    if len(cells) != len(spec.columns):
-        names = ", ".join(c.name for c in spec.columns)
-        raise IngestionError(
-            f"{where}: expected {len(spec.columns)} fields ({names}) separated by {spec.delimiter!r}, "
-            f"found {len(cells)}; fix the file or the column list in {spec.directory}/dataset.json")
-    out = []
-    for column, cell in zip(spec.columns, cells):
-        cell = cell.strip()
-        if cell == spec.missing_value:
-            cell = ""
-        if column.kind == "label":
-            if column.strip_suffix and cell.endswith(column.strip_suffix):
-                cell = cell[: -len(column.strip_suffix)]
-            if cell == column.positive:
-                cell = "1"
-            elif cell == column.negative:
-                cell = "0"
-            else:
-                raise IngestionError(f"{where}: label column {column.name!r} has {cell!r}; expected "
-                                     f"{column.positive!r} or {column.negative!r}")
-        out.append(cell)
-    return out
+    """Strips cells, maps the missing token to '' and the label to '0'/'1' (``dp_training.dataset.parse_row``,
+    the platform's one row parser)."""
+    try:
+        return parse_row(spec, cells, where)
+    except RowError as e:
+        raise IngestionError(str(e)) from None
 
 
 def _cell_type(cell: str) -> str:
