@@ -122,6 +122,10 @@ class NotALedgerError(LedgerError):
     """The path holds a file that is not a privtrain ledger (it is left untouched)."""
 
 
+class _DryRun(Exception):
+    """Internal: rolls back a dry-run reservation (``Ledger.check``)."""
+
+
 class ReservationError(LedgerError):
     """``finish`` named a reservation that does not exist or is already finished."""
 
@@ -638,7 +642,7 @@ class Ledger:
     def reserve(self, source_id: str, event: dp_accounting.DpEvent, *, trainer: str, private: bool,
                 accountant: str, relation: str, delta: float, budget: Optional[BudgetRequest] = None,
                 allow_non_private: bool = False, label: Optional[str] = None,
-                anchors: Iterable[Tuple[int, str]] = ()) -> Reservation:
+                anchors: Iterable[Tuple[int, str]] = (), _dry_run: bool = False) -> Reservation:
         """Checks and reserves a run's planned event in one IMMEDIATE transaction (see module doc).
 
         A non-private run (``private=False``, or an event without a DP guarantee such as noise 0) is recorded
@@ -696,6 +700,8 @@ class Ledger:
                 if after.epsilon > current.epsilon:
                     raise BudgetExceededError(self._exceeded_message(source_id, current, before, after, event,
                                                                      relation))
+            if _dry_run:  # check(): everything above ran; roll the transaction back (budget creation included)
+                raise _DryRun()
             receipt = self._append(con, state, source_id, "reserve", {
                 "event": ev.to_json(event), "trainer": trainer, "private": private, "accountant": accountant,
                 "relation": relation, "delta": delta, "run_id": run_id, "label": label, "time": _now()})
@@ -719,6 +725,15 @@ class Ledger:
                 "Nothing was trained. Lower the run's epsilon (--target-epsilon <= the remaining budget, or "
                 "more noise / fewer epochs), or raise the source's budget explicitly "
                 f"(privtrain budget --set-epsilon E --source {source_id}) if that is justified")
+
+    def check(self, source_id: str, event: dp_accounting.DpEvent, **kwargs) -> None:
+        """Would ``reserve(source_id, event, **kwargs)`` be accepted now? Raises what it would raise; appends
+        nothing (a pre-flight check before a run starts; the reservation repeats it atomically)."""
+        try:
+            self.reserve(source_id, event, _dry_run=True, **kwargs)
+        except _DryRun:
+            return None
+        raise AssertionError("unreachable: a dry-run reservation always rolls back")
 
     def finish(self, reservation: Union[Reservation, int], released_event: dp_accounting.DpEvent,
                status: str) -> Receipt:

@@ -151,13 +151,13 @@ def preflight(config: RunConfig, spec) -> None:
     from dp_training.features import numeric_key
     from pipeline.trainers import get_trainer
 
-    if spec.require_privacy().relation == "replace_one":
-        from dp_training.ledger import Ledger, resolve_ledger_path
+    exact = None
+    if spec.require_privacy().relation == "replace_one":  # the count is public under this relation
+        from dp_training.dataset import read_rows
 
-        Ledger(resolve_ledger_path(config.privacy_args().get("ledger"))).verify()
-        return  # the plan needs the exact row count, known once ingestion ran
+        exact = read_rows(spec, "train").num_rows
     plan = plan_run(spec, config.trainer, get_trainer(config.trainer), config.trainer_args, config.privacy_args(),
-                    [numeric_key(c) for c in spec.numeric_features])
+                    [numeric_key(c) for c in spec.numeric_features], exact_rows=exact)
     RunProtocol(plan).check()
 
 

@@ -517,3 +517,23 @@ def test_cli_set_epsilon_raises_a_budget_explicitly(ledger_path, tmp_path):
     assert raised.returncode == 0, raised.stderr
     budget = Ledger().get_budget("cli-source")
     assert (budget.epsilon, budget.delta, budget.seq) == (6.0, 1e-6, 2)
+
+
+def test_check_is_a_dry_run_reservation(tmp_path):
+    import dp_accounting as dpa
+    from dp_training.ledger import BudgetExceededError, BudgetRequest, Ledger
+
+    ledger = Ledger(str(tmp_path / "ledger.sqlite"))
+    event = dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(10.0), 10)
+    kw = dict(trainer="dp_sgd", private=True, accountant="pld", relation="add_or_remove_one", delta=1e-5)
+    ledger.check("s", event, budget=BudgetRequest(2.0, 1e-5), **kw)   # would be accepted ...
+    assert ledger.get_budget("s") is None and ledger.verify().entries == 0  # ... and nothing was written
+    ledger.reserve("s", event, budget=BudgetRequest(2.0, 1e-5), **kw)
+    with pytest.raises(BudgetExceededError):
+        for _ in range(50):
+            ledger.check("s", event, **kw)
+            ledger.reserve("s", event, **kw)
+    entries = ledger.verify().entries
+    with pytest.raises(BudgetExceededError):
+        ledger.check("s", event, **kw)
+    assert ledger.verify().entries == entries
