@@ -126,9 +126,9 @@ def _add_serve_parser(sub) -> None:
     from serving.server import add_serve_flags
 
     add_serve_flags(p)  # TLS, bearer-token auth, request limits (docs/serving.md)
-    p.add_argument("--encrypted", action="store_true",
-                   help="also start the TF-Encrypted service (three compute parties + model owner on 127.0.0.1)")
-    p.add_argument("--protocol", default="aby3", choices=["aby3", "pond"], help="TF-Encrypted protocol")
+    from encrypted_serving.cli import add_serve_flags as add_encrypted_flags
+
+    add_encrypted_flags(p)  # --encrypted, --encrypted-output, --isolation (docs/encrypted_serving.md)
 
 
 def _add_predict_parser(sub) -> None:
@@ -137,10 +137,9 @@ def _add_predict_parser(sub) -> None:
     p.add_argument("--input", required=True, help="file of raw rows in the data set's format (label optional)")
     p.add_argument("--limit", type=int, default=None, help="only the first N rows")
     p.add_argument("--model-name", default=None, help="pushed model name (default: the only one)")
-    p.add_argument("--encrypted", action="store_true",
-                   help="secret-share the rows on this client and predict with the TF-Encrypted service "
-                        "(the running one of --workdir, else a temporary one)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before an encrypted call gives up")
+    from encrypted_serving.cli import add_predict_flags
+
+    add_predict_flags(p)  # --encrypted, --client, --timeout
     p.add_argument("--json", action="store_true")
 
 
@@ -151,15 +150,13 @@ def _cmd_predict(args) -> int:
     try:
         version_dir = latest_pushed_model(RunConfig(workdir=workdir).serving_dir, args.model_name)
         if args.encrypted:
-            from encrypted_serving.launcher import EncryptedServiceError, run_predict
+            from encrypted_serving import cli as encrypted_cli
+            from encrypted_serving.service import EncryptedServiceError
 
             try:
-                result = run_predict(args.input, workdir=workdir, limit=args.limit, model=version_dir,
-                                     dataset=os.path.join(version_dir, "assets.extra", "dataset.json"),
-                                     timeout_s=args.timeout)
+                result = encrypted_cli.predict(args, workdir, version_dir)
             except EncryptedServiceError as e:
                 raise PredictError(str(e)) from e
-            result.setdefault("model", version_dir + " (encrypted)")
         else:
             result = predict_plain(version_dir, args.input, args.limit)
     except (PredictError, FileNotFoundError) as e:
@@ -185,14 +182,11 @@ def _cmd_serve(args) -> int:
         return 2
     try:
         if args.encrypted:
-            from encrypted_serving.launcher import EncryptedService, EncryptedServiceError
+            from encrypted_serving.cli import start_for_serve
 
-            try:
-                encrypted = EncryptedService(workdir, workdir=workdir, protocol=args.protocol).start()
-            except EncryptedServiceError as e:
-                print(f"privtrain serve: the encrypted service did not start: {e}", file=sys.stderr)
+            encrypted = start_for_serve(args, workdir)
+            if encrypted is None:
                 return 2
-            print(f"ENCRYPTED READY cluster={encrypted.cluster_json}", flush=True)
         print(f"READY rest={server.rest_port} grpc={server.grpc_port}", flush=True)
         return server.serve_forever()
     finally:
@@ -355,12 +349,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
     _add_privacy_parsers(sub)
     _add_predict_parser(sub)
+    from encrypted_serving.cli import add_party_parser
+
+    add_party_parser(sub)
     _add_simulate_parser(sub)
     return parser
 
 
 COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "privacy": _cmd_privacy, "budget": _cmd_budget,
-            "predict": _cmd_predict, "simulate": _cmd_simulate}
+            "predict": _cmd_predict, "simulate": _cmd_simulate,
+            "encrypted-party": lambda args: __import__("encrypted_serving.cli").cli.cmd_party(args)}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,71 @@
+"""The encrypted-serving part of privtrain's CLI (platform env; no TF import): flags and commands that
+pipeline/cli.py wires in, kept here so that the pipeline's CLI changes only by a few lines.
+
+    privtrain serve --encrypted [--encrypted-output logit|label] [--isolation netns|none]
+    privtrain predict --encrypted --input FILE [--client client.json]
+    privtrain encrypted-party --party server0|server1|server2|driver --config parties.json
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def add_serve_flags(p) -> None:
+    p.add_argument("--encrypted", action="store_true",
+                   help="also start the encrypted service: 3 ABY3 compute parties + driver in a private network "
+                        "namespace, share gateways with mutual TLS on 127.0.0.1 (needs root)")
+    p.add_argument("--encrypted-output", default="logit", choices=["logit", "label"],
+                   help="what clients get back: shares of the logit (default) or of the predicted label only")
+    p.add_argument("--isolation", default="netns", choices=["netns", "none"],
+                   help="netns (default): TF cluster unreachable from the host; none: UNSAFE, for non-root development")
+
+
+def add_predict_flags(p) -> None:
+    p.add_argument("--encrypted", action="store_true",
+                   help="secret-share the rows here and predict through the encrypted service's gateways "
+                        "(the running one of --workdir, else a temporary one)")
+    p.add_argument("--client", default=None, help="with --encrypted: client.json (gateways, CA, your certificate)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before an encrypted call gives up")
+
+
+def start_for_serve(args, workdir: str):
+    """Start the gateway service for `privtrain serve --encrypted`; returns it, or None after printing one line."""
+    from encrypted_serving.service import EncryptedServiceError, GatewayService
+    try:
+        svc = GatewayService(workdir, workdir=workdir, output=args.encrypted_output, isolation=args.isolation).start()
+    except EncryptedServiceError as e:
+        print(f"privtrain serve: the encrypted service did not start: {e}", file=sys.stderr)
+        return None
+    print(f"ENCRYPTED READY client={svc.client_json()} owner={svc.owner_json} parties={svc.parties_json}", flush=True)
+    svc.auto_restart_gateways = True
+    return svc
+
+
+def predict(args, workdir: str, version_dir: str) -> dict:
+    """`privtrain predict --encrypted`: raises encrypted_serving.service.EncryptedServiceError with one line."""
+    from encrypted_serving.service import run_predict
+    dataset = os.path.join(version_dir, "assets.extra", "dataset.json")
+    if not os.path.isfile(dataset):
+        dataset = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "adult")
+    result = run_predict(args.input, workdir=workdir, client_json=args.client, model=version_dir, dataset=dataset,
+                         limit=args.limit, timeout_s=args.timeout)
+    result.setdefault("model", version_dir + " (encrypted)")
+    return result
+
+
+def add_party_parser(sub) -> None:
+    p = sub.add_parser("encrypted-party", help="run one party (gateway + compute worker) or the driver of a "
+                                               "multi-host encrypted service (docs/encrypted_serving.md)")
+    p.add_argument("--party", required=True, choices=["server0", "server1", "server2", "driver"])
+    p.add_argument("--config", required=True, help="parties.json shared by the operators")
+
+
+def cmd_party(args) -> int:
+    from encrypted_serving import certs, parties
+    from encrypted_serving.service import EncryptedServiceError, run_party
+    try:
+        return run_party(os.path.abspath(args.config), args.party)
+    except (EncryptedServiceError, parties.ConfigError, certs.CertError) as e:
+        print(f"privtrain encrypted-party: {e}", file=sys.stderr)
+        return 2
