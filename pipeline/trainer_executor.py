@@ -40,7 +40,8 @@ PRIVATE_DETAILS_FILE = "private_details.json"
 # The Model artifact's custom properties, all public (a test enumerates them).
 PUBLIC_PROPERTIES = ("private", "privacy_guarantee", "privacy_epsilon", "privacy_delta", "privacy_accountant",
                      "privacy_relation", "privacy_unit", "privacy_source_id", "privacy_ledger_seq",
-                     "privacy_ledger_head", "trainer_kind", "trainer_parameters")
+                     "privacy_ledger_head", "trainer_kind", "trainer_parameters",
+                     "is_external", "tfx_version")   # the last two are set by TFX itself
 
 
 def load_transformed(file_patterns: List[str], feature_spec: Dict[str, Any], label_feature: str):

@@ -127,7 +127,7 @@ def bench_utility(spec, train, test, eps_list, seeds, args):
 
 
 GRID = [dict(l2_norm_clip=c, batch_size=b, epochs=e, learning_rate=lr)
-        for c in (0.5, 1.0) for b in (512, 1024) for e in (20, 40) for lr in (1.0, 2.0)]
+        for c in (0.5, 1.0) for b in (512, 1024, 2048) for e in (20, 40) for lr in (1.0, 2.0)]
 
 
 def bench_tune(spec, train, test, eps_list, seed=0):
