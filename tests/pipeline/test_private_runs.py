@@ -1,89 +1,213 @@
-"""DP-SGD through the pipeline: the guarantee lands in ML Metadata, privacy.json and the report; the budget
-ledger refuses overspending and non-private training on the budgeted data set."""
+"""DP-SGD through the pipeline, end to end: one guarantee recorded the same way everywhere, the trust boundary
+(exactly what leaves, and nothing that depends on the exact row count or the file's content), neighbouring data
+sets giving identical public structure, and the shared, tamper-evident ledger refusing what it must."""
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import shutil
+import sqlite3
 
 import pytest
 
 from pipeline.metadata import custom_properties, open_store
-from tests.conftest import run_cli
+from tests.conftest import make_adult_sample, run_cli
 
 BUDGET = 3.0  # the second run asks for 3 more: composed with the first, over budget
+TRAIN_ROWS = 2987   # the sample's real size; its dataset.json declares the public planning figure 3000
+SINGLETON_LINE = 305  # the sample's only row with native-country Laos
+SOURCE = "adult-sample-private-runs"
+
+# What may leave the trust boundary with a pushed model (docs/privacy_model.md).
+PUSHED_FILES = {"saved_model.pb", "keras_metadata.pb", "fingerprint.pb", "privacy.json", "training.json",
+                "assets.extra/preprocessing.json", "assets.extra/dataset.json", "variables/variables.index",
+                "variables/variables.data-00000-of-00001"}
 
 
 @pytest.fixture(scope="module")
-def dp_run(tmp_path_factory, adult_sample):
+def sample(tmp_path_factory):
+    return make_adult_sample(str(tmp_path_factory.mktemp("private_sample")), TRAIN_ROWS, 1200, source_id=SOURCE,
+                             privacy={"public_row_estimate": 3000})
+
+
+@pytest.fixture(scope="module")
+def neighbour(tmp_path_factory, sample):
+    """The same data source minus one row (the only Laos row): a neighbouring data set."""
+    directory = str(tmp_path_factory.mktemp("private_neighbour"))
+    for name in os.listdir(sample):
+        shutil.copy(os.path.join(sample, name), directory)
+    with open(os.path.join(sample, "adult.data")) as f:
+        lines = f.readlines()
+    assert ", Laos," in lines[SINGLETON_LINE - 1] and sum(", Laos," in line for line in lines) == 1
+    with open(os.path.join(directory, "adult.data"), "w") as f:
+        f.writelines(lines[:SINGLETON_LINE - 1] + lines[SINGLETON_LINE:])
+    return directory
+
+
+def _run(data, workdir, *extra, env=None):
+    return run_cli("run", "--trainer", "dp_sgd", "--data", data, "--workdir", workdir, "--json",
+                   "--epochs", "2", "--min-auc", "0.5", *extra, env=env)  # bookkeeping, not utility
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory, sample):
     workdir = str(tmp_path_factory.mktemp("dp_run"))
-    result = run_cli("run", "--trainer", "dp_sgd", "--data", adult_sample, "--workdir", workdir, "--json",
-                     "--target-epsilon", "2", "--epochs", "3", "--budget-epsilon", str(BUDGET),
-                     "--min-auc", "0.6")  # this module checks bookkeeping, not utility
+    result = _run(sample, workdir, "--target-epsilon", "2", "--budget-epsilon", str(BUDGET))
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return workdir, json.loads(result.stdout)
 
 
-def test_guarantee_is_recorded_in_metadata_and_beside_the_pushed_model(dp_run):
+def _model_props(workdir):
+    with open_store(os.path.join(workdir, "metadata.sqlite")) as store:
+        return [custom_properties(m) for m in store.get_artifacts_by_type("Model")]
+
+
+def test_one_guarantee_in_privacy_json_metadata_and_summary(dp_run):
     workdir, summary = dp_run
     with open(os.path.join(summary["pushed_path"], "privacy.json")) as f:
         privacy = json.load(f)
-    assert 1.5 < privacy["epsilon"] <= 2.0 and privacy["accountant"] == "pld"
-    assert privacy["sampling"] == "poisson" and privacy["steps"] > 0 and privacy["noise_multiplier"] > 0
-    assert 0.0 <= privacy["mia_auc"] <= 1.0
-    assert privacy["mia_implementation"] == "tensorflow_privacy.privacy_tests"  # TF Privacy's own attack
-    with open_store(os.path.join(workdir, "metadata.sqlite")) as store:
-        models = store.get_artifacts_by_type("Model")
-        assert len(models) == 1
-        props = custom_properties(models[0])
-    for key in ("epsilon", "delta", "noise_multiplier", "l2_norm_clip", "sampling_rate", "steps", "epochs",
-                "train_rows", "mia_auc"):
-        assert props[f"privacy_{key}"] == pytest.approx(privacy[key]), key
-    for key in ("accountant", "sampling_method", "dataset_fingerprint"):
-        assert props[f"privacy_{key}"] == privacy[key], key
-    assert props["privacy_accountant"] == "pld" and props["private"] == 1
-    assert props["trainer_kind"] == "dp_sgd" and props["trainer_dp_path"] in ("fast_gradient_clipping",
-                                                                             "vectorized_optimizer")
+    (props,) = _model_props(workdir)
+    assert json.loads(props["privacy_guarantee"]) == privacy        # the same object, serialised one way
+    assert 1.9 < privacy["epsilon"] <= 2.0 and privacy["accountant"] == "pld"
+    assert privacy["neighbouring_relation"] == "add_or_remove_one" and privacy["privacy_unit"] == "row"
+    assert privacy["source_id"] == SOURCE and "add or remove one row" in privacy["statement"]
+    covers = [m["covers"] for m in privacy["mechanisms"]]
+    assert any("normalisation" in c for c in covers) and any("weights" in c for c in covers)
+    # the composed event is what the ledger charged: recompute epsilon independently
+    import dp_accounting
+    from dp_training import events
+    event = events.from_json(privacy["event"])
+    acc = dp_accounting.pld.PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    acc.compose(event)
+    assert acc.get_epsilon(privacy["delta"]) == pytest.approx(privacy["epsilon"], rel=1e-6)
+    assert privacy["parameters"]["planning_rows"] == 3000
+    assert props["privacy_epsilon"] == pytest.approx(privacy["epsilon"]) and props["private"] == 1
+    # the ledger entry is anchored: `budget verify` checks the recorded hash
+    anchor = f"{privacy['ledger']['seq']}:{privacy['ledger']['head_hash']}"
+    check = run_cli("budget", "verify", "--anchor", anchor)
+    assert check.returncode == 0 and "ledger OK" in check.stdout, check.stderr
 
 
-def test_privacy_report_lists_the_model_with_guarantee_metrics_and_push(dp_run):
+def test_only_declared_files_and_properties_leave_and_none_depends_on_the_exact_rows(dp_run, sample):
     workdir, summary = dp_run
-    result = run_cli("privacy", "report", "--workdir", workdir, "--json")
-    assert result.returncode == 0, result.stderr[-2000:]
-    (row,) = json.loads(result.stdout)
-    assert row["trainer"] == "dp_sgd" and row["private"] is True
-    assert row["privacy"]["epsilon"] == pytest.approx(summary["model_properties"]["privacy_epsilon"])
-    assert row["blessed"] is True and row["pushed_to"] == summary["pushed_path"]
-    assert 0.5 < row["metrics"]["auc"] <= 1.0
-    table = run_cli("privacy", "report", "--workdir", workdir)
-    assert "dp_sgd" in table.stdout and "epsilon" in table.stdout
+    pushed = summary["pushed_path"]
+    files = {os.path.relpath(p, pushed) for p in glob.glob(os.path.join(pushed, "**"), recursive=True)
+             if os.path.isfile(p)}
+    assert files == PUSHED_FILES
+    from pipeline.trainer_executor import PUBLIC_PROPERTIES
+    (props,) = _model_props(workdir)
+    assert set(props) <= set(PUBLIC_PROPERTIES), set(props) - set(PUBLIC_PROPERTIES)
+    with open(os.path.join(sample, "adult.data"), "rb") as f:
+        content_hash = hashlib.sha256(f.read()).hexdigest()
+    published = [open(os.path.join(pushed, name), "rb").read() for name in files]
+    published.append(json.dumps(props).encode())
+    published.append(json.dumps(summary).encode())
+    for blob in published:
+        assert str(TRAIN_ROWS).encode() not in blob             # no exact n
+        assert content_hash.encode() not in blob and content_hash[:16].encode() not in blob
+        for private_fact in (b"mia_auc", b"epoch_seconds", b"empty_batches", b"train_rows", b"fingerprint\""):
+            assert private_fact not in blob
+    # the private details stay in the workdir
+    details = glob.glob(os.path.join(workdir, "pipeline_root", "**", "private_details.json"), recursive=True)
+    assert details and json.load(open(details[0]))["train_rows"] == TRAIN_ROWS
 
 
-def test_ledger_refuses_a_run_that_would_overspend_before_training(dp_run, adult_sample):
+def test_neighbouring_data_sets_publish_the_same_vocabularies_and_shapes(dp_run, neighbour, tmp_path):
+    import tensorflow as tf
+
+    _, summary = dp_run
+    result = _run(neighbour, str(tmp_path / "w"), "--target-epsilon", "0.5", "--epochs", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    other = json.loads(result.stdout)["pushed_path"]
+
+    def vocabularies(pushed):
+        with open(os.path.join(pushed, "assets.extra", "preprocessing.json")) as f:
+            return {e["name"]: e.get("vocabulary") for e in json.load(f)}
+
+    assert vocabularies(summary["pushed_path"]) == vocabularies(other)
+    assert "Laos" in vocabularies(other)["native-country"]  # from the public domain, not the rows
+    shapes = [sorted(tf.train.list_variables(os.path.join(p, "variables", "variables"))) for p in
+              (summary["pushed_path"], other)]
+    assert shapes[0] == shapes[1]
+    assert not [f for f in glob.glob(os.path.join(summary["pushed_path"], "assets", "*"))]  # no data-derived assets
+
+
+def test_a_second_workdir_and_a_neighbouring_file_share_the_sources_budget(dp_run, neighbour, tmp_path):
     workdir, summary = dp_run
     spent = summary["model_properties"]["privacy_epsilon"]
-    result = run_cli("run", "--trainer", "dp_sgd", "--data", adult_sample, "--workdir", workdir, "--json",
-                     "--target-epsilon", "3", "--epochs", "3")
-    assert result.returncode != 0
-    assert "BudgetExceededError" in result.stderr or "budget" in result.stderr.lower()
-    assert "remaining 1" in result.stderr and "requests epsilon=3" in result.stderr
-    with open_store(os.path.join(workdir, "metadata.sqlite")) as store:
-        assert len(store.get_artifacts_by_type("Model")) == 1  # nothing new was trained
-    budget = json.loads(run_cli("budget", "--workdir", workdir, "--json").stdout)
-    (dataset,) = budget
-    assert dataset["budget"]["epsilon"] == BUDGET
-    assert float(dataset["spent"]["epsilon"]) == pytest.approx(spent, rel=1e-3)
-
-
-def test_budget_can_be_raised_explicitly(dp_run, adult_sample):
-    workdir, _ = dp_run
-    result = run_cli("budget", "--workdir", workdir, "--data", adult_sample, "--set-epsilon", "8", "--json")
+    # another workdir, and a neighbouring file (one row less) of the same source: one budget
+    for data, wd in ((neighbour, str(tmp_path / "other")), (neighbour, workdir)):
+        result = _run(data, wd, "--target-epsilon", "3")
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "budget" in result.stderr and "Nothing was trained" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert len(_model_props(workdir)) == 1
+    assert not os.path.exists(os.path.join(tmp_path, "other", "metadata.sqlite"))  # refused before the pipeline
+    budget = json.loads(run_cli("budget", "--source", SOURCE, "--json").stdout)
+    text = json.dumps(budget)
+    assert str(BUDGET) in text
+    result = run_cli("budget", "--source", SOURCE, "--set-epsilon", "30", "--json")
     assert result.returncode == 0, result.stderr[-2000:]
-    (dataset,) = json.loads(result.stdout)
-    assert dataset["budget"]["epsilon"] == 8.0
+    assert "30" in result.stdout
 
 
-def test_non_private_training_on_a_budgeted_data_set_is_refused_unless_allowed(dp_run, adult_sample):
+def test_non_private_training_on_a_budgeted_source_is_refused_unless_allowed(dp_run, sample):
     workdir, _ = dp_run
-    result = run_cli("run", "--trainer", "standard", "--data", adult_sample, "--workdir", workdir)
+    result = run_cli("run", "--trainer", "standard", "--data", sample, "--workdir", workdir)
     assert result.returncode == 2
-    assert "--allow-non-private" in result.stderr
+    assert "--allow-non-private" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_edited_ledger_fails_verify_and_the_next_run(tmp_path, sample):
+    import dp_accounting
+    from dp_training.ledger import Ledger
+
+    path = str(tmp_path / "ledger.sqlite")
+    ledger = Ledger(path)
+    res = ledger.reserve(SOURCE, dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), 1000),
+                         trainer="dp_sgd", private=True, accountant="pld", relation="add_or_remove_one", delta=1e-5)
+    ledger.finish(res, dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), 1000), "completed")
+    env = {"PRIVTRAIN_LEDGER": path}
+    assert run_cli("budget", "verify", env=env).returncode == 0
+    con = sqlite3.connect(path)
+    con.execute("DROP TRIGGER entries_no_update")
+    con.execute("UPDATE entries SET payload = replace(payload, '\"count\":1000', '\"count\":1')")
+    con.commit()
+    con.close()
+    check = run_cli("budget", "verify", env=env)
+    assert check.returncode == 1 and "edited" in (check.stdout + check.stderr)
+    result = _run(sample, str(tmp_path / "w"), env=env)
+    assert result.returncode == 2 and "edited" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(str(tmp_path / "w" / "metadata.sqlite"))
+
+
+@pytest.mark.parametrize("case", ["unit", "accountant", "not_a_ledger"])
+def test_bad_privacy_input_is_one_clear_line_and_nothing_is_trained(case, tmp_path, sample):
+    data = str(tmp_path / "data")
+    shutil.copytree(sample, data)
+    env, extra = None, []
+    desc_path = os.path.join(data, "dataset.json")
+    desc = json.load(open(desc_path))
+    if case == "unit":
+        desc["privacy"]["unit"] = "household"
+        expect = "unknown privacy unit"
+    elif case == "accountant":
+        desc["privacy"].update(relation="replace_one", source_id=SOURCE + "-replace")
+        extra = ["--accountant", "rdp"]
+        expect = "cannot account"
+    else:
+        bogus = tmp_path / "ledger.sqlite"
+        bogus.write_bytes(b"these are my notes, not a ledger\n")
+        env = {"PRIVTRAIN_LEDGER": str(bogus)}
+        expect = "not a privtrain ledger"
+    json.dump(desc, open(desc_path, "w"))
+    result = _run(data, str(tmp_path / "w"), *extra, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("privtrain")]
+    assert len(lines) == 1 and expect in lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not glob.glob(str(tmp_path / "w" / "serving" / "**" / "saved_model.pb"), recursive=True)
+    if case == "not_a_ledger":
+        assert (tmp_path / "ledger.sqlite").read_bytes() == b"these are my notes, not a ledger\n"
