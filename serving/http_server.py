@@ -162,10 +162,23 @@ class _Request:
         """Answer before (the rest of) the body is read, then close the connection."""
         self.rejected = True
         try:
+            stream = self.conn.stream
+            self.conn._disconnect_on_finish = False   # keep the stream open for the lingering read
             fut = self._write(status, _error_body(message), close=True, extra=extra)
             if fut is not None:
                 await fut
-        except Exception:  # noqa: BLE001 - the client went away
+            # Lingering close: read and discard what the client is still sending (bounded in time and
+            # bytes) so that closing does not reset the connection before it has read the answer.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(self.server.options.read_timeout_s, 5.0)
+            left = 256 << 20
+            while left > 0 and not stream.closed():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                data = await asyncio.wait_for(stream.read_bytes(65536, partial=True), remaining)
+                left -= len(data)
+        except Exception:  # noqa: BLE001 - the client went away, or the time is up
             pass
         self.conn.close()
         self._done()
@@ -181,7 +194,8 @@ class _Request:
             headers.update(extra)
         if close or self.server.draining:
             headers["Connection"] = "close"
-            self.conn._disconnect_on_finish = True   # tornado then closes after this response
+            if not self.rejected:
+                self.conn._disconnect_on_finish = True   # tornado then closes after this response
         fut = self.conn.write_headers(ResponseStartLine("HTTP/1.1", status, _REASONS.get(status, "")),
                                       headers, data)
         self.conn.finish()
@@ -239,6 +253,20 @@ class _Request:
             return status, data, "application/json"
         finally:
             srv.computing -= 1
+
+
+async def _refuse_connection(stream, response: bytes) -> None:
+    """Answer a connection over the limit, read (and drop) its request for up to a second so that
+    the close does not reset it before the client has read the answer, then close."""
+    loop = asyncio.get_running_loop()
+    try:
+        await stream.write(response)
+        deadline = loop.time() + 1.0
+        while not stream.closed() and loop.time() < deadline:
+            await asyncio.wait_for(stream.read_bytes(65536, partial=True), deadline - loop.time())
+    except Exception:  # noqa: BLE001 - closed by the client, or the second is up
+        pass
+    stream.close()
 
 
 class HttpServer:
@@ -303,10 +331,7 @@ class HttpServer:
                                           "serve --max-connections); retry later")
                         head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                                 f"Content-Length: {len(msg)}\r\nConnection: close\r\n\r\n").encode()
-                        try:
-                            stream.write(head + msg).add_done_callback(lambda _f: stream.close())
-                        except Exception:  # noqa: BLE001
-                            stream.close()
+                        asyncio.ensure_future(_refuse_connection(stream, head + msg))
                         return
                     super().handle_stream(stream, address)
 
