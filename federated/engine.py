@@ -1,4 +1,11 @@
-"""The federated round loop shared by ``federated.simulate`` and the pipeline's ``FederatedTrainer``."""
+"""The federated round loop shared by ``federated.simulate`` and the ``federated`` trainer kind.
+
+Privacy: this module runs the rounds the kind planned; it never accounts. Everything it records (per-round
+sampled/participant/example counts, client losses, shard sizes and label rates, timings) is computed from the
+private rows WITHOUT differential privacy: it goes to the run's private scratch directory and the kind's
+private details, never into public outputs. The only release covered by the guarantee is the model (the
+noisy aggregates of DP-FedAvg).
+"""
 from __future__ import annotations
 
 import collections
@@ -27,16 +34,14 @@ class FederatedConfig:
     rounds: int = 10
     local_epochs: int = 1
     client_batch_size: int = 32
-    partition: str = "iid"  # iid | dirichlet:ALPHA | column:NAME
+    partition: str = "hash"  # hash | hash-dirichlet:ALPHA | hash:NAME | column:NAME | iid | dirichlet:ALPHA
     client_optimizer: str = "sgd"
     server_optimizer: str = "sgd"
     client_lr: float = 0.05
     server_lr: float = 1.0
-    dp_noise_multiplier: Optional[float] = None  # None -> no DP (weighted FedAvg)
+    dp_noise_multiplier: Optional[float] = None  # None -> weighted FedAvg; >= 0 -> DP-FedAvg's aggregator
     dp_clip: float = 1.0
     adaptive_clipping: bool = False
-    dp_delta: Optional[float] = None  # None -> min(1e-5, 1/clients^1.1)
-    accountant: str = "pld"
     sampling: str = "poisson"  # poisson: each client joins w.p. clients_per_round/clients; fixed: exactly m
     dropout_rate: float = 0.0  # fraction of sampled clients that fail each round
     eval_every: int = 1
@@ -52,22 +57,30 @@ class FederatedConfig:
                       client_lr=self.client_lr, server_lr=self.server_lr, client_loop=self.client_loop)
         if self.dp_noise_multiplier is None:
             return FedAvg(**common)
-        return DPFedAvg(**common, noise_multiplier=self.dp_noise_multiplier, clip=self.dp_clip,
+        return DPFedAvg(**common, noise_multiplier=float(self.dp_noise_multiplier), clip=self.dp_clip,
                         adaptive_clipping=self.adaptive_clipping,
-                        clients_per_round=float(clients_per_round or self.clients_per_round),
-                        delta=self.dp_delta, accountant=self.accountant)
+                        clients_per_round=float(clients_per_round or self.clients_per_round))
 
 
 @dataclasses.dataclass
 class FederatedResult:
+    """``history``, ``shards`` and ``final`` are PRIVATE (computed from the rows without DP); ``privacy`` is the
+    run's guarantee (``Guarantee.to_json()``, set by ``simulate``), the one public statement."""
+
     history: List[Dict[str, Any]]
-    privacy: Optional[Dict[str, Any]]
     shards: Dict[str, Any]
     model: Any  # Keras model with the final global weights
     final: Dict[str, Any]
     output_dir: Optional[str] = None
     resumed_from_round: int = 0
     files: Dict[str, str] = dataclasses.field(default_factory=dict)
+    privacy: Optional[Dict[str, Any]] = None
+    guarantee: Any = None
+
+
+PRIVATE_NOTICE = ("PRIVATE: per-round and per-client figures (sampled/participant/example counts, client losses, "
+                  "shard sizes, label rates, timings) computed from the training rows WITHOUT differential "
+                  "privacy; NOT covered by the run's guarantee (privacy.json). Keep inside the trust boundary.")
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -153,13 +166,6 @@ def plot_history(path: str, history: List[Dict[str, Any]], title: str = "") -> N
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
     lines, labels = ax.get_legend_handles_labels()
-    eps = [(h["round"], h["epsilon"]) for h in history if h.get("epsilon") is not None]
-    if eps:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*eps), "r--", label="epsilon")
-        ax2.set_ylabel("epsilon (client-level)")
-        l2, lb2 = ax2.get_legend_handles_labels()
-        lines, labels = lines + l2, labels + lb2
     ax.legend(lines, labels, loc="lower right")
     ax.set_title(title)
     fig.tight_layout()
@@ -239,14 +245,25 @@ def run_federated(train_features: Mapping[str, np.ndarray], train_labels: np.nda
                   build_model: Callable[[], Any], config: FederatedConfig, *,
                   output_dir: Optional[str] = None, log: Callable[[str], None] = print,
                   on_round: Optional[Callable[[Dict[str, Any]], None]] = None,
-                  shards: Optional[List[np.ndarray]] = None, model_key: Optional[tuple] = None) -> FederatedResult:
-    """Runs ``config.rounds`` federated rounds in a TFF runtime whose worker is always stopped."""
+                  shards: Optional[List[np.ndarray]] = None, model_key: Optional[tuple] = None,
+                  progress: Optional[Dict[str, int]] = None) -> FederatedResult:
+    """Runs ``config.rounds`` federated rounds in a TFF runtime whose worker is always stopped.
+
+    ``shards``: one index array per client (``len(shards)`` is the client population K; empty shards are
+    clients without rows). ``progress["rounds_started"]`` counts the rounds this call started (a round counts
+    before its aggregate is computed, so a failure never under-counts what was released);
+    ``progress["resumed_from_round"]`` is set when a checkpoint was loaded."""
     from federated.runtime import tff_runtime
 
+    progress = progress if progress is not None else {}
+    progress.setdefault("rounds_started", 0)
     with tff_runtime(config.max_concurrent_computation_calls):
         return _run(train_features, train_labels, eval_features, eval_labels, build_model, config,
-                    output_dir, log, on_round, shards, model_key)
+                    output_dir, log, on_round, shards, model_key, progress)
 
+
+# Settings a resumed run may change (they do not change what the model embodies).
+_RESUMABLE_CHANGES = ("rounds", "eval_every", "checkpoint_every", "resume", "plot", "max_concurrent_computation_calls")
 
 # Built learning processes, reused by later runs in the same Python process when the caller names its
 # model with a hashable ``model_key`` (simulate() does): tracing/compiling costs 5-15 s per build.
@@ -254,7 +271,7 @@ _PROCESS_CACHE: Dict[Any, Any] = {}
 
 
 def _run(train_features, train_labels, eval_features, eval_labels, build_model, config, output_dir, log,
-         on_round, shards, model_key):
+         on_round, shards, model_key, progress):
     import tensorflow as tf
     import tensorflow_federated as tff
 
@@ -267,15 +284,15 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
     labels = np.asarray(train_labels, np.float32).reshape(-1)
     spec = partition_lib.PartitionSpec.parse(cfg.partition)
     if shards is None:
-        shards = partition_lib.make_shards(spec, features, labels, cfg.clients,
-                                         np.random.default_rng([cfg.seed, 1]))
+        shards = partition_lib.make_shards(spec, features, labels, cfg.clients, cfg.seed)
     n_clients = len(shards)
-    m = min(cfg.clients_per_round, n_clients)
+    if not 1 <= cfg.clients_per_round <= n_clients:
+        raise ValueError(f"clients_per_round must be in 1..{n_clients} (the number of clients), got "
+                         f"{cfg.clients_per_round}")
+    m = cfg.clients_per_round
     summary = partition_lib.shard_summary(shards, labels)
-    log(f"[federated] partition {spec}: {n_clients} clients, sizes min/median/max "
-        f"{summary['size_min']}/{summary['size_median']:g}/{summary['size_max']}, positive rate per client "
-        f"{summary['positive_rate_min']:.2f}..{summary['positive_rate_max']:.2f} "
-        f"(global {summary['positive_rate_global']:.2f}), label skew {summary['label_skew']:.3f}")
+    log(f"[federated] partition {spec}: {n_clients} clients ({summary['nonempty_clients']} with rows; private "
+        "figures, not covered by the guarantee)")
     fingerprint = _fingerprint(shards)
     strategy = cfg.strategy(clients_per_round=m)
     dp = isinstance(strategy, DPFedAvg)
@@ -322,9 +339,18 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
         if meta["shards_fingerprint"] != fingerprint:
             raise ValueError(f"checkpoint {ckpt} was written for other client shards; use a fresh --output "
                              "or the same data/partition/seed")
+        changed = sorted(k for k in cfg_dict if k not in _RESUMABLE_CHANGES
+                         and json.dumps(meta["config"].get(k), default=str) != json.dumps(cfg_dict[k], default=str))
+        if changed:
+            raise ValueError(f"checkpoint {ckpt} was written with other settings ({', '.join(changed)}); the "
+                             "resumed model would embody rounds of another run: use a fresh --output or --no-resume")
+        if int(meta["round"]) > cfg.rounds:
+            raise ValueError(f"checkpoint {ckpt} is at round {meta['round']}, past the {cfg.rounds} rounds of this "
+                             "run; use a fresh --output or --no-resume")
         rng.bit_generator.state = meta["rng_state"]
         history = meta["history"]
         start = int(meta["round"])
+        progress["resumed_from_round"] = start
         log(f"[federated] resumed from checkpoint {ckpt} (round {start})")
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
@@ -344,21 +370,26 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
         n_drop = int(round(cfg.dropout_rate * len(sampled)))
         dropped = rng.choice(sampled, size=n_drop, replace=False) if n_drop else np.zeros(0, np.int64)
         survivors = np.setdiff1d(sampled, dropped)
+        # clients without rows contribute nothing (for DP-FedAvg exactly what an absent client contributes:
+        # a zero term in the clipped sum, whose denominator is the public clients_per_round)
+        active = np.asarray([c for c in survivors if shards[c].shape[0] > 0], np.int64)
         round_seed = int(rng.integers(0, 2**31 - 1))
         rec: Dict[str, Any] = {"round": rnd, "sampled": int(len(sampled)), "dropped": int(n_drop),
-                               "participants": int(len(survivors)),
-                               "examples": int(sum(shards[c].shape[0] for c in survivors))}
-        if len(survivors):
-            out = process.next(state, data.for_round(survivors, round_seed))
+                               "participants": int(len(active)),
+                               "examples": int(sum(shards[c].shape[0] for c in active))}
+        if len(active) or dp:
+            # DP-FedAvg runs every round, also with nobody left (a noise-only update): skipping it would
+            # reveal that every sampled client was empty, which depends on the data.
+            progress["rounds_started"] += 1
+            out = process.next(state, data.for_round(active, round_seed))
             state = out.state
             train = out.metrics["client_work"]["train"]
-            rec["train_loss"] = _finite(train.get("loss"))
-            rec["train_accuracy"] = _finite(train.get("binary_accuracy"))
-        else:  # nobody left: the global model stays; the round still counts for privacy
+            rec["train_loss"] = _finite(train.get("loss")) if len(active) else None
+            rec["train_accuracy"] = _finite(train.get("binary_accuracy")) if len(active) else None
+        else:  # non-private FedAvg with nobody left: the global model stays
+            progress["rounds_started"] += 1
             rec["train_loss"] = rec["train_accuracy"] = None
         rec["round_seconds"] = time.perf_counter() - t_round
-        if dp:
-            rec["epsilon"] = strategy.epsilon(rnd, n_clients, m, cfg.sampling)
         if eval_model is not None and (rnd % cfg.eval_every == 0 or rnd == cfg.rounds):
             process.get_model_weights(state).assign_weights_to(eval_model)
             loss, acc = eval_model.evaluate(eval_x, eval_y, batch_size=2048, verbose=0)
@@ -371,8 +402,6 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
             msg += f", train loss {rec['train_loss']:.4f} acc {rec['train_accuracy']:.4f}"
         if "eval_accuracy" in rec:
             msg += f", eval acc {rec['eval_accuracy']:.4f}"
-        if dp:
-            msg += f", epsilon {rec['epsilon']:.3f}"
         log(msg + f" [{rec['round_seconds']:.2f}s]")
         if on_round is not None:
             on_round(rec)
@@ -381,7 +410,6 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
 
     process.get_model_weights(state).assign_weights_to(keras_model)
     rounds_run = max(cfg.rounds, start)
-    privacy = strategy.privacy(rounds_run, n_clients, m, cfg.sampling) if dp else None
     final = {"rounds": rounds_run, "clients": n_clients, "clients_per_round": m, "build_seconds": build_s}
     if history:
         final.update({k: history[-1].get(k) for k in ("train_loss", "train_accuracy")})
@@ -390,7 +418,7 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
         final["eval_accuracy"], final["eval_loss"] = last["eval_accuracy"], last["eval_loss"]
     secs = [h["round_seconds"] for h in history if h.get("participants")]
     final["mean_round_seconds"] = float(np.mean(secs)) if secs else None
-    result = FederatedResult(history=history, privacy=privacy, shards=summary, model=keras_model, final=final,
+    result = FederatedResult(history=history, shards=summary, model=keras_model, final=final,
                              output_dir=output_dir, resumed_from_round=start)
     if output_dir:
         result.files = write_outputs(output_dir, result, cfg_dict, strategy.describe(), str(spec))
@@ -402,8 +430,8 @@ def write_outputs(output_dir: str, result: FederatedResult, config: Dict[str, An
     files = {"csv": os.path.join(output_dir, "metrics.csv"), "json": os.path.join(output_dir, "metrics.json")}
     _write_csv(files["csv"], result.history)
     with open(files["json"], "w", encoding="utf-8") as f:
-        json.dump({"config": config, "strategy": strategy, "partition": partition, "shards": result.shards,
-                   "privacy": result.privacy, "final": result.final, "resumed_from_round": result.resumed_from_round,
+        json.dump({"privacy_status": PRIVATE_NOTICE, "config": config, "strategy": strategy, "partition": partition,
+                   "shards": result.shards, "final": result.final, "resumed_from_round": result.resumed_from_round,
                    "history": result.history}, f, indent=1, default=_json_default)
     if config.get("plot", True) and result.history:
         files["plot"] = os.path.join(output_dir, "accuracy.png")

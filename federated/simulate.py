@@ -1,44 +1,125 @@
-"""Pipeline-free entry point: ``federated.simulate(SimulationConfig(...)) -> FederatedResult``."""
+"""Pipeline-free entry point: ``federated.simulate(SimulationConfig(...)) -> FederatedResult``.
+
+The simulation runs the same privacy protocol as the pipeline's Trainer (``dp_training.protocol``): plan from
+public inputs (``plan_run``), reserve the planned event in the data source's ledger (``RunProtocol``; refused
+before any row is used if it would overspend), release the DP normalisation statistics, train with the
+``federated`` kind, charge what was released and state one guarantee. Outputs in ``output_dir``:
+
+* ``privacy.json``: the guarantee (``Guarantee.to_json()``), public;
+* ``metrics.csv``, ``metrics.json``, ``accuracy.png``, ``checkpoints/``: PRIVATE (per-round and per-client
+  figures computed without DP, marked so in metrics.json), not covered by the guarantee.
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+import tempfile
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
-from federated.engine import FederatedConfig, FederatedResult, run_federated
+from federated.engine import FederatedConfig, FederatedResult
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "adult")
+PRIVACY_FILE = "privacy.json"
 
 
 @dataclasses.dataclass
 class SimulationConfig(FederatedConfig):
-    """A federated run on a raw CSV data set (default: the vendored Adult data set)."""
+    """A federated run on a raw data set described by ``dataset.json`` (default: the vendored Adult data set).
 
+    ``dp_noise_multiplier``: None or 0 (not private), a number > 0, or ``"auto"`` (calibrated to
+    ``privacy["target_epsilon"]``, default 3). ``privacy``: the run's privacy arguments, as ``privtrain run``'s
+    (target_epsilon, delta, accountant, preprocessing_epsilon, budget_epsilon, ledger, allow_non_private)."""
+
+    dp_noise_multiplier: Any = None
     data_dir: str = DEFAULT_DATA
     output_dir: Optional[str] = None
-    train_sample: Optional[int] = None  # use a random subset of the training rows (tests, quick looks)
+    train_sample: Optional[int] = None  # about this many training rows, chosen row-stably (tests, quick looks)
     eval_sample: Optional[int] = None
     hidden: Tuple[int, ...] = (64,)
+    privacy: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def trainer_args(self) -> Dict[str, Any]:
+        from federated.trainer import DEFAULTS
+
+        return {k: getattr(self, k) for k in DEFAULTS}
 
 
-def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print,
-             on_round: Optional[Callable[[Dict[str, Any]], None]] = None, data=None) -> FederatedResult:
-    """Loads and preprocesses the data, partitions it into clients and runs the rounds with TFF.
+def not_covered(spec) -> Tuple[str, ...]:
+    source = spec.require_privacy()
+    items = ["the public data-set description and the reference schema's domains and ranges",
+             "the run's hyper-parameters",
+             "per-round and per-client metrics (metrics.csv/json, accuracy.png, checkpoints): private, computed "
+             "without DP, kept in the output directory"]
+    if source.is_public_split("eval"):
+        items.append("evaluation metrics: computed on the eval split, which the data set declares public")
+    else:
+        items.append("evaluation metrics: computed on the PRIVATE eval split and NOT covered by epsilon")
+    return tuple(items)
 
-    ``data`` (a :class:`federated.data.TabularData`) skips loading, e.g. to reuse one load across runs.
-    Writes metrics.csv / metrics.json / accuracy.png / checkpoints under ``config.output_dir`` if set.
-    """
-    from federated.data import build_mlp, load_tabular
+
+def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print, data=None) -> FederatedResult:
+    """Loads the data with the platform's reader, plans, reserves, trains, charges; returns the result.
+
+    ``data`` (a :class:`federated.data.TabularData` of the same ``data_dir``) skips loading, e.g. to reuse one
+    load across runs."""
+    from dp_training.contract import TrainerContext, TrainingInterrupted
+    from dp_training.features import numeric_key
+    from dp_training.model import bucket_sizes, build_model
+    from dp_training.preprocessing import release_normalization
+    from dp_training.protocol import RunProtocol, plan_run, planning_rows
+    from federated.data import load_tabular
+    from federated.trainer import FederatedTrainer, resolve_partition_clients
 
     if data is None:
         data = load_tabular(config.data_dir)
-    data = data.subsample(config.train_sample, config.eval_sample, seed=config.seed)
-    numeric, vocab = list(data.numeric), data.vocab_sizes
-    hidden = tuple(config.hidden)
+    spec = data.spec
+    source = spec.require_privacy()
+    n_all = int(data.train_labels.shape[0])
+    exact = n_all if source.relation == "replace_one" else None
+    data = data.sample(config.train_sample, config.eval_sample, planning_rows(source, exact), seed=config.seed)
+    kind = FederatedTrainer()
+    args = resolve_partition_clients(spec, config.trainer_args())
+    # DP normalisation is accounted per row: only for a row unit (column units use the public scaling alone).
+    numeric_keys = [numeric_key(c) for c in spec.numeric_features] if source.unit == "row" else []
+    plan = plan_run(spec, kind.name, kind, args, dict(config.privacy), numeric_keys, exact_rows=exact)
+    if plan.private:
+        log(f"[federated] privacy plan: {plan.training.mechanism}; planned epsilon {plan.planned_epsilon():.4g} "
+            f"at delta {plan.delta:.3g} ({plan.accountant}, {source.relation} of one {source.unit_name})")
+    protocol = RunProtocol(plan)
+    protocol.reserve()
+    output_dir = config.output_dir
+    scratch = output_dir or tempfile.mkdtemp(prefix="privtrain-federated-")
+    os.makedirs(scratch, exist_ok=True)
+    try:
+        stats = (release_normalization(plan.preprocessing, {k: data.train_features[k] for k in numeric_keys})
+                 if numeric_keys else None)
+        buckets = bucket_sizes(spec)
+        hidden = tuple(config.hidden)
+        context = TrainerContext(
+            dataset_name=spec.name, train_features=data.train_features, train_labels=data.train_labels,
+            eval_features=data.eval_features, eval_labels=data.eval_labels,
+            build_model=lambda: build_model(spec, buckets, stats, hidden), args=args, plan=plan.training,
+            scratch_dir=scratch, source=source, log=log)
+        outcome = kind.train(context)
+    except TrainingInterrupted as e:
+        protocol.fail(e.released_event, "cancelled" if isinstance(e.cause, KeyboardInterrupt) else "failed")
+        raise e.cause from None
+    except BaseException:
+        protocol.fail(None, "failed")
+        raise
+    guarantee = protocol.finish(outcome, not_covered=not_covered(spec))
+    log(f"[federated] privacy: {guarantee.statement()}")
+    details = outcome.private_details
+    files = dict(details.get("files") or {})
+    if output_dir:
+        files["privacy"] = os.path.join(output_dir, PRIVACY_FILE)
+        with open(files["privacy"], "w", encoding="utf-8") as f:
+            f.write(guarantee.dumps())
+    return FederatedResult(history=details["history"], shards=details["shards"], model=outcome.model,
+                           final=details["final"], output_dir=output_dir,
+                           resumed_from_round=details["resumed_from_round"], files=files,
+                           privacy=guarantee.to_json(), guarantee=guarantee)
 
-    def build_model():
-        return build_mlp(numeric, vocab, hidden)
 
-    return run_federated(data.train_features, data.train_labels, data.eval_features, data.eval_labels,
-                         build_model, config, output_dir=config.output_dir, log=log, on_round=on_round,
-                         model_key=("mlp", tuple(numeric), tuple(sorted(vocab.items())), hidden))
+__all__ = ["SimulationConfig", "simulate", "DEFAULT_DATA"]

@@ -1,10 +1,9 @@
-"""Strategies as plain classes: each builds a TFF learning process and describes its privacy."""
+"""Strategies as plain classes: each builds a TFF learning process. Accounting is the trainer kind's plan
+(``federated.trainer``), never the strategy's."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional
-
-from federated import accounting
+from typing import Any, Callable, Dict
 
 
 def _loop_implementation(kind: str = "iterator"):
@@ -54,9 +53,6 @@ class FedAvg:
             server_optimizer_fn=_tff_optimizer(self.server_optimizer, self.server_lr),
             loop_implementation=_loop_implementation(self.client_loop))
 
-    def privacy(self, rounds: int, clients: int, clients_per_round: int, sampling: str) -> Optional[Dict[str, Any]]:
-        return None
-
     def describe(self) -> Dict[str, Any]:
         return {"strategy": self.name, **dataclasses.asdict(self)}
 
@@ -69,15 +65,13 @@ class DPFedAvg(FedAvg):
     norm, Andrew et al. 2021, with ``adaptive_clipping``), summed, Gaussian noise with stddev
     ``noise_multiplier * clip`` added, and divided by the expected number of clients per round.
     With adaptive clipping ``noise_multiplier`` is TFF's *effective total* multiplier (the privately
-    estimated clipping quantile is included), so the accounting below is unchanged.
+    estimated clipping quantile is included), so the accounting is unchanged.
     """
 
     noise_multiplier: float = 1.0
     clip: float = 1.0
     adaptive_clipping: bool = False
     clients_per_round: float = 10.0
-    delta: Optional[float] = None
-    accountant: str = "pld"
 
     name = "dp-fedavg"
 
@@ -99,28 +93,3 @@ class DPFedAvg(FedAvg):
             server_optimizer_fn=_tff_optimizer(self.server_optimizer, self.server_lr),
             model_aggregator=self.aggregator(),
             loop_implementation=_loop_implementation(self.client_loop))
-
-    def epsilon(self, rounds: int, clients: int, clients_per_round: int, sampling: str) -> float:
-        delta = self.delta if self.delta is not None else accounting.default_delta(clients)
-        return accounting.epsilon(self.noise_multiplier, clients, clients_per_round, rounds, delta,
-                                  sampling=sampling, accountant=self.accountant)
-
-    def privacy(self, rounds: int, clients: int, clients_per_round: int, sampling: str) -> Dict[str, Any]:
-        delta = self.delta if self.delta is not None else accounting.default_delta(clients)
-        return {
-            "epsilon": self.epsilon(rounds, clients, clients_per_round, sampling),
-            "delta": delta,
-            "accountant": accounting.accountant_name(sampling, self.accountant),
-            "noise_multiplier": self.noise_multiplier,
-            "l2_norm_clip": self.clip,
-            "adaptive_clipping": self.adaptive_clipping,
-            "sampling_rate": clients_per_round / clients,
-            "sampling_method": ("poisson-clients" if sampling == "poisson"
-                                else "fixed-size-clients-without-replacement"),
-            "privacy_unit": "client",
-            "steps": rounds,
-            "epochs": rounds * clients_per_round / clients,  # expected passes over the client population
-            "rounds": rounds,
-            "clients": clients,
-            "clients_per_round": clients_per_round,
-        }

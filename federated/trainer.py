@@ -1,122 +1,367 @@
-"""The ``federated`` trainer kind for the pipeline (see pipeline/trainers/base.py)."""
+"""The ``federated`` trainer kind: FedAvg / DP-FedAvg with TFF on the privacy layer's plan/train contract.
+
+``plan`` (public inputs only) returns the event the run will release; the executor (the pipeline's, or
+``federated.simulate``) reserves it in the source's ledger, then ``train`` runs the rounds and reports what was
+released. The kind never opens the ledger and writes only to ``context.scratch_dir`` (private).
+
+When is a run private? ``dp_noise_multiplier`` > 0, or ``"auto"`` (calibrated to the run's target epsilon,
+composed with the run's DP preprocessing); ``privtrain run/simulate --target-epsilon E`` without
+``--dp-noise-multiplier`` means ``auto``. Absent or 0 → non-private (``NonPrivateDpEvent``; 0 still runs the
+DP aggregator's clipping and unweighted mean, without noise); a negative value is refused.
+
+What the guarantee protects (``docs/federated.md``):
+
+* Unit ``column:X`` and ``--partition column:X``: one client per person (a value of X in its public domain;
+  rows whose X is missing or outside the domain belong to nobody and are left out). The client population K
+  (domain size + 1) is public. Poisson sampling: ``SelfComposed(PoissonSampled(m/K, Gaussian(z)), rounds)``
+  under the source's relation, exact (an absent person's client is empty and contributes nothing).
+* Unit ``row`` (or several persons per client: ``hash:X`` for unit ``column:X``): the partition must be
+  row-stable (a row's client depends only on that row and the public seed), so adding or removing one row
+  changes exactly one client's data: a *replacement* of one client (its clipped update moves by up to 2C).
+  The event is ``ReplaceAdjacencyDpEvent(client event)``, which the accountants analyse under replace-one and
+  compose with the rest of the run under the source's relation. Only under ``add_or_remove_one``; under
+  ``replace_one`` a row replacement can change two clients and is refused.
+* Fixed-size sampling (exactly m of K, without replacement): ``SampledWithoutReplacement(K, m, Gaussian(z))``
+  per round, always wrapped in ``ReplaceAdjacencyDpEvent`` (dp_accounting has it only under replace-one, where
+  the RDP accountant supports it: ``--accountant rdp``).
+
+Public details are the hyper-parameters and the code path; every per-round or per-client figure (sampled and
+participant counts, examples, client losses, shard sizes, label rates, timings) stays in the private details
+and the scratch directory.
+"""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import hashlib
 import json
-import os
-from typing import Any, Dict
+import math
+from typing import Any, Dict, Mapping, Optional
 
+import dp_accounting
 import numpy as np
 
-from federated.cli import add_federated_arguments, config_kwargs
-from federated.engine import FederatedConfig, run_federated
+from dp_training import accountants, calibration, events
+from dp_training.contract import PlanInputs, TrainerContext, TrainingInterrupted, TrainingOutcome, TrainingPlan
+from federated.engine import FederatedConfig
+from federated.partition import PartitionSpec
+
+DEFAULT_TARGET_EPSILON = 3.0
+AUTO = "auto"
+SAMPLINGS = ("poisson", "fixed")
+_CONFIG_FIELDS = ("clients", "clients_per_round", "rounds", "local_epochs", "client_batch_size", "partition",
+                  "client_optimizer", "server_optimizer", "client_lr", "server_lr", "dp_noise_multiplier",
+                  "dp_clip", "adaptive_clipping", "sampling", "dropout_rate", "eval_every", "checkpoint_every",
+                  "resume", "seed", "max_concurrent_computation_calls", "plot", "client_loop")
+DEFAULTS: Dict[str, Any] = {k: getattr(FederatedConfig(), k) for k in _CONFIG_FIELDS}
 
 
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds ``--clients``, ``--rounds``, ``--partition``, ``--dp-noise-multiplier``, ... to ``parser``."""
+    from federated.cli import add_federated_arguments
+
     add_federated_arguments(parser)
 
 
 def trainer_args(namespace: argparse.Namespace) -> Dict[str, Any]:
-    """The federated flags of a parsed namespace as a plain dict (the context's ``args``)."""
-    return config_kwargs(namespace)
+    """The federated flags of a parsed namespace as the kind's args. ``--target-epsilon`` without
+    ``--dp-noise-multiplier`` asks for DP-FedAvg calibrated to it (``auto``); a ``column:X`` partition gets its
+    client population from X's public domain in ``--data``'s reference schema."""
+    from federated.cli import config_kwargs
+
+    args = config_kwargs(namespace)
+    if args.get("dp_noise_multiplier") is None and getattr(namespace, "target_epsilon", None) is not None:
+        args["dp_noise_multiplier"] = AUTO
+    data = getattr(namespace, "data", None)
+    if data and str(args.get("partition", "")).startswith("column:"):
+        from dp_training.dataset import load_dataset
+
+        args = resolve_partition_clients(load_dataset(data), args)
+    return args
 
 
-def is_private(args) -> bool:
-    """FedAvg is differentially private (DP-FedAvg) only with a noise multiplier."""
-    return (args or {}).get("dp_noise_multiplier") is not None
+def resolve_partition_clients(spec, args: Mapping[str, Any]) -> Dict[str, Any]:
+    """For ``column:X``: ``clients`` = size of X's public domain + 1 (missing/out-of-domain), from the
+    reference schema (public); other partitions keep ``clients``."""
+    out = dict(args)
+    part = PartitionSpec.parse(str(out.get("partition") or DEFAULTS["partition"]))
+    if part.kind == "column":
+        if part.column not in spec.categorical_features:
+            raise ValueError(f"--partition column:{part.column}: {part.column!r} is not a categorical column of "
+                             f"{spec.name} ({', '.join(spec.categorical_features)}); for a numeric column use "
+                             f"hash:{part.column}")
+        out["clients"] = len(spec.public_domains()[part.column].values) + 1
+    return out
 
 
-_NULLABLE = ("dp_noise_multiplier", "dp_delta")
+def is_private(args: Optional[Mapping[str, Any]]) -> bool:
+    """DP-FedAvg with a positive (or calibrated) noise multiplier."""
+    z = (args or {}).get("dp_noise_multiplier")
+    if z is None:
+        return False
+    if isinstance(z, str):
+        return z.strip().lower() == AUTO
+    return float(z) > 0
 
 
-def _config(args):
-    fields = {f.name for f in dataclasses.fields(FederatedConfig)}
-    unknown = sorted(set(args) - fields - {"allow_non_private"})
-    kwargs = {k: v for k, v in dict(args).items() if k in fields and (v is not None or k in _NULLABLE)}
-    cfg = FederatedConfig(**kwargs)
-    return cfg, unknown
+# ------------------------------------------------------------------------------------------------
+# Planning (public inputs only)
+# ------------------------------------------------------------------------------------------------
+def _resolve_args(args: Mapping[str, Any]) -> Dict[str, Any]:
+    unknown = set(args) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown federated trainer args {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    a = dict(DEFAULTS)
+    a.update({k: v for k, v in args.items() if v is not None or k == "dp_noise_multiplier"})
+    return a
+
+
+def _positive_int(a, key, flag, minimum=1):
+    v = a[key]
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{key} must be a whole number >= {minimum}, got {v!r}; pass {flag} N")
+    return int(v)
+
+
+def _noise(a) -> Optional[float]:
+    """None (FedAvg), "auto", or a float >= 0."""
+    z = a["dp_noise_multiplier"]
+    if z is None:
+        return None
+    if isinstance(z, str):
+        if z.strip().lower() == AUTO:
+            return AUTO
+        try:
+            z = float(z)
+        except ValueError:
+            raise ValueError(f"--dp-noise-multiplier takes a number or 'auto', got {z!r}") from None
+    z = float(z)
+    if math.isnan(z) or math.isinf(z) or z < 0:
+        raise ValueError(f"--dp-noise-multiplier must be a finite number >= 0 or 'auto', got {z!r} (0 runs the DP "
+                         "aggregator without noise: not private)")
+    return z
+
+
+def accounting_mode(source, part: PartitionSpec) -> str:
+    """``"client"``: one client per privacy unit, the client event under the source's relation is exact;
+    ``"replace"``: one unit's change replaces one client's data (row-stable partitions). Raises ValueError
+    (naming the fix) where no client-level bound covers one unit."""
+    relation = source.relation
+    unit_col = source.unit_column
+    if unit_col is None:   # unit row
+        if not part.row_stable:
+            raise ValueError(
+                f"partition {part} assigns rows by a permutation of all training rows, so adding or removing one "
+                "row moves rows between clients and no client-level bound covers one row; a private run on this "
+                "row-unit source needs a row-stable partition: --partition hash (IID-like), "
+                "hash-dirichlet:ALPHA (label skew), column:NAME or hash:NAME (silos by a column)")
+        mode = "replace"
+    else:
+        if part.groups_by != unit_col:
+            raise ValueError(
+                f"the privacy unit is column:{unit_col}: every person's rows must stay in one client, which "
+                f"partition {part} does not ensure; use --partition column:{unit_col} (one client per person) "
+                f"or hash:{unit_col}")
+        mode = "client" if part.kind == "column" else "replace"
+    if mode == "replace" and relation != events.ADD_OR_REMOVE_ONE:
+        raise ValueError(
+            f"source declares relation {relation}, under which replacing one {source.unit_name} can change two "
+            f"clients' data with partition {part}; DP-FedAvg is accounted here only for add_or_remove_one on "
+            f"such partitions (declare it with a public_row_estimate in dataset.json), or for "
+            "--partition column:X with unit column:X")
+    return mode
+
+
+def client_event(noise: float, rounds: int, clients: int, per_round: int, sampling: str) -> dp_accounting.DpEvent:
+    """The client-level event of ``rounds`` rounds (noise relative to the clip norm)."""
+    if rounds <= 0:
+        return dp_accounting.NoOpDpEvent()
+    g = dp_accounting.GaussianDpEvent(float(noise))
+    if sampling == "poisson":
+        per = dp_accounting.PoissonSampledDpEvent(per_round / clients, g)
+    else:
+        per = dp_accounting.SampledWithoutReplacementDpEvent(clients, per_round, g)
+    return dp_accounting.SelfComposedDpEvent(per, int(rounds))
+
+
+def training_event(noise: float, rounds: int, clients: int, per_round: int, sampling: str,
+                   mode: str) -> dp_accounting.DpEvent:
+    """What ``rounds`` rounds release, at the privacy unit (see the module docstring)."""
+    e = client_event(noise, rounds, clients, per_round, sampling)
+    if isinstance(e, dp_accounting.NoOpDpEvent):
+        return e
+    if mode == "replace" or sampling == "fixed":
+        return events.ReplaceAdjacencyDpEvent(e)
+    return e
+
+
+def plan_training(inputs: PlanInputs) -> TrainingPlan:
+    a = _resolve_args(inputs.args)
+    part = PartitionSpec.parse(str(a["partition"]))
+    a["partition"] = str(part)
+    clients = _positive_int(a, "clients", "--clients")
+    per_round = _positive_int(a, "clients_per_round", "--clients-per-round")
+    rounds = _positive_int(a, "rounds", "--rounds")
+    _positive_int(a, "local_epochs", "--local-epochs")
+    _positive_int(a, "client_batch_size", "--client-batch-size")
+    if per_round > clients:
+        raise ValueError(f"clients_per_round {per_round} exceeds the {clients} clients; pass "
+                         f"--clients-per-round <= {clients}")
+    if a["sampling"] not in SAMPLINGS:
+        raise ValueError(f"federated sampling must be poisson or fixed, got {a['sampling']!r}")
+    if not 0.0 <= float(a["dropout_rate"]) < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {a['dropout_rate']!r}")
+    clip = float(a["dp_clip"])
+    if not clip > 0 or math.isinf(clip):
+        raise ValueError(f"dp_clip must be a finite number > 0, got {a['dp_clip']!r}; pass e.g. --dp-clip 0.5")
+    z = _noise(a)
+    public: Dict[str, Any] = {
+        "partition": str(part), "clients": clients, "clients_per_round": per_round, "rounds": rounds,
+        "sampling": a["sampling"], "local_epochs": int(a["local_epochs"]),
+        "client_batch_size": int(a["client_batch_size"]), "client_optimizer": a["client_optimizer"],
+        "server_optimizer": a["server_optimizer"], "client_lr": float(a["client_lr"]),
+        "server_lr": float(a["server_lr"]), "dropout_rate": float(a["dropout_rate"]), "seed": int(a["seed"])}
+    internal: Dict[str, Any] = {"args": a, "clients": clients, "clients_per_round": per_round, "rounds": rounds}
+    if z is None or z == 0.0:
+        if z == 0.0:
+            public.update({"strategy": "dp-fedavg aggregator without noise", "dp_clip": clip,
+                           "adaptive_clipping": bool(a["adaptive_clipping"])})
+        else:
+            public["strategy"] = "fedavg (weighted)"
+        internal.update({"noise_multiplier": z, "mode": None})
+        return TrainingPlan(event=dp_accounting.NonPrivateDpEvent(), private=False,
+                            mechanism="none (non-private federated averaging)", public=public, internal=internal)
+
+    mode = accounting_mode(inputs.source, part)
+    if inputs.source.unit_column is not None and not isinstance(inputs.base_event, dp_accounting.NoOpDpEvent):
+        raise ValueError(
+            f"the run's DP preprocessing (normalisation statistics) is accounted per row, but this source's unit is "
+            f"{inputs.source.unit} (one person may have many rows), so its epsilon would not hold per person; "
+            "federated runs on a column unit need preprocessing without row-level releases: use "
+            "privtrain simulate federated (which uses the public scaling only for column units)")
+    target = inputs.target_epsilon
+    calibrated = z == AUTO
+    if calibrated:
+        target = DEFAULT_TARGET_EPSILON if target is None else float(target)
+
+        def make(sigma: float) -> dp_accounting.DpEvent:
+            return training_event(sigma, rounds, clients, per_round, a["sampling"], mode)
+
+        z = calibration.calibrate(
+            target, make, inputs.delta, inputs.accountant, inputs.relation, inputs.base_event,
+            what=f"{rounds} rounds, {per_round} of {clients} clients per round ({a['sampling']}), "
+                 f"{inputs.accountant} accountant, {inputs.relation} of one {inputs.source.unit_name}",
+            fix="Raise the target epsilon, run fewer rounds, sample fewer clients per round or configure more "
+                "clients (--clients), or lower --preprocessing-epsilon.")
+    elif target is not None:
+        raise ValueError(f"give either --dp-noise-multiplier or --target-epsilon, not both (got {z!r} and "
+                         f"{target!r})")
+    z = float(z)
+    event = training_event(z, rounds, clients, per_round, a["sampling"], mode)
+    accountants.check_supported(inputs.accountant, events.compose(inputs.base_event, event), inputs.relation)
+    level = ("client-level (one client per person), exact" if mode == "client" and a["sampling"] == "poisson"
+             else "one unit's change replaces one client's data (row-stable partition)" if mode == "replace"
+             else "one client per person, accounted as a replacement of one client (fixed-size sampling)")
+    sampling_text = ("Poisson client sampling" if a["sampling"] == "poisson"
+                     else "fixed-size client sampling without replacement")
+    public.update({"strategy": "dp-fedavg", "noise_multiplier": z, "noise_calibrated": calibrated, "dp_clip": clip,
+                   "adaptive_clipping": bool(a["adaptive_clipping"]),
+                   "client_sampling_rate": per_round / clients, "accounting": level,
+                   "aggregation": "unweighted mean: noisy sum of clipped client updates divided by the public "
+                                  "clients_per_round"})
+    internal.update({"noise_multiplier": z, "mode": mode})
+    notes = ()
+    if mode == "client" and inputs.source.unit_column:
+        notes = (f"rows whose {inputs.source.unit_column} is missing or outside its public domain belong to no "
+                 "person and are not trained on",)
+    return TrainingPlan(event=event, private=True, mechanism=f"DP-FedAvg, Gaussian aggregate per round, {sampling_text}",
+                        public=public, internal=internal, notes=notes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+def _model_key(model, element_keys) -> str:
+    """Identifies a built model's graph, constants included (the DP normalisation is baked into it)."""
+    text = json.dumps(model.get_config(), sort_keys=True, default=str) + "|" + ",".join(element_keys)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _one_hot_tokens(model, column: str) -> Optional[int]:
+    from dp_training.features import categorical_key
+
+    try:
+        return int(model.get_layer(f"{categorical_key(column)}_one_hot").get_config()["num_tokens"])
+    except (ValueError, KeyError, AttributeError):
+        return None
 
 
 class FederatedTrainer:
-    """Federated training of ``context.build_model()`` over client shards of the training data."""
+    """Federated training of ``context.build_model()`` over client shards of the training rows."""
 
     name = "federated"
 
-    def train(self, context):
-        from pipeline.trainers.base import TrainingOutcome
+    def plan(self, inputs: PlanInputs) -> TrainingPlan:
+        return plan_training(inputs)
 
-        cfg, unknown = _config(context.args or {})
-        if unknown:
-            context.log(f"[federated] ignoring unknown trainer args: {unknown}")
-        # per data set and configuration: an interrupted run with the same settings resumes its checkpoints
-        cfg_hash = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
-        output_dir = os.path.join(context.workdir, "federated",
-                                  f"{context.dataset_fingerprint[:16]}-{cfg_hash.hexdigest()[:8]}")
-        from federated.engine import _as_model_dtypes
-        from federated.partition import PartitionSpec, make_shards
+    def train(self, context: TrainerContext) -> TrainingOutcome:
+        from federated.engine import _as_model_dtypes, run_federated
+        from federated.partition import make_shards
 
-        shards = make_shards(PartitionSpec.parse(cfg.partition), _as_model_dtypes(context.train_features),
-                             context.train_labels, cfg.clients, np.random.default_rng([cfg.seed, 1]))
-        ledger = run_id = None
-        if cfg.dp_noise_multiplier is not None:
-            ledger, run_id = _ledger_begin(context, cfg, len(shards))
-        released = []
+        internal = dict(context.plan.internal)
+        a = internal["args"]
+        z = internal["noise_multiplier"]
+        mode = internal["mode"]
+        clients, per_round, rounds = internal["clients"], internal["clients_per_round"], internal["rounds"]
+        private = context.plan.private
+        cfg = FederatedConfig(**{k: a[k] for k in _CONFIG_FIELDS if k != "dp_noise_multiplier"},
+                              dp_noise_multiplier=z)
+        part = PartitionSpec.parse(cfg.partition)
+        labels = np.asarray(context.train_labels, np.float32).reshape(-1)
+        private_details: Dict[str, Any] = {}
+        try:   # nothing is released before the first round
+            features = _as_model_dtypes(context.train_features)
+            probe = context.build_model()
+            if part.kind == "column":
+                tokens = _one_hot_tokens(probe, part.column)
+                if tokens is not None and tokens != clients:
+                    raise ValueError(f"partition column:{part.column} has {tokens} public values (with the "
+                                     f"out-of-domain one) but the plan has {clients} clients; plan with clients = "
+                                     f"{tokens} (federated.trainer.resolve_partition_clients)")
+            shards = make_shards(part, features, labels, clients, cfg.seed)
+            if private and mode == "client" and part.kind == "column":
+                private_details["rows_without_person"] = int(shards[-1].shape[0])   # out-of-domain / missing
+                shards[-1] = np.zeros(0, np.int64)
+            key = _model_key(probe, sorted(features))
+        except Exception as exc:   # noqa: BLE001 - reported as released nothing
+            raise TrainingInterrupted(dp_accounting.NoOpDpEvent(), exc) from exc
+
+        def released(r: int) -> dp_accounting.DpEvent:
+            if not private:
+                return dp_accounting.NonPrivateDpEvent()
+            return training_event(z, r, clients, per_round, cfg.sampling, mode)
+
+        progress: Dict[str, int] = {}
         try:
-            res = run_federated(context.train_features, context.train_labels, context.eval_features,
-                                context.eval_labels, context.build_model, cfg, output_dir=output_dir,
-                                log=context.log, on_round=released.append, shards=shards)
-        except BaseException:
-            if ledger is not None:
-                _ledger_finish(ledger, run_id, "failed", cfg, None, len(released))
-            raise
-        if ledger is not None:
-            _ledger_finish(ledger, run_id, "completed", cfg, res, len(released))
-        details: Dict[str, Any] = {"strategy": "dp-fedavg" if res.privacy else "fedavg",
-                                   "partition": cfg.partition, "clients": res.final["clients"],
-                                   "clients_per_round": res.final["clients_per_round"], "rounds": res.final["rounds"],
-                                   "dropout_rate": cfg.dropout_rate, "output_dir": output_dir,
-                                   "label_skew": res.shards["label_skew"]}
-        for k in ("train_loss", "train_accuracy", "eval_accuracy", "eval_loss", "mean_round_seconds"):
-            if res.final.get(k) is not None:
-                details[k] = float(res.final[k])
-        return TrainingOutcome(model=res.model, privacy=res.privacy, details=details)
+            res = run_federated(features, labels, context.eval_features, context.eval_labels, context.build_model,
+                                cfg, output_dir=context.scratch_dir, log=context.log, shards=shards,
+                                model_key=("federated", key), progress=progress)
+        except BaseException as exc:   # report the rounds this call released, then stop
+            raise TrainingInterrupted(released(progress.get("rounds_started", 0)), exc) from exc
+        # The model embodies every round, also those of an interrupted run it resumed from (charged then too:
+        # resuming charges them twice, which only over-states the spend).
+        public = {"strategy": "dp-fedavg" if private else ("dp-fedavg aggregator without noise" if z == 0.0
+                                                           else "fedavg (weighted)"),
+                  "client_loop": cfg.client_loop}
+        private_details.update({"history": res.history, "shards": res.shards, "final": res.final,
+                                "resumed_from_round": res.resumed_from_round, "files": res.files,
+                                "scratch_dir": context.scratch_dir})
+        return TrainingOutcome(model=res.model, released_event=released(rounds), public_details=public,
+                               private_details=private_details)
 
 
-# --- budget ledger (dp_training.ledger, when present) -------------------------------------------------
-# The ledger composes example-level guarantees of a data set. A client-level guarantee covers adding or
-# removing a whole client; adding/removing one *example* changes one client's clipped update by at most
-# 2*clip, so the example-level event recorded in the ledger uses half the noise multiplier (conservative).
-def _ledger_begin(context, cfg, clients: int):
-    try:
-        from dp_training import ledger as ledger_lib
-        from federated import accounting
-    except ImportError:
-        context.log("[federated] dp_training.ledger not available: the run is not recorded in a budget ledger")
-        return None, None
-    q = min(1.0, cfg.clients_per_round / clients)
-    delta = cfg.dp_delta if cfg.dp_delta is not None else accounting.default_delta(clients)
-    planned = ledger_lib.PlannedRun(fingerprint=context.dataset_fingerprint,
-                                    noise_multiplier=cfg.dp_noise_multiplier / 2.0, sampling_rate=q,
-                                    steps=cfg.rounds, delta=delta, sampling="poisson",
-                                    accountant=cfg.accountant, trainer="federated",
-                                    dataset_name=context.dataset_name)
-    if cfg.sampling != "poisson":
-        context.log("[federated] fixed-size client sampling is not an event the ledger composes: "
-                    "the run is NOT recorded in the budget ledger (use --sampling poisson)")
-        return None, None
-    led = ledger_lib.PrivacyLedger(context.workdir)
-    return led, led.begin_run(planned)
-
-
-def _ledger_finish(led, run_id, status, cfg, res, rounds_released):
-    steps = rounds_released
-    if led is None:
-        return
-    extra = {"privacy_unit": "example (from client-level DP-FedAvg, noise multiplier halved)",
-             "client_level_noise_multiplier": cfg.dp_noise_multiplier}
-    if res is not None and res.privacy:
-        extra["client_level_epsilon"] = res.privacy["epsilon"]
-    led.finish_run(run_id, status, steps, extra=extra)
+__all__ = ["FederatedTrainer", "add_arguments", "trainer_args", "is_private", "plan_training", "training_event",
+           "client_event", "accounting_mode", "resolve_partition_clients", "DEFAULTS"]
