@@ -232,7 +232,7 @@ def predict_request_from_json(doc: dict, sig_inputs: Mapping[str, Any], max_elem
                                "'instances' keys exists")
     if not has_inst and not has_inp:
         raise invalid_argument("Missing 'inputs' or 'instances' key")
-    names = list(sig_inputs)
+    names = sorted(sig_inputs)
     if has_inp:
         value = doc["inputs"]
         if isinstance(value, dict) and not _is_b64(value):

@@ -213,7 +213,7 @@ def test_grpc_predict_metadata_status(served, expected):
                                                                       "workclass": ["Gov"]}},
      400, "is not of expected type: float"),
     ("POST", ":predict", {"signature_name": "predict_raw", "inputs": {"age": [1.0]}}, 400,
-     "Missing named input: hours in 'inputs' object."),
+     "Missing named input: hours in 'inputs' object."),  # the first missing, sorted
     ("POST", ":predict", {"signature_name": "predict_raw", "instances": [{"age": 1.0}]}, 400,
      "keys do not match signature inputs"),
     ("POST", "/versions/7:predict", {"instances": ["x"]}, 404, "Servable not found for request: Specific(adult, 7)"),
