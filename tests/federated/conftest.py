@@ -20,10 +20,19 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def adult():
+    """Adult through the platform's one reader and public transform (federated.data.load_tabular)."""
     from federated.data import load_tabular
     from federated.simulate import DEFAULT_DATA
 
     return load_tabular(DEFAULT_DATA)
+
+
+@pytest.fixture
+def ledger_path(tmp_path, monkeypatch):
+    """A budget ledger of this test's own (PRIVTRAIN_LEDGER)."""
+    path = str(tmp_path / "ledger.sqlite")
+    monkeypatch.setenv("PRIVTRAIN_LEDGER", path)
+    return path
 
 
 @pytest.fixture
