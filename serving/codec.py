@@ -405,11 +405,12 @@ _TF_MAX_RANK = 254
 
 
 def dtype_name(dt_enum: int) -> str:
-    import tensorflow as tf
+    """TensorFlow's C++ name of a dtype enum (``float``, ``double``, ``int64``, ``string``)."""
+    from tensorflow.core.framework import types_pb2
 
     try:
-        return tf.dtypes.as_dtype(dt_enum).name
-    except TypeError:
+        return types_pb2.DataType.Name(dt_enum)[3:].lower()
+    except ValueError:
         return f"dtype enum {dt_enum}"
 
 
