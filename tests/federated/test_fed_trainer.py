@@ -1,134 +1,150 @@
-"""The pipeline plug-in (FederatedTrainer) and the CLI helpers."""
+"""The federated kind's plan (public inputs only): private or not, unit and relation, the event it reserves,
+what is public. No TFF here."""
 import argparse
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
+import dataclasses
 
-import numpy as np
-import psutil
+import dp_accounting
 import pytest
 
+from dp_training import accountants, events as ev
+from dp_training.contract import PlanInputs
+from dp_training.dataset import PrivacyDeclaration, load_dataset
+from dp_training.features import numeric_key
+from dp_training.protocol import plan_run
 from federated import cli, trainer
+from federated.simulate import DEFAULT_DATA
+
+ROW = PrivacyDeclaration("src", "row", "add_or_remove_one", 30000)
+PERSON = PrivacyDeclaration("src", "column:native-country", "add_or_remove_one", 30000)
+# Per-round / per-client facts that must never be public.
+PRIVATE_KEYS = {"sampled", "participants", "examples", "history", "shards", "sizes", "positive_rates",
+                "label_skew", "train_loss", "train_accuracy", "eval_accuracy", "nonempty_clients",
+                "rows_without_person", "train_rows"}
+
+
+def inputs(args, source=ROW, accountant="pld", base=None, target=None, delta=1e-5):
+    return PlanInputs(kind="federated", dataset_name="adult", source=source, planning_rows=30000, args=args,
+                      accountant=accountant, delta=delta, base_event=base or dp_accounting.NoOpDpEvent(),
+                      target_epsilon=target)
+
+
+def plan(args, **kw):
+    return trainer.FederatedTrainer().plan(inputs(args, **kw))
+
+
+def test_noise_absent_or_zero_is_not_private():
+    for args in ({}, {"dp_noise_multiplier": None}, {"dp_noise_multiplier": 0.0}, {"dp_noise_multiplier": 0}):
+        assert not trainer.is_private(args)
+        p = plan(args)
+        assert not p.private and isinstance(p.event, dp_accounting.NonPrivateDpEvent)
+    assert plan({"dp_noise_multiplier": 0.0}).public["strategy"] == "dp-fedavg aggregator without noise"
+    assert trainer.is_private({"dp_noise_multiplier": 0.5}) and trainer.is_private({"dp_noise_multiplier": "auto"})
+    with pytest.raises(ValueError, match=">= 0"):
+        plan({"dp_noise_multiplier": -1.0})
+    # a non-private plan on a permutation partition is fine
+    assert not plan({"partition": "iid"}).private
+
+
+def test_row_unit_event_is_a_replacement_of_one_client():
+    p = plan({"dp_noise_multiplier": 1.1, "clients": 200, "clients_per_round": 20, "rounds": 7})
+    assert p.private
+    assert p.event == ev.ReplaceAdjacencyDpEvent(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.1)), 7))
+    assert p.public["noise_multiplier"] == 1.1 and p.public["client_sampling_rate"] == 0.1
+
+
+def test_fixed_sampling_event_and_accountant_support():
+    args = {"dp_noise_multiplier": 1.0, "clients": 50, "clients_per_round": 5, "rounds": 4, "sampling": "fixed"}
+    p = plan(args, accountant="rdp")
+    assert p.event == ev.ReplaceAdjacencyDpEvent(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.SampledWithoutReplacementDpEvent(50, 5, dp_accounting.GaussianDpEvent(1.0)), 4))
+    with pytest.raises(accountants.UnsupportedRelationError, match="--accountant rdp"):
+        plan(args, accountant="pld")
+
+
+def test_permutation_partition_refused_for_private_row_unit():
+    for part in ("iid", "dirichlet:0.5"):
+        with pytest.raises(ValueError, match="row-stable partition: --partition hash"):
+            plan({"dp_noise_multiplier": 1.0, "partition": part})
+    for part in ("hash", "hash-dirichlet:0.5", "hash:education"):
+        assert plan({"dp_noise_multiplier": 1.0, "partition": part}).private
+
+
+def test_row_unit_under_replace_one_refused():
+    src = dataclasses.replace(ROW, relation="replace_one")
+    with pytest.raises(ValueError, match="replace_one.*two"):
+        plan({"dp_noise_multiplier": 1.0}, source=src)
+
+
+def test_one_client_per_person_is_the_client_level_event_exactly():
+    args = {"dp_noise_multiplier": 0.9, "partition": "column:native-country", "clients": 43,
+            "clients_per_round": 5, "rounds": 3}
+    p = plan(args, source=PERSON)
+    assert p.event == dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(5 / 43, dp_accounting.GaussianDpEvent(0.9)), 3)
+    # several persons per client (hash of the person column): a replacement of one client
+    p = plan(dict(args, partition="hash:native-country", clients=10), source=PERSON)
+    assert isinstance(p.event, ev.ReplaceAdjacencyDpEvent)
+    # a partition that splits a person's rows over clients is refused
+    with pytest.raises(ValueError, match="column:native-country.*hash:native-country"):
+        plan(dict(args, partition="hash"), source=PERSON)
+    # row-level DP preprocessing does not hold per person
+    with pytest.raises(ValueError, match="per row"):
+        plan(args, source=PERSON, base=dp_accounting.GaussianDpEvent(10.0))
+
+
+def test_auto_noise_is_calibrated_to_the_target_with_the_base_event():
+    base = dp_accounting.GaussianDpEvent(20.0)
+    p = plan({"dp_noise_multiplier": "auto", "rounds": 5}, base=base, target=2.0)
+    assert p.public["noise_calibrated"]
+    eps = accountants.epsilon(ev.compose(base, p.event), 1e-5)
+    assert 1.9 < eps <= 2.0
+    with pytest.raises(ValueError, match="not both"):
+        plan({"dp_noise_multiplier": 1.0}, target=2.0)
+
+
+def test_public_parameters_hold_no_private_facts():
+    for args, source in (({"dp_noise_multiplier": 1.0}, ROW), ({}, ROW),
+                         ({"dp_noise_multiplier": 1.0, "partition": "column:native-country", "clients": 43},
+                          PERSON)):
+        p = plan(args, source=source)
+        assert not PRIVATE_KEYS & set(p.public), set(p.public) & PRIVATE_KEYS
+        assert all(isinstance(v, (str, int, float, bool)) for v in p.public.values())
+
+
+def test_plan_run_with_the_preprocessing_of_the_pipeline():
+    spec = load_dataset(DEFAULT_DATA)
+    keys = [numeric_key(c) for c in spec.numeric_features]
+    run = plan_run(spec, "federated", trainer.FederatedTrainer(), {"dp_noise_multiplier": 1.0, "rounds": 5},
+                   {}, keys)
+    assert run.private and isinstance(run.preprocessing_event, dp_accounting.GaussianDpEvent)
+    assert run.event == ev.compose(run.preprocessing_event, run.training.event)
+    assert 0 < run.planned_epsilon() < 100
+    off = plan_run(spec, "federated", trainer.FederatedTrainer(), {"dp_noise_multiplier": 0.0}, {}, keys)
+    assert not off.private and isinstance(off.event, dp_accounting.NonPrivateDpEvent)
 
 
 def test_flags_roundtrip():
     p = argparse.ArgumentParser()
     trainer.add_arguments(p)
-    ns = p.parse_args(["--clients", "7", "--partition", "dirichlet:0.5", "--dp-noise-multiplier", "1.2",
+    p.add_argument("--target-epsilon", type=float)
+    p.add_argument("--data", default=DEFAULT_DATA)
+    ns = p.parse_args(["--clients", "7", "--partition", "hash-dirichlet:0.5", "--dp-noise-multiplier", "1.2",
                        "--adaptive-clipping", "--dropout-rate", "0.2", "--client-optimizer", "adam"])
     args = trainer.trainer_args(ns)
-    assert args["clients"] == 7 and args["partition"] == "dirichlet:0.5" and args["dp_noise_multiplier"] == 1.2
+    assert args["clients"] == 7 and args["partition"] == "hash-dirichlet:0.5" and args["dp_noise_multiplier"] == 1.2
     assert args["adaptive_clipping"] and args["dropout_rate"] == 0.2 and args["client_optimizer"] == "adam"
-    cfg, unknown = trainer._config(args)
-    assert cfg.clients == 7 and not unknown
+    assert trainer.trainer_args(p.parse_args(["--target-epsilon", "2"]))["dp_noise_multiplier"] == "auto"
+    assert trainer.trainer_args(p.parse_args(["--dp-noise-multiplier", "auto"]))["dp_noise_multiplier"] == "auto"
+    col = trainer.trainer_args(p.parse_args(["--partition", "column:native-country", "--clients", "5"]))
+    countries = load_dataset(DEFAULT_DATA).public_domains()["native-country"].values
+    assert col["clients"] == len(countries) + 1 == 42   # the public domain's 41 countries + out-of-domain
     with pytest.raises(SystemExit):
         p.parse_args(["--partition", "bogus"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["--dp-noise-multiplier", "lots"])
     sp = argparse.ArgumentParser()
     cli.add_simulate_arguments(sp)
-    ns = sp.parse_args(["--output", "/tmp/x", "--rounds", "2"])
-    assert ns.rounds == 2 and ns.data.endswith(os.path.join("data", "adult"))
-
-
-def _pipeline_style(d):
-    """Features shaped like the pipeline's transformed ones: [n, 1], names age_z / native_country_id."""
-    import tensorflow as tf
-
-    key = lambda name, cat: name.replace("-", "_") + ("_id" if cat else "_z")  # noqa: E731
-
-    def feats(f):
-        return {key(k, k in d.vocab_sizes): v.reshape(-1, 1) for k, v in f.items()}
-
-    def build():
-        inputs, parts = {}, []
-        for k in d.numeric:
-            inputs[key(k, False)] = tf.keras.Input(shape=(1,), name=key(k, False), dtype=tf.float32)
-            parts.append(inputs[key(k, False)])
-        for k, n in d.vocab_sizes.items():
-            inputs[key(k, True)] = tf.keras.Input(shape=(1,), name=key(k, True), dtype=tf.int64)
-            parts.append(tf.keras.layers.CategoryEncoding(num_tokens=n, output_mode="one_hot")(inputs[key(k, True)]))
-        x = tf.keras.layers.Dense(16, activation="relu")(tf.keras.layers.Concatenate()(parts))
-        return tf.keras.Model(inputs, tf.keras.layers.Dense(1)(x))
-
-    return feats(d.train_features), feats(d.eval_features), build
-
-
-def test_trainer_dp_column_partition(adult, tmp_path, no_workers_after):
-    from pipeline.trainers.base import TrainerContext
-
-    d = adult.subsample(3000, 500, seed=1)
-    train_x, eval_x, build = _pipeline_style(d)
-    logs = []
-    ctx = TrainerContext(
-        dataset_name="adult", dataset_fingerprint="f" * 64, train_features=train_x,
-        train_labels=d.train_labels, eval_features=eval_x, eval_labels=d.eval_labels,
-        build_model=build, workdir=str(tmp_path), log=logs.append,
-        args={"partition": "column:native-country", "clients_per_round": 5, "rounds": 2,
-              "dp_noise_multiplier": 0.8, "dp_clip": 0.5, "eval_every": 2, "client_lr": 0.1})
-    out = trainer.FederatedTrainer().train(ctx)
-    n_clients = len(np.unique(d.train_features["native-country"]))
-    p = out.privacy
-    assert p["clients"] == n_clients and p["sampling_rate"] == pytest.approx(5 / n_clients)
-    assert p["steps"] == 2 and p["sampling_method"] == "poisson-clients" and p["epsilon"] > 0
-    assert out.details["strategy"] == "dp-fedavg" and out.details["clients"] == n_clients
-    ref = ctx.build_model()
-    assert [w.shape for w in out.model.get_weights()] == [w.shape for w in ref.get_weights()]
-    assert any("partition column:native-country" in m for m in logs)
-    try:
-        from dp_training.ledger import PrivacyLedger
-    except ImportError:
-        return
-    runs = PrivacyLedger(str(tmp_path)).history("f" * 64)[0]["runs"]
-    assert len(runs) == 1 and runs[0]["status"] == "completed" and runs[0]["steps"] == 2
-    # example-level entry: client-level noise multiplier halved (one example moves one update by 2*clip)
-    assert runs[0]["noise_multiplier"] == pytest.approx(0.4)
-    assert runs[0]["sampling_rate"] == pytest.approx(5 / n_clients)
-
-
-def test_non_private_fedavg_refused_on_a_budgeted_dataset(adult, tmp_path, no_workers_after):
-    ledger = pytest.importorskip("dp_training.ledger")
-    from pipeline.trainers.base import TrainerContext
-
-    ledger.PrivacyLedger(str(tmp_path)).set_budget("b" * 64, 3.0, 1e-5)
-    d = adult.subsample(200, 100, seed=0)
-    ctx = TrainerContext(dataset_name="adult", dataset_fingerprint="b" * 64, train_features=d.train_features,
-                         train_labels=d.train_labels, eval_features=d.eval_features, eval_labels=d.eval_labels,
-                         build_model=None, workdir=str(tmp_path), args={"rounds": 1})
-    from pipeline.trainer_executor import train_guarded
-
-    with pytest.raises(ledger.NonPrivateTrainingRefused):
-        train_guarded("federated", ctx)
-
-
-SCRIPT = textwrap.dedent("""
-    import sys
-    from federated import SimulationConfig, simulate
-    def on_round(rec):
-        print("ROUND", rec["round"], flush=True)
-    simulate(SimulationConfig(clients=10, clients_per_round=3, rounds=1000, train_sample=1000, eval_every=0,
-                              plot=False), log=lambda m: None, on_round=on_round)
-""")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_no_worker_left_after_interrupting_a_simulation(sig):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            env=env, text=True)
-    try:
-        deadline = time.time() + 240
-        for line in proc.stdout:
-            if line.startswith("ROUND 2") or time.time() > deadline:
-                break
-        workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.name() == "worker_binary"]
-        assert workers, "the simulation should be running a worker_binary"
-        proc.send_signal(sig)  # Ctrl-C / kill
-        proc.wait(timeout=60)
-        gone, alive = psutil.wait_procs(workers, timeout=10)
-        assert not alive, f"worker_binary survived {sig!r}: {[p.pid for p in alive]}"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    ns = sp.parse_args(["--output", "/tmp/x", "--rounds", "2", "--accountant", "rdp", "--target-epsilon", "1"])
+    assert ns.rounds == 2 and ns.data == DEFAULT_DATA
+    assert cli.privacy_kwargs(ns) == {"accountant": "rdp", "target_epsilon": 1.0}
