@@ -10,7 +10,8 @@ WORKDIR ?= privtrain-work
 
 .PHONY: setup run test test-slow bench clean
 
-setup:  ## create both environments from the lock files (cached)
+setup:  ## create both environments from the lock files (cached), and system packages (iproute2)
+	scripts/setup_system.sh
 	scripts/setup_env.sh platform >/dev/null
 	scripts/setup_env.sh encrypted >/dev/null
 

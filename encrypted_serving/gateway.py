@@ -208,7 +208,8 @@ class Gateway:
             log(self.party, "refused fetch of %s by %r (submitted by %r)" % (rid, name, req.owner_name))
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           "request %r was submitted with another certificate; outputs go only to their submitter" % rid)
-        timeout = float(self.c["request_timeout_s"])
+        # The driver fails a stuck request (naming the party) within request_timeout plus its diagnosis.
+        timeout = float(self.c["request_timeout_s"]) + 10.0
         if not req.event.wait(timeout):
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "party %s: no result for %r within %.0fs; %s"
                           % (self.party, rid, timeout, self.diagnose()))
@@ -329,9 +330,11 @@ class Gateway:
             now = time.monotonic()
             with self.cond:
                 for rid, r in list(self.requests.items()):
-                    if r.state == "submitted" and now - r.created > float(self.c["request_timeout_s"]):
+                    # the driver fails incomplete or stuck requests (naming the party) after request_timeout_s;
+                    # this is the backstop when the driver itself is gone
+                    if r.state == "submitted" and now - r.created > float(self.c["request_timeout_s"]) + 10.0:
                         self._fail(r, "party %s: request %r was not computed within %.0fs; %s"
-                                   % (self.party, rid, float(self.c["request_timeout_s"]), self.diagnose()))
+                                   % (self.party, rid, float(self.c["request_timeout_s"]) + 10, self.diagnose()))
                     if now - r.created > ttl:
                         self.requests.pop(rid, None)
 

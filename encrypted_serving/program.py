@@ -116,27 +116,31 @@ class Program:
         self.wait = tf.function(self._wait, autograph=False)
         self.fail = tf.function(self._fail, autograph=False)
 
+    def token(self, name: str, party: int) -> str:
+        """The bridge token on party `party`'s device (the same name in every worker process)."""
+        return name
+
     # ------------------------------------------------------------------ bridge-only programs
     def _wait(self, since, model_loaded):
         out = []
         for i, dev in enumerate(self.devices):
             with tf.device(dev):
-                out.append(py_bridge("privtrain_wait", [since[i], tf.constant(200, tf.int64), model_loaded],
+                out.append(py_bridge(self.token("privtrain_wait", i), [since[i], tf.constant(200, tf.int64), model_loaded],
                                      [tf.string])[0])
         return tf.stack(out)
 
     def _fail(self, rid, message):
         out = []
-        for dev in self.devices:
+        for i, dev in enumerate(self.devices):
             with tf.device(dev):
-                out.append(py_bridge("privtrain_fail", [rid, message], [tf.int64])[0])
+                out.append(py_bridge(self.token("privtrain_fail", i), [rid, message], [tf.int64])[0])
         return tf.stack(out)
 
     def _load(self, rid):
         done = []
         for i, dev in enumerate(self.devices):
             with tf.device(dev):
-                parts = py_bridge("privtrain_take", [rid, tf.constant("model"), tf.constant(0, tf.int64)],
+                parts = py_bridge(self.token("privtrain_take", i), [rid, tf.constant("model"), tf.constant(0, tf.int64)],
                                   [tf.int64] * (2 * len(self.shapes)))
                 ops = []
                 for j, (key, shape) in enumerate(self.shapes):
@@ -145,7 +149,7 @@ class Program:
                     ops.append(vb.assign(tf.reshape(parts[2 * j + 1], shape)))
                 with tf.control_dependencies(ops):
                     zero = tf.zeros([0], tf.int64)
-                    done.append(py_bridge("privtrain_put", [rid, tf.constant("model-loaded"), zero], [tf.int64])[0])
+                    done.append(py_bridge(self.token("privtrain_put", i), [rid, tf.constant("model-loaded"), zero], [tf.int64])[0])
         return tf.stack(done)
 
     # ------------------------------------------------------------------ the inference program
@@ -201,14 +205,14 @@ class Program:
             pairs = []
             for i, dev in enumerate(self.devices):
                 with tf.device(dev):
-                    a, b = py_bridge("privtrain_take", [rid, tf.constant("predict"), tf.constant(n, tf.int64)],
+                    a, b = py_bridge(self.token("privtrain_take", i), [rid, tf.constant("predict"), tf.constant(n, tf.int64)],
                                      [tf.int64, tf.int64])
                     pairs.append((tf.reshape(a, [n, d]), tf.reshape(b, [n, d])))
             h = self.forward(self._private(pairs))
             done = []
             for i, share in enumerate(self.output_shares(h, n)):
                 with tf.device(self.devices[i]):
-                    done.append(py_bridge("privtrain_put", [rid, tf.constant(self.output), share], [tf.int64])[0])
+                    done.append(py_bridge(self.token("privtrain_put", i), [rid, tf.constant(self.output), share], [tf.int64])[0])
             return tf.stack(done)
 
         return tf.function(predict, autograph=False)

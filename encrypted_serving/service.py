@@ -152,6 +152,8 @@ class GatewayService:
         self._lock = threading.RLock()
         self._monitor: Optional[threading.Thread] = None
         self._stopping = False
+        self._stop_lock = threading.Lock()
+        self.stopped = threading.Event()
 
     # ------------------------------------------------------------------ paths
     @property
@@ -364,7 +366,13 @@ class GatewayService:
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
-        """Stop every process (gateways first, so they can tell waiting clients why), remove the namespace."""
+        """Stop every process (gateways first, so they can tell waiting clients why), remove the namespace.
+        A second caller waits until the first has finished."""
+        with self._stop_lock:
+            self._stop()
+        self.stopped.set()
+
+    def _stop(self) -> None:
         with self._lock:
             self._stopping = True
             procs, self.procs = self.procs, {}

@@ -53,8 +53,9 @@ def explain(party: str, addr: str, err: grpc.RpcError) -> ShareClientError:
         if any(k in low for k in ("ssl", "handshake", "certificate", "tls", "socket closed")):
             msg = ("TLS handshake with the gateway of party %s (%s) failed: it rejected this client's certificate "
                    "(expired, revoked or not issued by the service CA) or its own certificate is not trusted" % (party, addr))
-        elif "connection refused" in low or "failed to connect" in low:
-            msg = "gateway of party %s at %s is unreachable (connection refused): is the service running?" % (party, addr)
+        elif any(k in low for k in ("connection refused", "failed to connect", "connection reset", "broken pipe")):
+            msg = ("gateway of party %s at %s is unreachable (%s): is the service running, or is the gateway "
+                   "restarting?" % (party, addr, details.splitlines()[0][:120]))
         else:
             msg = "gateway of party %s at %s is unavailable: %s" % (party, addr, details.splitlines()[0][:300])
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED and ("deadline exceeded" == low.strip() or not low.strip()):

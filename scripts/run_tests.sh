@@ -11,5 +11,5 @@ export PYTHONPATH="$repo" TF_CPP_MIN_LOG_LEVEL=3
 status=0
 "$platform/bin/python" -m pytest "$@" || status=$?
 "$encrypted/bin/python" -m pytest "$@" tests/encrypted_serving/test_encrypted_engine_local.py \
-  tests/encrypted_serving/test_encrypted_format.py || { s=$?; [ $s -eq 5 ] || status=$s; }
+  tests/encrypted_serving/test_encrypted_format.py tests/encrypted_serving/test_program_local.py || { s=$?; [ $s -eq 5 ] || status=$s; }
 exit $status

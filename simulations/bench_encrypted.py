@@ -1,20 +1,19 @@
-"""Encrypted vs plaintext prediction latency (run in the encrypted env).
+"""Encrypted vs plaintext prediction latency, side by side in one run (encrypted env; root for the namespace).
 
     EPY=$(scripts/setup_env.sh encrypted)/bin/python
-    PYTHONPATH=. $EPY simulations/bench_encrypted.py [--reps 20] [--protocol aby3] [--json out.json]
+    PYTHONPATH=. $EPY simulations/bench_encrypted.py [--reps 20] [--reps-large 5] [--json out.json]
 
-Starts a real encrypted service (server0-2 + model owner as separate processes on 127.0.0.1) for a
-100-64-64-1 ReLU MLP with random weights, then in this process (the prediction client) measures,
-for batch 1 and batch 1000, in the same run:
+For a 100-64-64-1 ReLU MLP with random weights, at batch 1 and batch 1000, as seen by the client
+(features in, logits out):
 
-* plaintext numpy forward pass, and plaintext TF (tf.function on the same weights);
-* encrypted, "stock" path: TFE 0.9.1's own kernels, the weights secret-shared again inside every call;
-* encrypted, serving path (what `privtrain predict --encrypted` uses): model shares resident in
-  variables on the servers, fastops' vectorised BitSplitAndGather, one traced graph per batch size.
-Both encrypted paths trace once per batch size and draw fresh masks per call.
+* plaintext numpy, and plaintext TF (tf.function on the same weights);
+* old: the client-driven design (this process joins the TF cluster and drives it; model shares resident,
+  fast kernels) - kept only for comparison, it lets a client read the weights (issue 9);
+* new: the gateway design (parties + driver in a private network namespace run the fixed program; this
+  process is a numpy client: fixed-point encode, split into ring shares, mutual-TLS gRPC to the three
+  gateways, combine the output shares).
 
-Latency = wall time of one predict call as seen by the client (features in, probabilities out), median
-and p90 over --reps calls after one warm-up call (which includes tracing; reported separately).
+Latency: median and p90 over --reps (batch 1) / --reps-large (batch 1000) calls after one warm-up call.
 """
 from __future__ import annotations
 
@@ -64,8 +63,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--reps-large", type=int, default=5, help="reps for batch 1000")
-    ap.add_argument("--protocol", default="aby3", choices=("aby3", "pond"))
-    ap.add_argument("--skip-naive", action="store_true", help="skip the stock path")
+    ap.add_argument("--with-stock", action="store_true", help="also the old path with TFE's stock kernels")
     ap.add_argument("--json", help="write results here")
     ap.add_argument("--output", help="directory: write bench_encrypted.json there (make bench)")
     args = ap.parse_args(argv)
@@ -85,7 +83,7 @@ def main(argv=None):
     config, weights, spec = make_model(d)
     x = np.random.default_rng(1).normal(size=(1000, d)).astype(np.float32)
     ref = mf.forward_logits(config, weights, x)
-    results = {"model": "100-64-64-1 ReLU MLP", "protocol": args.protocol, "cpus": os.cpu_count(),
+    results = {"model": "100-64-64-1 ReLU MLP", "protocol": "aby3", "cpus": os.cpu_count(),
                "loadavg_start": os.getloadavg(), "rows": []}
 
     def record(path, batch, stats, logits=None):
@@ -119,30 +117,46 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory(prefix="bench-encrypted-") as tmp:
         model_dir = mf.save_model(os.path.join(tmp, "model"), config, weights, spec)
-        with launcher.EncryptedService(model_dir, run_dir=os.path.join(tmp, "run"), protocol=args.protocol,
+        # 1. The old client-driven design (kept only for this comparison and the attack tests): this process
+        #    joins the TF cluster and drives it.
+        with launcher.EncryptedService(model_dir, run_dir=os.path.join(tmp, "old"), protocol="aby3",
                                        python=sys.executable) as svc:
-            from encrypted_serving import engine, fastops
+            from encrypted_serving import engine
             t = time.perf_counter()
-            # Stock path first (TFE's own kernels, weights re-shared inside every call), then the serving path.
-            pred = engine.EncryptedPredictor(svc.cluster_json, timeout_s=120, resident_weights=False,
-                                             fast_kernels=False)
-            results["connect_s"] = round(time.perf_counter() - t, 3)
-            if not args.skip_naive:
+            pred = engine.EncryptedPredictor(svc.cluster_json, timeout_s=120, resident_weights=not args.with_stock,
+                                             fast_kernels=not args.with_stock)
+            results["old_connect_s"] = round(time.perf_counter() - t, 3)
+            if args.with_stock:
                 for b in (1, 1000):
                     st, z = timeit(lambda: pred.predict_logits(x[:b]), args.reps if b == 1 else args.reps_large)
-                    record("encrypted-stock (TFE kernels, re-share weights per call)", b, st, z)
-            fastops.install()
-            t = time.perf_counter()
-            pred._weights = pred._guarded(pred._share_model, "secret-sharing the model")
-            pred._fns = {}
-            results["share_model_s"] = round(time.perf_counter() - t, 3)
+                    record("old: client drives TF, stock TFE kernels", b, st, z)
+                from encrypted_serving import fastops
+                fastops.install()
+                pred._weights = pred._guarded(pred._share_model, "secret-sharing the model")
+                pred._fns = {}
             for b in (1, 1000):
                 st, z = timeit(lambda: pred.predict_logits(x[:b]), args.reps if b == 1 else args.reps_large)
-                record("encrypted-serving (resident shares, fast kernels)", b, st, z)
+                record("old: client drives TF (resident shares)", b, st, z)
+        # 2. The gateway design: parties + driver in a private network namespace, this process is a plain
+        #    numpy client talking mutual TLS to the three gateways.
+        from encrypted_serving import service, share_client
+        isolation = "netns" if os.geteuid() == 0 else "none"
+        t = time.perf_counter()
+        with service.GatewayService(model_dir, run_dir=os.path.join(tmp, "new"), python=sys.executable,
+                                    isolation=isolation, batch_sizes=(1, 1000), rate_limit=(10000, 10000),
+                                    request_timeout_s=120) as gsvc:
+            results["new_start_s"] = round(time.perf_counter() - t, 1)
+            results["new_upload_model_s"] = round(gsvc.upload_seconds, 3)
+            results["new_isolation"] = isolation
+            with share_client.ShareClient(gsvc.client_json(), timeout_s=120) as client:
+                client.info()
+                for b in (1, 1000):
+                    st, z = timeit(lambda: client.predict_logits(x[:b]), args.reps if b == 1 else args.reps_large)
+                    record("new: gateways + mTLS, numpy client (%s)" % isolation, b, st, z)
     results["loadavg_end"] = os.getloadavg()
-    print("\n%-58s %6s %12s %12s %10s" % ("path", "batch", "median [ms]", "p90 [ms]", "first [s]"))
+    print("\n%-52s %6s %12s %12s %10s" % ("path", "batch", "median [ms]", "p90 [ms]", "first [s]"))
     for r in results["rows"]:
-        print("%-58s %6d %12.2f %12.2f %10.2f" % (r["path"], r["batch"], 1000 * r["median_s"], 1000 * r["p90_s"],
+        print("%-52s %6d %12.2f %12.2f %10.2f" % (r["path"], r["batch"], 1000 * r["median_s"], 1000 * r["p90_s"],
                                                   r["first_s"]))
     print("load average start/end: %s / %s on %s CPUs" % (results["loadavg_start"], results["loadavg_end"],
                                                            results["cpus"]))

@@ -1,6 +1,7 @@
-"""End-to-end tests: real parties in the encrypted env (subprocesses), driven through launcher.run_predict.
-
-Runs under either env's pytest (the launcher only uses subprocess). Default tests ~1-2 minutes.
+"""The OLD client-driven design (encrypted_serving.launcher / engine / client / player): kept only as the
+baseline of simulations/bench_encrypted.py and of the attack tests, no longer served by the CLI (a client
+drives the TF graph and can read the weights: issue 9). Its end-to-end tests are therefore all `slow`;
+the served design is tested in test_gateway_service.py.
 """
 import os
 import signal
@@ -16,6 +17,7 @@ from encrypted_serving.launcher import EncryptedServiceError, PartyUnavailable, 
 from conftest import ADULT, group_alive, pid_alive
 
 ADULT_TEST = os.path.join(ADULT, "adult.test")
+pytestmark = pytest.mark.slow
 
 
 def plaintext_probabilities(model_dir, n, adult_desc):

@@ -1,0 +1,117 @@
+"""The fixed party program, in one process (encrypted env only: needs tf-encrypted 0.9.1).
+
+The workers' bridge functions are registered here against an in-memory fake gateway, and TFE's
+reconstruction / reveal are hooked to fail: the traced load and predict programs must never call them
+(no party device ever holds a weight or an input in the clear), must match numpy, and must hand out fresh
+output shares for identical requests.
+"""
+import numpy as np
+import pytest
+
+pytest.importorskip("tf_encrypted")
+
+import tensorflow as tf  # noqa: E402
+import tf_encrypted as tfe  # noqa: E402
+
+from encrypted_serving import model_format as mf  # noqa: E402
+from encrypted_serving import ring  # noqa: E402
+from encrypted_serving import worker  # noqa: E402
+
+from conftest import random_mlp  # noqa: E402
+
+
+class FakeGateway:
+    """What the gateways hold, per party: submitted share pairs by id; outputs put back by the program."""
+
+    def __init__(self, party):
+        self.party, self.inputs, self.outputs = party, {}, {}
+
+    def call(self, header, arrays=None, timeout=None):
+        op, rid = header["op"], header.get("id")
+        if op == "take":
+            return {"ok": True}, self.inputs.pop(rid)
+        if op == "put":
+            self.outputs[rid] = (header["output"], arrays["share"].copy())
+            return {"ok": True}, {}
+        if op == "wait":
+            return {"seq": 0, "ready": []}, {}
+        return {"ok": True}, {}
+
+
+@pytest.fixture(scope="module")
+def program_env():
+    from encrypted_serving import program as prog
+    players = ["server0", "server1", "server2", "driver"]
+    tfe.set_config(tfe.LocalConfig(players))
+    config, weights = random_mlp(6, hidden=(5, 4), seed=1)
+    keys = [k for i in range(len(config["layers"])) for k in (mf.kernel_key(i), mf.bias_key(i))]
+    # One process stands in for the three workers (LocalConfig puts every player on one CPU): each party's
+    # bridge functions are registered under a per-party token, each talking to its own fake gateway.
+    gateways = [FakeGateway(p) for p in players[:3]]
+    state = {}
+    keep = []
+    for i, g in enumerate(gateways):
+        fns = worker.make_functions(g, keys, config["input_dim"])
+        keep.append(worker.register({"%s_%d" % (t, i): f for t, f in fns.items()}))
+
+    class LocalProgram(prog.Program):
+        def token(self, name, party):
+            return "%s_%d" % (name, party)
+    calls = []
+    originals = {}
+    prot_cls = prog.FreshNonceABY3
+    for name in ("_reconstruct", "reveal", "_decode"):
+        originals[name] = getattr(prot_cls, name)
+
+        def trap(self, *a, _name=name, **k):
+            calls.append(_name)
+            raise AssertionError("the party program called %s" % _name)
+        setattr(prot_cls, name, trap)
+    try:
+        p = LocalProgram(config, "logit")
+        yield p, config, weights, gateways, state
+    finally:
+        for name, fn in originals.items():
+            setattr(prot_cls, name, fn)
+        del keep
+        tfe.set_protocol(None)
+    assert not calls
+
+
+def _submit(gateways, rid, arrays_per_party):
+    for g, arrays in zip(gateways, arrays_per_party):
+        g.inputs[rid] = arrays
+
+
+def test_program_loads_shares_and_predicts_without_any_reveal(program_env):
+    p, config, weights, gateways, state = program_env
+    per_party = [{}, {}, {}]
+    for key, w in weights.items():
+        for i, (a, b) in enumerate(ring.share_for_parties(w)):
+            per_party[i][key + "/a"], per_party[i][key + "/b"] = a, b
+    _submit(gateways, "m", per_party)
+    state["party"] = 0
+    p.run_load("m")
+    x = np.random.default_rng(0).normal(size=(3, config["input_dim"]))
+    outs = []
+    for rid in ("r1", "r2"):
+        _submit(gateways, rid, [{"a": a, "b": b} for a, b in ring.share_for_parties(x)])
+        p.run_predict(rid, 3)
+        shares = [g.outputs[rid][1] for g in gateways]
+        outs.append(shares)
+        np.testing.assert_allclose(ring.decode(ring.combine(shares)), mf.forward_logits(config, weights, x),
+                                   atol=2e-3)
+    for i in range(3):   # identical inputs, fresh output shares on every party
+        assert not np.array_equal(outs[0][i], outs[1][i])
+    assert p.predict(3).experimental_get_tracing_count() == 1
+
+
+def test_traced_program_only_bridges_on_party_devices(program_env):
+    p = program_env[0]
+    graph = p.predict(3).get_concrete_function(tf.TensorSpec([], tf.string)).graph
+    bridges = [op for op in graph.get_operations() if op.type == "PyFunc"]
+    tokens = sorted(op.get_attr("token").decode() for op in bridges)
+    assert tokens == ["privtrain_put_%d" % i for i in range(3)] + ["privtrain_take_%d" % i for i in range(3)]
+    # each put receives a share computed on its own party's device (TFE places per server)
+    for op in bridges:
+        assert op.device, op.name
