@@ -4,7 +4,20 @@ Public API: :func:`serve`, :class:`ModelServer`, :class:`ServerOptions`, :class:
 :class:`ServingConfigError` (bad flags or files; :class:`PortInUseError`, :class:`InsecureBindError`).
 See docs/serving.md.
 """
-from .errors import PortInUseError, ServingError
-from .server import ModelServer, serve
+from .errors import InsecureBindError, PortInUseError, ServingConfigError, ServingError
 
-__all__ = ["ModelServer", "PortInUseError", "ServingError", "serve"]
+__all__ = ["InsecureBindError", "ModelServer", "PortInUseError", "ServerOptions", "ServingConfigError",
+           "ServingError", "serve"]
+
+
+def __getattr__(name):
+    # Lazy, so that ``python -m serving.server`` does not find its module imported already.
+    if name in ("ModelServer", "serve"):
+        from . import server
+
+        return getattr(server, name)
+    if name == "ServerOptions":
+        from .options import ServerOptions
+
+        return ServerOptions
+    raise AttributeError(f"module 'serving' has no attribute {name!r}")
