@@ -335,7 +335,8 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
     cfg_dict = dataclasses.asdict(cfg)
     ckpt = latest_checkpoint(output_dir) if cfg.resume else None
     if ckpt:
-        state, meta = load_checkpoint(ckpt, state)
+        with open(ckpt + ".json", encoding="utf-8") as f:
+            meta = json.load(f)
         if meta["shards_fingerprint"] != fingerprint:
             raise ValueError(f"checkpoint {ckpt} was written for other client shards; use a fresh --output "
                              "or the same data/partition/seed")
@@ -347,6 +348,7 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
         if int(meta["round"]) > cfg.rounds:
             raise ValueError(f"checkpoint {ckpt} is at round {meta['round']}, past the {cfg.rounds} rounds of this "
                              "run; use a fresh --output or --no-resume")
+        state, meta = load_checkpoint(ckpt, state)
         rng.bit_generator.state = meta["rng_state"]
         history = meta["history"]
         start = int(meta["round"])

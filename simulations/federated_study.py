@@ -1,4 +1,5 @@
-"""Small study: FedAvg on Adult with IID shards vs Dirichlet(0.1) label skew vs native-country silos.
+"""Small study: FedAvg on Adult with IID-like shards vs Dirichlet(0.1) label skew vs native-country silos
+(all three row-stable, so ``--dp`` runs are accounted per row; every run is recorded in the budget ledger).
 
     PYTHONPATH=. python simulations/federated_study.py --out study-out [--rounds 20] [--dp 1.0]
 
@@ -15,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-PARTITIONS = ("iid", "dirichlet:0.1", "column:native-country")
+PARTITIONS = ("hash", "hash-dirichlet:0.1", "column:native-country")
 
 
 def main(argv=None) -> int:
@@ -29,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--dp", type=float, default=None, help="DP-FedAvg noise multiplier (default: no DP)")
     p.add_argument("--train-sample", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ledger", default=None, help="budget ledger (default: $PRIVTRAIN_LEDGER, else the user's)")
     args = p.parse_args(argv)
 
     from federated.data import load_tabular
@@ -42,17 +44,20 @@ def main(argv=None) -> int:
                                partition=part, client_lr=args.client_lr, eval_every=args.eval_every,
                                dp_noise_multiplier=args.dp, dp_clip=0.5, train_sample=args.train_sample,
                                seed=args.seed, resume=False,
+                               privacy={k: v for k, v in (("ledger", args.ledger),
+                                                          ("allow_non_private", args.dp is None)) if v},
                                output_dir=os.path.join(args.out, part.replace(":", "-")))
         res = simulate(cfg, data=data)
         s = res.shards
         rows.append({
             "partition": part, "clients": s["clients"], "shard_min": s["size_min"],
             "shard_median": s["size_median"], "shard_max": s["size_max"],
-            "pos_rate_min": round(s["positive_rate_min"], 3), "pos_rate_max": round(s["positive_rate_max"], 3),
+            "pos_rate_min": round(s["positive_rate_min"] or 0.0, 3),
+            "pos_rate_max": round(s["positive_rate_max"] or 0.0, 3),
             "label_skew": round(s["label_skew"], 3), "rounds": args.rounds,
             "final_eval_accuracy": round(res.final.get("eval_accuracy") or float("nan"), 4),
             "final_eval_loss": round(res.final.get("eval_loss") or float("nan"), 4),
-            "epsilon": round(res.privacy["epsilon"], 3) if res.privacy else "",
+            "epsilon": round(res.privacy["epsilon"], 3) if res.privacy["private"] else "",
             "sec_per_round": round(res.final["mean_round_seconds"] or float("nan"), 3),
         })
         curves[part] = [(h["round"], h["eval_accuracy"]) for h in res.history if h.get("eval_accuracy") is not None]

@@ -151,7 +151,7 @@ def test_dropout_and_noise_only_rounds(adult, ledger_path, no_workers_after):
 
 @pytest.mark.slow
 def test_resume_from_checkpoint_equals_uninterrupted_run(adult, tmp_path, ledger_path):
-    cfg = dict(SMALL, checkpoint_every=1, eval_every=0, partition="iid")
+    cfg = dict(SMALL, checkpoint_every=1, eval_every=0, partition="hash")
     first = simulate(SimulationConfig(**cfg, rounds=2, output_dir=str(tmp_path / "a")), data=adult, log=quiet)
     assert sorted(os.listdir(tmp_path / "a" / "checkpoints"))[-1] == "round_00002.npz"
     resumed = simulate(SimulationConfig(**cfg, rounds=3, output_dir=str(tmp_path / "a")), data=adult, log=quiet)
