@@ -149,8 +149,9 @@ class AsyncBatcher:
     """The batcher for an asyncio event loop: at most one batch per key is computing (on ``executor``)
     at a time; requests that arrive meanwhile form the next one. Must be used from the loop's thread."""
 
-    def __init__(self, executor, max_batch_size: int = 64, timeout_s: float = 0.0):
+    def __init__(self, executor, max_batch_size: int = 64, timeout_s: float = 0.0, inline: bool = True):
         self.executor = executor
+        self.inline = inline      # compute batches on the loop itself (no thread hand-offs)
         self.max_batch_size = max_batch_size
         self.timeout_s = timeout_s
         self._pending: Dict[Hashable, List[_AsyncReq]] = {}
@@ -170,8 +171,8 @@ class AsyncBatcher:
             self._busy[key] = True
             if self.timeout_s > 0:
                 loop.call_later(self.timeout_s, self._dispatch, loop, key, fn)
-            else:
-                self._dispatch(loop, key, fn)
+            else:   # after the callbacks already due (requests already read join this batch)
+                loop.call_soon(self._dispatch, loop, key, fn)
         return await req.future
 
     def _dispatch(self, loop, key, fn) -> None:
@@ -189,6 +190,10 @@ class AsyncBatcher:
         if len(batch) > 1:
             self.batches_run += 1
             self.requests_merged += len(batch)
+        if self.inline:
+            execute_batch(fn, batch, total)
+            self._finished(loop, key, fn, batch)
+            return
         cf = self.executor.submit(execute_batch, fn, batch, total)
         cf.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._finished, loop, key, fn, batch))
 
@@ -201,6 +206,6 @@ class AsyncBatcher:
             else:
                 r.future.set_result(r.result)
         if self._pending.get(key):
-            self._dispatch(loop, key, fn)
+            loop.call_soon(self._dispatch, loop, key, fn)
         else:
             self._busy[key] = False

@@ -28,6 +28,7 @@ import ctypes.util
 import errno
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 from urllib.parse import urlsplit
@@ -41,7 +42,8 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
             500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
             504: "Gateway Timeout", 499: "Client Closed Request"}
 _TRIM_BYTES = 1 << 20          # trim the C heap after requests / responses larger than this
-_INLINE_PARSE_BYTES = 64 << 10  # with batching, bodies up to this size are parsed on the event loop
+_INLINE_BYTES = 64 << 10  # bodies up to this size may be handled on the event loop (larger: worker threads)
+_INLINE_COST_S = 0.002    # ... when their route has been answering faster than this
 
 
 def _error_body(message: str) -> bytes:
@@ -59,6 +61,12 @@ def _compute(api: RestApi, route: Route, body: bytes) -> Tuple[int, bytes]:
         return 400, _error_body("JSON Parse error: The document is nested too deeply")
     except Exception as e:  # noqa: BLE001 - reported like TF Serving's INTERNAL errors
         return 500, _error_body(f"{type(e).__name__}: {e}")
+
+
+def _timed_compute(api: RestApi, route: Route, body: bytes) -> Tuple[int, bytes, float]:
+    t0 = time.perf_counter()
+    status, data = _compute(api, route, body)
+    return status, data, time.perf_counter() - t0
 
 
 class _Trimmer:
@@ -140,8 +148,42 @@ class _Request:
         return None
 
     def finish(self):
-        if not self.rejected:
+        if self.rejected:
+            return
+        srv = self.server
+        key = (self.start_line.method, self.start_line.path)
+        est = srv.cost_s.get(key)
+        if (not srv.batching and self.size <= _INLINE_BYTES and est is not None and est < _INLINE_COST_S
+                and srv.computing == 0):
+            # A small request to a route known to be fast: answered in this callback on the event loop,
+            # two thread hand-offs cost more than the computation. Slow or unknown ones go to workers.
+            t0 = time.perf_counter()
+            self._process_now()
+            srv.cost_s[key] = 0.8 * est + 0.2 * (time.perf_counter() - t0)
+        else:
             asyncio.ensure_future(self._process())
+
+    def _process_now(self) -> None:
+        try:
+            body = b"".join(self.chunks)
+            self.chunks = []
+            method, path = self.start_line.method, urlsplit(self.start_line.path).path
+            if not is_api_path(path):
+                status, data, ctype = 404, b"", "text/plain"
+            else:
+                try:
+                    route = self.server.api.route(method, path)
+                    status, data = _compute(self.server.api, route, body)
+                except ServingError as e:
+                    status, data = e.http_status, _error_body(e.message)
+                ctype = "application/json"
+            fut = self._write(status, data, ctype)
+        except Exception:  # noqa: BLE001 - the client went away
+            fut = None
+        if fut is None:
+            self._done()
+        else:
+            fut.add_done_callback(lambda _f: self._done())   # a draining stop() waits for the bytes
 
     def on_connection_close(self):
         self.closed = True
@@ -237,9 +279,10 @@ class _Request:
             return 429, _error_body(
                 f"Server busy: {srv.computing} requests are being computed (privtrain serve "
                 "--max-concurrent-requests); retry later"), "application/json"
+        small = len(body) <= _INLINE_BYTES
         srv.computing += 1
         try:
-            if srv.batching and route.verb == "predict" and len(body) <= _INLINE_PARSE_BYTES:
+            if srv.batching and route.verb == "predict" and small:
                 try:
                     payload = await srv.api.predict_async(route, body)
                     return 200, json.dumps(payload).encode("utf-8"), "application/json"
@@ -249,7 +292,11 @@ class _Request:
                     return 400, _error_body("JSON Parse error: The document is nested too deeply"), \
                         "application/json"
             loop = asyncio.get_running_loop()
-            status, data = await loop.run_in_executor(srv.executor, _compute, srv.api, route, body)
+            key = (self.start_line.method, self.start_line.path)
+            status, data, secs = await loop.run_in_executor(srv.executor, _timed_compute, srv.api, route, body)
+            if small and status == 200:
+                old = srv.cost_s.get(key)
+                srv.cost_s[key] = secs if old is None else 0.8 * old + 0.2 * secs
             return status, data, "application/json"
         finally:
             srv.computing -= 1
@@ -294,6 +341,7 @@ class HttpServer:
         self.active = 0          # requests received (headers in) and not yet answered
         self.computing = 0       # requests being computed or queued for it
         self.draining = False
+        self.cost_s = {}         # (method, path) -> recent seconds per small request (EWMA)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
         self._thread: Optional[threading.Thread] = None

@@ -224,7 +224,8 @@ def test_connection_and_request_limits(make_serving_dir, start_server, monkeypat
     while one(s.rest_port, b"GET /v1/models/adult HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")[0] != 200:
         assert time.monotonic() < deadline, "connections were not released"
         time.sleep(0.05)
-    # one request computing (held inside the model call), a second one is refused with 429
+    # one request computing on a worker (held inside the model call; the first call of a route always
+    # runs on a worker), a second one is refused with 429
     release, entered = threading.Event(), threading.Event()
     original = Signature.__call__
 
