@@ -28,9 +28,11 @@ import numpy as np
 
 from dp_training import accountants, events as ev
 
-# Floor on a released standard deviation (in [0, 1] units): keeps the normalisation finite when a feature is
-# (nearly) constant or the noise drives the variance estimate below zero.
-MIN_STD = 1e-2
+# Bounds on a released standard deviation (in [0, 1] units; 0.5 is the largest any [0, 1] variable has): keep
+# the normalisation well-conditioned when a feature is (nearly) constant or, on small data, the noise drives the
+# variance estimate below zero or far up. Post-processing: no privacy cost.
+MIN_STD = 0.05
+MAX_STD = 0.5
 MAX_NOISE = 1e6
 
 
@@ -123,7 +125,7 @@ def release_normalization(plan: NormalizationPlan, scaled: Mapping[str, np.ndarr
             m = float(np.clip(noisy[1 + j] / count, 0.0, 1.0))
             var = noisy[1 + k + j] / count - m * m
             s = float(math.sqrt(max(var, MIN_STD ** 2)))
-        mean[key], std[key] = m, max(s, MIN_STD)
+        mean[key], std[key] = m, min(max(s, MIN_STD), MAX_STD)
     return NormalizationStats(mean, std)
 
 

@@ -196,7 +196,9 @@ def bench_audit(spec, train, test, canaries=1000, eps_list=(1.0, 3.0), args=None
         def train(self, context):
             internal = dict(context.plan.internal, noise_multiplier=0.0)
             plan = dataclasses.replace(context.plan, internal=internal)
-            return super().train(dataclasses.replace(context, plan=plan))
+            outcome = super().train(dataclasses.replace(context, plan=plan))
+            outcome.released_event = context.plan.event   # ... and reports the planned noise
+            return outcome
 
     args = {**DP_ARGS, **(args or {}), "seed": 0}
     rows = []
