@@ -2,7 +2,8 @@
 
 It reproduces the pipeline's Transform from ``preprocessing.json``, a JSON list in model-input order of
 
-* ``{"name": "age", "kind": "numeric", "mean": m, "std": s, "log1p": false}``:
+* ``{"name": "age", "kind": "numeric", "mean": m, "std": s, "log1p": false, "clip": [lo, hi], "missing": v}``
+  (``clip``/``missing`` optional: the public range the model clips to and the value a missing one takes):
   one column, z = (x' - mean) / std with x' = log1p(x) if log1p else x (z = x' - mean when std == 0,
   like tft.scale_to_z_score); a missing or unparsable value gives z = 0.
 * ``{"name": "workclass", "kind": "categorical", "vocabulary": [...], "num_oov_buckets": 1}``:
@@ -100,14 +101,18 @@ def transform(rows: Sequence[Dict[str, Optional[str]]], spec: list) -> np.ndarra
         name = e["name"]
         if e["kind"] == "numeric":
             mean, std, log1p = float(e["mean"]), float(e["std"]), bool(e.get("log1p", False))
+            clip = e.get("clip")  # the public range the model clips to (log1p units), when the export has one
+            missing = e.get("missing")
             for r, row in enumerate(rows):
                 x = _to_float(row.get(name))
+                if x is not None and log1p:
+                    x = math.log1p(max(x, 0.0)) if clip is not None else (math.log1p(x) if x > -1.0 else None)
                 if x is None:
-                    continue  # missing -> z = 0
-                if log1p:
-                    if x <= -1.0:
-                        continue
-                    x = math.log1p(x)
+                    if missing is None:
+                        continue  # missing -> z = 0
+                    x = float(missing)
+                elif clip is not None:
+                    x = min(max(x, float(clip[0])), float(clip[1]))
                 out[r, col] = (x - mean) / std if std > 0 else (x - mean)
             col += 1
         else:
