@@ -14,7 +14,7 @@ What the guarantee protects (``docs/federated.md``):
 * Unit ``column:X`` and ``--partition column:X``: one client per person (a value of X in its public domain;
   rows whose X is missing or outside the domain belong to nobody and are left out). The client population K
   (domain size + 1) is public. Poisson sampling: ``SelfComposed(PoissonSampled(m/K, Gaussian(z)), rounds)``
-  under the source's relation, exact (an absent person's client is empty and contributes nothing).
+  under add/remove-one, exact (an absent person's client is empty and contributes nothing).
 * Unit ``row`` (or several persons per client: ``hash:X`` for unit ``column:X``): the partition must be
   row-stable (a row's client depends only on that row and the public seed), so adding or removing one row
   changes exactly one client's data: a *replacement* of one client (its clipped update moves by up to 2C).
@@ -166,12 +166,12 @@ def accounting_mode(source, part: PartitionSpec) -> str:
                 f"partition {part} does not ensure; use --partition column:{unit_col} (one client per person) "
                 f"or hash:{unit_col}")
         mode = "client" if part.kind == "column" else "replace"
-    if mode == "replace" and relation != events.ADD_OR_REMOVE_ONE:
+    if relation != events.ADD_OR_REMOVE_ONE:
         raise ValueError(
-            f"source declares relation {relation}, under which replacing one {source.unit_name} can change two "
-            f"clients' data with partition {part}; DP-FedAvg is accounted here only for add_or_remove_one on "
-            f"such partitions (declare it with a public_row_estimate in dataset.json), or for "
-            "--partition column:X with unit column:X")
+            f"source declares relation {relation}, under which replacing one {source.unit_name} by another can "
+            f"change two clients' data (the old one's and the new one's client) with partition {part}; private "
+            "federated runs are accounted only under add_or_remove_one (declare it in dataset.json, with a "
+            "public_row_estimate)")
     return mode
 
 

@@ -70,10 +70,11 @@ def test_permutation_partition_refused_for_private_row_unit():
         assert plan({"dp_noise_multiplier": 1.0, "partition": part}).private
 
 
-def test_row_unit_under_replace_one_refused():
-    src = dataclasses.replace(ROW, relation="replace_one")
-    with pytest.raises(ValueError, match="replace_one.*two"):
-        plan({"dp_noise_multiplier": 1.0}, source=src)
+def test_replace_one_sources_refused():
+    for source, part in ((ROW, "hash"), (PERSON, "column:native-country")):
+        src = dataclasses.replace(source, relation="replace_one")
+        with pytest.raises(ValueError, match="replace_one.*two clients"):
+            plan({"dp_noise_multiplier": 1.0, "partition": part, "clients": 42}, source=src)
 
 
 def test_one_client_per_person_is_the_client_level_event_exactly():
