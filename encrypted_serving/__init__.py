@@ -1,10 +1,15 @@
-"""Encrypted (secure multi-party) prediction serving for privtrain.
+"""Encrypted (secure multi-party) prediction serving for privtrain: see docs/encrypted_serving.md.
 
 Deliberately import-free: submodules run in two different Python environments.
 
-* encrypted env (tensorflow 2.9.1 + tf-encrypted 0.9.1): ``player``, ``engine``, ``client`` (TF/TFE),
-  ``model_format``, ``preprocessing``, ``cluster`` (pure Python / numpy).
-* platform env (tensorflow 2.15.1): ``export``, ``launcher`` (plus the pure modules).
+* served design: clients / the model owner (``share_client``, numpy + grpcio, either env) talk mutual TLS to
+  three share gateways (``gateway``); each gateway feeds its own compute worker (``worker``, encrypted env)
+  through a Unix socket; the operator's ``driver`` (encrypted env) runs the fixed ABY3 ``program``;
+  ``service`` (platform env, subprocess only) starts it all with the TF cluster in its own network namespace.
+  Pure modules: ``ring`` (TFE encoding, shares, frames), ``certs``, ``parties``, ``model_format``,
+  ``preprocessing``; ``cli`` wires the commands into privtrain's CLI.
+* legacy client-driven design (benchmark baseline / attack control only): ``launcher``, ``engine``,
+  ``client``, ``player``, ``cluster``; ``fastops`` (fast TFE kernel) serves both.
 
-The two sides exchange files only; see docs/encrypted_serving.md for the exchange format.
+The two environments exchange files and network messages only.
 """

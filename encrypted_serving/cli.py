@@ -51,6 +51,8 @@ def predict(args, workdir: str, version_dir: str) -> dict:
     result = run_predict(args.input, workdir=workdir, client_json=args.client, model=version_dir, dataset=dataset,
                          limit=args.limit, timeout_s=args.timeout)
     result.setdefault("model", version_dir + " (encrypted)")
+    if result.get("output") == "label":     # the service reveals labels only: show them as 0/1 "probabilities"
+        result["probabilities"] = [float(v) for v in result["predicted_labels"]]
     return result
 
 

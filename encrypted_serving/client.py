@@ -1,5 +1,10 @@
 """Prediction client (encrypted env): ``python -m encrypted_serving.client --cluster CLUSTER_JSON --input FILE``.
 
+LEGACY (the old client-driven design, issue 9): kept only as the baseline of simulations/bench_encrypted.py
+and the control of the attack tests. A client of this design drives the parties' TF graph and can read the
+weights; the served design is encrypted_serving.service / gateway / worker / driver / share_client.
+
+
 Reads raw rows (the data set's own format), preprocesses them in numpy with the model's
 ``preprocessing.json``, secret-shares them on this process's TF device, drives the encrypted
 forward pass and reconstructs the logits here only; writes JSON (``--output``, default stdout):

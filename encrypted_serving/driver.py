@@ -121,7 +121,7 @@ class Driver:
         from tensorflow.python.eager import context as _ctx
         _ctx.context().operation_timeout_in_ms = int(1000 * max(self.timeout, 600))
         _ctx.context().intra_op_parallelism_threads = 1
-        _ctx.context().inter_op_parallelism_threads = 4
+        _ctx.context().inter_op_parallelism_threads = 2
         import tf_encrypted as tfe
         from encrypted_serving.program import Program, WARMUP_ID
         names = pc.PARTY_NAMES + (pc.DRIVER,)
@@ -136,6 +136,13 @@ class Driver:
                 t0 = time.monotonic()
                 self.guarded(lambda: program.run_predict(WARMUP_ID, n), "instantiating the program (batch %d)" % n, 900)
                 log("program for batch %d ready in %.1fs" % (n, time.monotonic() - t0))
+                runs = []
+                for _ in range(int(os.environ.get("PRIVTRAIN_DRIVER_WARM_RUNS", "3"))):
+                    t1 = time.perf_counter()
+                    self.guarded(lambda: program.run_predict(WARMUP_ID, n), "warming up", 600)
+                    runs.append(1000 * (time.perf_counter() - t1))
+                if runs:
+                    log("program for batch %d: %s ms per run (no data: warm-up)" % (n, sorted(round(r, 1) for r in runs)))
         except Fatal as e:
             return self.fault(str(e))
         ready = os.path.join(c["driver"]["dir"], "driver.ready")

@@ -1,5 +1,10 @@
 """The encrypted prediction engine (encrypted env): the prediction client joins the TF cluster and drives it.
 
+LEGACY (the old client-driven design, issue 9): kept only as the baseline of simulations/bench_encrypted.py
+and the control of the attack tests. A client of this design drives the parties' TF graph and can read the
+weights; the served design is encrypted_serving.service / gateway / worker / driver / share_client.
+
+
 ``EncryptedPredictor(cluster_json)``:
 
 1. joins the running service's TF cluster as task ``prediction-client`` of job ``tfe``

@@ -9,6 +9,7 @@ Public side (clients and the model owner, certificates signed by the service CA;
   batch (role ``client``, kind ``predict``) or of every weight array (role ``model-owner``, kind ``model``).
   Checked: role, rate limit (per certificate), request id, dtype, shapes, lengths, batch size.
 * ``Fetch``  -> this party's share of the request's output, **only to the certificate that submitted it**.
+* ``Predict`` -> ``Submit`` + wait + the output share on the same call (what the client library uses).
 
 Private side: a Unix socket in the party's own directory, accepted only from processes in the TF cluster's
 network namespace (local mode) or of the same user (multi-host), used by this party's compute worker
@@ -138,6 +139,15 @@ class Gateway:
                            "you": {"name": name, "role": role}}).encode()
 
     def submit(self, request: bytes, context) -> bytes:
+        rid = self._accept(request, context)
+        return json.dumps({"accepted": rid, "party": self.party}).encode()
+
+    def predict(self, request: bytes, context) -> bytes:
+        """Submit + Fetch in one call (one round trip less); the result goes back on the submitting call."""
+        rid = self._accept(request, context)
+        return self._result(rid, context)
+
+    def _accept(self, request: bytes, context) -> str:
         fp, role, name = self._peer(context)
         if self.stopping:
             context.abort(grpc.StatusCode.UNAVAILABLE, "party %s is stopping: %s" % (self.party, self.stopping))
@@ -191,7 +201,7 @@ class Gateway:
             self.seq += 1
             self.requests[rid] = Request(rid, fp, name, kind, n, arrays, self.seq, digests)
             self.cond.notify_all()
-        return json.dumps({"accepted": rid, "party": self.party}).encode()
+        return rid
 
     def fetch(self, request: bytes, context) -> bytes:
         fp, role, name = self._peer(context)
@@ -208,6 +218,13 @@ class Gateway:
             log(self.party, "refused fetch of %s by %r (submitted by %r)" % (rid, name, req.owner_name))
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           "request %r was submitted with another certificate; outputs go only to their submitter" % rid)
+        return self._result(rid, context)
+
+    def _result(self, rid: str, context) -> bytes:
+        with self.cond:
+            req = self.requests.get(rid)
+        if req is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "request %r expired" % rid)
         # The driver fails a stuck request (naming the party) within request_timeout plus its diagnosis.
         timeout = float(self.c["request_timeout_s"]) + 10.0
         if not req.event.wait(timeout):
@@ -392,6 +409,7 @@ def main(argv=None) -> int:
         "Info": grpc.unary_unary_rpc_method_handler(gw.info, _ident, _ident),
         "Submit": grpc.unary_unary_rpc_method_handler(gw.submit, _ident, _ident),
         "Fetch": grpc.unary_unary_rpc_method_handler(gw.fetch, _ident, _ident),
+        "Predict": grpc.unary_unary_rpc_method_handler(gw.predict, _ident, _ident),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     addr = c["parties"][args.party]["gateway"]

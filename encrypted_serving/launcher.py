@@ -1,5 +1,10 @@
 """Platform-side control of the encrypted service (platform env; no TF-Encrypted import, subprocess only).
 
+LEGACY (the old client-driven design, issue 9): kept only as the baseline of simulations/bench_encrypted.py
+and the control of the attack tests. A client of this design drives the parties' TF graph and can read the
+weights; the served design is encrypted_serving.service / gateway / worker / driver / share_client.
+
+
 * ``EncryptedService(model_dir, ...)``: starts the four long-running parties (server0, server1,
   server2, model-owner) as separate encrypted-env processes, each in its own process group, on
   127.0.0.1 ports, and writes ``<run_dir>/cluster.json`` for clients. ``start()/stop()`` or a

@@ -1,5 +1,10 @@
 """One long-running party of the encrypted service (encrypted env): ``python -m encrypted_serving.player``.
 
+LEGACY (the old client-driven design, issue 9): kept only as the baseline of simulations/bench_encrypted.py
+and the control of the attack tests. A client of this design drives the parties' TF graph and can read the
+weights; the served design is encrypted_serving.service / gateway / worker / driver / share_client.
+
+
 Each party (server0, server1, server2, model-owner) is a plain ``tf.distribute.Server`` task of job
 ``tfe``; it executes whatever TF ops the driver (the prediction client, see engine.py) places on it.
 

@@ -45,17 +45,29 @@ def _ident(x):
     return x
 
 
+def _tcp_open(addr: str) -> bool:
+    import socket
+    host, port = addr.rsplit(":", 1)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def explain(party: str, addr: str, err: grpc.RpcError) -> ShareClientError:
     code = err.code() if hasattr(err, "code") else None
     details = (err.details() if hasattr(err, "details") else str(err)) or ""
     low = details.lower()
     if code == grpc.StatusCode.UNAVAILABLE:
-        if any(k in low for k in ("ssl", "handshake", "certificate", "tls", "socket closed")):
+        listening = _tcp_open(addr)
+        if not listening or any(k in low for k in ("connection refused", "connection reset", "broken pipe")):
+            msg = ("gateway of party %s at %s is unreachable (%s): is the service running, or is the gateway "
+                   "restarting?" % (party, addr, "nothing listens there" if not listening else
+                                    details.splitlines()[0][:120]))
+        elif any(k in low for k in ("ssl", "handshake", "certificate", "tls", "socket closed")):
             msg = ("TLS handshake with the gateway of party %s (%s) failed: it rejected this client's certificate "
                    "(expired, revoked or not issued by the service CA) or its own certificate is not trusted" % (party, addr))
-        elif any(k in low for k in ("connection refused", "failed to connect", "connection reset", "broken pipe")):
-            msg = ("gateway of party %s at %s is unreachable (%s): is the service running, or is the gateway "
-                   "restarting?" % (party, addr, details.splitlines()[0][:120]))
         else:
             msg = "gateway of party %s at %s is unavailable: %s" % (party, addr, details.splitlines()[0][:300])
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED and ("deadline exceeded" == low.strip() or not low.strip()):
@@ -85,7 +97,7 @@ class ShareClient:
                 ("grpc.max_receive_message_length", MAX_MSG), ("grpc.max_send_message_length", MAX_MSG)])
             self.channels.append(ch)
             self.calls.append({m: ch.unary_unary(SERVICE + m, request_serializer=_ident, response_deserializer=_ident)
-                               for m in ("Info", "Submit", "Fetch")})
+                               for m in ("Info", "Submit", "Fetch", "Predict")})
         self._info = None
 
     def close(self):
@@ -100,19 +112,30 @@ class ShareClient:
 
     # ------------------------------------------------------------------ RPC helpers
     def _all(self, method: str, payloads: List[bytes], timeout: float) -> List[bytes]:
+        """The same call at the three gateways in parallel; the first failure cancels the others at once."""
+        import threading
         futs = [self.calls[i][method].future(payloads[i], timeout=timeout) for i in range(3)]
-        out, errors = [], []
+        changed = threading.Event()
+        for f in futs:
+            f.add_done_callback(lambda _f: changed.set())
+        while True:
+            done = [f.done() for f in futs]
+            failed = [i for i, f in enumerate(futs) if f.done() and f.exception() is not None]
+            if failed or all(done):
+                break
+            changed.wait(0.5)
+            changed.clear()
+        errors = []
         for i, f in enumerate(futs):
-            try:
-                out.append(f.result())
-            except grpc.RpcError as e:
-                errors.append(explain(self.gateways[i][0], self.gateways[i][1], e))
-                out.append(None)
+            if not f.done():
+                f.cancel()
+            elif f.exception() is not None:
+                errors.append(explain(self.gateways[i][0], self.gateways[i][1], f.exception()))
         if errors:
             # the most specific message: one that names a party's problem beats a generic one
             errors.sort(key=lambda e: (e.code == grpc.StatusCode.DEADLINE_EXCEEDED, "service stopped" not in str(e)))
             raise errors[0]
-        return out
+        return [f.result() for f in futs]
 
     def info(self) -> dict:
         if self._info is None:
@@ -123,10 +146,10 @@ class ShareClient:
         return self._info
 
     def _roundtrip(self, kind: str, per_party: List[Dict[str, np.ndarray]], extra=None) -> List[tuple]:
+        """Predict (= Submit + Fetch on one call) at the three gateways in parallel."""
         rid = uuid.uuid4().hex
         frames = [ring.pack(dict({"kind": kind, "request_id": rid}, **(extra or {})), per_party[i]) for i in range(3)]
-        self._all("Submit", frames, min(self.timeout, 30.0))
-        replies = self._all("Fetch", [json.dumps({"request_id": rid}).encode()] * 3, self.timeout)
+        replies = self._all("Predict", frames, self.timeout)
         return [ring.unpack(r) for r in replies]
 
     # ------------------------------------------------------------------ predictions

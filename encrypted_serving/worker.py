@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     keep = register(make_functions(link, weight_keys, model["input_dim"]))
     addrs = pc.tf_addresses(c)
     spec = tf.train.ClusterSpec({"tfe": [addrs[n] for n in pc.PARTY_NAMES + (pc.DRIVER,)]})
-    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=4)
+    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=1, inter_op_parallelism_threads=2)
     server = tf.distribute.Server(spec, job_name="tfe", task_index=pc.tf_task_index(party), config=config, start=True)
     log(party, "TF worker listening at %s (private network)" % addrs[party])
     with open(os.path.join(c["parties"][party]["dir"], "worker.ready"), "w") as f:

@@ -115,3 +115,23 @@ def test_traced_program_only_bridges_on_party_devices(program_env):
     # each put receives a share computed on its own party's device (TFE places per server)
     for op in bridges:
         assert op.device, op.name
+
+
+def test_label_output_policy_gives_only_label_shares(program_env):
+    p, config, weights, gateways, _ = program_env
+    lp = type(p)(config, "label")
+    per_party = [{}, {}, {}]
+    for key, w in weights.items():
+        for i, (a, b) in enumerate(ring.share_for_parties(w)):
+            per_party[i][key + "/a"], per_party[i][key + "/b"] = a, b
+    _submit(gateways, "m2", per_party)
+    lp.run_load("m2")
+    x = np.random.default_rng(5).normal(size=(3, config["input_dim"]))
+    _submit(gateways, "l1", [{"a": a, "b": b} for a, b in ring.share_for_parties(x)])
+    lp.run_predict("l1", 3)
+    kinds = {g.outputs["l1"][0] for g in gateways}
+    shares = [g.outputs["l1"][1] for g in gateways]
+    assert kinds == {"label"}
+    assert all(set(np.unique(s)) <= {0, 1} for s in shares)      # single bits, nothing of the logit
+    logits = mf.forward_logits(config, weights, x)
+    np.testing.assert_array_equal(1 - ring.combine_bits(shares), (logits >= 0).astype(int))
