@@ -65,6 +65,9 @@ def _auc(model, xy):
     return float(roc_auc_score(y, np.asarray(model(x, training=False)).reshape(-1)))
 
 
+HIDDEN = (64, 64)   # the pipeline's default model (RunConfig.hidden_units)
+
+
 def private_run(spec, train, test, trainer_args, privacy_args, kind=None, log=lambda m: None):
     """One run through the privacy layer with its own throw-away ledger; returns (model, guarantee, result)."""
     from dp_training.ledger import Ledger
@@ -74,7 +77,7 @@ def private_run(spec, train, test, trainer_args, privacy_args, kind=None, log=la
     with tempfile.TemporaryDirectory() as wd:
         result = run_private_training(spec, "dp_sgd", trainer_args, {"delta": DELTA, **privacy_args}, train[0],
                                       train[1], test[0], test[1], scratch_dir=os.path.join(wd, "scratch"),
-                                      kind=kind or DPSGDTrainer(), log=log,
+                                      kind=kind or DPSGDTrainer(), log=log, hidden_units=HIDDEN,
                                       ledger=Ledger(os.path.join(wd, "ledger.sqlite")))
     return result.outcome.model, result.guarantee, result
 
@@ -88,7 +91,7 @@ def non_private(spec, train, test, epochs=20, batch=256, seed=0):
     tf.random.set_seed(seed)
     keys = tuple(numeric_key(c) for c in spec.numeric_features)
     stats = release_normalization(NormalizationPlan(keys, 0.0, None), {k: train[0][k] for k in keys})
-    m = build_model(spec, bucket_sizes(spec), stats)
+    m = build_model(spec, bucket_sizes(spec), stats, HIDDEN)
     m.compile(optimizer=tf.keras.optimizers.Adam(1e-3), loss=tf.keras.losses.BinaryCrossentropy(from_logits=True))
     m.fit(train[0], train[1], batch_size=batch, epochs=epochs, verbose=0)
     return m
@@ -130,12 +133,17 @@ GRID = [dict(l2_norm_clip=c, batch_size=b, epochs=e, learning_rate=lr)
         for c in (0.5, 1.0) for b in (512, 1024, 2048) for e in (20, 40) for lr in (1.0, 2.0)]
 
 
-def bench_tune(spec, train, test, eps_list, seed=0):
-    """Grid on a validation split of the training file (never the test split)."""
+def validation_split(train):
+    """80 % / 20 % of the training file (seeded): what hyper-parameters are chosen on."""
     rng = np.random.default_rng(1234)
     perm = rng.permutation(len(train[1]))
     cut = int(0.8 * len(perm))
-    tr, va = _subset(train, perm[:cut]), _subset(train, perm[cut:])
+    return _subset(train, perm[:cut]), _subset(train, perm[cut:])
+
+
+def bench_tune(spec, train, test, eps_list, seed=0):
+    """Grid on a validation split of the training file (never the test split)."""
+    tr, va = validation_split(train)
     out = []
     for eps in eps_list:
         for args in GRID:
@@ -218,7 +226,7 @@ def bench_audit(spec, train, test, canaries=1000, eps_list=(1.0, 3.0), args=None
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("what", choices=["utility", "tune", "speed", "audit", "all"])
+    p.add_argument("what", choices=["utility", "validate", "tune", "speed", "audit", "all"])
     p.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None)
@@ -226,18 +234,30 @@ def main(argv=None):
     p.add_argument("--clip", type=float, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--canaries", type=int, default=1000)
+    p.add_argument("--hidden", type=int, nargs="*", default=None, help="hidden layer widths (default 64 64)")
+    p.add_argument("--momentum", type=float, default=None)
+    p.add_argument("--preprocessing-epsilon-share", type=float, default=None)
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     import tensorflow as tf
     tf.get_logger().setLevel("ERROR")
     spec, train, test = load()
+    global HIDDEN
+    if a.hidden is not None:
+        HIDDEN = tuple(a.hidden)
     args = {k: v for k, v in {"epochs": a.epochs, "batch_size": a.batch, "l2_norm_clip": a.clip,
-                              "learning_rate": a.lr}.items() if v is not None}
+                              "learning_rate": a.lr, "momentum": a.momentum}.items() if v is not None}
+    if a.preprocessing_epsilon_share is not None:
+        from dp_training import protocol
+        protocol.PREPROCESSING_SHARE = a.preprocessing_epsilon_share
     results = {}
     if a.what in ("tune",):
         results["tune"] = bench_tune(spec, train, test, a.eps)
     if a.what in ("speed", "all"):
         results["speed"] = bench_speed(spec, train, test, epochs=a.epochs or 6)
+    if a.what == "validate":  # one setting on the validation split (for choosing defaults)
+        tr, va = validation_split(train)
+        results["validate"] = bench_utility(spec, tr, va, a.eps, a.seeds, args)
     if a.what in ("utility", "all"):
         results["utility"] = bench_utility(spec, train, test, a.eps, a.seeds, args)
     if a.what in ("audit", "all"):
