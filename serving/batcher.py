@@ -137,35 +137,40 @@ def execute_batch(fn, batch, total: int) -> None:
 
 
 class _AsyncReq:
-    __slots__ = ("inputs", "rows", "future", "result", "error")
+    __slots__ = ("inputs", "rows", "callback", "result", "error")
 
-    def __init__(self, inputs, rows, future):
-        self.inputs, self.rows, self.future = inputs, rows, future
+    def __init__(self, inputs, rows, callback):
+        self.inputs, self.rows, self.callback = inputs, rows, callback
         self.result = None
         self.error: Optional[BaseException] = None
 
 
 class AsyncBatcher:
-    """The batcher for an asyncio event loop: at most one batch per key is computing (on ``executor``)
-    at a time; requests that arrive meanwhile form the next one. Must be used from the loop's thread."""
+    """The batcher for an asyncio event loop: at most one batch per key is computing at a time;
+    requests that arrive meanwhile form the next one. Batches are computed on the loop itself
+    (``inline``, no thread hand-offs) or on ``executor``. Must be used from the loop's thread."""
 
     def __init__(self, executor, max_batch_size: int = 64, timeout_s: float = 0.0, inline: bool = True):
         self.executor = executor
-        self.inline = inline      # compute batches on the loop itself (no thread hand-offs)
         self.max_batch_size = max_batch_size
         self.timeout_s = timeout_s
+        self.inline = inline
         self._pending: Dict[Hashable, List[_AsyncReq]] = {}
         self._busy: Dict[Hashable, bool] = {}
         self.batches_run = 0
         self.requests_merged = 0
 
-    async def run(self, key: Hashable, fn: Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]],
-                  inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def submit(self, key: Hashable, fn: Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]],
+               inputs: Mapping[str, np.ndarray], callback: Callable[[Optional[dict], Optional[BaseException]], None]
+               ) -> None:
+        """Compute ``fn(inputs)`` (merged with others); ``callback(result, error)`` runs on the loop."""
         loop = asyncio.get_running_loop()
         rows = _rows_of(inputs)
+        req = _AsyncReq(inputs, rows, callback)
         if rows is None or rows >= self.max_batch_size:
-            return await loop.run_in_executor(self.executor, fn, inputs)
-        req = _AsyncReq(inputs, rows, loop.create_future())
+            cf = self.executor.submit(execute_batch, fn, [req], rows or 0)
+            cf.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._deliver, req))
+            return
         self._pending.setdefault(key, []).append(req)
         if not self._busy.get(key):
             self._busy[key] = True
@@ -173,7 +178,23 @@ class AsyncBatcher:
                 loop.call_later(self.timeout_s, self._dispatch, loop, key, fn)
             else:   # after the callbacks already due (requests already read join this batch)
                 loop.call_soon(self._dispatch, loop, key, fn)
-        return await req.future
+
+    async def run(self, key: Hashable, fn, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(result, error):
+            if not fut.done():
+                fut.set_exception(error) if error is not None else fut.set_result(result)
+
+        self.submit(key, fn, inputs, done)
+        return await fut
+
+    @staticmethod
+    def _deliver(req: _AsyncReq) -> None:
+        try:
+            req.callback(req.result, req.error)
+        except Exception:  # noqa: BLE001 - a callback must not stop the others
+            pass
 
     def _dispatch(self, loop, key, fn) -> None:
         pending = self._pending.get(key) or []
@@ -199,12 +220,7 @@ class AsyncBatcher:
 
     def _finished(self, loop, key, fn, batch) -> None:
         for r in batch:
-            if r.future.done():        # the client went away (cancelled)
-                continue
-            if r.error is not None:
-                r.future.set_exception(r.error)
-            else:
-                r.future.set_result(r.result)
+            self._deliver(r)
         if self._pending.get(key):
             loop.call_soon(self._dispatch, loop, key, fn)
         else:

@@ -68,11 +68,11 @@ class InferenceCore:
             out = {k: v for k, v in out.items() if k in set(output_filter)}
         return out
 
-    async def predict_async(self, servable: Servable, sig: Signature,
-                            inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        """The REST server's path when batching is on (runs on its event loop)."""
+    def predict_submit(self, servable: Servable, sig: Signature, inputs: Mapping[str, np.ndarray],
+                       callback) -> None:
+        """The REST server's path when batching is on (on its event loop): ``callback(out, error)``."""
         self._check(sig, inputs, ())
-        return await self.async_batcher.run((servable.name, servable.version, sig.name), sig, inputs)
+        self.async_batcher.submit((servable.name, servable.version, sig.name), sig, inputs, callback)
 
     # ---- classify / regress --------------------------------------------------------------
     @staticmethod

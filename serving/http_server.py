@@ -151,6 +151,8 @@ class _Request:
         if self.rejected:
             return
         srv = self.server
+        if srv.batching and self.size <= _INLINE_BYTES and self._submit_batched():
+            return
         key = (self.start_line.method, self.start_line.path)
         est = srv.cost_s.get(key)
         if (not srv.batching and self.size <= _INLINE_BYTES and est is not None and est < _INLINE_COST_S
@@ -162,6 +164,57 @@ class _Request:
             srv.cost_s[key] = 0.8 * est + 0.2 * (time.perf_counter() - t0)
         else:
             asyncio.ensure_future(self._process())
+
+    def _submit_batched(self) -> bool:
+        """A small ``:predict`` with batching on: parsed now, handed to the AsyncBatcher, answered from
+        its callback (no task per request). False: not such a request (the general path answers)."""
+        srv = self.server
+        method, path = self.start_line.method, urlsplit(self.start_line.path).path
+        if method != "POST" or not is_api_path(path) or srv.computing >= srv.options.max_concurrent_requests:
+            return False
+        try:
+            route = srv.api.route(method, path)
+        except ServingError:
+            return False
+        if route.verb != "predict":
+            return False
+        body = b"".join(self.chunks)
+        self.chunks = []
+        srv.computing += 1
+        answered = []
+
+        def done(payload, error):
+            if answered:
+                return
+            answered.append(True)
+            srv.computing -= 1
+            if error is None:
+                try:
+                    self._finish_write(200, json.dumps(payload).encode("utf-8"))
+                except Exception as e:  # noqa: BLE001
+                    self._finish_write(500, _error_body(f"{type(e).__name__}: {e}"))
+            elif isinstance(error, ServingError):
+                self._finish_write(error.http_status, _error_body(error.message))
+            elif isinstance(error, RecursionError):
+                self._finish_write(400, _error_body("JSON Parse error: The document is nested too deeply"))
+            else:
+                self._finish_write(500, _error_body(f"{type(error).__name__}: {error}"))
+
+        try:
+            srv.api.predict_submit(route, body, done)
+        except BaseException as e:  # noqa: BLE001 - answered like the other paths
+            done(None, e)
+        return True
+
+    def _finish_write(self, status: int, data: bytes, ctype: str = "application/json") -> None:
+        try:
+            fut = self._write(status, data, ctype)
+        except Exception:  # noqa: BLE001 - the client went away
+            fut = None
+        if fut is None:
+            self._done()
+        else:
+            fut.add_done_callback(lambda _f: self._done())   # a draining stop() waits for the bytes
 
     def _process_now(self) -> None:
         try:
@@ -282,15 +335,6 @@ class _Request:
         small = len(body) <= _INLINE_BYTES
         srv.computing += 1
         try:
-            if srv.batching and route.verb == "predict" and small:
-                try:
-                    payload = await srv.api.predict_async(route, body)
-                    return 200, json.dumps(payload).encode("utf-8"), "application/json"
-                except ServingError as e:
-                    return e.http_status, _error_body(e.message), "application/json"
-                except RecursionError:
-                    return 400, _error_body("JSON Parse error: The document is nested too deeply"), \
-                        "application/json"
             loop = asyncio.get_running_loop()
             key = (self.start_line.method, self.start_line.path)
             status, data, secs = await loop.run_in_executor(srv.executor, _timed_compute, srv.api, route, body)

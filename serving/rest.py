@@ -96,18 +96,36 @@ class RestApi:
                 return 200, cached
         return 200, getattr(self, "_" + r.verb)(r.name, r.version, r.label, body)
 
-    async def predict_async(self, r: Route, body: bytes) -> dict:
-        """``:predict`` parsed on the event loop and computed by the core's AsyncBatcher."""
+    def predict_submit(self, r: Route, body: bytes, done) -> None:
+        """``:predict`` parsed here (on the event loop) and computed by the core's AsyncBatcher;
+        ``done(payload, error)`` is called on the loop. Errors before submission are raised."""
         doc = codec.parse_json_body(body)
         sig_name = codec.signature_name_of(doc)
         s = self.repo.acquire(r.name, r.version, r.label)
         try:
             sig = s.signature(sig_name, rest=True)
             inputs, fmt = codec.predict_request_from_json(doc, sig.np_inputs, self.max_elements)
-            out = await self.core.predict_async(s, sig, inputs)
-        finally:
+        except BaseException:
             self.repo.release(s)
-        return codec.predict_response_to_json(out, fmt)
+            raise
+
+        def finished(out, error):
+            self.repo.release(s)
+            if error is not None:
+                done(None, error)
+                return
+            try:
+                payload = codec.predict_response_to_json(out, fmt)
+            except Exception as e:  # noqa: BLE001
+                done(None, e)
+                return
+            done(payload, None)
+
+        try:
+            self.core.predict_submit(s, sig, inputs, finished)
+        except BaseException:
+            self.repo.release(s)
+            raise
 
     def _predict(self, name, version, label, body):
         doc = codec.parse_json_body(body)

@@ -126,17 +126,29 @@ async def _loadgen(port: int, request: bytes, clients: int, seconds: float, warm
             "errors": stats["errors"]}
 
 
-def run_loadgen(port: int, body: bytes, clients: int, seconds: float, warmup: float = 1.0) -> dict:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_loadgen(port: int, body: bytes, clients: int, seconds: float, warmup: float = 1.0,
+                server_pid: int = None) -> dict:
     req = (f"POST /v1/models/adult:predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     with tempfile.NamedTemporaryFile(suffix=".req", delete=False) as f:
         f.write(req)
+    c0 = cpu_s(server_pid) if server_pid else None
     try:
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--loadgen", str(port), f.name,
                               str(clients), str(seconds), str(warmup)], capture_output=True, text=True, check=True)
     finally:
         os.unlink(f.name)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if server_pid:   # server CPU per request: less sensitive to other jobs than req/s (warm-up included)
+        r["server_cpu_us_per_req"] = (cpu_s(server_pid) - c0) / (r["req_per_s"] * (seconds + warmup)) * 1e6
+    return r
 
 
 # ---- server process ---------------------------------------------------------------------------------------
@@ -277,14 +289,16 @@ def main(argv=None):
                 results["latency"].append({"path": kind, "batch": batch, "p50_ms": p50, "p99_ms": pct(xs, 99),
                                            "p50_overhead_ms": p50 - base, "seq_req_per_s": 1e3 / statistics.mean(xs)})
         channel.close()
-        results["throughput"].append(dict(run_loadgen(rest_port, one_body, a.clients, a.seconds), batching=False))
+        results["throughput"].append(dict(run_loadgen(rest_port, one_body, a.clients, a.seconds,
+                                                       server_pid=proc.pid), batching=False))
         if not a.skip_memory:
             results["memory"] = memory_after_big_request(proc, rest_port, one_body)
     finally:
         stop_server(proc)
     proc, rest_port, _ = start_server(tmp.name, "--enable-batching")
     try:
-        results["throughput"].append(dict(run_loadgen(rest_port, one_body, a.clients, a.seconds), batching=True))
+        results["throughput"].append(dict(run_loadgen(rest_port, one_body, a.clients, a.seconds,
+                                                       server_pid=proc.pid), batching=True))
     finally:
         stop_server(proc)
         tmp.cleanup()
@@ -295,11 +309,12 @@ def main(argv=None):
         print(f"{r['path']:<11}{r['batch']:>6}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}{r['p50_overhead_ms']:>9.2f}"
               f"{r['seq_req_per_s']:>11.0f}")
     print()
-    print(f"{'REST, keep-alive clients':<28}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    print(f"{'REST, keep-alive clients':<28}{'clients':>8}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'server CPU us/req':>19}")
     for r in results["throughput"]:
         name = "batching on" if r["batching"] else "batching off (default)"
         print(f"{name:<28}{r['clients']:>8}{r['req_per_s']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-              f"{r['errors']:>8}")
+              f"{r['errors']:>8}{r.get('server_cpu_us_per_req', float('nan')):>19.0f}")
     if "memory" in results:
         m = results["memory"]
         print(f"\nmemory: {m['request_mb']:.1f} MB request (status {m['status']}, {m['seconds']:.1f} s): RSS idle "

@@ -312,3 +312,19 @@ def test_memory_returns_after_a_45_mb_request(make_serving_dir):
         assert rss_bytes(proc.pid) - idle <= 100e6, (idle, rss_bytes(proc.pid))
     finally:
         stop_process(proc)
+
+
+def test_batching_path_answers_errors_like_the_plain_path(make_serving_dir, start_server):
+    d = make_serving_dir({1: "a"})
+    s = start_server(d, grpc_port=None, poll_interval_s=0, batching=True)
+    port = s.rest_port
+    assert one(port, post(PATH, BODY))[0] == 200
+    for body, code, needle in ((b"{", 400, "JSON Parse error"),
+                               (b'{"signature_name": "nope", "instances": ["x"]}', 400, "not found in signature def"),
+                               (b'{"instances": ' + b"[" * 5000 + b'"x"' + b"]" * 5000 + b"}", 400, "nested"),
+                               (b'{"instances": ["\\ud800"]}', 400, "surrogate")):
+        status, _, got = one(port, post(PATH, body))
+        assert status == code and needle in got["error"], got
+    status, _, got = one(port, post("/v1/models/nosuch:predict", BODY))
+    assert status == 404
+    assert one(port, post(PATH, BODY))[0] == 200
