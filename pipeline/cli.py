@@ -116,7 +116,7 @@ def _cmd_run(args) -> int:
 def _add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve pushed models over TF Serving's REST and gRPC APIs",
                        description="Serve the models pushed under <workdir>/serving with TF Serving's APIs "
-                                   "(tensorflow_model_server when on PATH, else the built-in server).")
+                                   "(the built-in server; see docs/serving.md).")
     p.add_argument("--workdir", default=os.path.join(os.getcwd(), "privtrain-work"))
     p.add_argument("--rest-port", type=int, default=8501, help="0 picks a free port")
     p.add_argument("--grpc-port", type=int, default=8500, help="0 picks a free port")
