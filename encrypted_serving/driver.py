@@ -63,6 +63,9 @@ class Driver:
         bad = []
         for p in pc.PARTY_NAMES:
             state = _answers(self.addrs[p])
+            if state == "silent":          # a process being killed can hold its port for a moment: look again
+                time.sleep(0.7)
+                state = _answers(self.addrs[p])
             if state == "closed":
                 bad.append("party %s's compute worker is gone (nothing listens at %s)" % (p, self.addrs[p]))
             elif state == "silent":

@@ -320,9 +320,14 @@ class GatewayService:
                 dead = self.dead()
                 fatal = {n: c for n, c in dead.items() if not n.startswith("gateway-")}
                 if fatal:
-                    name, code = sorted(fatal.items())[0]
+                    # a dead worker is the cause (the driver's exit follows from it); else the driver's reason
+                    name, code = sorted(fatal.items(), key=lambda kv: (not kv[0].startswith("worker-"), kv[0]))[0]
                     reason = None
-                    if os.path.isfile(self.fault_file):
+                    if name.startswith("worker-") and code != 0:
+                        reason = "the compute worker of party %s exited (status %s)" % (name[len("worker-"):], code)
+                        with open(self.fault_file, "w") as f:
+                            f.write(reason + "\n")
+                    elif os.path.isfile(self.fault_file):
                         with open(self.fault_file) as f:
                             reason = f.read().strip() or None
                     if reason is None:
