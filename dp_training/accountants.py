@@ -182,6 +182,7 @@ class _SplitAccountant(dp_accounting.PrivacyAccountant):
     def __init__(self, kind: "Accountant", relation: str, options):
         super().__init__(_relation(relation))
         self._kind = kind
+        self._relation_name = relation
         self._main = kind._make_plain(relation, **options)
         self._replace = kind._make_plain(ev.REPLACE_ONE, **options)
         self._wrapped = False
@@ -193,6 +194,11 @@ class _SplitAccountant(dp_accounting.PrivacyAccountant):
             return self.CompositionErrorDetails(invalid_event=event, error_message=str(e))
         if isinstance(self._main, _rdp.RdpAccountant):
             wrapped = _halve_gaussians(wrapped)
+            if self._relation_name == ev.REPLACE_ONE:
+                # dp_accounting 0.6's RDP accountant takes a Gaussian's noise relative to the replace-one
+                # sensitivity (2 x the per-element bound) and ignores the relation for plain Gaussians: state
+                # the platform's events (noise relative to the bound) in its convention, as for wrapped events.
+                rest = _halve_gaussians(rest)
         for acc, part in ((self._main, rest), (self._replace, wrapped)):
             if isinstance(part, dp_accounting.NoOpDpEvent):
                 continue

@@ -126,3 +126,18 @@ def test_invalid_parameters_name_the_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name) as err:
         compute_epsilon(**args)
     assert len(str(err.value)) > len(name) + 20  # says how to fix it, not just what
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 5.0])
+def test_replace_one_costs_twice_the_sensitivity_in_both_accountants(sigma):
+    """Replacing one row moves a unit-bounded sum by up to 2: replace-one Gaussian(sigma) is add/remove
+    Gaussian(sigma / 2) (dp_accounting 0.6's RDP accountant ignores the relation for plain Gaussians; the
+    registry corrects it). PLD is the tighter of the two but never below the exact Gaussian curve."""
+    from dp_training import accountants
+    for name in ("pld", "rdp"):
+        replace = accountants.epsilon(dp_accounting.GaussianDpEvent(sigma), 1e-5, name, "replace_one")
+        halved = accountants.epsilon(dp_accounting.GaussianDpEvent(sigma / 2), 1e-5, name, "add_or_remove_one")
+        assert replace == pytest.approx(halved, rel=1e-6), name
+    shuffle = accounting.dp_event(sigma, 0.1, 30, "shuffle")   # 3 epochs of fixed batches
+    assert accountants.epsilon(shuffle, 1e-5, "rdp", "replace_one") >= \
+        accountants.epsilon(shuffle, 1e-5, "pld", "replace_one") - 1e-6
