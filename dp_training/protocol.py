@@ -107,9 +107,9 @@ def plan_run(spec: DatasetSpec, kind_name: str, kind, trainer_args: Mapping[str,
     delta = float(delta)
     private_kind = _kind_is_private(kind, trainer_args)
     target = p["target_epsilon"]
-    if private_kind and target is None and trainer_args.get("noise_multiplier") is None \
-            and trainer_args.get("dp_noise_multiplier") is None:
-        target = DEFAULT_TARGET_EPSILON
+    explicit_noise = [trainer_args.get(k) for k in ("noise_multiplier", "dp_noise_multiplier")]
+    if private_kind and target is None and all(v in (None, "auto") for v in explicit_noise):
+        target = DEFAULT_TARGET_EPSILON   # calibrated: a tenth of it goes to preprocessing
     if target is not None and (not float(target) > 0 or math.isinf(float(target))):
         raise PlanError(f"target epsilon must be a finite number > 0, got {target!r}; pass e.g. --target-epsilon 3")
     if private_kind and numeric_keys:
