@@ -187,8 +187,8 @@ def _cmd_serve(args) -> int:
             encrypted = start_for_serve(args, workdir)
             if encrypted is None:
                 return 2
-        print(f"READY rest={server.rest_port} grpc={server.grpc_port}", flush=True)
-        return server.serve_forever()
+        return server.serve_forever(  # READY once SIGTERM is handled (drain)
+            on_ready=lambda: print(f"READY rest={server.rest_port} grpc={server.grpc_port}", flush=True))
     finally:
         server.stop()
         if encrypted is not None:

@@ -210,9 +210,10 @@ class ModelServer:
         """Block until :meth:`stop`; True if stopped."""
         return self._stopped.wait(timeout)
 
-    def serve_forever(self) -> int:
-        """Start (if needed) and block until SIGTERM / SIGINT (Ctrl-C), then drain and shut down."""
-        self.start()
+    def serve_forever(self, on_ready: Optional[Callable[[], None]] = None) -> int:
+        """Start (if needed) and block until SIGTERM / SIGINT (Ctrl-C), then drain and shut down.
+        ``on_ready`` runs once the signal handlers are in place (print READY there: a SIGTERM sent on
+        seeing it is then always a graceful stop)."""
         stop_requested = threading.Event()
 
         def on_signal(signum, frame):
@@ -222,6 +223,14 @@ class ModelServer:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 old[sig] = signal.signal(sig, on_signal)
+        try:
+            self.start()
+        except BaseException:
+            for sig, h in old.items():
+                signal.signal(sig, h)
+            raise
+        if on_ready is not None:
+            on_ready()
         try:
             while not stop_requested.wait(0.5) and not self._stopped.is_set():
                 pass
@@ -283,8 +292,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ServingConfigError as e:
         print(f"{PREFIX}{e}", file=sys.stderr)
         return 2
-    print(f"READY rest={server.rest_port} grpc={server.grpc_port}", flush=True)
-    return server.serve_forever()
+    return server.serve_forever(
+        on_ready=lambda: print(f"READY rest={server.rest_port} grpc={server.grpc_port}", flush=True))
 
 
 if __name__ == "__main__":
