@@ -1,28 +1,16 @@
-"""Slow: DP-SGD on a sample of the real Adult data (run with -m slow)."""
+"""Slow: DP-SGD through the privacy layer on the full Adult data (run with -m slow)."""
 import pytest
-
-from dp_training import accounting
-from dp_training.trainer import DPSGDTrainer
 
 pytestmark = pytest.mark.slow
 
 
-def test_dp_sgd_on_adult_sample(tmp_path):
-    from pipeline.trainers.base import TrainerContext
-    from simulations.bench_dp import load_adult, make_builder
-    xtr, ytr, xte, yte = load_adult()
-    xtr, ytr, xte, yte = xtr[:8000], ytr[:8000], xte[:4000], yte[:4000]
-    ctx = TrainerContext(dataset_name="adult", dataset_fingerprint="adult-sample",
-                         train_features={"x": xtr}, train_labels=ytr,
-                         eval_features={"x": xte}, eval_labels=yte,
-                         build_model=make_builder(xtr.shape[1], 32),
-                         args={"target_epsilon": 3.0, "delta": 1e-5, "epochs": 10,
-                               "batch_size": 256, "seed": 0},
-                         workdir=str(tmp_path), log=lambda m: None)
-    out = DPSGDTrainer().train(ctx)
-    p = out.privacy
-    assert 2.9 <= p["epsilon"] <= 3.0
-    assert p["epsilon"] == pytest.approx(accounting.compute_epsilon(
-        p["noise_multiplier"], 256 / 8000, p["steps"], 1e-5, "pld", "poisson"))
-    assert out.details["eval_accuracy"] > 0.80
-    assert 0.4 < p["mia_auc"] < 0.6
+def test_dp_sgd_on_adult_through_the_privacy_layer():
+    from simulations.bench_dp import _accuracy, load, private_run
+
+    spec, train, test = load()
+    model, g, result = private_run(spec, train, test, {"epochs": 10, "seed": 0, "mia": True},
+                                   {"target_epsilon": 3.0})
+    assert 2.9 <= g.epsilon <= 3.0 and g.relation == "add_or_remove_one"
+    assert g.parameters["planning_rows"] == 30000          # the public figure, not the 32,561 rows
+    assert _accuracy(model, test) > 0.83
+    assert 0.4 < result.outcome.private_details["mia_auc"] < 0.6
