@@ -10,7 +10,7 @@ WORKDIR ?= privtrain-work
 
 .PHONY: setup run test test-slow bench clean
 
-setup:  ## create both environments from the lock files (cached), and system packages (iproute2)
+setup:  ## create both environments from the lock files (cached), and system packages (iproute2, chromium)
 	scripts/setup_system.sh
 	scripts/setup_env.sh platform >/dev/null
 	scripts/setup_env.sh encrypted >/dev/null
