@@ -123,6 +123,9 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
 
     spec = load_dataset(config.data_dir)
     spec.require_privacy()
+    from pipeline.ingest import check_raw_data
+
+    check_raw_data(spec)  # the data gate's structural half: one line naming file, line and problem
     os.makedirs(config.workdir, exist_ok=True)
     preflight(config, spec)
     pipeline = create_pipeline(config, spec)
