@@ -16,7 +16,7 @@ from pipeline.config import RunConfig, code_version
 from dp_training.dataset import DatasetSpec
 from pipeline.ingest import DelimitedExampleGenExecutor, spec_to_custom_config
 from pipeline.trainer_executor import PrivacyRecordingTrainerExecutor
-from pipeline.validation import StrictExampleValidator
+from pipeline.validation import StrictExampleValidator, load_comparators
 
 
 def pipeline_name(spec: DatasetSpec, trainer: str) -> str:
@@ -57,6 +57,8 @@ def eval_config(spec: DatasetSpec, config: RunConfig) -> tfma.EvalConfig:
             tfma.MetricConfig(class_name="BinaryAccuracy"),
             tfma.MetricConfig(class_name="Precision"),
             tfma.MetricConfig(class_name="Recall"),
+            # The share of positives per slice: tells an undefined AUC (a slice with one class) from a bad one.
+            tfma.MetricConfig(class_name="MeanLabel"),
         ])])
 
 
@@ -83,7 +85,8 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec) -> tfx.dsl.Pipeline:
         schema = reference.outputs["schema"]
     else:
         schema = schema_gen.outputs["schema"]
-    validator = StrictExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema)
+    validator = StrictExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema,
+                                       comparators=load_comparators(spec))  # drift/skew limits of dataset.json
     transform = tfx.components.Transform(
         examples=example_gen.outputs["examples"], schema=schema,
         preprocessing_fn="pipeline.transform.preprocessing_fn",

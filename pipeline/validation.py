@@ -1,40 +1,156 @@
-"""ExampleValidator that stops the run on anomalies, with a message naming each feature and anomaly."""
+"""The data gate's second half: ExampleValidator (TFDV) that stops the run on anomalies, with a message naming
+each feature, split and statistic.
+
+1. Every split's statistics against the data set's curated reference schema (types, presence, categorical
+   domains, the declared numeric ``int_domain``/``float_domain`` ranges, the 0/1 label).
+2. Drift and skew comparators declared in ``dataset.json`` (optional)::
+
+     "validation": {
+       "drift": {"sex": {"infinity_norm": 0.1}, "age": {"jensen_shannon_divergence": 0.1}},
+       "skew":  {"race": {"infinity_norm": 0.2}}
+     }
+
+   ``drift`` compares the eval split with the train split (TFDV's ``previous_statistics``: the train split is
+   the reference); ``skew`` compares the train split with the eval split standing for the data the model will
+   be served (TFDV's ``serving_statistics``). ``infinity_norm`` (largest difference of a categorical value's
+   share) and ``jensen_shannon_divergence`` (categorical or numeric histograms) are the statistics; each
+   threshold is a number in (0, 1]. A violation stops the run like any anomaly.
+"""
 from __future__ import annotations
 
-from typing import List
+import json
+import math
+import os
+from typing import Any, Dict, List, Optional
 
 from tfx.components import ExampleValidator
 from tfx.components.example_validator import executor as tfx_validator_executor
-from tfx.dsl.components.base import executor_spec
+from tfx.dsl.components.base import base_component, executor_spec
+from tfx.types import standard_component_specs
+from tfx.types.component_spec import ExecutionParameter
+from tfx.utils import json_utils
+
+from dp_training.dataset import DESCRIPTION_FILE, DatasetError, DatasetSpec
+
+COMPARATORS = {"drift": "eval vs train", "skew": "train vs eval (as serving data)"}
+STATISTICS = ("infinity_norm", "jensen_shannon_divergence")
+COMPARATORS_KEY = "comparators"
 
 
 class DataValidationError(RuntimeError):
-    """The data does not match the reference schema; nothing was trained or pushed."""
+    """The data does not match the reference schema or drifted; nothing was trained or pushed."""
 
 
-def describe_anomalies(anomalies, split: str) -> List[str]:
+def load_comparators(spec: DatasetSpec) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``dataset.json``'s ``validation`` section, checked ({} when absent). Raises DatasetError with the fix."""
+    path = os.path.join(spec.directory, DESCRIPTION_FILE)
+    with open(path) as f:
+        section = json.load(f).get("validation")
+    if section is None:
+        return {}
+    example = ('e.g. "validation": {"drift": {"sex": {"infinity_norm": 0.1}}, '
+               '"skew": {"age": {"jensen_shannon_divergence": 0.1}}}')
+    if not isinstance(section, dict) or set(section) - set(COMPARATORS):
+        raise DatasetError(f"{path}: \"validation\" may hold \"drift\" and \"skew\" only; {example}")
+    features = {c.name for c in spec.feature_columns} | {spec.label_feature}
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for kind, by_feature in section.items():
+        if not isinstance(by_feature, dict):
+            raise DatasetError(f"{path}: validation.{kind} must map feature names to statistics; {example}")
+        for feature, stats in by_feature.items():
+            if feature not in features:
+                raise DatasetError(f"{path}: validation.{kind} names {feature!r}, which is not a feature; "
+                                   f"use one of {', '.join(sorted(features))}")
+            if not isinstance(stats, dict) or not stats:
+                raise DatasetError(f"{path}: validation.{kind}.{feature} must map a statistic to a threshold; "
+                                   f"{example}")
+            for stat, threshold in stats.items():
+                if stat not in STATISTICS:
+                    raise DatasetError(f"{path}: validation.{kind}.{feature}: unknown statistic {stat!r}; use "
+                                       f"{' or '.join(STATISTICS)}")
+                if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                        or not (0 < threshold <= 1) or math.isnan(threshold):
+                    raise DatasetError(f"{path}: validation.{kind}.{feature}.{stat} must be a threshold in "
+                                       f"(0, 1], got {threshold!r}")
+                out.setdefault(kind, {}).setdefault(feature, {})[stat] = float(threshold)
+    return out
+
+
+def describe_anomalies(anomalies, split: str, only_comparators: bool = False,
+                       comparator: Optional[str] = None) -> List[str]:
+    from tensorflow_metadata.proto.v0 import anomalies_pb2
+
+    type_name = anomalies_pb2.AnomalyInfo.Type.Name
     lines = []
     for feature, info in sorted(anomalies.anomaly_info.items()):
-        reasons = "; ".join(f"{r.short_description}: {r.description}" for r in info.reason) or info.description
-        lines.append(f"  [{split}] feature '{feature}': {reasons}")
-    if anomalies.HasField("dataset_anomaly_info"):
+        reasons = [r for r in info.reason
+                   if not only_comparators or type_name(r.type).startswith("COMPARATOR_")]
+        if only_comparators and not reasons:
+            continue
+        if comparator:
+            text = "; ".join(f"{comparator} ({_statistic(type_name(r.type))}): {r.description}" for r in reasons)
+        else:
+            text = "; ".join(f"{r.short_description}: {r.description}" for r in reasons) or info.description
+        lines.append(f"  [{split}] feature '{feature}': {text}")
+    if not only_comparators and anomalies.HasField("dataset_anomaly_info"):
         info = anomalies.dataset_anomaly_info
         reasons = "; ".join(f"{r.short_description}: {r.description}" for r in info.reason) or info.description
         lines.append(f"  [{split}] data set: {reasons}")
     return lines
 
 
+def _statistic(type_name: str) -> str:
+    if "L_INFTY" in type_name:
+        return "infinity_norm"
+    if "JENSEN_SHANNON" in type_name:
+        return "jensen_shannon_divergence"
+    return type_name.lower()
+
+
+def comparator_problems(schema, train_stats, eval_stats, comparators: Dict[str, Any]) -> List[str]:
+    """TFDV's drift (eval vs train) and skew (train vs eval as serving) checks, one line per violation."""
+    import tensorflow_data_validation as tfdv
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    problems: List[str] = []
+    for kind, by_feature in sorted(comparators.items()):
+        s = schema_pb2.Schema()
+        s.CopyFrom(schema)
+        for feature, stats in by_feature.items():
+            comparator = getattr(tfdv.get_feature(s, feature), f"{kind}_comparator")
+            for stat, threshold in stats.items():
+                getattr(comparator, stat).threshold = threshold
+        if kind == "drift":
+            anomalies = tfdv.validate_statistics(statistics=eval_stats, schema=s, previous_statistics=train_stats)
+        else:
+            anomalies = tfdv.validate_statistics(statistics=train_stats, schema=s, serving_statistics=eval_stats)
+        problems.extend(describe_anomalies(anomalies, COMPARATORS[kind], only_comparators=True, comparator=kind))
+    return problems
+
+
 class StrictValidatorExecutor(tfx_validator_executor.Executor):
     def Do(self, input_dict, output_dict, exec_properties):
+        from tfx.components.statistics_gen import stats_artifact_utils
+        from tfx.types import artifact_utils
+        from tfx.utils import io_utils
+
         self._problems: List[str] = []
-        self._split = "?"
         result = super().Do(input_dict, output_dict, exec_properties)
+        comparators = json_utils.loads(exec_properties.get(COMPARATORS_KEY) or "null") or {}
+        if comparators:
+            stats = artifact_utils.get_single_instance(input_dict[standard_component_specs.STATISTICS_KEY])
+            schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(
+                artifact_utils.get_single_uri(input_dict[standard_component_specs.SCHEMA_KEY])))
+            train, evaluation = (stats_artifact_utils.load_statistics(stats, split).proto()
+                                 for split in ("train", "eval"))
+            self._problems.extend(comparator_problems(schema, train, evaluation, comparators))
         if self._problems:
             raise DataValidationError(
-                "data validation failed; the data does not match the data set's reference schema:\n"
+                "data validation failed; the data does not match the data set's reference schema or the "
+                "drift/skew limits in dataset.json:\n"
                 + "\n".join(self._problems)
-                + "\nFix the data (or, if the change is intended, update the reference schema named in "
-                  "dataset.json) and run again. Nothing was trained or pushed.")
+                + "\nFix the data (or, if the change is intended, update the reference schema or the "
+                  "\"validation\" limits named in dataset.json) and run again. Nothing was trained or pushed.")
         return result
 
     def _Validate(self, inputs, outputs):
@@ -44,5 +160,21 @@ class StrictValidatorExecutor(tfx_validator_executor.Executor):
         return anomalies
 
 
+class StrictExampleValidatorSpec(standard_component_specs.ExampleValidatorSpec):
+    PARAMETERS = dict(standard_component_specs.ExampleValidatorSpec.PARAMETERS,
+                      **{COMPARATORS_KEY: ExecutionParameter(type=str, optional=True)})
+
+
 class StrictExampleValidator(ExampleValidator):
+    SPEC_CLASS = StrictExampleValidatorSpec
     EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(StrictValidatorExecutor)
+
+    def __init__(self, statistics, schema, comparators: Optional[Dict[str, Any]] = None):
+        from tfx import types
+        from tfx.types import standard_artifacts
+
+        spec = StrictExampleValidatorSpec(
+            statistics=statistics, schema=schema, exclude_splits=json_utils.dumps([]),
+            anomalies=types.Channel(type=standard_artifacts.ExampleAnomalies),
+            **({COMPARATORS_KEY: json.dumps(comparators, sort_keys=True)} if comparators else {}))
+        base_component.BaseComponent.__init__(self, spec=spec)
