@@ -56,7 +56,7 @@ DEFAULTS: Dict[str, Any] = {
     # Chosen on a validation split of Adult's training file at epsilon 3 (simulations/bench_dp.py tune /
     # validate, docs/dp_training.md): clip 0.5, expected batch 2048, 40 epochs, SGD lr 1.0 with momentum 0.9.
     "l2_norm_clip": 0.5,
-    "batch_size": 2048,
+    "batch_size": None,              # None: 2048, or a tenth of the public planning size when that is smaller
     "epochs": 40,
     "learning_rate": 1.0,
     "momentum": 0.9,
@@ -67,6 +67,7 @@ DEFAULTS: Dict[str, Any] = {
     "mia_max_rows": 10000,
 }
 DP_PATHS = ("auto", "fast_gradient_clipping", "vectorized_optimizer")
+DEFAULT_BATCH_SIZE = 2048
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Gaussian noise std / clip norm (default: calibrated to --target-epsilon).")
     g.add_argument("--l2-norm-clip", type=float, default=DEFAULTS["l2_norm_clip"],
                    help="per-example gradient L2 clip norm (default %(default)s).")
-    g.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                   help="expected (poisson) or exact (shuffle) batch size (default %(default)s).")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"expected (poisson) or exact (shuffle) batch size (default {DEFAULT_BATCH_SIZE}, or a "
+                        "tenth of the data set's public planning size when that is smaller).")
     g.add_argument("--epochs", type=float, default=DEFAULTS["epochs"],
                    help="passes over the data's public planning size (default %(default)s).")
     g.add_argument("--learning-rate", type=float, default=DEFAULTS["learning_rate"],
@@ -138,6 +140,8 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
     if n <= 0:
         raise ValueError("the data set's public planning size is 0; dp_sgd needs at least one training row.")
     bs = a["batch_size"]
+    if bs is None:
+        bs = max(1, min(DEFAULT_BATCH_SIZE, n // 10))
     if isinstance(bs, bool) or int(bs) != bs or bs < 1:
         raise ValueError(f"batch_size must be a positive integer, got {bs!r}.")
     bs = int(bs)
