@@ -233,6 +233,39 @@ def _add_privacy_parsers(sub) -> None:
                    help="with verify: a receipt recorded elsewhere (privacy.json, ML Metadata); repeatable")
 
 
+def _add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="audit report of a pushed model version (HTML page, JSON or text)",
+                       description="The audit report of one pushed model version for a reviewer: privacy guarantee, "
+                                   "ledger state of the data source, empirical audit, evaluation per slice, blessing "
+                                   "decision, lineage and serving versions (docs/reports.md). The same report.html "
+                                   "and report.json are written beside every pushed version.")
+    _workdir_flag(p)
+    p.add_argument("--model-name", default=None, help="pushed model name (default: the only one)")
+    p.add_argument("--version", default=None, help="pushed version (default: the latest)")
+    p.add_argument("--html", default=None, metavar="FILE", help="write the self-contained HTML page to FILE")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (default: a text summary)")
+
+
+def _cmd_report(args) -> int:
+    from dp_training.ledger import LedgerError
+    from pipeline.audit_report import ReportError, collect, format_text
+
+    try:
+        report = collect(os.path.abspath(args.workdir), args.model_name, args.version, getattr(args, "ledger", None))
+        if args.html:
+            from pipeline.report_html import render_html
+
+            with open(args.html, "w") as f:
+                f.write(render_html(report))
+    except (ReportError, FileNotFoundError, LedgerError, OSError) as e:
+        print(f"privtrain report: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1, sort_keys=True) if args.json else format_text(report))
+    if args.html:
+        print(f"HTML report: {os.path.abspath(args.html)}", file=sys.stderr)
+    return 0
+
+
 def _cmd_privacy(args) -> int:
     from pipeline.report import report
 
@@ -348,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)
     _add_serve_parser(sub)
     _add_privacy_parsers(sub)
+    _add_report_parser(sub)
     _add_predict_parser(sub)
     from encrypted_serving.cli import add_party_parser
 
@@ -357,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "privacy": _cmd_privacy, "budget": _cmd_budget,
-            "predict": _cmd_predict, "simulate": _cmd_simulate,
+            "predict": _cmd_predict, "report": _cmd_report, "simulate": _cmd_simulate,
             "encrypted-party": lambda args: __import__("encrypted_serving.cli").cli.cmd_party(args)}
 
 

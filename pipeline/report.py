@@ -8,24 +8,18 @@ from typing import Any, Dict, List
 
 from ml_metadata.proto import metadata_store_pb2
 
-from pipeline.metadata import custom_properties, load_slice_metrics, open_store
+from pipeline.evaluation import defined_metrics, executions_with_input, model_evaluation
+from pipeline.metadata import custom_properties, open_store
 
 
-
-def _downstream(store, artifact_id: int) -> Dict[str, List[Any]]:
-    """Outputs of the executions that consumed the artifact, by output key."""
-    consumers = {e.execution_id for e in store.get_events_by_artifact_ids([artifact_id])
-                 if e.type == metadata_store_pb2.Event.INPUT}
-    outputs: Dict[str, List[Any]] = {}
-    if not consumers:
-        return outputs
-    events = [e for e in store.get_events_by_execution_ids(list(consumers))
-              if e.type == metadata_store_pb2.Event.OUTPUT]
-    artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
-    for event in events:
-        key = event.path.steps[0].key if event.path.steps else "?"
-        outputs.setdefault(key, []).append(artifacts[event.artifact_id])
-    return outputs
+def _pushes(store, model_id: int) -> List[Dict[str, Any]]:
+    """Properties of the PushedModel outputs of the Pusher runs whose ``model`` input is this model."""
+    out = []
+    for execution in executions_with_input(store, model_id, "model", "Pusher"):
+        ids = [e.artifact_id for e in store.get_events_by_execution_ids([execution.id])
+               if e.type == metadata_store_pb2.Event.OUTPUT]
+        out += [custom_properties(a) for a in store.get_artifacts_by_id(ids)]
+    return out
 
 
 def collect(metadata_path: str) -> List[Dict[str, Any]]:
@@ -37,23 +31,20 @@ def collect(metadata_path: str) -> List[Dict[str, Any]]:
             props = custom_properties(model)
             text = props.get("privacy_guarantee")
             privacy = json.loads(text) if isinstance(text, str) and text else {}
-            downstream = _downstream(store, model.id)
-            metrics = {}
-            for evaluation in downstream.get("evaluation", [])[-1:]:
-                try:
-                    metrics = load_slice_metrics(evaluation.uri).get("Overall", {})
-                except Exception:  # noqa: BLE001 - an unreadable evaluation is reported as missing
-                    metrics = {}
-            blessings = downstream.get("blessing", [])
-            pushes = [custom_properties(p) for p in downstream.get("pushed_model", [])]
-            pushed = [p.get("pushed_destination") for p in pushes if p.get("pushed")]
+            # The model's own evaluation: the Evaluator run whose candidate ``model`` it was (a later run that
+            # used it as its ``baseline_model`` is that later model's evaluation).
+            evaluation = model_evaluation(store, model.id) or {}
+            overall = defined_metrics(evaluation.get("metrics", {}).get("Overall", {}))
+            pushed = [p.get("pushed_destination") for p in _pushes(store, model.id) if p.get("pushed")]
             rows.append({
                 "model_id": model.id, "uri": model.uri, "trainer": props.get("trainer_kind", "?"),
                 "private": bool(props.get("private", 0)), "privacy": privacy,
                 "source_id": privacy.get("source_id"),
-                "metrics": {k: metrics[k] for k in ("auc", "binary_accuracy", "precision", "recall")
-                            if k in metrics},
-                "blessed": bool(custom_properties(blessings[-1]).get("blessed", 0)) if blessings else None,
+                "metrics": {k: overall[k] for k in ("auc", "binary_accuracy", "precision", "recall")
+                            if k in overall},
+                "blessed": evaluation.get("blessed"),
+                "blessing_reason": evaluation.get("reason"),
+                "baseline_model_id": (evaluation.get("baseline") or {}).get("model_id"),
                 "pushed_to": pushed[-1] if pushed else None,
             })
     return rows
@@ -65,6 +56,13 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return "inf" if math.isinf(value) else f"{value:.4g}"
     return str(value)
+
+
+def _metric(row: Dict[str, Any], name: str) -> str:
+    """A metric of the model's own evaluation: "undefined" (never 0) when TFMA could not define it."""
+    if name not in row["metrics"]:
+        return "-"
+    return "undefined" if row["metrics"][name] is None else _fmt(row["metrics"][name])
 
 
 def format_report(rows: List[Dict[str, Any]]) -> str:
@@ -82,10 +80,13 @@ def format_report(rows: List[Dict[str, Any]]) -> str:
                       _fmt(p.get("delta")), _fmt(p.get("neighbouring_relation")), _fmt(p.get("accountant")),
                       _fmt(params.get("noise_multiplier")), _fmt(params.get("steps")),
                       _fmt(audit.get("epsilon_lower_bound")),
-                      _fmt(r["metrics"].get("auc")), _fmt(r["metrics"].get("binary_accuracy")),
+                      _metric(r, "auc"), _metric(r, "binary_accuracy"),
                       {True: "yes", False: "no", None: "-"}[r["blessed"]], r["pushed_to"] or "no"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines.append("")
+    lines += [f"model {r['model_id']}: {r['blessing_reason']}" for r in rows if r.get("blessing_reason")]
+    return "\n".join(lines)
 
 
 def report(metadata_path: str, as_json: bool = False) -> str:

@@ -39,6 +39,7 @@ class RunSummary:
     model_properties: Dict[str, object] = dataclasses.field(default_factory=dict)
     error: Optional[str] = None
     min_slice_size: Optional[int] = None
+    blessing_reason: Optional[str] = None  # why the model was (not) blessed (pipeline.evaluation)
 
     def outputs(self, node_id: str, key: str):
         for record in self.components:
@@ -50,8 +51,16 @@ class RunSummary:
         return {"pipeline": self.pipeline_name, "wall_seconds": round(self.wall_seconds, 2),
                 "components": [{"component": c.node_id, "state": c.state, "seconds": round(c.seconds, 2)}
                                for c in self.components],
-                "metrics": visible_slices(self.metrics, self.min_slice_size or 30), "blessed": self.blessed, "pushed_path": self.pushed_path,
+                "metrics": _public_metrics(visible_slices(self.metrics, self.min_slice_size or 30)), "blessed": self.blessed,
+                "blessing_reason": self.blessing_reason, "pushed_path": self.pushed_path,
                 "model_uri": self.model_uri, "model_properties": self.model_properties, "error": self.error}
+
+
+def _public_metrics(metrics: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, Optional[float]]]:
+    """The shown metrics per slice, undefined ones (one class, no positives) as None (JSON null), never 0."""
+    from pipeline.evaluation import defined_metrics
+
+    return {name: defined_metrics(values) for name, values in metrics.items()}
 
 
 class _ProgressReporter:
@@ -144,6 +153,10 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
         cause = root_cause(error)
         summary.error = f"{type(cause).__name__}: {cause}"
         raise PipelineRunError(summary.error, summary, cause) from error
+    if summary.pushed_path:  # the audit report beside the pushed version (docs/reports.md)
+        from pipeline.audit_report import write_pushed_report
+
+        write_pushed_report(config.workdir, summary.pushed_path, config.privacy.get("ledger"))
     return summary
 
 
@@ -180,6 +193,10 @@ def summarize(config: RunConfig, pipeline_name: str, before: set, wall_seconds: 
         blessings = summary.outputs("Evaluator", "blessing")
         if blessings:
             summary.blessed = bool(custom_properties(blessings[0]).get("blessed", 0))
+        if models and (evaluations or blessings):
+            from pipeline.evaluation import model_evaluation
+
+            summary.blessing_reason = (model_evaluation(store, models[0].id) or {}).get("reason")
         pushes = summary.outputs("Pusher", "pushed_model")
         if pushes:
             props = custom_properties(pushes[0])
@@ -249,11 +266,12 @@ def format_summary(summary: RunSummary) -> str:
         shown = visible_slices(summary.metrics, summary.min_slice_size or DEFAULT_MIN_SLICE_SIZE)
         names = ["auc", "binary_accuracy", "precision", "recall", "example_count"]
         lines += ["", f"{'slice':<36}" + "".join(f"{n:>16}" for n in names)]
+        from pipeline.evaluation import defined_metrics, format_metric
+
         for slice_name in sorted(shown, key=lambda s: (s != "Overall", s)):
-            values = shown[slice_name]
+            values = defined_metrics(shown[slice_name])  # undefined (one class, no positives): "undefined"
             lines.append(f"{slice_name:<36}" + "".join(
-                f"{values[n]:>16.4f}" if n in values and n != "example_count"
-                else f"{int(values[n]):>16d}" if n in values else f"{'-':>16}" for n in names))
+                f"{format_metric(n, values[n]):>16}" if n in values else f"{'-':>16}" for n in names))
         hidden = len(summary.metrics) - len(shown)
         if hidden:
             lines.append(f"({hidden} slice(s) with fewer than {summary.min_slice_size or DEFAULT_MIN_SLICE_SIZE} "
@@ -262,7 +280,8 @@ def format_summary(summary: RunSummary) -> str:
     if guarantee is not None:
         lines += ["", format_guarantee(guarantee)]
     if summary.blessed is not None:
-        lines += ["", f"blessed: {'yes' if summary.blessed else 'no'}"]
+        lines += ["", f"blessed: {'yes' if summary.blessed else 'no'}"
+                  + (f" ({summary.blessing_reason.split(': ', 1)[-1]})" if summary.blessing_reason else "")]
     lines.append(f"pushed: {summary.pushed_path or 'no'}")
     if summary.error:
         lines += ["", f"error: {summary.error}"]
