@@ -42,6 +42,9 @@ def _add_run_parser(sub) -> None:
     priv.add_argument("--min-slice-size", type=int, default=None,
                       help="evaluation slices with fewer rows are suppressed in summaries and reports (default 30)")
     p.add_argument("--no-cache", action="store_true", help="re-run every component")
+    p.add_argument("--validate-only", action="store_true",
+                   help="run only the data gate (ingestion, statistics, schema/range/drift/skew validation); "
+                        "nothing is trained, charged or pushed")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     # Flags several trainer kinds share are declared once, without defaults: each kind applies its own.
     common = p.add_argument_group("training (every trainer kind; defaults depend on the kind)")
@@ -83,7 +86,14 @@ class _DedupParser:
 
 def _cmd_run(args) -> int:
     from dp_training.ledger import LedgerError
-    from dp_training.dataset import DatasetError
+    from dp_training.dataset import DatasetError, load_dataset
+    from pipeline.data_gate import check_raw_data
+
+    try:  # damaged files: one line naming file, line and problem, in a second, before TFX is even imported
+        check_raw_data(load_dataset(args.data))
+    except DatasetError as e:
+        print(f"privtrain: {e}", file=sys.stderr)
+        return 2
     from pipeline.runner import PipelineRunError, format_summary, run_pipeline
 
     module = trainer_module(args.trainer)
@@ -95,7 +105,8 @@ def _cmd_run(args) -> int:
     config = RunConfig(data_dir=args.data, workdir=os.path.abspath(args.workdir), trainer=args.trainer,
                        trainer_args=trainer_args, model_name=args.model_name, min_auc=args.min_auc,
                        max_auc_drop=args.max_auc_drop, enable_cache=not args.no_cache,
-                       allow_non_private=args.allow_non_private, privacy=privacy)
+                       allow_non_private=args.allow_non_private, privacy=privacy,
+                       validate_only=args.validate_only)
     try:
         summary = run_pipeline(config)
     except (DatasetError, LedgerError, ValueError) as e:

@@ -29,6 +29,7 @@ class RunConfig:
     # Run-level privacy arguments (dp_training.protocol.PRIVACY_DEFAULTS): target_epsilon, delta, accountant,
     # preprocessing_epsilon, budget_epsilon, budget_delta, ledger, audit_canaries, min_slice_size.
     privacy: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    validate_only: bool = False  # run the data gate only (ingestion, statistics, validation): nothing trained
 
     def privacy_args(self) -> Dict[str, Any]:
         out = {k: v for k, v in self.privacy.items() if v is not None}

@@ -87,6 +87,13 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec) -> tfx.dsl.Pipeline:
         schema = schema_gen.outputs["schema"]
     validator = StrictExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema,
                                        comparators=load_comparators(spec))  # drift/skew limits of dataset.json
+    if config.validate_only:  # the data gate alone: nothing is trained, nothing is pushed
+        return tfx.dsl.Pipeline(
+            pipeline_name=pipeline_name(spec, config.trainer), pipeline_root=config.pipeline_root,
+            components=components + [validator], enable_cache=config.enable_cache,
+            metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
+                config.metadata_path),
+            beam_pipeline_args=BEAM_ARGS)
     transform = tfx.components.Transform(
         examples=example_gen.outputs["examples"], schema=schema,
         preprocessing_fn="pipeline.transform.preprocessing_fn",

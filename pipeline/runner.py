@@ -132,11 +132,12 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
 
     spec = load_dataset(config.data_dir)
     spec.require_privacy()
-    from pipeline.ingest import check_raw_data
+    from pipeline.data_gate import check_raw_data
 
     check_raw_data(spec)  # the data gate's structural half: one line naming file, line and problem
     os.makedirs(config.workdir, exist_ok=True)
-    preflight(config, spec)
+    if not config.validate_only:  # nothing is trained or charged when only the data gate runs
+        preflight(config, spec)
     pipeline = create_pipeline(config, spec)
     started = time.time()
     absl_logging.get_absl_handler().setLevel(logging.ERROR)

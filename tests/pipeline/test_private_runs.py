@@ -22,6 +22,7 @@ SOURCE = "adult-sample-private-runs"
 
 # What may leave the trust boundary with a pushed model (docs/privacy_model.md).
 PUSHED_FILES = {"saved_model.pb", "keras_metadata.pb", "fingerprint.pb", "privacy.json", "training.json",
+                "report.json", "report.html",
                 "assets.extra/preprocessing.json", "assets.extra/dataset.json", "variables/variables.index",
                 "variables/variables.data-00000-of-00001"}
 
