@@ -109,7 +109,8 @@ def _cmd_run(args) -> int:
                        trainer_args=trainer_args, model_name=args.model_name, min_auc=args.min_auc,
                        max_auc_drop=args.max_auc_drop, enable_cache=not args.no_cache,
                        allow_non_private=args.allow_non_private, privacy=privacy,
-                       validate_only=args.validate_only)
+                       validate_only=args.validate_only,
+                       **({"hidden_units": tuple(args.hidden_units)} if args.hidden_units else {}))
     try:
         summary = run_pipeline(config)
     except (DatasetError, LedgerError, ValueError) as e:
