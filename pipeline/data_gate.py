@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import codecs
 import csv
+import json
+import math
 import os
 from typing import Dict, Iterable, List
 
-from dp_training.dataset import DatasetError, DatasetSpec, RowError, parse_row
+from dp_training.dataset import DESCRIPTION_FILE, DatasetError, DatasetSpec, RowError, parse_row
 
 
 class IngestionError(DatasetError):
@@ -24,6 +26,9 @@ class IngestionError(DatasetError):
 
 
 NOTHING_RUN = "Nothing was trained or pushed."
+# dataset.json's "validation" section (checked by TFDV in pipeline/validation.py): comparator -> the splits compared
+COMPARATORS = {"drift": "eval vs train", "skew": "train vs eval (as serving data)"}
+STATISTICS = ("infinity_norm", "jensen_shannon_divergence")
 
 
 def clean_row(spec: DatasetSpec, cells: List[str], where: str) -> List[str]:
@@ -77,6 +82,7 @@ def check_raw_data(spec: DatasetSpec) -> Dict[str, str]:
     """The data gate's structural half, before anything runs: reads every file of every split with the
     ingestion's rule. Raises :class:`IngestionError` (one line: file, line, problem, fix) on the first problem;
     an empty split is one too. Returns {split: "ok"}."""
+    load_comparators(spec)  # a bad "validation" section is refused here too
     out = {}
     for split in sorted(spec.splits):
         files = spec.split_files(split)
@@ -94,4 +100,39 @@ def check_raw_data(spec: DatasetSpec) -> Dict[str, str]:
             raise IngestionError(f"{names} line 1: the {split} split has no data rows (the file is empty or "
                                  f"blank); put the {split} rows in it. {NOTHING_RUN}")
         out[split] = "ok"
+    return out
+
+
+def load_comparators(spec: DatasetSpec) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """``dataset.json``'s ``validation`` section, checked ({} when absent). Raises DatasetError with the fix."""
+    path = os.path.join(spec.directory, DESCRIPTION_FILE)
+    with open(path) as f:
+        section = json.load(f).get("validation")
+    if section is None:
+        return {}
+    example = ('e.g. "validation": {"drift": {"sex": {"infinity_norm": 0.1}}, '
+               '"skew": {"age": {"jensen_shannon_divergence": 0.1}}}')
+    if not isinstance(section, dict) or set(section) - set(COMPARATORS):
+        raise DatasetError(f"{path}: \"validation\" may hold \"drift\" and \"skew\" only; {example}")
+    features = {c.name for c in spec.feature_columns} | {spec.label_feature}
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for kind, by_feature in section.items():
+        if not isinstance(by_feature, dict):
+            raise DatasetError(f"{path}: validation.{kind} must map feature names to statistics; {example}")
+        for feature, stats in by_feature.items():
+            if feature not in features:
+                raise DatasetError(f"{path}: validation.{kind} names {feature!r}, which is not a feature; "
+                                   f"use one of {', '.join(sorted(features))}")
+            if not isinstance(stats, dict) or not stats:
+                raise DatasetError(f"{path}: validation.{kind}.{feature} must map a statistic to a threshold; "
+                                   f"{example}")
+            for stat, threshold in stats.items():
+                if stat not in STATISTICS:
+                    raise DatasetError(f"{path}: validation.{kind}.{feature}: unknown statistic {stat!r}; use "
+                                       f"{' or '.join(STATISTICS)}")
+                if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                        or not (0 < threshold <= 1) or math.isnan(threshold):
+                    raise DatasetError(f"{path}: validation.{kind}.{feature}.{stat} must be a threshold in "
+                                       f"(0, 1], got {threshold!r}")
+                out.setdefault(kind, {}).setdefault(feature, {})[stat] = float(threshold)
     return out

@@ -19,8 +19,6 @@ each feature, split and statistic.
 from __future__ import annotations
 
 import json
-import math
-import os
 from typing import Any, Dict, List, Optional
 
 from tfx.components import ExampleValidator
@@ -30,50 +28,13 @@ from tfx.types import standard_component_specs
 from tfx.types.component_spec import ExecutionParameter
 from tfx.utils import json_utils
 
-from dp_training.dataset import DESCRIPTION_FILE, DatasetError, DatasetSpec
+from pipeline.data_gate import COMPARATORS, STATISTICS, load_comparators  # noqa: F401 (re-exported)
 
-COMPARATORS = {"drift": "eval vs train", "skew": "train vs eval (as serving data)"}
-STATISTICS = ("infinity_norm", "jensen_shannon_divergence")
 COMPARATORS_KEY = "comparators"
 
 
 class DataValidationError(RuntimeError):
     """The data does not match the reference schema or drifted; nothing was trained or pushed."""
-
-
-def load_comparators(spec: DatasetSpec) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """``dataset.json``'s ``validation`` section, checked ({} when absent). Raises DatasetError with the fix."""
-    path = os.path.join(spec.directory, DESCRIPTION_FILE)
-    with open(path) as f:
-        section = json.load(f).get("validation")
-    if section is None:
-        return {}
-    example = ('e.g. "validation": {"drift": {"sex": {"infinity_norm": 0.1}}, '
-               '"skew": {"age": {"jensen_shannon_divergence": 0.1}}}')
-    if not isinstance(section, dict) or set(section) - set(COMPARATORS):
-        raise DatasetError(f"{path}: \"validation\" may hold \"drift\" and \"skew\" only; {example}")
-    features = {c.name for c in spec.feature_columns} | {spec.label_feature}
-    out: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for kind, by_feature in section.items():
-        if not isinstance(by_feature, dict):
-            raise DatasetError(f"{path}: validation.{kind} must map feature names to statistics; {example}")
-        for feature, stats in by_feature.items():
-            if feature not in features:
-                raise DatasetError(f"{path}: validation.{kind} names {feature!r}, which is not a feature; "
-                                   f"use one of {', '.join(sorted(features))}")
-            if not isinstance(stats, dict) or not stats:
-                raise DatasetError(f"{path}: validation.{kind}.{feature} must map a statistic to a threshold; "
-                                   f"{example}")
-            for stat, threshold in stats.items():
-                if stat not in STATISTICS:
-                    raise DatasetError(f"{path}: validation.{kind}.{feature}: unknown statistic {stat!r}; use "
-                                       f"{' or '.join(STATISTICS)}")
-                if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
-                        or not (0 < threshold <= 1) or math.isnan(threshold):
-                    raise DatasetError(f"{path}: validation.{kind}.{feature}.{stat} must be a threshold in "
-                                       f"(0, 1], got {threshold!r}")
-                out.setdefault(kind, {}).setdefault(feature, {})[stat] = float(threshold)
-    return out
 
 
 def describe_anomalies(anomalies, split: str, only_comparators: bool = False,
