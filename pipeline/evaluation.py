@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Dict, List, Optional
 
 from ml_metadata.proto import metadata_store_pb2
@@ -82,11 +83,19 @@ def executions_with_input(store, artifact_id: int, input_key: str, type_suffix: 
     return sorted(executions, key=lambda e: (e.create_time_since_epoch, e.id))
 
 
+def _snake(value):
+    if isinstance(value, dict):
+        return {re.sub(r"(?<!^)([A-Z])", r"_\1", k).lower(): _snake(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_snake(v) for v in value]
+    return value
+
+
 def _thresholds(eval_config_json: str) -> Dict[str, Optional[float]]:
     """min_auc and max_auc_drop from the Evaluator's recorded eval_config (the overall AUC threshold)."""
     out: Dict[str, Optional[float]] = {"min_auc": None, "max_auc_drop": None}
     try:
-        config = json.loads(eval_config_json)
+        config = _snake(json.loads(eval_config_json))  # TFX records snake_case; protobuf's default is camelCase
     except (TypeError, ValueError):
         return out
     for spec in config.get("metrics_specs", []):
