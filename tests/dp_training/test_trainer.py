@@ -47,7 +47,7 @@ def _clipped_sum(model, x, y, clip):
     return total
 
 
-@pytest.mark.parametrize("path", ["fast_gradient_clipping", "vectorized_optimizer"])
+@pytest.mark.parametrize("path", ["fused_dense", "fast_gradient_clipping", "vectorized_optimizer"])
 def test_update_is_clipped_sum_over_expected_batch_size(path):
     lr, clip = 0.5, 0.05
     model, st = _stepper(path, 0.0, clip, lr)
@@ -61,7 +61,7 @@ def test_update_is_clipped_sum_over_expected_batch_size(path):
         np.testing.assert_allclose(b - v.numpy(), lr * g.numpy() / 40.0, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("path", ["fast_gradient_clipping", "vectorized_optimizer"])
+@pytest.mark.parametrize("path", ["fused_dense", "fast_gradient_clipping", "vectorized_optimizer"])
 def test_noise_std_is_sigma_times_clip_over_expected_batch(path):
     lr, clip, sigma = 1.0, 0.5, 2.0
     model, st = _stepper(path, sigma, clip, lr)
@@ -85,6 +85,34 @@ def test_noise_std_is_sigma_times_clip_over_expected_batch(path):
     got = (d - d.mean(axis=0)).std()  # the clipped sum is the same every time; noise varies
     assert got == pytest.approx(want, rel=0.1)
     assert np.array(noise_only).std() == pytest.approx(want, rel=0.1)
+
+
+def test_fused_dense_equals_naive_per_example_clipping_on_an_mlp():
+    """The fused path on the platform's shape of model (parameter-free features, ReLU Dense chain): the update
+    equals the clipped per-example gradients (computed one example at a time) summed over the expected batch."""
+    tf.random.set_seed(4)
+    model = build_model(hidden=8)
+    assert trainer_mod.supports_fused_dense(model)
+    clip, lr, n, expected_batch = 0.3, 0.7, 400, 40
+    plan = {"noise_multiplier": 0.0, "l2_norm_clip": clip, "learning_rate": lr, "args": {"momentum": 0.0},
+            "sampling_rate": expected_batch / n, "num_rows": n}
+    specs = {"num": tf.TensorSpec((None, 4), tf.float32), "cat": tf.TensorSpec((None, 1), tf.int64)}
+    st = trainer_mod._DPStepper(model, "fused_dense", plan, specs)
+    x, y = make_data(12, seed=9)
+    loss_fn = tf.keras.losses.BinaryCrossentropy(from_logits=True)
+    want = [tf.zeros_like(v) for v in model.trainable_variables]
+    for i in range(12):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y[i:i + 1].reshape(-1, 1), model({k: v[i:i + 1] for k, v in x.items()}))
+        g = tape.gradient(loss, model.trainable_variables)
+        f = min(1.0, clip / float(tf.sqrt(sum(tf.reduce_sum(t * t) for t in g))))
+        want = [a + b * f for a, b in zip(want, g)]
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    st.step({k: tf.constant(v) for k, v in x.items()}, tf.constant(y.reshape(-1, 1)))
+    for b, v, g in zip(before, model.trainable_variables, want):
+        np.testing.assert_allclose(b - v.numpy(), lr * g.numpy() / expected_batch, rtol=1e-4, atol=1e-7)
+    # not the platform's shape: a trainable layer before the Dense chain
+    assert not trainer_mod.supports_fused_dense(_ln_model())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,7 +191,7 @@ def test_trains_fast_path_and_reports_what_it_released(tmp_path):
     plan = plan_training(plan_inputs(args, 600))
     ctx, logs = make_context(tmp_path, args, plan)
     out = DPSGDTrainer().train(ctx)
-    assert out.public_details["dp_path"] == "fast_gradient_clipping"
+    assert out.public_details["dp_path"] == "fused_dense"
     assert out.released_event == accounting.dp_event(0.8, 60 / 600, 40, "poisson")
     assert 0.0 <= out.private_details["mia_auc"] <= 1.0
     assert out.private_details["eval_accuracy"] > 0.6  # learned something
