@@ -338,7 +338,11 @@ def parse_row(spec: DatasetSpec, cells: Sequence[str], where: str) -> List[str]:
 
 def iter_file_rows(spec: DatasetSpec, path: str, opener=open):
     """Yields ``(where, parsed cells)`` for every non-blank line of one raw file (blank lines are skipped, as
-    the pipeline's ingestion does; every other line is parsed or raises)."""
+    the pipeline's ingestion does; every other line is parsed or raises). A UTF-8 byte-order mark and CRLF or
+    CR line endings read like the plain file (as the pipeline's data gate accepts them)."""
+    if opener is open:
+        def opener(p, mode):  # noqa: E306
+            return open(p, mode, encoding="utf-8-sig", newline="")
     with opener(path, "r") as f:
         for lineno, cells in enumerate(csv.reader(f, delimiter=spec.delimiter), start=1):
             if not cells or all(not c.strip() for c in cells):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import dp_accounting
 
@@ -250,12 +250,15 @@ class PrivateRunResult:
 def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mapping[str, Any],
                          privacy_args: Optional[Mapping[str, Any]], train_x, train_y, eval_x, eval_y,
                          scratch_dir: str, kind, log=print, hidden_units=(64, 64),
-                         not_covered: Tuple[str, ...] = (), ledger=None) -> PrivateRunResult:
+                         not_covered: Tuple[str, ...] = (), ledger=None,
+                         numeric_keys: Optional[Sequence[str]] = None) -> PrivateRunResult:
     """The whole protocol for one run on model inputs already transformed with the public transform
     (``dp_training.features``): plan -> reserve -> DP normalisation -> train -> finish -> guarantee.
 
     Used by the pipeline's Trainer executor and by code that trains without TFX (benchmarks, studies,
-    the federated simulator): the same plan, ledger rules and guarantee everywhere."""
+    the federated simulator): the same plan, ledger rules and guarantee everywhere. ``numeric_keys``: the
+    features the DP normalisation covers (default every numeric feature; ``[]``: none, the model then
+    standardises nothing beyond the public [0, 1] scaling)."""
     import os
 
     from dp_training.contract import TrainerContext, TrainingInterrupted
@@ -263,7 +266,9 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
     from dp_training.model import bucket_sizes, build_model
     from dp_training.preprocessing import release_normalization
 
-    numeric_keys = [numeric_key(c) for c in spec.numeric_features]
+    if numeric_keys is None:
+        numeric_keys = [numeric_key(c) for c in spec.numeric_features]
+    numeric_keys = list(numeric_keys)
     source = spec.require_privacy()
     exact = int(len(train_y)) if source.relation == ev.REPLACE_ONE else None
     plan = plan_run(spec, kind_name, kind, trainer_args, privacy_args, numeric_keys, exact_rows=exact)
@@ -278,7 +283,8 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
         train_x, train_y, audit_setup = _insert_canaries(spec, train_x, train_y, canaries_m)
         log(f"audit: {canaries_m} synthetic canaries, each inserted with probability 1/2")
     try:
-        stats = release_normalization(plan.preprocessing, {k: train_x[k] for k in numeric_keys})
+        stats = (release_normalization(plan.preprocessing, {k: train_x[k] for k in numeric_keys})
+                 if numeric_keys else None)
         buckets = bucket_sizes(spec)
         os.makedirs(scratch_dir, exist_ok=True)
         context = TrainerContext(

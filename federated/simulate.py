@@ -63,11 +63,8 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print, da
 
     ``data`` (a :class:`federated.data.TabularData` of the same ``data_dir``) skips loading, e.g. to reuse one
     load across runs."""
-    from dp_training.contract import TrainerContext, TrainingInterrupted
     from dp_training.features import numeric_key
-    from dp_training.model import bucket_sizes, build_model
-    from dp_training.preprocessing import release_normalization
-    from dp_training.protocol import RunProtocol, plan_run, planning_rows
+    from dp_training.protocol import planning_rows, run_private_training
     from federated.data import load_tabular
     from federated.trainer import FederatedTrainer, resolve_partition_clients
 
@@ -82,34 +79,14 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print, da
     args = resolve_partition_clients(spec, config.trainer_args())
     # DP normalisation is accounted per row: only for a row unit (column units use the public scaling alone).
     numeric_keys = [numeric_key(c) for c in spec.numeric_features] if source.unit == "row" else []
-    plan = plan_run(spec, kind.name, kind, args, dict(config.privacy), numeric_keys, exact_rows=exact)
-    if plan.private:
-        log(f"[federated] privacy plan: {plan.training.mechanism}; planned epsilon {plan.planned_epsilon():.4g} "
-            f"at delta {plan.delta:.3g} ({plan.accountant}, {source.relation} of one {source.unit_name})")
-    protocol = RunProtocol(plan)
-    protocol.reserve()
     output_dir = config.output_dir
     scratch = output_dir or tempfile.mkdtemp(prefix="privtrain-federated-")
-    os.makedirs(scratch, exist_ok=True)
-    try:
-        stats = (release_normalization(plan.preprocessing, {k: data.train_features[k] for k in numeric_keys})
-                 if numeric_keys else None)
-        buckets = bucket_sizes(spec)
-        hidden = tuple(config.hidden)
-        context = TrainerContext(
-            dataset_name=spec.name, train_features=data.train_features, train_labels=data.train_labels,
-            eval_features=data.eval_features, eval_labels=data.eval_labels,
-            build_model=lambda: build_model(spec, buckets, stats, hidden), args=args, plan=plan.training,
-            scratch_dir=scratch, source=source, log=log)
-        outcome = kind.train(context)
-    except TrainingInterrupted as e:
-        protocol.fail(e.released_event, "cancelled" if isinstance(e.cause, KeyboardInterrupt) else "failed")
-        raise e.cause from None
-    except BaseException:
-        protocol.fail(None, "failed")
-        raise
-    guarantee = protocol.finish(outcome, not_covered=not_covered(spec))
-    log(f"[federated] privacy: {guarantee.statement()}")
+    result = run_private_training(
+        spec, kind.name, args, dict(config.privacy), data.train_features, data.train_labels, data.eval_features,
+        data.eval_labels, scratch_dir=scratch, kind=kind,
+        log=lambda m: log(m if m.startswith("[federated]") else f"[federated] {m}"),
+        hidden_units=tuple(config.hidden), not_covered=not_covered(spec), numeric_keys=numeric_keys)
+    outcome, guarantee = result.outcome, result.guarantee
     details = outcome.private_details
     files = dict(details.get("files") or {})
     if output_dir:
