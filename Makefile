@@ -27,7 +27,12 @@ test-slow: setup  ## long tests: full-data runs and other slow checks
 bench: setup  ## benchmarks, each comparison measured side by side in one run; results under bench-results/
 	mkdir -p bench-results
 	$(PLATFORM_PY) simulations/bench_pipeline.py --output bench-results
-	$(PLATFORM_PY) simulations/bench_dp.py all --seeds 0 1 | tee bench-results/dp.txt
+	$(PLATFORM_PY) simulations/bench_dp.py speed --epochs 6 | tee bench-results/dp-speed.txt
+	$(PLATFORM_PY) simulations/bench_dp.py utility --eps 1 --seeds 0 1 2 --clip 1 --batch 2048 --epochs 20 --lr 1 \
+	  --hidden 32 --json bench-results/dp-utility-eps1.json | tee bench-results/dp-utility-eps1.txt
+	$(PLATFORM_PY) simulations/bench_dp.py utility --eps 3 --seeds 0 1 2 --clip 0.5 --batch 2048 --epochs 40 --lr 1 \
+	  --json bench-results/dp-utility-eps3.json | tee bench-results/dp-utility-eps3.txt
+	$(PLATFORM_PY) simulations/bench_dp.py audit --eps 1 3 --canaries 1000 --json bench-results/dp-audit.json
 	$(PLATFORM_PY) simulations/bench_federated.py --accuracy-rounds 30 --stock --json bench-results/federated.json
 	$(PLATFORM_PY) simulations/bench_serving.py --json bench-results/serving.json
 	$(PLATFORM_PY) simulations/bench_encrypted.py --json bench-results/encrypted.json
