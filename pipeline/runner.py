@@ -265,6 +265,8 @@ def format_summary(summary: RunSummary) -> str:
              f"in {summary.wall_seconds:.1f}s", "", f"{'component':<28} {'state':<10} {'seconds':>8}"]
     for c in summary.components:
         lines.append(f"{c.node_id:<28} {c.state:<10} {c.seconds:8.1f}")
+    lines.append("(timings are operational: they grow with the private data's size and are not covered by the "
+                 "privacy guarantee; keep them with the operator)")
     if summary.metrics:
         from dp_training.protocol import DEFAULT_MIN_SLICE_SIZE
 
