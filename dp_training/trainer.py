@@ -575,8 +575,8 @@ class DPSGDTrainer:
                                            y_eval[ev_idx])
             res["mia_rows"] = m
             private.update(res)
-            log(f"dp_sgd: membership inference check AUC {res['mia_auc']:.4f} (0.5 = chance; private, "
-                "computed on training rows)")
+            log("dp_sgd: membership inference check done (its AUC is computed on training rows: private, in "
+                "private_details.json in the workdir)")
         return TrainingOutcome(model=model, released_event=released(steps_done), public_details=public,
                                private_details=private)
 

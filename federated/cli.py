@@ -126,8 +126,11 @@ def run_simulate(ns: argparse.Namespace) -> int:
 
         print(f"privtrain simulate federated: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"privacy": res.privacy, "files": res.files,
-                      "private_not_covered": {"final": res.final}}, indent=1, default=str))
+    # Public facts only on stdout (the guarantee, the files, eval metrics on the eval split): training losses,
+    # counts and timings are in the private metrics file.
+    public = {k: res.final[k] for k in ("rounds", "clients", "clients_per_round", "eval_accuracy", "eval_loss")
+              if k in res.final}
+    print(json.dumps({"privacy": res.privacy, "files": res.files, "final": public}, indent=1, default=str))
     return 0
 
 

@@ -291,5 +291,6 @@ def format_summary(summary: RunSummary) -> str:
                   + (f" ({summary.blessing_reason.split(': ', 1)[-1]})" if summary.blessing_reason else "")]
     lines.append(f"pushed: {summary.pushed_path or 'no'}")
     if summary.error:
-        lines += ["", f"error: {summary.error}"]
+        lines += ["", f"error: {summary.error}",
+                  "(diagnostics about the data are for its owner: they are not covered by the privacy guarantee)"]
     return "\n".join(lines)
