@@ -25,7 +25,6 @@ Sampling semantics
 from __future__ import annotations
 
 import math
-from typing import Dict
 
 import dp_accounting
 
@@ -39,12 +38,6 @@ DEFAULT_ACCOUNTANT = "pld"
 # PLD discretisation: 1e-4 is dp_accounting's default and gives epsilons accurate to ~1e-3 for
 # the step counts of DP-SGD; the result is a valid upper bound (pessimistic discretisation).
 PLD_VALUE_DISCRETIZATION = 1e-4
-
-SAMPLING_METHOD_LABELS: Dict[str, str] = {
-    "poisson": "poisson (amplification by Poisson subsampling, add/remove-one)",
-    "shuffle": "shuffle (fixed-size shuffled batches, no amplification: one Gaussian release "
-               "per epoch, zero-out neighbours)",
-}
 
 
 def _check_number(name: str, value, fix: str) -> float:

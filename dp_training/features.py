@@ -20,9 +20,6 @@ def categorical_key(name: str) -> str:
     return f"{_safe(name)}_id"
 
 
-def vocabulary_name(name: str) -> str:
-    return f"vocab_{_safe(name)}"
-
 
 # -- the public transform in numpy (the pipeline's Transform graph computes the same in TensorFlow) ----------
 def scale_numeric_np(values, low: float, high: float, log1p: bool):
