@@ -4,7 +4,6 @@ Public API (stable; other packages, e.g. ``federated/``, call it):
 
     compute_epsilon(noise_multiplier, sampling_rate, steps, delta, accountant="pld", sampling="poisson")
     dp_event(noise_multiplier, sampling_rate, steps, sampling="poisson")
-    make_accountant(accountant)
     epsilon_of_event(event, delta, accountant="pld")
 
 Sampling semantics
@@ -34,10 +33,6 @@ from dp_training import events as _events
 ACCOUNTANTS = _accountants.NAMES
 SAMPLINGS = ("poisson", "shuffle")
 DEFAULT_ACCOUNTANT = "pld"
-
-# PLD discretisation: 1e-4 is dp_accounting's default and gives epsilons accurate to ~1e-3 for
-# the step counts of DP-SGD; the result is a valid upper bound (pessimistic discretisation).
-PLD_VALUE_DISCRETIZATION = 1e-4
 
 
 def _check_number(name: str, value, fix: str) -> float:
@@ -116,12 +111,6 @@ def dp_event(noise_multiplier: float, sampling_rate: float, steps: int,
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
     return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma),
                                              epochs_for_steps(steps, q))
-
-
-def make_accountant(accountant: str = DEFAULT_ACCOUNTANT, pld_discretization: float | None = None,
-                    relation: str = _events.ADD_OR_REMOVE_ONE) -> dp_accounting.PrivacyAccountant:
-    """A fresh dp_accounting accountant from the registry (``dp_training.accountants``)."""
-    return _accountants.get(accountant).make(relation, value_discretization_interval=pld_discretization)
 
 
 def epsilon_of_event(event: dp_accounting.DpEvent, delta: float,
