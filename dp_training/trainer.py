@@ -210,7 +210,12 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
     internal = {"args": a, "num_rows": n, "batch_size": bs, "sampling_rate": q, "steps": steps,
                 "steps_per_epoch": steps_per_epoch, "noise_multiplier": sigma, "l2_norm_clip": float(clip),
                 "learning_rate": float(lr)}
-    return TrainingPlan(event=event, private=True, mechanism=mechanism, public=public, internal=internal)
+    notes = ()
+    if a["seed"] is not None:  # tests and benchmarks: the batches and the noise are reproducible from the seed
+        notes = ("a seed was given: the Poisson batches and the noise are reproducible from it; the guarantee holds "
+                 "only while the seed stays secret (it is not published)",)
+    return TrainingPlan(event=event, private=True, mechanism=mechanism, public=public, internal=internal,
+                        notes=notes)
 
 
 # ------------------------------------------------------------------------------------------------

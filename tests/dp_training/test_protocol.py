@@ -58,6 +58,7 @@ def test_the_ledger_is_charged_exactly_the_guarantees_composed_event(adult, tmp_
     assert g.ledger["seq"] == ledger.verify().head_seq
     assert len(g.mechanisms) == 2 and g.mechanisms[0].epsilon_alone == pytest.approx(0.2, rel=0.02)
     assert g.parameters["planning_rows"] == 1500 and "train_rows" not in g.parameters
+    assert any("seed" in note for note in g.notes) and "seed" not in g.parameters   # said, never published
 
 
 def test_a_run_that_stops_is_charged_what_it_released(adult, tmp_path):
