@@ -135,6 +135,18 @@ def plan_run(spec: DatasetSpec, kind_name: str, kind, trainer_args: Mapping[str,
                    preprocessing_event=pre_event, training=training, privacy_args=p)
 
 
+def not_covered(spec: DatasetSpec, extra: Tuple[str, ...] = (), eval_note: str = "") -> Tuple[str, ...]:
+    """What a run publishes outside the guarantee, by declaration (stated in privacy.json and the summary)."""
+    source = spec.require_privacy()
+    items = ["the public data-set description (dataset.json) and the reference schema's domains and ranges",
+             "the run's hyper-parameters and the public planning size", *extra]
+    if source.is_public_split("eval"):
+        items.append("evaluation metrics: computed on the eval split, which the data set declares public")
+    else:
+        items.append("evaluation metrics: computed on the PRIVATE eval split and NOT covered by epsilon" + eval_note)
+    return tuple(items)
+
+
 def _kind_is_private(kind, trainer_args) -> bool:
     import sys
     module = sys.modules.get(type(kind).__module__)
@@ -235,7 +247,7 @@ def _num(x):
     return "inf" if isinstance(x, float) and math.isinf(x) else x
 
 
-__all__ = ["RunPlan", "RunProtocol", "plan_run", "planning_rows", "resolve_privacy_args", "PlanError",
+__all__ = ["RunPlan", "RunProtocol", "plan_run", "not_covered", "planning_rows", "resolve_privacy_args", "PlanError",
            "PRIVACY_DEFAULTS", "DEFAULT_TARGET_EPSILON"]
 
 

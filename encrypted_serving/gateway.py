@@ -280,11 +280,11 @@ class Gateway:
     def _backend_conn(self, conn):
         try:
             while True:
-                head = _recv_exact(conn, 8)
+                head = ring.recv_exact(conn, 8)
                 if head is None:
                     return
                 (length,) = struct.unpack("<Q", head)
-                header, arrays = ring.unpack(_recv_exact(conn, length))
+                header, arrays = ring.unpack(ring.recv_exact(conn, length))
                 reply = self._backend_op(header, arrays)
                 conn.sendall(struct.pack("<Q", len(reply)) + reply)
         except (OSError, ring.FrameError) as e:
@@ -362,16 +362,6 @@ class Gateway:
                 if not r.event.is_set():
                     self._fail(r, "service stopped: %s" % reason)
             self.cond.notify_all()
-
-
-def _recv_exact(conn, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = conn.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
 
 
 def server_credentials(c: dict, party: str):

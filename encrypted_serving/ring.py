@@ -103,6 +103,17 @@ def pack(header: dict, arrays: Dict[str, np.ndarray] = None) -> bytes:
     return b"".join(parts)
 
 
+def recv_exact(conn, n: int):
+    """Exactly ``n`` bytes from a socket, or None when the peer closed first (the framing's reader)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
 def unpack(data: bytes, max_elements: int = 1 << 26) -> Tuple[dict, Dict[str, np.ndarray]]:
     """Parse and validate a frame; FrameError names the problem (garbage, wrong dtype, wrong length)."""
     if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) < 8 or bytes(data[:4]) != MAGIC:

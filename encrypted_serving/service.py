@@ -29,6 +29,7 @@ import time
 from typing import Dict, List, Optional
 
 from encrypted_serving import certs
+from encrypted_serving.cluster import free_ports
 from encrypted_serving import model_format as mf
 from encrypted_serving import parties as pc
 
@@ -75,21 +76,6 @@ def _kill_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
         proc.wait(5.0)
     except subprocess.TimeoutExpired:
         pass
-
-
-def free_ports(n: int) -> List[int]:
-    import socket
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
 
 
 def check_isolation(isolation: str) -> None:

@@ -58,10 +58,10 @@ class GatewayLink:
                     self.local.conn = conn
                 data = ring.pack(header, arrays)
                 conn.sendall(struct.pack("<Q", len(data)) + data)
-                head = _recv_exact(conn, 8)
+                head = ring.recv_exact(conn, 8)
                 if head is None:
                     raise OSError("gateway closed the connection")
-                reply_h, reply_a = ring.unpack(_recv_exact(conn, struct.unpack("<Q", head)[0]))
+                reply_h, reply_a = ring.unpack(ring.recv_exact(conn, struct.unpack("<Q", head)[0]))
                 if "error" in reply_h:
                     raise RuntimeError("privtrain-gateway %s: %s" % (self.party, reply_h["error"]))
                 return reply_h, reply_a
@@ -73,16 +73,6 @@ class GatewayLink:
                     pass
                 if attempt:
                     raise RuntimeError("privtrain-gateway %s unreachable: %s" % (self.party, e)) from e
-
-
-def _recv_exact(conn, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = conn.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
 
 
 def _s(x) -> str:

@@ -45,26 +45,13 @@ class SimulationConfig(FederatedConfig):
         return {k: getattr(self, k) for k in DEFAULTS}
 
 
-def not_covered(spec) -> Tuple[str, ...]:
-    source = spec.require_privacy()
-    items = ["the public data-set description and the reference schema's domains and ranges",
-             "the run's hyper-parameters",
-             "per-round and per-client metrics (metrics.csv/json, accuracy.png, checkpoints): private, computed "
-             "without DP, kept in the output directory"]
-    if source.is_public_split("eval"):
-        items.append("evaluation metrics: computed on the eval split, which the data set declares public")
-    else:
-        items.append("evaluation metrics: computed on the PRIVATE eval split and NOT covered by epsilon")
-    return tuple(items)
-
-
 def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print, data=None) -> FederatedResult:
     """Loads the data with the platform's reader, plans, reserves, trains, charges; returns the result.
 
     ``data`` (a :class:`federated.data.TabularData` of the same ``data_dir``) skips loading, e.g. to reuse one
     load across runs."""
     from dp_training.features import numeric_key
-    from dp_training.protocol import planning_rows, run_private_training
+    from dp_training.protocol import not_covered, planning_rows, run_private_training
     from federated.data import load_tabular
     from federated.trainer import FederatedTrainer, resolve_partition_clients
 
@@ -85,7 +72,9 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print, da
         spec, kind.name, args, dict(config.privacy), data.train_features, data.train_labels, data.eval_features,
         data.eval_labels, scratch_dir=scratch, kind=kind,
         log=lambda m: log(m if m.startswith("[federated]") else f"[federated] {m}"),
-        hidden_units=tuple(config.hidden), not_covered=not_covered(spec), numeric_keys=numeric_keys)
+        hidden_units=tuple(config.hidden), not_covered=not_covered(spec, extra=(
+            "per-round and per-client metrics (metrics.csv/json, accuracy.png, checkpoints): private, computed "
+            "without DP, kept in the output directory",)), numeric_keys=numeric_keys)
     outcome, guarantee = result.outcome, result.guarantee
     details = outcome.private_details
     files = dict(details.get("files") or {})

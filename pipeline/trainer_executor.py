@@ -30,7 +30,7 @@ from tfx.utils import path_utils
 
 from dp_training.dataset import DatasetSpec
 from dp_training.guarantee import Guarantee
-from dp_training.protocol import run_private_training
+from dp_training.protocol import not_covered, run_private_training
 from pipeline.model import export_serving_model
 from pipeline.trainers import get_trainer
 
@@ -61,19 +61,6 @@ def load_transformed(file_patterns: List[str], feature_spec: Dict[str, Any], lab
     return {k: v.reshape(-1, 1) for k, v in arrays.items()}, labels
 
 
-def not_covered(spec: DatasetSpec) -> tuple:
-    """What the run publishes outside the guarantee, by declaration (stated in privacy.json and the summary)."""
-    source = spec.require_privacy()
-    items = ["the public data-set description (dataset.json) and the reference schema's domains and ranges",
-             "the run's hyper-parameters and the public planning size"]
-    if source.is_public_split("eval"):
-        items.append("evaluation metrics: computed on the eval split, which the data set declares public")
-    else:
-        items.append("evaluation metrics: computed on the PRIVATE eval split and NOT covered by epsilon "
-                     "(slices below the minimum size are suppressed)")
-    return tuple(items)
-
-
 def _json_default(x):
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
@@ -94,7 +81,8 @@ def run_fn(fn_args: FnArgs) -> None:
     result = run_private_training(
         spec, kind_name, config.get("trainer_args", {}), config.get("privacy", {}), train_x, train_y, eval_x,
         eval_y, scratch_dir=os.path.join(fn_args.model_run_dir, "scratch"), kind=kind, log=log,
-        hidden_units=tuple(config.get("hidden_units", (64, 64))), not_covered=not_covered(spec))
+        hidden_units=tuple(config.get("hidden_units", (64, 64))),
+        not_covered=not_covered(spec, eval_note=" (slices below the minimum size are suppressed)"))
     outcome, guarantee, stats = result.outcome, result.guarantee, result.normalization
 
     export_serving_model(outcome.model, spec, tf_transform_output, fn_args.serving_model_dir, stats)
