@@ -180,6 +180,7 @@ def clean_ingested(clean, tmp_path_factory):
     return _ingested(workdir)
 
 
+@pytest.mark.slow  # the default suite checks all variants at once (below), with the same ingestion check
 @pytest.mark.parametrize("name", sorted(HARMLESS))
 def test_a_harmless_variant_passes_the_gate_and_ingests_the_clean_rows(name, clean, clean_ingested, tmp_path):
     data = _variant(clean, tmp_path, name, HARMLESS[name])
@@ -194,7 +195,7 @@ def test_a_harmless_variant_passes_the_gate_and_ingests_the_clean_rows(name, cle
     assert clean_ingested["train"][0] == 200 and clean_ingested["eval"][0] == 100
 
 
-def test_all_harmless_variants_at_once_run_to_a_pushed_model(clean, tmp_path):
+def test_all_harmless_variants_at_once_run_to_a_pushed_model(clean, clean_ingested, tmp_path):
     def everything(f, d):
         return _bom(f, _crlf(f, _trailing_blank_lines(f, _extra_spaces(f, d))))
 
@@ -206,3 +207,5 @@ def test_all_harmless_variants_at_once_run_to_a_pushed_model(clean, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["blessed"] is True and summary["pushed_path"], summary
     assert "blessed" in summary["blessing_reason"] and "0.5" in summary["blessing_reason"]
+    assert _ingested(workdir) == clean_ingested  # same counts, same types (a BOM would make 'age' text)
+    assert clean_ingested["train"][0] == 200 and clean_ingested["eval"][0] == 100
