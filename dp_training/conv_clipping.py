@@ -10,7 +10,7 @@ and ``make_layer_registry()`` returns TF Privacy's default registry plus Conv2D.
 The rule (Li et al. 2022, "Large language models can be strong differentially private learners"; Bu et al.
 2022, "Scalable and efficient training of large convolutional neural networks with DP", mixed ghost clipping).
 For one example, let ``U`` (T x p) be the unfolded input (one row per output position, ``T = H_out W_out``;
-``p = k_h k_w C_in`` the receptive field, in the kernel's (k_h, k_w, C_in) order) and ``G`` (T x d) the gradient
+``p = k_h k_w C_in`` the receptive field) and ``G`` (T x d) the gradient
 of the summed loss at the conv's pre-activation output (``d = filters``). Then
 
 * kernel gradient ``U^T G`` (p x d), and its squared norm is either computed **directly**,
@@ -57,12 +57,17 @@ def choose_method(positions: Optional[int], receptive: int, filters: int) -> str
 
 
 def _unfold(tf, layer, x):
-    """[B, H_out, W_out, k_h k_w C_in] patches in the order of ``kernel.reshape(-1, filters)``."""
+    """[B, H_out, W_out, C_in k_h k_w]: every output position's receptive field (the rows of U). A depthwise
+    convolution with a one-hot kernel does the unfolding with the same strides / padding / dilation as the
+    layer (several times faster on CPU than ``tf.image.extract_patches``). Its order, (C_in, k_h, k_w), differs
+    from the kernel's (k_h, k_w, C_in) by a permutation of the p axis, which changes neither U U^T nor the
+    Frobenius norm of U^T G."""
     kh, kw = layer.kernel_size
     sh, sw = layer.strides
-    dh, dw = layer.dilation_rate
-    return tf.image.extract_patches(x, sizes=[1, kh, kw, 1], strides=[1, sh, sw, 1], rates=[1, dh, dw, 1],
-                                    padding=str(layer.padding).upper())
+    cin = int(x.shape[-1])
+    one_hot = tf.reshape(tf.eye(kh * kw, dtype=x.dtype), [kh, kw, 1, kh * kw])
+    return tf.nn.depthwise_conv2d(x, tf.tile(one_hot, [1, 1, cin, 1]), strides=[1, sh, sw, 1],
+                                  padding=str(layer.padding).upper(), dilations=list(layer.dilation_rate))
 
 
 def conv2d_layer_computation(layer_instance, input_args: Sequence[Any], input_kwargs: Mapping[str, Any],
