@@ -171,7 +171,6 @@ def _binary_cnn():
     img = tf.keras.Input((12, 12, 1), name="image")
     h = tf.keras.layers.Conv2D(6, 3, strides=2, padding="same", activation="tanh")(img)
     h = tf.keras.layers.AveragePooling2D(2, 1)(h)
-    h = tf.keras.layers.Conv2D(8, 3, strides=1, padding="valid", activation="tanh")(h)
     h = tf.keras.layers.Flatten()(h)
     return tf.keras.Model({"image": img}, tf.keras.layers.Dense(1)(h))
 
