@@ -109,7 +109,7 @@ def conv2d_layer_computation(layer_instance, input_args: Sequence[Any], input_kw
 
     def sqr_norm_fn(grads):
         u = _unfold(tf, layer_instance, x)
-        rows = tf.shape(grads)[0] if num_microbatches is None else num_microbatches
+        rows = tf.shape(grads)[0] if num_microbatches is None else tf.cast(num_microbatches, tf.int32)
         u = tf.reshape(u, tf.stack([rows, -1, receptive]))        # [B, T, p] (or [M, (B/M) T, p])
         g = tf.reshape(grads, tf.stack([rows, -1, filters]))      # [B, T, d]
         u = tf.cast(u, g.dtype)
