@@ -34,6 +34,8 @@ bench: setup  ## benchmarks, each comparison measured side by side in one run; r
 	  --json bench-results/dp-utility-eps3.json | tee bench-results/dp-utility-eps3.txt
 	$(PLATFORM_PY) simulations/bench_dp.py audit --eps 1 3 --canaries 1000 --json bench-results/dp-audit.json
 	$(PLATFORM_PY) simulations/bench_federated.py --accuracy-rounds 30 --stock --json bench-results/federated.json
+	$(PLATFORM_PY) simulations/bench_conv_clipping.py --batches 256 2048 --ablation \
+	  --json bench-results/conv-clipping.json | tee bench-results/conv-clipping.txt
 	$(PLATFORM_PY) simulations/bench_serving.py --json bench-results/serving.json
 	$(PLATFORM_PY) simulations/bench_encrypted.py --json bench-results/encrypted.json
 

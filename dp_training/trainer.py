@@ -4,11 +4,12 @@ reports the event it released; the pipeline's executor owns the ledger and the g
 Code paths (``details['dp_path']``):
 
 ``fast_gradient_clipping``
-    TF Privacy's ``DPModel`` (``tensorflow_privacy.privacy.keras_models.dp_keras_model``) with the
-    default layer registry (Dense, Embedding) of ``fast_gradient_clipping.layer_registry``: per-example
-    gradient norms are computed with the "ghost norm" trick, without materialising per-example
-    gradients. Used when every layer with trainable weights is registered (our models: Dense layers
-    plus parameter-free CategoryEncoding/Concatenate) and the model is functional.
+    TF Privacy's ``DPModel`` (``tensorflow_privacy.privacy.keras_models.dp_keras_model``) with
+    ``dp_training.conv_clipping.make_layer_registry()``: TF Privacy's default layer registry (Dense,
+    Embedding) plus Conv2D (ghost clipping for convolutions, registered through TF Privacy's registry API):
+    per-example gradient norms are computed with the "ghost norm" trick, without materialising per-example
+    gradients. Used when every layer with trainable weights is registered (our models: Dense / Conv2D layers
+    plus parameter-free CategoryEncoding/Concatenate/pooling/Flatten) and the model is functional.
 ``vectorized_optimizer``
     Otherwise TF Privacy's ``VectorizedDPKerasSGDOptimizer`` (per-example Jacobian + clip).
 
@@ -245,12 +246,11 @@ def batch_indices(n: int, batch_size: int, steps: int, sampling: str,
 # The DP step functions
 # ------------------------------------------------------------------------------------------------
 def supports_fast_gradient_clipping(model) -> bool:
-    """True when TF Privacy's fast gradient clipping covers every trainable layer of ``model``."""
+    """True when fast gradient clipping (TF Privacy's registry + Conv2D, ``dp_training.conv_clipping``) covers
+    every trainable layer of ``model``."""
     from tensorflow_privacy.privacy.fast_gradient_clipping import gradient_clipping_utils as gcu
-    from tensorflow_privacy.privacy.fast_gradient_clipping import layer_registry
-    reg = layer_registry.make_default_layer_registry()
-    return bool(gcu.all_trainable_layers_are_registered(model, reg)
-                and gcu.has_internal_compute_graph(model))
+    from dp_training import conv_clipping
+    return bool(not conv_clipping.unsupported_layers(model) and gcu.has_internal_compute_graph(model))
 
 
 def dense_head(model):
@@ -341,11 +341,11 @@ class _DPStepper:
             self._noise_scale = 1.0 / self.expected_batch
             self._variables = variables
         elif path == "fast_gradient_clipping":
-            from tensorflow_privacy.privacy.fast_gradient_clipping import layer_registry
             from tensorflow_privacy.privacy.keras_models import dp_keras_model
+            from dp_training import conv_clipping
             self.train_model = dp_keras_model.DPModel(
                 l2_norm_clip=clip, noise_multiplier=sigma,
-                layer_registry=layer_registry.make_default_layer_registry(), use_xla=False,
+                layer_registry=conv_clipping.make_layer_registry(), use_xla=False,
                 inputs=base_model.inputs, outputs=base_model.outputs)
             if not self.train_model._enable_fast_peg_computation:  # pylint: disable=protected-access
                 raise RuntimeError("TF Privacy's DPModel did not enable fast gradient clipping.")
@@ -523,8 +523,12 @@ class DPSGDTrainer:
                 raise ValueError("dp_path=fused_dense requested but the model is not a parameter-free feature map "
                                  "followed by a chain of Dense layers.")
             elif path == "fast_gradient_clipping" and not fast_ok:
-                raise ValueError("dp_path=fast_gradient_clipping requested but the model has "
-                                 "trainable layers outside TF Privacy's layer registry.")
+                from dp_training import conv_clipping
+                raise ValueError("dp_path=fast_gradient_clipping requested but the model has trainable layers "
+                                 "outside the fast-clipping registry (" +
+                                 "; ".join(conv_clipping.unsupported_layers(base)
+                                           or ["the model is not a functional Keras model"]) +
+                                 "); use dp_path=auto.")
             specs = {k: tf.TensorSpec((None,) + v.shape[1:], tf.as_dtype(v.dtype))
                      for k, v in x_train.items()}
             stepper = _DPStepper(base, path, plan, specs)
