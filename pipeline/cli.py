@@ -13,6 +13,11 @@ from pipeline.trainers import TRAINER_KINDS, trainer_module
 def _add_run_parser(sub) -> None:
     p = sub.add_parser("run", help="run the pipeline: ingestion to a pushed model",
                        description="Run the TFX pipeline on a data set, from ingestion to a pushed model.")
+    _add_run_flags(p)
+
+
+def _add_run_flags(p) -> None:
+    """The run's flags (`privtrain run`, and `privtrain export`, which compiles the same run)."""
     p.add_argument("--trainer", choices=sorted(TRAINER_KINDS), default="dp_sgd",
                    help="trainer kind (default dp_sgd: DP-SGD calibrated to epsilon 3)")
     p.add_argument("--data", default=DEFAULT_DATA_DIR, help="data directory with dataset.json (default: Adult)")
@@ -63,6 +68,9 @@ def _add_run_parser(sub) -> None:
             continue
         if hasattr(module, "add_arguments"):
             module.add_arguments(_DedupParser(p, seen))
+    from pipeline.scale_cli import add_run_flags
+
+    add_run_flags(p)  # --beam-arg, --tf-config, --train-workers (docs/scaling.md)
 
 
 class _DedupParser:
@@ -87,6 +95,27 @@ class _DedupParser:
         return getattr(self._parser, name)
 
 
+def _run_config(args) -> RunConfig:
+    """The RunConfig of `privtrain run`'s (or `privtrain export`'s) flags; ValueError (one line) on a bad one."""
+    from pipeline.scale_cli import run_options
+
+    scale = run_options(args)
+    module = trainer_module(args.trainer)
+    trainer_args = module.trainer_args(args) if hasattr(module, "trainer_args") else {}
+    trainer_args.update(scale["trainer_args"])
+    privacy = {"target_epsilon": args.target_epsilon, "delta": args.delta, "accountant": args.accountant,
+               "preprocessing_epsilon": args.preprocessing_epsilon, "budget_epsilon": args.budget_epsilon,
+               "ledger": getattr(args, "ledger", None), "audit_canaries": args.audit_canaries,
+               "min_slice_size": args.min_slice_size}
+    config = RunConfig(data_dir=args.data, workdir=os.path.abspath(args.workdir), trainer=args.trainer,
+                       trainer_args=trainer_args, model_name=args.model_name, min_auc=args.min_auc,
+                       max_auc_drop=args.max_auc_drop, enable_cache=not args.no_cache,
+                       allow_non_private=args.allow_non_private, privacy=privacy,
+                       validate_only=args.validate_only, beam_args=scale["beam_args"],
+                       **({"hidden_units": tuple(args.hidden_units)} if args.hidden_units else {}))
+    return config
+
+
 def _cmd_run(args) -> int:
     from dp_training.ledger import LedgerError
     from dp_training.dataset import DatasetError, load_dataset
@@ -99,18 +128,11 @@ def _cmd_run(args) -> int:
         return 2
     from pipeline.runner import PipelineRunError, format_summary, run_pipeline
 
-    module = trainer_module(args.trainer)
-    trainer_args = module.trainer_args(args) if hasattr(module, "trainer_args") else {}
-    privacy = {"target_epsilon": args.target_epsilon, "delta": args.delta, "accountant": args.accountant,
-               "preprocessing_epsilon": args.preprocessing_epsilon, "budget_epsilon": args.budget_epsilon,
-               "ledger": getattr(args, "ledger", None), "audit_canaries": args.audit_canaries,
-               "min_slice_size": args.min_slice_size}
-    config = RunConfig(data_dir=args.data, workdir=os.path.abspath(args.workdir), trainer=args.trainer,
-                       trainer_args=trainer_args, model_name=args.model_name, min_auc=args.min_auc,
-                       max_auc_drop=args.max_auc_drop, enable_cache=not args.no_cache,
-                       allow_non_private=args.allow_non_private, privacy=privacy,
-                       validate_only=args.validate_only,
-                       **({"hidden_units": tuple(args.hidden_units)} if args.hidden_units else {}))
+    try:
+        config = _run_config(args)
+    except ValueError as e:
+        print(f"privtrain: {e}", file=sys.stderr)
+        return 2
     try:
         summary = run_pipeline(config)
     except (DatasetError, LedgerError, ValueError) as e:
@@ -402,11 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_party_parser(sub)
     _add_simulate_parser(sub)
+    from pipeline.scale_cli import add_export_parser
+
+    add_export_parser(sub, _add_run_flags)  # privtrain export kubeflow|airflow (docs/scaling.md)
     return parser
 
 
 COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "privacy": _cmd_privacy, "budget": _cmd_budget,
             "predict": _cmd_predict, "report": _cmd_report, "simulate": _cmd_simulate,
+            "export": lambda args: __import__("pipeline.scale_cli").scale_cli.cmd_export(args, _run_config),
             "encrypted-party": lambda args: __import__("encrypted_serving.cli").cli.cmd_party(args)}
 
 

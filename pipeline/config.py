@@ -30,6 +30,7 @@ class RunConfig:
     # preprocessing_epsilon, budget_epsilon, budget_delta, ledger, audit_canaries, min_slice_size.
     privacy: Dict[str, Any] = dataclasses.field(default_factory=dict)
     validate_only: bool = False  # run the data gate only (ingestion, statistics, validation): nothing trained
+    beam_args: Tuple[str, ...] = ()  # --beam-arg options, after the in-process defaults (pipeline.beam_options)
 
     def privacy_args(self) -> Dict[str, Any]:
         out = {k: v for k, v in self.privacy.items() if v is not None}

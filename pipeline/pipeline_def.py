@@ -12,6 +12,7 @@ from tfx.dsl.components.base import executor_spec
 from tfx.components import FileBasedExampleGen
 from tfx.proto import example_gen_pb2
 
+from pipeline.beam_options import beam_pipeline_args
 from pipeline.config import RunConfig, code_version
 from dp_training.dataset import DatasetSpec
 from pipeline.ingest import DelimitedExampleGenExecutor, spec_to_custom_config
@@ -62,7 +63,9 @@ def eval_config(spec: DatasetSpec, config: RunConfig) -> tfma.EvalConfig:
         ])])
 
 
-def create_pipeline(config: RunConfig, spec: DatasetSpec) -> tfx.dsl.Pipeline:
+def create_pipeline(config: RunConfig, spec: DatasetSpec, name: str = None) -> tfx.dsl.Pipeline:
+    """``name``: the pipeline's name when an orchestrator needs another spelling (default: pipeline_name)."""
+    name = name or pipeline_name(spec, config.trainer)
     version = code_version()
     example_gen = FileBasedExampleGen(
         input_base=spec.directory,
@@ -89,11 +92,11 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec) -> tfx.dsl.Pipeline:
                                        comparators=load_comparators(spec))  # drift/skew limits of dataset.json
     if config.validate_only:  # the data gate alone: nothing is trained, nothing is pushed
         return tfx.dsl.Pipeline(
-            pipeline_name=pipeline_name(spec, config.trainer), pipeline_root=config.pipeline_root,
+            pipeline_name=name, pipeline_root=config.pipeline_root,
             components=components + [validator], enable_cache=config.enable_cache,
             metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
                 config.metadata_path),
-            beam_pipeline_args=BEAM_ARGS)
+            beam_pipeline_args=beam_pipeline_args(config.beam_args))
     transform = tfx.components.Transform(
         examples=example_gen.outputs["examples"], schema=schema,
         preprocessing_fn="pipeline.transform.preprocessing_fn",
@@ -128,14 +131,9 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec) -> tfx.dsl.Pipeline:
             base_directory=os.path.join(config.serving_dir, model_name(config, spec)))))
     components += [validator, transform, trainer, baseline, evaluator, pusher]
     return tfx.dsl.Pipeline(
-        pipeline_name=pipeline_name(spec, config.trainer), pipeline_root=config.pipeline_root,
+        pipeline_name=name, pipeline_root=config.pipeline_root,
         components=components, enable_cache=config.enable_cache,
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(
             config.metadata_path),
-        beam_pipeline_args=BEAM_ARGS)
+        beam_pipeline_args=beam_pipeline_args(config.beam_args))
 
-
-# Beam's in-process direct runner. TFX builds an sdist of itself for remote Beam workers unless a
-# dependency flag is set; in-process workers already import it, so name the (unused) container image.
-BEAM_ARGS = ["--direct_running_mode=in_memory", "--direct_num_workers=1",
-             "--sdk_container_image=unused-by-the-in-process-direct-runner"]

@@ -1,4 +1,6 @@
-"""Non-private training: Keras fit inside a tf.distribute strategy over every visible GPU (CPU otherwise)."""
+"""Non-private training: Keras fit inside a tf.distribute strategy over every visible GPU (CPU otherwise), or
+over several worker processes with MultiWorkerMirroredStrategy (``cluster`` / ``train_workers`` arguments;
+pipeline.trainers.multiworker)."""
 from __future__ import annotations
 
 import tensorflow as tf
@@ -28,6 +30,21 @@ def is_private(args) -> bool:
     return False
 
 
+def cluster_of(args):
+    """The multi-worker cluster of the run's arguments (None: one process). ``cluster``: a TF_CONFIG cluster;
+    ``train_workers``: N local workers on free ports (chosen when training starts)."""
+    from pipeline.trainers import multiworker
+
+    if args.get("cluster"):
+        return multiworker.cluster_from_tf_config({"cluster": args["cluster"]}, "--tf-config")
+    workers = args.get("train_workers")
+    if workers is not None:
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"--train-workers {workers!r}: the number of local training workers must be >= 1")
+        return multiworker.local_cluster(workers) if workers > 1 else None
+    return None
+
+
 def _settings(args):
     epochs = int(round(float(args.get("epochs", 5))))
     batch_size = int(args.get("batch_size", 256))
@@ -43,6 +60,7 @@ class StandardTrainer:
 
     def plan(self, inputs: PlanInputs) -> TrainingPlan:
         epochs, batch_size, learning_rate = _settings(inputs.args)
+        cluster_of(inputs.args)  # a bad cluster is refused before anything runs
         return TrainingPlan(event=dp_accounting.NonPrivateDpEvent(), private=False,
                             mechanism="none (non-private Keras fit)",
                             public={"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
@@ -50,6 +68,9 @@ class StandardTrainer:
 
     def train(self, context: TrainerContext) -> TrainingOutcome:
         epochs, batch_size, learning_rate = _settings(context.args)
+        cluster = cluster_of(context.args)
+        if cluster is not None:
+            return _train_multiworker(context, cluster, epochs, batch_size, learning_rate)
         strategy = distribution_strategy()
         context.log(f"standard trainer: {strategy.__class__.__name__} over "
                     f"{strategy.num_replicas_in_sync} replica(s), {epochs} epochs, batch {batch_size}")
@@ -69,6 +90,22 @@ class StandardTrainer:
             public_details={"strategy": strategy.__class__.__name__, "replicas": strategy.num_replicas_in_sync},
             private_details={"final_train_loss": float(history.history["loss"][-1]),
                              "final_eval_accuracy": float(history.history["val_accuracy"][-1])})
+
+
+def _train_multiworker(context: TrainerContext, cluster, epochs: int, batch_size: int,
+                       learning_rate: float) -> TrainingOutcome:
+    from pipeline.trainers import multiworker
+
+    model, history = multiworker.train(context, cluster, epochs, batch_size, learning_rate)
+    model.compile(loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+                  metrics=[tf.keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")])
+    evaluation = tf.data.Dataset.from_tensor_slices((dict(context.eval_features), context.eval_labels)).batch(1024)
+    _, eval_accuracy = model.evaluate(evaluation, verbose=0)
+    return TrainingOutcome(
+        model=model, released_event=dp_accounting.NonPrivateDpEvent(),
+        public_details={"strategy": "MultiWorkerMirroredStrategy", "replicas": int(history["replicas"]),
+                        "workers": multiworker.num_tasks(cluster)},
+        private_details={"final_train_loss": history["loss"][-1], "final_eval_accuracy": float(eval_accuracy)})
 
 
 class _EpochLog(tf.keras.callbacks.Callback):
