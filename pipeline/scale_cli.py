@@ -57,7 +57,9 @@ def run_options(args) -> Dict[str, Any]:
         raise ValueError(f"{origin or '--train-workers'}: multi-worker training is for --trainer standard only; "
                          f"the {args.trainer} trainer has its own workers (docs/federated.md)")
     trainer_args: Dict[str, Any] = {}
-    if cluster is not None:
+    if args.trainer != "standard":  # one task at most here: the kind trains in the executor's process
+        pass
+    elif cluster is not None:
         trainer_args["cluster"] = cluster
     elif args.train_workers is not None and args.train_workers > 1:
         trainer_args["train_workers"] = args.train_workers

@@ -84,7 +84,12 @@ def test_kubeflow_spec_matches_the_golden_file(sample, tmp_path):
     assert "checked and charged by the Trainer executor at run time" in message
     assert "planned epsilon 2 at delta 1e-05 (pld accountant" in message and LEDGER in message
     with open(output) as f:
-        got = normalise(json.load(f), workdir, os.path.realpath(sample))
+        compiled = json.load(f)
+    got = normalise(compiled, workdir, os.path.realpath(sample))
+    # What the spec carries about the run: configuration only, nothing computed from the rows.
+    trainer_params = compiled["pipelineSpec"]["root"]["dag"]["tasks"]["Trainer"]["inputs"]["parameters"]
+    custom = json.loads(trainer_params["custom_config"]["runtimeValue"]["constantValue"]["stringValue"])
+    assert set(custom) == {"code_version", "dataset", "hidden_units", "privacy", "trainer", "trainer_args"}
     if os.environ.get("PRIVTRAIN_UPDATE_GOLDEN"):
         os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
         with open(GOLDEN, "w") as f:

@@ -147,6 +147,8 @@ def test_tf_config_comes_from_the_environment_and_dp_sgd_refuses_replicas(monkey
     with pytest.raises(ValueError, match="both name the training cluster"):
         run_options(_run_args(tf_config=str(path), train_workers=2))
     assert run_options(_run_args(trainer="dp_sgd", train_workers=1))["trainer_args"] == {}
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["localhost:2222"]}}')  # one task: dp_sgd as usual
+    assert run_options(_run_args(trainer="dp_sgd"))["trainer_args"] == {}
 
 
 def test_a_failing_task_stops_the_other_and_is_named(tmp_path):
@@ -201,3 +203,15 @@ def test_two_worker_standard_run_trains_and_pushes(two_worker_run):
     running = [p for p in psutil.process_iter(["cmdline"])
                if "pipeline.trainers.multiworker" in " ".join(p.info["cmdline"] or [])]
     assert not running
+
+
+@pytest.mark.slow
+def test_full_pipeline_on_multi_processing_beam_with_two_training_workers(tmp_path):
+    """Every Beam component in multi-processing mode and a 2-task Trainer, together (minutes on 2 cores)."""
+    data = make_adult_sample(str(tmp_path / "data"), 2000, 1000)
+    result = run_cli("run", "--trainer", "standard", "--allow-non-private", "--data", data, "--workdir",
+                     str(tmp_path / "work"), "--epochs", "2", "--min-auc", "0.6", "--train-workers", "2", "--json",
+                     "--beam-arg=--direct_running_mode=multi_processing", "--beam-arg=--direct_num_workers=2")
+    assert result.returncode == 0, result.stderr[-5000:]
+    summary = json.loads(result.stdout)
+    assert all(c["state"] == "COMPLETE" for c in summary["components"]) and summary["pushed_path"]
