@@ -54,7 +54,7 @@ def preflight_at_export(config: RunConfig, spec) -> str:
     if os.path.exists(path):
         RunProtocol(plan).check()
         return f"privacy preflight at export: {planned}; the ledger {path} accepts it now"
-    return f"privacy preflight at export: {planned}; the ledger {path} is not reachable from here, not checked now"
+    return f"privacy preflight at export: {planned}; the ledger {path} does not exist on this machine, not checked now"
 
 
 def _require_ledger(config: RunConfig, explicit_ledger) -> None:
