@@ -215,3 +215,22 @@ def test_full_pipeline_on_multi_processing_beam_with_two_training_workers(tmp_pa
     assert result.returncode == 0, result.stderr[-5000:]
     summary = json.loads(result.stdout)
     assert all(c["state"] == "COMPLETE" for c in summary["components"]) and summary["pushed_path"]
+
+
+def test_ctrl_c_while_training_stops_every_task(tmp_path, monkeypatch):
+    import numpy as np
+
+    def interrupted(procs, job, poll_seconds):
+        time.sleep(1.0)  # the tasks are running (importing TensorFlow)
+        assert all(p.poll() is None for _, p in procs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(multiworker, "_wait", interrupted)
+    context = types.SimpleNamespace(train_features={"x": np.zeros((8, 1), np.float32)},
+                                    train_labels=np.zeros(8, np.float32), build_model=lambda: None,
+                                    scratch_dir=str(tmp_path), log=lambda message: None)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(KeyboardInterrupt):
+        multiworker.train(context, multiworker.local_cluster(2), epochs=1, batch_size=4, learning_rate=0.1)
+    assert not {p.pid for p in psutil.Process().children(recursive=True)} - before
+    assert not os.path.exists(tmp_path / "multiworker" / "data.npz")
