@@ -159,6 +159,11 @@ def unsupported_layers(model, registry=None) -> list:
             continue
         if not registry.is_elem(layer):
             out.append(f"layer {layer.name!r} ({layer.__class__.__name__}) is not in the fast-clipping registry")
+        elif len(getattr(layer, "inbound_nodes", None) or ()) > 1:
+            # A layer called more than once shares its weights between calls: its per-example gradient is the
+            # sum over calls, whose norm the per-call rules do not give (they would under-estimate it).
+            out.append(f"layer {layer.name!r} ({layer.__class__.__name__}) is called {len(layer.inbound_nodes)} "
+                       "times (shared weights); the fast-clipping rules cover one call per layer")
         elif type(layer) is tf.keras.layers.Conv2D:
             reason = conv2d_supported(layer)
             if reason:

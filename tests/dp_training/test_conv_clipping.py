@@ -238,3 +238,24 @@ def test_trainer_trains_a_cnn_on_the_fast_path_under_auto(tmp_path):
     out = DPSGDTrainer().train(ctx)
     assert out.public_details == {"dp_path": "fast_gradient_clipping"}
     assert np.isfinite(out.private_details["eval_loss"])
+
+
+def test_a_layer_called_twice_is_refused_because_the_per_call_rules_would_under_estimate_its_norm():
+    """Attack: one Conv2D applied twice (shared weights). TF Privacy's registry computes one norm per call, so the
+    per-example norm of the summed gradient is under-estimated and clipping to C would not bound it. The model must
+    therefore not take the fast path."""
+    tf.random.set_seed(3)
+    inp = tf.keras.Input((8, 8, 2))
+    shared = tf.keras.layers.Conv2D(2, 3, padding="same", activation="tanh", name="shared")
+    h = tf.keras.layers.Flatten()(shared(shared(inp)))
+    model = tf.keras.Model(inp, tf.keras.layers.Dense(3, trainable=False)(h))
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.normal(size=(6, 8, 8, 2)).astype(np.float32))
+    y = tf.constant(rng.integers(0, 3, size=6))
+    loss = _sparse_ce()
+    per_call = clip_grads.compute_gradient_norms(model, conv_clipping.make_layer_registry(), x, y,
+                                                 per_example_loss_fn=lambda yt, yp, w: loss(yt, yp)).numpy()
+    true = _naive_norms(model, loss, x, y)
+    assert np.any(np.abs(per_call - true) > 1e-3 * true)  # the per-call rule is wrong here: refusing is required
+    assert any("called 2 times" in r for r in conv_clipping.unsupported_layers(model))
+    assert not trainer_mod.supports_fast_gradient_clipping(model)
