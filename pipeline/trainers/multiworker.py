@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from pipeline.trainers.netns import PrivateNetwork
+
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 TASK_TYPES = ("chief", "worker")
@@ -114,6 +116,10 @@ def train(context, cluster: Mapping[str, List[str]], epochs: int, batch_size: in
         json.dump({"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                    "cluster": dict(cluster)}, f)
     procs: List[Tuple[str, subprocess.Popen]] = []
+    network = PrivateNetwork().__enter__()  # the tasks' gRPC ports are reachable only from inside it
+    if not network.isolated:
+        context.log(f"warning: the training tasks' ports are open to this machine's network while they hold the "
+                    f"training rows (no private network namespace: {network.reason}); run only on a trusted host")
     try:
         for task_type, index, address in tasks_of(cluster):
             env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": dict(cluster),
@@ -122,11 +128,13 @@ def train(context, cluster: Mapping[str, List[str]], epochs: int, batch_size: in
             log = open(os.path.join(job, f"{task_type}-{index}.log"), "w")
             try:
                 procs.append((f"{task_type} {index} ({address})", subprocess.Popen(
-                    [sys.executable, "-m", "pipeline.trainers.multiworker", job], env=env, cwd=PROJECT_ROOT,
+                    network.prefix + [sys.executable, "-m", "pipeline.trainers.multiworker", job], env=env,
+                    cwd=PROJECT_ROOT,
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)))
             finally:
                 log.close()
-        context.log(f"standard trainer: MultiWorkerMirroredStrategy over {len(procs)} local worker processes")
+        context.log(f"standard trainer: MultiWorkerMirroredStrategy over {len(procs)} local worker processes"
+                    + (" in a private network namespace" if network.isolated else ""))
         _wait(procs, job, poll_seconds)
         with open(os.path.join(job, "result", "history.json")) as f:
             history = json.load(f)
@@ -134,6 +142,7 @@ def train(context, cluster: Mapping[str, List[str]], epochs: int, batch_size: in
             weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
     finally:
         stop(procs)
+        network.__exit__()
         for name in ("data.npz", "build_model.pkl"):  # the private rows' copy does not outlive the run
             try:
                 os.remove(os.path.join(job, name))

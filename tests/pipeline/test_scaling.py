@@ -178,6 +178,41 @@ def test_a_failing_task_stops_the_other_and_is_named(tmp_path):
     assert not os.path.exists(tmp_path / "multiworker" / "data.npz")  # the rows' copy is removed
 
 
+def test_attack_a_process_outside_cannot_reach_a_training_tasks_port():
+    """TF's task servers listen on every interface and run whatever a client sends. Inside the private network
+    namespace a server bound to 0.0.0.0 is reachable by its peers but not by any other process of this machine
+    (without the namespace the same connection succeeds: the attack works)."""
+    from pipeline.trainers.netns import PrivateNetwork
+
+    server = ("import socket, sys, time; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(); "
+              "print(s.getsockname()[1], flush=True); "
+              "c = socket.create_connection(('localhost', s.getsockname()[1])); print('peer ok', flush=True); "
+              "time.sleep(30)")
+
+    def reachable(port):
+        import socket
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            return True
+        except OSError:
+            return False
+
+    for isolate in (False, True):
+        with PrivateNetwork() as net:
+            if isolate and not net.isolated:
+                pytest.skip(f"no private network namespace on this machine: {net.reason}")
+            prefix = net.prefix if isolate else []
+            proc = subprocess.Popen(prefix + [sys.executable, "-c", server], stdout=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            try:
+                port = int(proc.stdout.readline())
+                assert proc.stdout.readline().strip() == "peer ok"  # inside, a peer task connects
+                assert reachable(port) is (not isolate)
+            finally:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture(scope="module")
 def two_worker_run(tmp_path_factory):
     data = make_adult_sample(str(tmp_path_factory.mktemp("mw_data")), 1500, 600)
@@ -195,6 +230,10 @@ def test_two_worker_standard_run_trains_and_pushes(two_worker_run):
     assert parameters["strategy"] == "MultiWorkerMirroredStrategy"
     assert parameters["workers"] == 2 and parameters["replicas"] == 2
     assert "MultiWorkerMirroredStrategy over 2 local worker processes" in result.stderr
+    from pipeline.trainers.netns import PrivateNetwork
+    with PrivateNetwork() as net:
+        isolated = net.isolated
+    assert ("in a private network namespace" in result.stderr) is isolated
     assert summary["metrics"]["Overall"]["auc"] > 0.6
     trainer_dir = os.path.dirname(os.path.dirname(summary["model_uri"]))  # <pipeline_root>/Trainer
     files = {f for _, _, names in os.walk(os.path.join(trainer_dir, "model_run")) for f in names}
