@@ -15,6 +15,7 @@ Trainer kinds never open the ledger; nothing else computes the run's epsilon.
 from __future__ import annotations
 
 import dataclasses
+import os
 import math
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
@@ -36,6 +37,9 @@ PRIVACY_DEFAULTS: Dict[str, Any] = {
     "target_epsilon": None, "delta": None, "accountant": accountants.DEFAULT, "preprocessing_epsilon": None,
     "budget_epsilon": None, "budget_delta": None, "ledger": None, "allow_non_private": False,
     "audit_canaries": 0, "min_slice_size": DEFAULT_MIN_SLICE_SIZE, "label": None,
+    # Exported pipelines (pipeline/export.py): the ledger must already exist where the workers run (a missing
+    # shared volume must not start a fresh ledger), and must contain the receipt "SEQ:HASH" seen at export.
+    "ledger_must_exist": False, "ledger_anchor": None,
 }
 
 
@@ -176,21 +180,37 @@ class RunProtocol:
                              float(p["budget_delta"] if p["budget_delta"] is not None else self.plan.delta),
                              self.plan.accountant)
 
+    def anchors(self):
+        """Receipts the ledger must contain (``ledger_anchor``); refuses a missing ledger that must exist."""
+        p = self.plan.privacy_args
+        path = getattr(self.ledger, "path", None)
+        if p.get("ledger_must_exist") and path is not None and not os.path.exists(path):
+            raise PlanError(f"the budget ledger {path} does not exist here: mount the shared ledger volume at that "
+                            "path (an exported pipeline never creates a ledger, so that no run starts a fresh budget)")
+        if not p.get("ledger_anchor"):
+            return ()
+        seq, _, head = str(p["ledger_anchor"]).partition(":")
+        return [(int(seq), head)]
+
     def check(self) -> None:
         """Pre-flight before the pipeline starts: the ledger verifies, and the plan would be accepted now
         (the executor's reservation repeats the check atomically)."""
+        anchors = self.anchors()
         check = getattr(self.ledger, "check", None)
         if check is None:
-            self.ledger.verify()
+            self.ledger.verify(anchors)
             return
         check(self.plan.source.source_id, self.plan.event, trainer=self.plan.kind, private=self.plan.private,
+              anchors=anchors,
               accountant=self.plan.accountant, relation=self.plan.source.relation, delta=self.plan.delta,
               budget=self.budget_request(), allow_non_private=bool(self.plan.privacy_args["allow_non_private"]))
 
     def reserve(self):
-        self.ledger.verify()
+        anchors = self.anchors()
+        self.ledger.verify(anchors)
         self.reservation = self.ledger.reserve(
             self.plan.source.source_id, self.plan.event, trainer=self.plan.kind, private=self.plan.private,
+            anchors=anchors,
             accountant=self.plan.accountant, relation=self.plan.source.relation, delta=self.plan.delta,
             budget=self.budget_request(), allow_non_private=bool(self.plan.privacy_args["allow_non_private"]),
             label=self.plan.privacy_args.get("label"))

@@ -23,7 +23,8 @@ from pipeline.config import RunConfig
 
 RUN_TIME_CHECK = ("the budget ledger is checked and charged by the Trainer executor at run time, before it reads "
                   "any training row: a run that would exceed the data source's budget fails in the Trainer, "
-                  "nothing trained")
+                  "nothing trained; the ledger must already exist at that path (the exported run never creates "
+                  "one) on storage with working POSIX file locks (not GCS-FUSE)")
 
 
 class ExportError(ValueError):
@@ -72,11 +73,19 @@ def export(orchestrator: str, config: RunConfig, output: str, image: str = "priv
     """Writes the compiled pipeline to ``output``; returns the lines to print."""
     from dp_training.dataset import load_dataset
 
-    _require_ledger(config, explicit_ledger)
-    if config.privacy.get("ledger") != explicit_ledger:
-        import dataclasses
+    import dataclasses
 
-        config = dataclasses.replace(config, privacy={**config.privacy, "ledger": explicit_ledger})
+    from dp_training.ledger import Ledger
+
+    _require_ledger(config, explicit_ledger)
+    # The exported Trainer never creates a ledger (a worker without the shared volume must not start a fresh
+    # budget), and when the ledger is reachable here it must still contain the receipt it has now (a swapped or
+    # rewritten file is refused at run time as tampered).
+    privacy = {**config.privacy, "ledger": explicit_ledger, "ledger_must_exist": True}
+    if os.path.exists(explicit_ledger):
+        head = Ledger(explicit_ledger).verify()
+        privacy["ledger_anchor"] = f"{head.head_seq}:{head.head_hash}"
+    config = dataclasses.replace(config, privacy=privacy)
     if os.path.isdir(output):
         raise ExportError(f"--output {output} is a directory: name the file to write")
     if not os.path.isdir(os.path.dirname(output) or "."):

@@ -106,7 +106,7 @@ def test_kubeflow_spec_matches_the_golden_file(sample, tmp_path):
     trainer = next(t for t in got["tasks"] if t["task"] == "Trainer")
     assert trainer["custom_config"]["trainer"] == "dp_sgd"
     assert trainer["custom_config"]["privacy"] == {"target_epsilon": 2.0, "delta": 1e-5, "accountant": "pld",
-                                                   "ledger": LEDGER}
+                                                   "ledger": LEDGER, "ledger_must_exist": True}
     assert trainer["executor_class"] == "pipeline.trainer_executor.PrivacyRecordingTrainerExecutor"
     assert {t["image"] for t in got["tasks"] if t["image"]} == {"registry.example/privtrain:1"}
 
@@ -161,3 +161,37 @@ def test_airflow_dag_file_builds_the_same_pipeline(sample, tmp_path):
     assert custom["privacy"]["target_epsilon"] == 2.0 and custom["trainer_args"]["epochs"] == 3
     assert pipeline.pipeline_info.pipeline_root == os.path.join(workdir, "pipeline_root")
     assert "--direct_running_mode=in_memory" in pipeline.beam_pipeline_args
+
+
+def test_an_exported_run_never_creates_a_ledger_and_refuses_a_swapped_one(sample, tmp_path):
+    """Attack: the exported Trainer runs where the shared ledger volume is not mounted (or another file sits at
+    its path). Without the export's guards it would start a fresh ledger with a fresh budget and train."""
+    from dp_training.dataset import load_dataset
+    from dp_training.features import numeric_key
+    from dp_training.ledger import Ledger, LedgerTamperedError
+    from dp_training.protocol import PlanError, RunProtocol, plan_run
+    from pipeline.trainers import get_trainer
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    path = str(shared / "ledger.sqlite")
+    Ledger(path).set_budget("export-sample", 5.0, 1e-5, relation="add_or_remove_one")
+    output = str(tmp_path / "pipeline.json")
+    export("kubeflow", _config(sample, str(tmp_path / "w")), output, explicit_ledger=path)
+    with open(output) as f:
+        params = json.load(f)["pipelineSpec"]["root"]["dag"]["tasks"]["Trainer"]["inputs"]["parameters"]
+    privacy = json.loads(params["custom_config"]["runtimeValue"]["constantValue"]["stringValue"])["privacy"]
+    head = Ledger(path).verify()
+    assert privacy["ledger_must_exist"] is True and privacy["ledger_anchor"] == f"{head.head_seq}:{head.head_hash}"
+
+    spec = load_dataset(sample)
+    plan = plan_run(spec, "dp_sgd", get_trainer("dp_sgd"), {"epochs": 3, "l2_norm_clip": 0.5}, privacy,
+                    [numeric_key(c) for c in spec.numeric_features])
+    RunProtocol(plan).check()  # the real ledger accepts it
+    os.rename(path, path + ".away")  # the volume is not mounted
+    with pytest.raises(PlanError, match="does not exist here: mount the shared ledger volume"):
+        RunProtocol(plan).reserve()
+    assert not os.path.exists(path)  # and nothing was created
+    Ledger(path).set_budget("export-sample", 50.0, 1e-5, relation="add_or_remove_one")  # another ledger there
+    with pytest.raises(LedgerTamperedError):
+        RunProtocol(plan).reserve()
