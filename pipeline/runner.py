@@ -226,6 +226,11 @@ def format_guarantee(guarantee) -> str:
     else:
         lines = [f"privacy guarantee: epsilon = {g.epsilon:.4g}, delta = {g.delta:.3g} ({g.accountant} accountant), "
                  f"for {g.relation_text} of source {g.source_id!r}"]
+        if g.simulation:   # noise-cohort simulation setting (docs/federated.md): the label first, then what it covers
+            dep = g.simulation.get("deployment_epsilon")
+            lines.insert(0, f"{g.simulation['label']}: the noise corresponds to epsilon "
+                            f"{'inf' if dep is None else format(dep, '.4g')} for the stated deployment only "
+                            f"({g.simulation.get('covers')}), NOT for this run's data, whose guarantee follows")
         for m in g.mechanisms:
             alone = f" (epsilon {m.epsilon_alone:.3g} alone)" if m.epsilon_alone is not None else ""
             lines.append(f"  covers {m.covers}: {m.name}{alone}")
