@@ -132,14 +132,17 @@ class ClientDatasets:
         self.built = 0  # datasets built so far (tests check the loading is per cohort)
 
     def client(self, c: int, round_seed: int):
+        """Client ``c``'s rows, a fresh permutation per local epoch (seeded by the round's seed and ``c``), in
+        batches that may span epochs (as shuffle -> repeat -> batch). The permutation is drawn in numpy: one
+        tf.data op per client instead of four (building the datasets was a third of a 100-client round)."""
         import tensorflow as tf
 
         s = self.shards[c]
-        x = collections.OrderedDict((k, v[s]) for k, v in self.features.items())
-        ds = tf.data.Dataset.from_tensor_slices((x, self.labels[s]))
+        rng = np.random.default_rng([int(round_seed), int(c)])
+        order = np.concatenate([s[rng.permutation(s.shape[0])] for _ in range(self.local_epochs)])
+        x = collections.OrderedDict((k, v[order]) for k, v in self.features.items())
         self.built += 1
-        ds = ds.shuffle(int(s.shape[0]), seed=round_seed + int(c), reshuffle_each_iteration=True)
-        return ds.repeat(self.local_epochs).batch(self.batch_size)
+        return tf.data.Dataset.from_tensor_slices((x, self.labels[order])).batch(self.batch_size)
 
     def for_round(self, client_ids, round_seed: int):
         return [self.client(int(c), round_seed) for c in client_ids]

@@ -202,3 +202,40 @@ def test_noise_cohort_plan_calibrates_the_deployment_and_refuses_misuse(adult):
         with pytest.raises(ValueError, match=match):
             plan_run(spec, "federated", FederatedTrainer(), {**args, **bad}, {"delta": 1e-6, "allow_non_private": True},
                      keys)
+
+
+def test_worker_and_noise_cohort_flags_roundtrip():
+    import argparse
+
+    from federated import trainer
+
+    p = argparse.ArgumentParser()
+    trainer.add_arguments(p)
+    args = trainer.trainer_args(p.parse_args(["--workers", "h1:8000,h2:8001", "--worker-processes", "2",
+                                              "--noise-cohort-size", "500", "--noise-population", "9000"]))
+    assert args["workers"] == "h1:8000,h2:8001" and args["worker_processes"] == 2
+    assert args["noise_cohort_size"] == 500 and args["noise_population"] == 9000
+    with pytest.raises(SystemExit):
+        p.parse_args(["--workers", "h1"])
+
+
+@pytest.mark.slow
+def test_pipeline_federated_run_on_two_local_workers(tmp_path, adult_sample, ledger_path):
+    """privtrain run --trainer federated --worker-processes 2: trains, pushes, states the labelled guarantee, and
+    leaves no worker_binary (the Trainer runs in this CLI's process tree)."""
+    workdir = str(tmp_path / "work")
+    res = run_cli("run", "--trainer", "federated", "--data", adult_sample, "--workdir", workdir, "--json",
+                  "--worker-processes", "2", "--clients", "20", "--clients-per-round", "5", "--rounds", "2",
+                  "--partition", "hash", "--dp-noise-multiplier", "10", "--noise-cohort-size", "50",
+                  "--noise-population", "200", "--min-auc", "0")
+    assert res.returncode == 0, res.stderr[-4000:]
+    summary = json.loads(res.stdout)
+    text = json.dumps(summary)
+    assert "simulation setting: noise calibrated for a cohort of 50, 5 simulated" in text
+    found = [os.path.join(d, "privacy.json") for d, _, files in os.walk(os.path.join(workdir, "serving"))
+             if "privacy.json" in files]
+    assert found, "nothing pushed"
+    g = json.load(open(found[0]))
+    assert g["simulation_setting"]["label"].endswith("5 simulated") and g["parameters"]["noise_cohort_size"] == 50
+    assert not [p for p in psutil.process_iter(["name"]) if p.info["name"] == workers_lib.WORKER_NAME
+                and p.ppid() == os.getpid()]
