@@ -243,6 +243,9 @@ def format_guarantee(guarantee) -> str:
             lines.append(f"  noise multiplier {p['noise_multiplier']:.4g}, client clip {p.get('dp_clip', '-')}, "
                          f"{p.get('clients_per_round', '-')} of {p.get('clients', '-')} clients per round "
                          f"({p.get('sampling', '-')}), {p.get('rounds', '-')} rounds, partition {p.get('partition', '-')}")
+            if "simulated_noise_multiplier" in p:
+                lines.append(f"  simulated with noise multiplier {p['simulated_noise_multiplier']:.4g} on the sum of the "
+                             f"cohort (the noise on the mean of a cohort of {p.get('noise_cohort_size')})")
     if g.audit:
         lines.append(f"  empirical audit: epsilon lower bound {g.audit.get('epsilon_lower_bound', float('nan')):.3g} "
                      f"({g.audit.get('method', 'canaries')})")

@@ -237,5 +237,11 @@ def test_pipeline_federated_run_on_two_local_workers(tmp_path, adult_sample, led
     assert found, "nothing pushed"
     g = json.load(open(found[0]))
     assert g["simulation_setting"]["label"].endswith("5 simulated") and g["parameters"]["noise_cohort_size"] == 50
+    from dp_training.guarantee import Guarantee
+    from pipeline.runner import format_guarantee
+
+    text = format_guarantee(Guarantee.from_json(g))
+    assert text.startswith("simulation setting: noise calibrated for a cohort of 50, 5 simulated")
+    assert "NOT for this run's data" in text and "simulated with noise multiplier 1 " in text
     assert not [p for p in psutil.process_iter(["name"]) if p.info["name"] == workers_lib.WORKER_NAME
                 and p.ppid() == os.getpid()]
