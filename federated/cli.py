@@ -142,7 +142,7 @@ def run_simulate(ns: argparse.Namespace) -> int:
     import sys
 
     from dp_training.ledger import LedgerError
-    from federated.engine import RunStopped
+    from federated.engine import RunStopped, latest_checkpoint
     from federated.workers import WorkerError
 
     try:
@@ -153,6 +153,12 @@ def run_simulate(ns: argparse.Namespace) -> int:
     except (RunStopped, WorkerError) as e:   # a worker could not be reached or was lost mid-run
         print(f"privtrain simulate federated: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:   # workers already stopped (federated.runtime), the ledger entry marked cancelled
+        ckpt = latest_checkpoint(cfg.output_dir)
+        print("privtrain simulate federated: interrupted; every TFF worker this run started is stopped"
+              + (f"; the last checkpoint ({ckpt}) is intact, run the same command to resume" if ckpt else ""),
+              file=sys.stderr)
+        return 130
     # Public facts only on stdout (the guarantee, the files, eval metrics on the eval split): training losses,
     # counts and timings are in the private metrics file.
     public = {k: res.final[k] for k in ("rounds", "clients", "clients_per_round", "eval_accuracy", "eval_loss")
