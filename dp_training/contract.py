@@ -141,5 +141,6 @@ class TrainerKind(Protocol):
         ...
 
 
-__all__ = ["PlanInputs", "SimulationSetting", "TrainingPlan", "TrainerContext", "TrainingOutcome", "TrainingInterrupted",
+__all__ = ["PlanInputs", "SimulationSetting", "TrainingPlan", "TrainerContext", "TrainingOutcome",
+           "TrainingInterrupted",
            "TrainerKind"]

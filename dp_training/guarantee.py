@@ -71,9 +71,9 @@ class Guarantee:
         if not self.simulation:
             return own
         s = self.simulation
-        return (f"{s['label']}. The noise corresponds to ({_fmt(s['deployment_epsilon'])}, {self.delta:.3g})-differential "
-                f"privacy ({self.accountant} accountant, {self.relation_text}) for the stated deployment only "
-                f"({s['covers']}); that figure does NOT cover the data used here. This simulation itself, as it ran, "
+        return (f"{s['label']}. The noise corresponds to ({_fmt(s['deployment_epsilon'])}, {self.delta:.3g})-"
+                f"differential privacy ({self.accountant} accountant, {self.relation_text}) for the stated deployment "
+                f"only ({s['covers']}); that figure does NOT cover the data used here. This simulation itself, as it ran, "
                 f"gives {own}")
 
     # -- serialisation ------------------------------------------------------------------------------

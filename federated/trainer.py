@@ -294,13 +294,14 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
         simulation = SimulationSetting(
             label, training_event(z, rounds, cohort[1], cohort[0], a["sampling"], mode),
             {"noise_cohort_size": cohort[0], "noise_population": cohort[1], "rounds": rounds,
-             "noise_multiplier": z, "sampling": a["sampling"], "dp_clip": clip, "simulated_clients_per_round": per_round,
-             "simulated_clients": clients})
+             "noise_multiplier": z, "sampling": a["sampling"], "dp_clip": clip,
+             "simulated_clients_per_round": per_round, "simulated_clients": clients})
     notes = ()
     if mode == "client" and inputs.source.unit_column:
         notes = (f"rows whose {inputs.source.unit_column} is missing or outside its public domain belong to no "
                  "person and are not trained on",)
-    return TrainingPlan(event=event, private=True, mechanism=f"DP-FedAvg, Gaussian aggregate per round, {sampling_text}",
+    return TrainingPlan(event=event, private=True,
+                        mechanism=f"DP-FedAvg, Gaussian aggregate per round, {sampling_text}",
                         public=public, internal=internal, notes=notes, simulation=simulation)
 
 

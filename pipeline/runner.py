@@ -244,8 +244,8 @@ def format_guarantee(guarantee) -> str:
                          f"{p.get('clients_per_round', '-')} of {p.get('clients', '-')} clients per round "
                          f"({p.get('sampling', '-')}), {p.get('rounds', '-')} rounds, partition {p.get('partition', '-')}")
             if "simulated_noise_multiplier" in p:
-                lines.append(f"  simulated with noise multiplier {p['simulated_noise_multiplier']:.4g} on the sum of the "
-                             f"cohort (the noise on the mean of a cohort of {p.get('noise_cohort_size')})")
+                lines.append(f"  simulated with noise multiplier {p['simulated_noise_multiplier']:.4g} on the sum of "
+                             f"the cohort (the noise on the mean of a cohort of {p.get('noise_cohort_size')})")
     if g.audit:
         lines.append(f"  empirical audit: epsilon lower bound {g.audit.get('epsilon_lower_bound', float('nan')):.3g} "
                      f"({g.audit.get('method', 'canaries')})")
