@@ -37,6 +37,7 @@ bench: setup  ## benchmarks, each comparison measured side by side in one run; r
 	$(PLATFORM_PY) simulations/bench_federated.py --accuracy-rounds 30 --stock --json bench-results/federated.json
 	$(PLATFORM_PY) simulations/bench_conv_clipping.py --batches 256 2048 --ablation \
 	  --json bench-results/conv-clipping.json | tee bench-results/conv-clipping.txt
+	$(PLATFORM_PY) simulations/bench_federated_scale.py --json bench-results/federated-scale.json
 	$(PLATFORM_PY) simulations/bench_serving.py --json bench-results/serving.json
 	$(PLATFORM_PY) simulations/bench_encrypted.py --json bench-results/encrypted.json
 

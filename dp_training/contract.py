@@ -62,6 +62,18 @@ class PlanInputs:
 
 
 @dataclasses.dataclass(frozen=True)
+class SimulationSetting:
+    """A simulation whose noise is calibrated for a stated deployment it does not run (pfl-research's
+    ``noise_cohort_size``): ``label`` is printed with every output; ``deployment_event`` is what the stated
+    deployment would release (its epsilon is computed by the protocol, for reading only: it never covers the
+    simulated data, whose release is the plan's ``event``); ``parameters`` describe the deployment (public)."""
+
+    label: str
+    deployment_event: dp_accounting.DpEvent
+    parameters: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainingPlan:
     """A kind's plan. ``event`` is what it will release; ``public`` its public run parameters (printed,
     recorded in ML Metadata and privacy.json); ``internal`` anything it needs at train time (not published)."""
@@ -72,6 +84,7 @@ class TrainingPlan:
     public: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     internal: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     notes: Tuple[str, ...] = ()
+    simulation: Optional[SimulationSetting] = None   # set only by a simulation setting (see SimulationSetting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,5 +141,6 @@ class TrainerKind(Protocol):
         ...
 
 
-__all__ = ["PlanInputs", "TrainingPlan", "TrainerContext", "TrainingOutcome", "TrainingInterrupted",
+__all__ = ["PlanInputs", "SimulationSetting", "TrainingPlan", "TrainerContext", "TrainingOutcome",
+           "TrainingInterrupted",
            "TrainerKind"]

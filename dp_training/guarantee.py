@@ -51,6 +51,9 @@ class Guarantee:
     audit: Optional[Mapping[str, Any]] = None
     not_covered: Tuple[str, ...] = ()
     notes: Tuple[str, ...] = ()
+    # A simulation setting (``contract.SimulationSetting``): {"label", "deployment_epsilon", "deployment_event",
+    # "deployment", "covers", "does_not_cover"}; None for an ordinary run.
+    simulation: Optional[Mapping[str, Any]] = None
 
     # -- reading ------------------------------------------------------------------------------------
     @property
@@ -62,9 +65,16 @@ class Guarantee:
         if not self.private:
             return (f"no differential privacy guarantee (non-private {self.trainer} training on source "
                     f"{self.source_id!r}); recorded in the budget ledger as an unbounded spend")
-        return (f"({self.epsilon:.4g}, {self.delta:.3g})-differential privacy for {self.relation_text} of source "
-                f"{self.source_id!r} ({self.accountant} accountant), covering "
-                + " and ".join(m.covers for m in self.mechanisms))
+        own = (f"({self.epsilon:.4g}, {self.delta:.3g})-differential privacy for {self.relation_text} of source "
+               f"{self.source_id!r} ({self.accountant} accountant), covering "
+               + " and ".join(m.covers for m in self.mechanisms))
+        if not self.simulation:
+            return own
+        s = self.simulation
+        return (f"{s['label']}. The noise corresponds to ({_fmt(s['deployment_epsilon'])}, {self.delta:.3g})-"
+                f"differential privacy ({self.accountant} accountant, {self.relation_text}) for the stated deployment "
+                f"only ({s['covers']}); that figure does NOT cover the data used here. This simulation itself, as it ran, "
+                f"gives {own}")
 
     # -- serialisation ------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -77,6 +87,7 @@ class Guarantee:
             "parameters": dict(self.parameters), "target_epsilon": _num(self.target_epsilon),
             "ledger": dict(self.ledger), "audit": None if self.audit is None else dict(self.audit),
             "not_covered": list(self.not_covered), "notes": list(self.notes),
+            **({"simulation_setting": _simulation_json(self.simulation)} if self.simulation else {}),
         }
 
     def dumps(self) -> str:
@@ -94,7 +105,7 @@ class Guarantee:
                              for m in d["mechanisms"]),
             event=d["event"], parameters=d["parameters"], target_epsilon=_from_num(d.get("target_epsilon")),
             ledger=d.get("ledger") or {}, audit=d.get("audit"), not_covered=tuple(d.get("not_covered", ())),
-            notes=tuple(d.get("notes", ())))
+            notes=tuple(d.get("notes", ())), simulation=_simulation_from_json(d.get("simulation_setting")))
 
     @classmethod
     def loads(cls, text: str) -> "Guarantee":
@@ -109,6 +120,25 @@ def _num(x: Optional[float]):
         return None
     x = float(x)
     return "inf" if math.isinf(x) else x
+
+
+def _fmt(x) -> str:
+    x = _from_num(x)
+    return "inf" if x is None or math.isinf(x) else f"{x:.4g}"
+
+
+def _simulation_json(s: Mapping[str, Any]) -> dict:
+    out = dict(s)
+    out["deployment_epsilon"] = _num(out.get("deployment_epsilon"))
+    return out
+
+
+def _simulation_from_json(s) -> Optional[Mapping[str, Any]]:
+    if not s:
+        return None
+    out = dict(s)
+    out["deployment_epsilon"] = _from_num(out.get("deployment_epsilon"))
+    return out
 
 
 def _from_num(x) -> Optional[float]:

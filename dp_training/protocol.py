@@ -249,6 +249,7 @@ class RunProtocol:
                 ev.to_json(outcome.released_event),
                 accountants.epsilon(outcome.released_event, plan.delta, plan.accountant, relation)))
         parameters = {**dict(plan.training.public), **dict(outcome.public_details)}
+        simulation = simulation_statement(plan) if plan.private else None
         if plan.private and plan.preprocessing.feature_keys:
             parameters["preprocessing_noise_multiplier"] = plan.preprocessing.noise_multiplier
         ledger = {"seq": self.receipt.seq, "head_hash": self.receipt.head_hash, "run_id": self.reservation.run_id,
@@ -260,7 +261,34 @@ class RunProtocol:
             unit=plan.source.unit, source_id=plan.source.source_id, dataset=plan.dataset, trainer=plan.kind,
             mechanisms=tuple(mechanisms), event=ev.to_json(released), parameters=parameters,
             target_epsilon=plan.target_epsilon, ledger=ledger, audit=audit,
-            not_covered=tuple(not_covered), notes=tuple(plan.training.notes))
+            not_covered=tuple(not_covered), notes=tuple(plan.training.notes), simulation=simulation)
+
+
+def deployment_epsilon(plan: RunPlan) -> Optional[float]:
+    """Epsilon of the deployment a simulation setting states (its preprocessing composed with the deployment's
+    training event), at the run's delta; None for an ordinary run."""
+    sim = plan.training.simulation
+    if sim is None or not plan.private:
+        return None
+    event = ev.compose(plan.preprocessing_event, sim.deployment_event)
+    return accountants.epsilon(event, plan.delta, plan.accountant, plan.source.relation)
+
+
+def simulation_statement(plan: RunPlan) -> Optional[Dict[str, Any]]:
+    """The guarantee's ``simulation_setting``: what the calibrated figure covers and what it does not."""
+    sim = plan.training.simulation
+    if sim is None:
+        return None
+    d = dict(sim.parameters)
+    covers = (f"a run with {d.get('noise_cohort_size')} clients per round sampled from a population of "
+              f"{d.get('noise_population')} clients, {d.get('rounds')} rounds, the same clip norm and the same noise "
+              "on the mean of the clipped client updates")
+    return {"label": sim.label, "deployment_epsilon": deployment_epsilon(plan),
+            "deployment_event": ev.to_json(ev.compose(plan.preprocessing_event, sim.deployment_event)),
+            "deployment": d, "covers": covers,
+            "does_not_cover": "the simulated data: with fewer clients per round than the stated cohort, each "
+                              "client's update carries more weight relative to the same noise; the simulated run is "
+                              "accounted as it ran (the guarantee's epsilon, charged to the ledger)"}
 
 
 def _num(x):
@@ -268,7 +296,7 @@ def _num(x):
 
 
 __all__ = ["RunPlan", "RunProtocol", "plan_run", "not_covered", "planning_rows", "resolve_privacy_args", "PlanError",
-           "PRIVACY_DEFAULTS", "DEFAULT_TARGET_EPSILON"]
+           "PRIVACY_DEFAULTS", "DEFAULT_TARGET_EPSILON", "deployment_epsilon", "simulation_statement"]
 
 
 @dataclasses.dataclass
@@ -307,6 +335,10 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
     if plan.private:
         log(f"privacy plan: {plan.training.mechanism}; planned epsilon {plan.planned_epsilon():.4g} at delta "
             f"{plan.delta:.3g} ({plan.accountant}, {source.relation} of one {source.unit_name})")
+        if plan.training.simulation is not None:
+            log(f"{plan.training.simulation.label}: the noise is calibrated for a deployment with epsilon "
+                f"{deployment_epsilon(plan):.4g} at delta {plan.delta:.3g}, which does not cover this simulation's "
+                f"data; this run is accounted as it runs (planned epsilon above)")
     protocol = RunProtocol(plan, ledger)
     protocol.reserve()
     audit_setup = None

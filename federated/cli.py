@@ -63,12 +63,34 @@ def add_federated_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="checkpoint every k rounds")
     g.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
     g.add_argument("--seed", type=int, default=d.seed, help="public seed: partition hash key, client sampling")
+    g.add_argument("--workers", type=_workers, default=None, metavar="HOST:PORT,...",
+                   help="run each round's clients split across these TFF workers (started with privtrain "
+                        "federated-worker --port PORT)")
+    g.add_argument("--worker-processes", type=int, default=d.worker_processes, metavar="N",
+                   help="start N local TFF workers for this run and stop them afterwards (default 0: TFF's own "
+                        "single local worker)")
+    g.add_argument("--noise-cohort-size", type=int, default=None, metavar="C",
+                   help="simulation setting (DP only): calibrate the noise for a deployment cohort of C clients per "
+                        "round while simulating --clients-per-round K <= C; every output is labelled, and the "
+                        "stated deployment epsilon does not cover the simulated data")
+    g.add_argument("--noise-population", type=int, default=None, metavar="P",
+                   help="the deployment's client population for --noise-cohort-size (default: --clients)")
+
+
+def _workers(text: str) -> str:
+    from federated.workers import parse_addresses
+
+    try:
+        return ",".join(parse_addresses(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def config_kwargs(ns: argparse.Namespace) -> Dict[str, Any]:
     keys = ["clients", "clients_per_round", "rounds", "local_epochs", "client_batch_size", "partition",
             "client_optimizer", "server_optimizer", "client_lr", "server_lr", "dp_noise_multiplier", "dp_clip",
-            "adaptive_clipping", "sampling", "dropout_rate", "eval_every", "checkpoint_every", "resume", "seed"]
+            "adaptive_clipping", "sampling", "dropout_rate", "eval_every", "checkpoint_every", "resume", "seed",
+            "workers", "worker_processes", "noise_cohort_size", "noise_population"]
     return {k: getattr(ns, k) for k in keys if hasattr(ns, k)}
 
 
@@ -117,20 +139,34 @@ def run_simulate(ns: argparse.Namespace) -> int:
         kwargs["dp_noise_multiplier"] = "auto"
     cfg = SimulationConfig(data_dir=ns.data, output_dir=ns.output, train_sample=ns.train_sample,
                            eval_sample=ns.eval_sample, privacy=privacy_kwargs(ns), **kwargs)
+    import sys
+
     from dp_training.ledger import LedgerError
+    from federated.engine import RunStopped, latest_checkpoint
+    from federated.workers import WorkerError
 
     try:
         res = simulate(cfg)
     except LedgerError as e:   # refused or tampered ledger: nothing trained
-        import sys
-
         print(f"privtrain simulate federated: {e}", file=sys.stderr)
         return 2
+    except (RunStopped, WorkerError) as e:   # a worker could not be reached or was lost mid-run
+        print(f"privtrain simulate federated: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:   # workers already stopped (federated.runtime), the ledger entry marked cancelled
+        ckpt = latest_checkpoint(cfg.output_dir)
+        print("privtrain simulate federated: interrupted; every TFF worker this run started is stopped"
+              + (f"; the last checkpoint ({ckpt}) is intact, run the same command to resume" if ckpt else ""),
+              file=sys.stderr)
+        return 130
     # Public facts only on stdout (the guarantee, the files, eval metrics on the eval split): training losses,
     # counts and timings are in the private metrics file.
     public = {k: res.final[k] for k in ("rounds", "clients", "clients_per_round", "eval_accuracy", "eval_loss")
               if k in res.final}
-    print(json.dumps({"privacy": res.privacy, "files": res.files, "final": public}, indent=1, default=str))
+    out = {"privacy": res.privacy, "files": res.files, "final": public}
+    if (res.privacy or {}).get("simulation_setting"):
+        out = {"simulation_setting": res.privacy["simulation_setting"]["label"], **out}
+    print(json.dumps(out, indent=1, default=str))
     return 0
 
 

@@ -156,26 +156,63 @@ def _install_handlers() -> None:
             signal.signal(signal.SIGTERM, on_term)
 
 
-@contextlib.contextmanager
-def tff_runtime(max_concurrent_computation_calls: int = 0) -> Iterator[None]:
-    """Context in which TFF computations run on a worker this process owns and always stops.
+def _install_remote(addresses, worker_processes: int, max_concurrent_computation_calls: int):
+    """Starts ``worker_processes`` local workers (if any) and installs the context spreading clients over them
+    and ``addresses``. Returns what :func:`_remove_remote` releases."""
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
-    Re-entrant: nested uses share the outer worker; the outermost exit kills it (KeyboardInterrupt
-    and exceptions included).
+    from federated import workers
+
+    if max_concurrent_computation_calls == 0:
+        max_concurrent_computation_calls = auto_concurrency()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    local = workers.start_local_workers(worker_processes, max_concurrent_computation_calls) if worker_processes else []
+    try:
+        remote = workers.create_remote_context(list(addresses) + [p.address for p in local])
+    except BaseException:
+        workers.stop_local_workers(local)
+        raise
+    _stop_context_worker(context_stack_impl.context_stack.current, 5.0)
+    context_stack_impl.context_stack.set_default_context(remote.context)
+    return remote, local
+
+
+def _remove_remote(held) -> None:
+    from federated import workers
+
+    remote, local = held
+    remote.close()
+    workers.stop_local_workers(local)
+
+
+@contextlib.contextmanager
+def tff_runtime(max_concurrent_computation_calls: int = 0, workers=None, worker_processes: int = 0) -> Iterator[None]:
+    """Context in which TFF computations run on a worker this process owns and always stops, or, with
+    ``workers`` (``HOST:PORT`` addresses) and/or ``worker_processes`` (local workers started here), across
+    those workers (``federated.workers``: each round's clients are split between them).
+
+    Re-entrant: nested uses share the outer runtime; the outermost exit kills the workers it started
+    (KeyboardInterrupt and exceptions included).
     """
     global _depth
     _install_handlers()
     with _lock:
         _depth += 1
         outer = _depth == 1
+    held = None
     try:
         if outer:
-            _reset_context(max_concurrent_computation_calls)
+            if workers or worker_processes:
+                held = _install_remote(workers or [], int(worker_processes or 0), max_concurrent_computation_calls)
+            else:
+                _reset_context(max_concurrent_computation_calls)
         yield
     finally:
         with _lock:
             _depth -= 1
             last = _depth == 0
+        if held is not None:
+            _remove_remote(held)
         if last:
             stop_workers()
             # a fresh context: its worker starts only if something runs TFF again

@@ -42,7 +42,8 @@ import dp_accounting
 import numpy as np
 
 from dp_training import accountants, calibration, events
-from dp_training.contract import PlanInputs, TrainerContext, TrainingInterrupted, TrainingOutcome, TrainingPlan
+from dp_training.contract import (PlanInputs, SimulationSetting, TrainerContext, TrainingInterrupted, TrainingOutcome,
+                                  TrainingPlan)
 from federated.engine import FederatedConfig
 from federated.partition import PartitionSpec
 
@@ -52,7 +53,8 @@ SAMPLINGS = ("poisson", "fixed")
 _CONFIG_FIELDS = ("clients", "clients_per_round", "rounds", "local_epochs", "client_batch_size", "partition",
                   "client_optimizer", "server_optimizer", "client_lr", "server_lr", "dp_noise_multiplier",
                   "dp_clip", "adaptive_clipping", "sampling", "dropout_rate", "eval_every", "checkpoint_every",
-                  "resume", "seed", "max_concurrent_computation_calls", "plot", "client_loop")
+                  "resume", "seed", "max_concurrent_computation_calls", "plot", "client_loop", "workers",
+                  "worker_processes", "noise_cohort_size", "noise_population")
 DEFAULTS: Dict[str, Any] = {k: getattr(FederatedConfig(), k) for k in _CONFIG_FIELDS}
 
 
@@ -218,6 +220,7 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
     if not clip > 0 or math.isinf(clip):
         raise ValueError(f"dp_clip must be a finite number > 0, got {a['dp_clip']!r}; pass e.g. --dp-clip 0.5")
     z = _noise(a)
+    cohort = _noise_cohort(a, clients, per_round, z)
     public: Dict[str, Any] = {
         "partition": str(part), "clients": clients, "clients_per_round": per_round, "rounds": rounds,
         "sampling": a["sampling"], "local_epochs": int(a["local_epochs"]),
@@ -244,11 +247,15 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
             "privtrain simulate federated (which uses the public scaling only for column units)")
     target = inputs.target_epsilon
     calibrated = z == AUTO
+    # Simulation setting (pfl-research's noise_cohort_size): the noise multiplier z is chosen for the stated
+    # deployment (cohort C of population P); the simulation adds the same noise to the MEAN of its K < C clipped
+    # updates, i.e. multiplier z*K/C on its sum, and is accounted with that (weaker) multiplier.
+    dep_clients, dep_per_round = (cohort[1], cohort[0]) if cohort else (clients, per_round)
     if calibrated:
         target = DEFAULT_TARGET_EPSILON if target is None else float(target)
 
         def make(sigma: float) -> dp_accounting.DpEvent:
-            return training_event(sigma, rounds, clients, per_round, a["sampling"], mode)
+            return training_event(sigma, rounds, dep_clients, dep_per_round, a["sampling"], mode)
 
         z = calibration.calibrate(
             target, make, inputs.delta, inputs.accountant, inputs.relation, inputs.base_event,
@@ -260,7 +267,8 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
         raise ValueError(f"give either --dp-noise-multiplier or --target-epsilon, not both (got {z!r} and "
                          f"{target!r})")
     z = float(z)
-    event = training_event(z, rounds, clients, per_round, a["sampling"], mode)
+    z_run = z * per_round / cohort[0] if cohort else z
+    event = training_event(z_run, rounds, clients, per_round, a["sampling"], mode)
     accountants.check_supported(inputs.accountant, events.compose(inputs.base_event, event), inputs.relation)
     level = ("client-level (one client per person), exact" if mode == "client" and a["sampling"] == "poisson"
              else "one unit's change replaces one client's data (row-stable partition)" if mode == "replace"
@@ -272,13 +280,50 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
                    "client_sampling_rate": per_round / clients, "accounting": level,
                    "aggregation": "unweighted mean: noisy sum of clipped client updates divided by the public "
                                   "clients_per_round"})
-    internal.update({"noise_multiplier": z, "mode": mode})
+    internal.update({"noise_multiplier": z_run, "mode": mode})
+    simulation = None
+    if cohort:
+        label = f"simulation setting: noise calibrated for a cohort of {cohort[0]}, {per_round} simulated"
+        public.update({"simulation_setting": label, "noise_cohort_size": cohort[0], "noise_population": cohort[1],
+                       "simulated_noise_multiplier": z_run, "client_sampling_rate": per_round / clients,
+                       "deployment_sampling_rate": cohort[0] / cohort[1],
+                       "aggregation": "unweighted mean: sum of clipped client updates plus Gaussian noise of stddev "
+                                      f"noise_multiplier*clip*{per_round}/{cohort[0]}, divided by the public "
+                                      f"clients_per_round ({per_round}): the noise on the mean is that of the stated "
+                                      f"cohort of {cohort[0]}"})
+        simulation = SimulationSetting(
+            label, training_event(z, rounds, cohort[1], cohort[0], a["sampling"], mode),
+            {"noise_cohort_size": cohort[0], "noise_population": cohort[1], "rounds": rounds,
+             "noise_multiplier": z, "sampling": a["sampling"], "dp_clip": clip,
+             "simulated_clients_per_round": per_round, "simulated_clients": clients})
     notes = ()
     if mode == "client" and inputs.source.unit_column:
         notes = (f"rows whose {inputs.source.unit_column} is missing or outside its public domain belong to no "
                  "person and are not trained on",)
-    return TrainingPlan(event=event, private=True, mechanism=f"DP-FedAvg, Gaussian aggregate per round, {sampling_text}",
-                        public=public, internal=internal, notes=notes)
+    return TrainingPlan(event=event, private=True,
+                        mechanism=f"DP-FedAvg, Gaussian aggregate per round, {sampling_text}",
+                        public=public, internal=internal, notes=notes, simulation=simulation)
+
+
+def _noise_cohort(a, clients: int, per_round: int, z) -> Optional[tuple]:
+    """(C, P) for a simulation setting (``noise_cohort_size`` C of ``noise_population`` P), or None."""
+    if a.get("noise_cohort_size") is None:
+        if a.get("noise_population") is not None:
+            raise ValueError("--noise-population is part of a simulation setting: pass --noise-cohort-size too")
+        return None
+    c = _positive_int(a, "noise_cohort_size", "--noise-cohort-size")
+    if z is None or z == 0.0:
+        raise ValueError("--noise-cohort-size calibrates DP-FedAvg's noise for a larger cohort: it needs a private "
+                         "run (--dp-noise-multiplier Z or auto, or --target-epsilon E)")
+    if c < per_round:
+        raise ValueError(f"--noise-cohort-size {c} is below the {per_round} simulated clients per round; the noise "
+                         f"cohort is the larger deployment cohort (>= --clients-per-round)")
+    p = a.get("noise_population")
+    p = clients if p is None else _positive_int(a, "noise_population", "--noise-population")
+    if c > p:
+        raise ValueError(f"--noise-cohort-size {c} exceeds the population of {p} clients it is drawn from; pass "
+                         f"--noise-population >= {c}")
+    return c, p
 
 
 # ------------------------------------------------------------------------------------------------

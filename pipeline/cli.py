@@ -409,6 +409,13 @@ def _cmd_simulate(args) -> int:
         return 2
 
 
+def _add_federated_worker_parser(sub) -> None:
+    from federated.workers import add_worker_arguments
+
+    add_worker_arguments(sub.add_parser("federated-worker", help="serve one TFF worker (for simulate/run "
+                                                                 "--workers HOST:PORT) until Ctrl-C"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="privtrain", description="Privacy-preserving training platform.")
     parser.add_argument("--ledger", default=None, metavar="PATH",
@@ -427,13 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.scale_cli import add_export_parser
 
     add_export_parser(sub, _add_run_flags)  # privtrain export kubeflow|airflow (docs/scaling.md)
+    _add_federated_worker_parser(sub)
     return parser
 
 
 COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "privacy": _cmd_privacy, "budget": _cmd_budget,
             "predict": _cmd_predict, "report": _cmd_report, "simulate": _cmd_simulate,
             "export": lambda args: __import__("pipeline.scale_cli").scale_cli.cmd_export(args, _run_config),
-            "encrypted-party": lambda args: __import__("encrypted_serving.cli").cli.cmd_party(args)}
+            "encrypted-party": lambda args: __import__("encrypted_serving.cli").cli.cmd_party(args),
+            "federated-worker": lambda args: __import__("federated.workers").workers.run_worker(args)}
 
 
 def main(argv=None) -> int:

@@ -226,6 +226,11 @@ def format_guarantee(guarantee) -> str:
     else:
         lines = [f"privacy guarantee: epsilon = {g.epsilon:.4g}, delta = {g.delta:.3g} ({g.accountant} accountant), "
                  f"for {g.relation_text} of source {g.source_id!r}"]
+        if g.simulation:   # noise-cohort simulation setting (docs/federated.md): the label first, then what it covers
+            dep = g.simulation.get("deployment_epsilon")
+            lines.insert(0, f"{g.simulation['label']}: the noise corresponds to epsilon "
+                            f"{'inf' if dep is None else format(dep, '.4g')} for the stated deployment only "
+                            f"({g.simulation.get('covers')}), NOT for this run's data, whose guarantee follows")
         for m in g.mechanisms:
             alone = f" (epsilon {m.epsilon_alone:.3g} alone)" if m.epsilon_alone is not None else ""
             lines.append(f"  covers {m.covers}: {m.name}{alone}")
@@ -238,6 +243,9 @@ def format_guarantee(guarantee) -> str:
             lines.append(f"  noise multiplier {p['noise_multiplier']:.4g}, client clip {p.get('dp_clip', '-')}, "
                          f"{p.get('clients_per_round', '-')} of {p.get('clients', '-')} clients per round "
                          f"({p.get('sampling', '-')}), {p.get('rounds', '-')} rounds, partition {p.get('partition', '-')}")
+            if "simulated_noise_multiplier" in p:
+                lines.append(f"  simulated with noise multiplier {p['simulated_noise_multiplier']:.4g} on the sum of "
+                             f"the cohort (the noise on the mean of a cohort of {p.get('noise_cohort_size')})")
     if g.audit:
         lines.append(f"  empirical audit: epsilon lower bound {g.audit.get('epsilon_lower_bound', float('nan')):.3g} "
                      f"({g.audit.get('method', 'canaries')})")
