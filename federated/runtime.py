@@ -166,7 +166,12 @@ def _install_remote(addresses, worker_processes: int, max_concurrent_computation
     if max_concurrent_computation_calls == 0:
         max_concurrent_computation_calls = auto_concurrency()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    local = workers.start_local_workers(worker_processes, max_concurrent_computation_calls) if worker_processes else []
+    def warn(message):
+        import sys
+        print(f"privtrain: {message}", file=sys.stderr)
+
+    local = (workers.start_local_workers(worker_processes, max_concurrent_computation_calls, log=warn)
+             if worker_processes else [])
     try:
         remote = workers.create_remote_context(list(addresses) + [p.address for p in local])
     except BaseException:

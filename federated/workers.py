@@ -59,13 +59,17 @@ def worker_binary_path() -> str:
 
 
 def parse_addresses(text: Optional[str]) -> List[str]:
-    """``"host:port,host:port"`` -> ``["host:port", ...]`` (ValueError naming the bad entry)."""
+    """``"host:port,host:port"`` -> ``["host:port", ...]`` (ValueError naming the bad entry); ``unix:/PATH``
+    entries (local workers' sockets) are accepted too."""
     if not text:
         return []
     out = []
     for item in str(text).split(","):
         item = item.strip()
         host, sep, port = item.rpartition(":")
+        if item.startswith("unix:/") and item not in out:  # a local worker's socket (start_local_workers)
+            out.append(item)
+            continue
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"--workers entry {item!r} is not HOST:PORT (e.g. --workers 10.0.0.5:8000,"
                              "10.0.0.6:8000)")
@@ -114,31 +118,68 @@ def wait_ready(address: str, timeout: float = READY_TIMEOUT_S, proc: Optional[su
                                   "`privtrain federated-worker --port PORT` or fix --workers")
 
 
-def start_local_workers(n: int, max_concurrent: int = -1) -> List[subprocess.Popen]:
-    """Starts ``n`` workers on free local ports, each in its own process group; returns them once ready.
-    ``proc.address`` is ``localhost:PORT``. On any failure the ones already started are stopped."""
+def start_local_workers(n: int, max_concurrent: int = -1, log=None) -> List[subprocess.Popen]:
+    """Starts ``n`` workers, each in its own process group; returns them once ready (``proc.address``).
+
+    TFF's ``worker_binary`` listens on every interface and runs whatever computation a client sends (it has no
+    bind address and no authentication), and a worker holds its clients' rows. The workers therefore run in
+    one private network namespace (``dp_training/netns.py``) whose only interface is its own loopback; each is
+    reached through a Unix socket in a 0700 directory (``federated/unix_forward.py`` inside the namespace), so
+    ``proc.address`` is ``unix:/tmp/privtrain-fed-.../worker-I.sock`` and no other user, host or container can
+    connect. Where no namespace can be made, workers listen on ``localhost:PORT`` and ``log`` gets a warning
+    that their ports are open. On any failure the ones already started are stopped."""
+    import tempfile
+
+    from dp_training.netns import PrivateNetwork
+
     if n < 1:
         raise ValueError(f"--worker-processes must be >= 1, got {n}")
+    network = PrivateNetwork().__enter__()
+    if not network.isolated and log is not None:
+        log(f"warning: local TFF workers listen on every interface of this machine without authentication while "
+            f"they hold client rows (no private network namespace: {network.reason}); run only on a trusted host")
+    sockets = tempfile.mkdtemp(prefix="privtrain-fed-") if network.isolated else None
     procs: List[subprocess.Popen] = []
     try:
-        for _ in range(n):
-            port = _free_port()
+        for i in range(n):
+            port = 10000 + i if network.isolated else _free_port()  # a fresh namespace: every port is free
             env = dict(os.environ)
             env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            proc = subprocess.Popen(worker_command(port, max_concurrent), stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-            proc.address = f"localhost:{port}"  # type: ignore[attr-defined]
+            proc = subprocess.Popen(network.prefix + worker_command(port, max_concurrent),
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                    env=env)
+            proc.companions = []  # type: ignore[attr-defined]
             procs.append(proc)
+            if network.isolated:
+                path = os.path.join(sockets, f"worker-{i}.sock")
+                forward = subprocess.Popen(
+                    network.prefix + [sys.executable, os.path.join(os.path.dirname(__file__), "unix_forward.py"),
+                                      path, str(port)],
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
+                    start_new_session=True)
+                proc.companions.append(forward)  # type: ignore[attr-defined]
+                if forward.stdout.readline().strip() != "ready":
+                    raise WorkerError(f"the Unix-socket bridge to local TFF worker {i} did not start")
+                proc.address = f"unix:{path}"  # type: ignore[attr-defined]
+            else:
+                proc.address = f"localhost:{port}"  # type: ignore[attr-defined]
+        if procs:
+            procs[0].network = network  # type: ignore[attr-defined]
+            procs[0].socket_dir = sockets  # type: ignore[attr-defined]
         for proc in procs:
             wait_ready(proc.address, proc=proc)  # type: ignore[attr-defined]
     except BaseException:
         stop_local_workers(procs)
+        network.__exit__()
         raise
     return procs
 
 
 def stop_local_workers(procs: Sequence[subprocess.Popen], timeout: float = 5.0) -> None:
-    """SIGINT to each worker's process group, SIGKILL after ``timeout``; reaps them."""
+    """SIGINT to each worker's process group, SIGKILL after ``timeout``; reaps them, their socket bridges and
+    their private network namespace."""
+    import shutil
+
     for p in procs:
         if p.poll() is None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -152,6 +193,18 @@ def stop_local_workers(procs: Sequence[subprocess.Popen], timeout: float = 5.0) 
                 os.killpg(p.pid, signal.SIGKILL)
             with contextlib.suppress(Exception):
                 p.wait(timeout=timeout)
+        for c in getattr(p, "companions", ()):
+            if c.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(c.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                c.wait(timeout=timeout)
+    for p in procs:
+        network = getattr(p, "network", None)
+        if network is not None:
+            network.__exit__()
+        if getattr(p, "socket_dir", None):
+            shutil.rmtree(p.socket_dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------- TFF context

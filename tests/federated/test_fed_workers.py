@@ -245,3 +245,30 @@ def test_pipeline_federated_run_on_two_local_workers(tmp_path, adult_sample, led
     assert "NOT for this run's data" in text and "simulated with noise multiplier 1 " in text
     assert not [p for p in psutil.process_iter(["name"]) if p.info["name"] == workers_lib.WORKER_NAME
                 and p.ppid() == os.getpid()]
+
+
+def test_attack_local_workers_cannot_be_reached_from_outside_their_namespace(no_workers_after):
+    """TFF's worker_binary listens on every interface and runs any client's computation (no authentication). The
+    local workers run in a private network namespace, reached only through a Unix socket in a 0700 directory:
+    their TCP port is not reachable from this machine's network."""
+    import socket
+    import stat
+
+    from dp_training.netns import PrivateNetwork
+
+    with PrivateNetwork() as net:
+        if not net.isolated:
+            pytest.skip(f"no private network namespace on this machine: {net.reason}")
+    procs = workers_lib.start_local_workers(1)
+    try:
+        (proc,) = procs
+        assert proc.address.startswith("unix:/")
+        path = proc.address[len("unix:"):]
+        assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        assert os.readlink(f"/proc/{proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", 10000), timeout=2).close()  # the worker's port, from outside
+        workers_lib.wait_ready(proc.address, timeout=10)  # through its socket it answers
+    finally:
+        workers_lib.stop_local_workers(procs)
+    assert not os.path.exists(os.path.dirname(path))
