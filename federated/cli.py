@@ -62,7 +62,9 @@ def add_federated_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out eval every k rounds (0: never)")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="checkpoint every k rounds")
     g.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
-    g.add_argument("--seed", type=int, default=d.seed, help="public seed: the partition hash key (and client sampling of non-private runs; private runs sample clients from OS entropy)")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help="public seed: the partition hash key (and client sampling of non-private runs; private "
+                        "runs sample clients from OS entropy)")
     g.add_argument("--workers", type=_workers, default=None, metavar="HOST:PORT,...",
                    help="run each round's clients split across these TFF workers (started with privtrain "
                         "federated-worker --port PORT)")
