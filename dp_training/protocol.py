@@ -295,8 +295,71 @@ def _num(x):
     return "inf" if isinstance(x, float) and math.isinf(x) else x
 
 
+@dataclasses.dataclass(frozen=True)
+class CombinedPlan:
+    """Several planned runs on one data source (a study's grid): their composed event and its epsilon."""
+    source: PrivacyDeclaration
+    accountant: str
+    delta: float
+    runs: int
+    private_runs: int
+    event: dp_accounting.DpEvent        # the composition of every private run's planned event
+    epsilon: float                      # of ``event``; inf when any run is non-private
+
+    @property
+    def non_private_runs(self) -> int:
+        return self.runs - self.private_runs
+
+
+def combine_plans(plans: Sequence[RunPlan]) -> CombinedPlan:
+    """The total privacy cost of several planned runs on one source: the composition of their events,
+    accounted once (not a sum of epsilons). Every plan must share the source, delta, accountant and relation;
+    a non-private plan makes the total unbounded."""
+    if not plans:
+        raise PlanError("no runs to combine")
+    first = plans[0]
+    for p in plans[1:]:
+        if (p.source.source_id, p.delta, p.accountant) != (first.source.source_id, first.delta, first.accountant):
+            raise PlanError("the runs of one study must share the data source, delta and accountant; got "
+                            f"{first.source.source_id}/{first.delta:g}/{first.accountant} and "
+                            f"{p.source.source_id}/{p.delta:g}/{p.accountant}")
+    private = [p for p in plans if p.private]
+    event = ev.compose(*[p.event for p in private]) if private else dp_accounting.NoOpDpEvent()
+    if len(private) < len(plans):
+        eps = math.inf
+    elif private:
+        eps = accountants.epsilon(event, first.delta, first.accountant, first.source.relation)
+    else:
+        eps = 0.0
+    return CombinedPlan(source=first.source, accountant=first.accountant, delta=first.delta, runs=len(plans),
+                        private_runs=len(private), event=event, epsilon=eps)
+
+
+def check_combined(combined: CombinedPlan, privacy_args: Optional[Mapping[str, Any]] = None, ledger=None,
+                   label: str = "study") -> None:
+    """Pre-flight for several runs at once: would the source's ledger accept all of them, composed with what
+    it already holds? Raises what the reservation would raise (BudgetExceededError, NonPrivateTrainingRefused,
+    ...); appends nothing. Each run still reserves its own event when it starts."""
+    from dp_training.ledger import BudgetRequest, Ledger, resolve_ledger_path
+
+    p = resolve_privacy_args(privacy_args)
+    ledger = ledger if ledger is not None else Ledger(resolve_ledger_path(p["ledger"]))
+    budget = None
+    if p["budget_epsilon"] is not None:
+        budget = BudgetRequest(float(p["budget_epsilon"]), float(p["budget_delta"] if p["budget_delta"] is not None
+                                                                 else combined.delta), combined.accountant)
+    common = dict(accountant=combined.accountant, relation=combined.source.relation, delta=combined.delta,
+                  budget=budget, allow_non_private=bool(p["allow_non_private"]))
+    if combined.private_runs:
+        ledger.check(combined.source.source_id, combined.event, trainer=label, private=True, **common)
+    if combined.non_private_runs:
+        ledger.check(combined.source.source_id, dp_accounting.NonPrivateDpEvent(), trainer=label, private=False,
+                     **common)
+
+
 __all__ = ["RunPlan", "RunProtocol", "plan_run", "not_covered", "planning_rows", "resolve_privacy_args", "PlanError",
-           "PRIVACY_DEFAULTS", "DEFAULT_TARGET_EPSILON", "deployment_epsilon", "simulation_statement"]
+           "PRIVACY_DEFAULTS", "DEFAULT_TARGET_EPSILON", "deployment_epsilon", "simulation_statement",
+           "combine_plans", "check_combined", "CombinedPlan"]
 
 
 @dataclasses.dataclass
