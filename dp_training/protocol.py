@@ -304,7 +304,8 @@ class CombinedPlan:
     runs: int
     private_runs: int
     event: dp_accounting.DpEvent        # the composition of every private run's planned event
-    epsilon: float                      # of ``event``; inf when any run is non-private
+    epsilon: float                      # of every run: inf when any run is non-private
+    private_epsilon: float = 0.0        # of ``event`` (the private runs alone)
 
     @property
     def non_private_runs(self) -> int:
@@ -325,14 +326,10 @@ def combine_plans(plans: Sequence[RunPlan]) -> CombinedPlan:
                             f"{p.source.source_id}/{p.delta:g}/{p.accountant}")
     private = [p for p in plans if p.private]
     event = ev.compose(*[p.event for p in private]) if private else dp_accounting.NoOpDpEvent()
-    if len(private) < len(plans):
-        eps = math.inf
-    elif private:
-        eps = accountants.epsilon(event, first.delta, first.accountant, first.source.relation)
-    else:
-        eps = 0.0
+    private_eps = accountants.epsilon(event, first.delta, first.accountant, first.source.relation) if private else 0.0
+    eps = math.inf if len(private) < len(plans) else private_eps
     return CombinedPlan(source=first.source, accountant=first.accountant, delta=first.delta, runs=len(plans),
-                        private_runs=len(private), event=event, epsilon=eps)
+                        private_runs=len(private), event=event, epsilon=eps, private_epsilon=private_eps)
 
 
 def check_combined(combined: CombinedPlan, privacy_args: Optional[Mapping[str, Any]] = None, ledger=None,

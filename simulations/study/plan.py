@@ -27,21 +27,20 @@ class StudyPlan:
     def statement(self) -> str:
         c = self.combined
         src = c.source
-        relation = src.relation.replace("_", " ")
+        from dp_training.events import RELATION_TEXT
+
+        relation = RELATION_TEXT[src.relation].format(unit=src.unit_name)
         if c.runs == 0:
             return "nothing left to run"
         if math.isinf(c.epsilon):
             text = (f"total privacy cost of the {c.runs} run(s) to go: UNBOUNDED ({c.non_private_runs} non-private "
                     f"run(s) void any guarantee on source {src.source_id!r})")
             if c.private_runs:
-                from dp_training import accountants
-
-                private_eps = accountants.epsilon(c.event, c.delta, c.accountant, src.relation)
-                text += (f"; the {c.private_runs} private run(s) alone compose to epsilon = {private_eps:.4g}, "
-                         f"delta = {c.delta:.3g} ({c.accountant} accountant, {relation} of one {src.unit_name})")
+                text += (f"; the {c.private_runs} private run(s) alone compose to epsilon = {c.private_epsilon:.4g}, "
+                         f"delta = {c.delta:.3g} ({c.accountant} accountant, {relation})")
             return text
         return (f"total privacy cost of the {c.runs} run(s) to go: epsilon = {c.epsilon:.4g}, delta = {c.delta:.3g} "
-                f"({c.accountant} accountant, {relation} of one {src.unit_name}; the composition of every run's "
+                f"({c.accountant} accountant, {relation}; the composition of every run's "
                 f"event on source {src.source_id!r}, not a sum)")
 
 
