@@ -30,16 +30,14 @@ class StudyPlan:
         from dp_training.events import RELATION_TEXT
 
         relation = RELATION_TEXT[src.relation].format(unit=src.unit_name)
-        if c.runs == 0:
-            return "nothing left to run"
         if math.isinf(c.epsilon):
-            text = (f"total privacy cost of the {c.runs} run(s) to go: UNBOUNDED ({c.non_private_runs} non-private "
+            text = (f"total privacy cost of the study's {c.runs} run(s): UNBOUNDED ({c.non_private_runs} non-private "
                     f"run(s) void any guarantee on source {src.source_id!r})")
             if c.private_runs:
                 text += (f"; the {c.private_runs} private run(s) alone compose to epsilon = {c.private_epsilon:.4g}, "
                          f"delta = {c.delta:.3g} ({c.accountant} accountant, {relation})")
             return text
-        return (f"total privacy cost of the {c.runs} run(s) to go: epsilon = {c.epsilon:.4g}, delta = {c.delta:.3g} "
+        return (f"total privacy cost of the study's {c.runs} run(s): epsilon = {c.epsilon:.4g}, delta = {c.delta:.3g} "
                 f"({c.accountant} accountant, {relation}; the composition of every run's "
                 f"event on source {src.source_id!r}, not a sum)")
 
@@ -53,9 +51,12 @@ def privacy_args(spec: StudySpec, point: Point) -> Dict[str, Any]:
     return args
 
 
-def plan_study(spec: StudySpec, points: Sequence[Point], ledger=None) -> StudyPlan:
-    """Plans ``points`` (the ones still to run) and checks their composition against the ledger. Raises
-    StudyError for a grid the privacy layer refuses, and the ledger's errors for a study it would refuse."""
+def plan_study(spec: StudySpec, points: Sequence[Point], ledger=None,
+               pending: Optional[Sequence[str]] = None) -> StudyPlan:
+    """Plans every point of the study (replicates share their plan: it depends on public inputs only), states
+    the whole study's composed cost, and checks the points still to run (``pending`` ids; default all) against
+    the ledger, composed with what it already holds. Raises StudyError for a grid the privacy layer refuses,
+    and the ledger's errors for a study it would refuse."""
     from dp_training.dataset import DatasetError, load_dataset
     from dp_training.features import numeric_key
     from dp_training.protocol import PlanError, check_combined, combine_plans, plan_run
@@ -73,37 +74,44 @@ def plan_study(spec: StudySpec, points: Sequence[Point], ledger=None) -> StudyPl
         exact = read_rows(dataset, "train").num_rows
     numeric = [numeric_key(c) for c in dataset.numeric_features]
     plans: Dict[str, Any] = {}
+    by_config: Dict[tuple, Any] = {}
     for point in points:
-        try:
-            plans[point.id] = plan_run(dataset, point.arm.trainer, get_trainer(point.arm.trainer),
-                                       point.trainer_args(dataset), privacy_args(spec, point), numeric,
-                                       exact_rows=exact)
-        except (PlanError, ValueError) as e:
-            raise StudyError(f"point {point.id}: {e}") from None
+        key = (point.arm.name, point.target_epsilon, point.partition)
+        if key not in by_config:
+            try:
+                by_config[key] = plan_run(dataset, point.arm.trainer, get_trainer(point.arm.trainer),
+                                          point.trainer_args(dataset), privacy_args(spec, point), numeric,
+                                          exact_rows=exact)
+            except (PlanError, ValueError) as e:
+                raise StudyError(f"point {point.id}: {e}") from None
+        plans[point.id] = by_config[key]
+    pending_ids = set(plans) if pending is None else set(pending)
     warnings: List[str] = []
     from dp_training.ledger import Ledger, resolve_ledger_path
 
     ledger = ledger if ledger is not None else Ledger(resolve_ledger_path(None))
     budget = ledger.get_budget(source.source_id)
-    if plans:
-        try:
-            combined = combine_plans(list(plans.values()))
-        except PlanError as e:
-            raise StudyError(f"grid: {e} (give every arm the same accountant; the study's delta is shared)") from None
-    else:
-        from dp_training.protocol import CombinedPlan
-
-        import dp_accounting
-        combined = CombinedPlan(source, "pld", spec.delta or 0.0, 0, 0, dp_accounting.NoOpDpEvent(), 0.0)
+    try:
+        combined = combine_plans(list(plans.values())) if plans else None
+        to_go = [plans[i] for i in plans if i in pending_ids]
+        combined_to_go = combine_plans(to_go) if to_go else None
+    except PlanError as e:
+        raise StudyError(f"grid: {e} (give every arm the same accountant; the study's delta is shared)") from None
+    if combined is None:
+        raise StudyError("grid: the study has no points")
     public = bool(getattr(source, "public_benchmark", False))
-    if plans:
-        if public:
-            warnings.append(f"source {source.source_id!r} is declared a public benchmark (dataset.json): every run "
-                            "is recorded in the ledger, no budget applies")
-        first = next(iter(plans.values()))
-        check_combined(combined, {**first.privacy_args, "label": f"study {spec.name}"}, ledger=ledger)
+    if public:
+        warnings.append(f"source {source.source_id!r} is declared a public benchmark (dataset.json): every run "
+                        "is recorded in the ledger, no budget applies")
+    if combined_to_go is not None:
+        first = to_go[0]
+        check_combined(combined_to_go, {**first.privacy_args, "label": f"study {spec.name}"}, ledger=ledger)
         if budget is None and not public:
             warnings.append(f"source {source.source_id!r} has no privacy budget in the ledger: nothing limits this "
                             "study's spend (set one with privtrain budget --set-epsilon)")
+    done = len(plans) - len(to_go)
+    if done:
+        warnings.append(f"{done} run(s) of this study are already recorded (and charged in the ledger); the ledger "
+                        f"check covered the {len(to_go)} to go")
     return StudyPlan(spec=spec, dataset=dataset, points=list(points), plans=plans, combined=combined,
                      public_benchmark=public, budget=budget, warnings=warnings)

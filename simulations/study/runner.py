@@ -152,7 +152,7 @@ class StudyRunner:
             ids = {p.id for p in points}
             done = {r["point"]: r for r in res.load_rows(results_path) if r.get("status") == "ok" and r["point"] in ids}
         pending = [p for p in points if p.id not in done]
-        plan = plan_study(spec, pending, ledger=self.ledger)   # refuses before anything runs
+        plan = plan_study(spec, points, ledger=self.ledger, pending=[p.id for p in pending])  # refuses first
         self.say(f"study {spec.name}: {len(points)} point(s) ({len(spec.arms)} arm(s) x epsilons x {spec.replicates} "
                  f"replicate(s)); {len(done)} already finished, {len(pending)} to run")
         self.say(plan.statement())

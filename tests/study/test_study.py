@@ -185,7 +185,7 @@ def test_report_is_self_contained_and_renders_in_chromium(study, tmp_path):
     dom = subprocess.run(flags + ["--dump-dom", "file://" + page], capture_output=True, text=True, timeout=120)
     seen = html_lib.unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom.stdout)))
     for fact in ("Privacy–utility study", "Privacy cost of the study", SOURCE, "dp_sgd/eps=1/rep=0",
-                 "mean and 95% interval", "What each column is", "NOT covered", "privtrain study", "tensorflow"):
+                 "mean and 95% interval", "What each column is", "NOT covered", "simulations.Study", "tensorflow"):
         assert fact in seen, fact
 
 
@@ -243,5 +243,23 @@ def test_study_over_budget_is_refused_as_a_whole(sample, tmp_path, monkeypatch):
     one = from_options(sample, str(tmp_path / "out"), trainers="dp_sgd", epsilons="2", seeds=1,
                        workdir=str(tmp_path / "work"), delta=1e-4)
     plan = plan_study(one, one.points(), ledger=ledger)   # fits: stated, nothing run
-    assert 1.9 < plan.combined.epsilon <= 2.0 and "epsilon = 2" in plan.statement()
+    assert 1.9 < plan.combined.epsilon <= 2.0 and re.search(r"epsilon = (2|1\.99\d*),", plan.statement())
     assert not ledger.entries(SOURCE)[1:] and not os.path.exists(tmp_path / "work")
+
+
+@pytest.mark.slow
+def test_federated_study_per_partition_round_curves(sample, tmp_path):
+    """Federated arms: one point per partition; each row carries the accuracy after every round on the public
+    eval split, plotted per partition."""
+    from simulations import Study
+
+    out = str(tmp_path / "out")
+    result = Study(data=sample, output=out, workdir=str(tmp_path / "work"), trainers="federated", epsilons=[4],
+                   seeds=1, partitions="hash,hash-dirichlet:0.1",
+                   settings={"clients": 10, "clients_per_round": 5, "rounds": 2, "min_auc": 0}).run(
+        progress=io.StringIO())
+    table = result.table
+    assert list(table["partition"]) == ["hash", "hash-dirichlet:0.1"] and set(table["status"]) == {"ok"}
+    assert all(len(r) == 2 and r[-1][0] == 2 for r in table["round_accuracy"])
+    assert all(float(e) <= 4.0 + 1e-6 for e in table["epsilon"])
+    assert os.path.isfile(os.path.join(out, "federated_rounds.png"))
