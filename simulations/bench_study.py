@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     if os.path.exists(ledger):
         os.remove(ledger)
     os.environ["PRIVTRAIN_LEDGER"] = ledger
+    from pipeline.quiet import quiet_libraries
+
+    quiet_libraries()
     workdir = tempfile.mkdtemp(prefix="privtrain-bench-study-")
     from simulations.study.spec import from_options
     from simulations.study.runner import StudyRunner

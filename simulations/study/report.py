@@ -95,7 +95,7 @@ def render(spec, plan, rows, aggregate, pngs, document) -> str:
             for a in spec.arms]
     parts += ["<h2>Grid</h2>", _table(["arm", "trainer", "target epsilons", "partitions", "settings"], arms, 99),
               _cover(f"{spec.replicates} replicate(s) per point; a replicate is an index, not a seed (each run draws "
-                     "fresh OS randomness)")]
+                     "fresh OS randomness for its DP noise and batches; initial weights are fixed and public)")]
     agg_rows = [[_e(a["arm"]), _e(a["trainer"]), _e(a.get("partition") or "-"), _eps(a.get("target_epsilon")),
                  _eps(a.get("epsilon_mean")), _pm(a.get("accuracy_mean"), a.get("accuracy_ci95")),
                  _pm(a.get("auc_mean"), a.get("auc_ci95")), _num(a.get("accuracy_n"))] for a in aggregate]

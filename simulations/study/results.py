@@ -26,7 +26,7 @@ COLUMNS: Dict[str, Tuple[str, str]] = {
     "arm": (PUBLIC, "the arm's name (a trainer kind with its settings)"),
     "trainer": (PUBLIC, "the trainer kind"),
     "partition": (PUBLIC, "federated client partition (empty for other kinds)"),
-    "replicate": (PUBLIC, "replicate index (not a random seed: every run draws fresh OS randomness)"),
+    "replicate": (PUBLIC, "replicate index (not a random seed: DP noise and batches are drawn from fresh OS randomness)"),
     "status": (PUBLIC, "ok or failed"),
     "error": (NOT_COVERED, "a failed point's error (diagnostics for the data owner; may depend on the data)"),
     "private": (GUARANTEE, "whether the run is differentially private"),

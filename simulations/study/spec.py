@@ -3,9 +3,9 @@ federated arms), from the command line or a TOML study file, validated before an
 
 Every refusal is a :class:`StudyError` whose one-line message names the field and the fix.
 
-A *replicate* is an index (0, 1, ...), not a random seed: every run draws its batches, noise and initial
-weights from fresh OS entropy, as an ordinary ``privtrain run`` does. A published seed would make DP noise
-reproducible and void the guarantee, so ``seed`` is refused as a setting.
+A *replicate* is an index (0, 1, ...), not a random seed: every run draws its DP noise and batches from fresh OS
+entropy, as an ordinary ``privtrain run`` does (initial weights are a fixed public function of the architecture).
+A published seed would make DP noise reproducible and void the guarantee, so ``seed`` is refused as a setting.
 """
 from __future__ import annotations
 

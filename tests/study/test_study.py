@@ -263,3 +263,19 @@ def test_federated_study_per_partition_round_curves(sample, tmp_path):
     assert all(len(r) == 2 and r[-1][0] == 2 for r in table["round_accuracy"])
     assert all(float(e) <= 4.0 + 1e-6 for e in table["epsilon"])
     assert os.path.isfile(os.path.join(out, "federated_rounds.png"))
+
+
+@pytest.mark.slow
+def test_jobs_two_workers_share_the_cached_upstream(sample, tmp_path):
+    """--jobs 2: the first point fills the cache; the others run in two worker processes, each on its own copy of
+    the ML Metadata store, reusing the upstream components (no ExampleGen/Transform re-run)."""
+    out, work = str(tmp_path / "out"), str(tmp_path / "work")
+    r = run_cli("study", "--data", sample, "--output", out, "--workdir", work, "--trainers", "dp_sgd",
+                "--epsilons", "1", "--seeds", "3", "--set", "epochs=1", "--jobs", "2", timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = _rows(out)
+    assert len(rows) == 3 and {x["status"] for x in rows} == {"ok"}
+    assert sorted(os.listdir(os.path.join(work, "jobs"))) == ["job-0", "job-1"]
+    for point in ("dp_sgd_eps=1_rep=1", "dp_sgd_eps=1_rep=2"):
+        log = open(os.path.join(work, "logs", point + ".log")).read()
+        assert log.count("cached result reused") >= 5 and "Trainer finished" in log
