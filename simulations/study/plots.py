@@ -68,7 +68,16 @@ def _series(aggregate: Sequence[Dict[str, Any]], column: str):
     return private, flat
 
 
-def plot_utility(path: str, aggregate: Sequence[Dict[str, Any]]) -> Optional[str]:
+def epsilon_note(rows: Sequence[Dict[str, Any]]) -> str:
+    """How to read every epsilon shown: its delta, accountant and neighbouring relation (from the guarantees)."""
+    for r in rows:
+        if r.get("private") and r.get("delta") is not None:
+            relation = str(r.get("relation", "")).replace("_", " ")
+            return f"delta {r['delta']:.2g}, {r.get('accountant')} accountant, {relation}"
+    return "no private point"
+
+
+def plot_utility(path: str, aggregate: Sequence[Dict[str, Any]], note: str = "") -> Optional[str]:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     drawn = False
@@ -87,18 +96,18 @@ def plot_utility(path: str, aggregate: Sequence[Dict[str, Any]]) -> Optional[str
             drawn = True
         if private:
             _log_x(ax, [x for xs, _m, _c in private.values() for x in xs])
-        ax.set_xlabel("epsilon (target; achieved for fixed noise)")
+        ax.set_xlabel(f"epsilon (target; achieved for fixed noise)\n{note}")
         ax.set_ylabel(f"{title} on the eval split")
         ax.grid(alpha=0.3)
     if not drawn:
         _plt().close(fig)
         return None
     axes[0].legend(fontsize=8)
-    fig.suptitle("Utility vs privacy budget (mean and 95% interval across replicates)")
+    fig.suptitle("Utility vs privacy budget (mean and 95% interval across replicates)", y=1.02)
     return _save(fig, path)
 
 
-def plot_slices(path: str, aggregate: Sequence[Dict[str, Any]]) -> Optional[str]:
+def plot_slices(path: str, aggregate: Sequence[Dict[str, Any]], note: str = "") -> Optional[str]:
     slice_cols = sorted({c[:-len("_mean")] for a in aggregate for c in a
                          if c.startswith("accuracy[") and c.endswith("_mean")})
     if not slice_cols:
@@ -121,11 +130,12 @@ def plot_slices(path: str, aggregate: Sequence[Dict[str, Any]]) -> Optional[str]
         ax.set_xlabel("epsilon")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Per-slice accuracy vs epsilon (first private arm; dotted: non-private); small slices suppressed")
+    fig.suptitle("Per-slice accuracy vs epsilon (first private arm; dotted: non-private); small slices suppressed\n"
+                 f"epsilon at {note}", y=1.06)
     return _save(fig, path)
 
 
-def plot_audit(path: str, rows: Sequence[Dict[str, Any]]) -> Optional[str]:
+def plot_audit(path: str, rows: Sequence[Dict[str, Any]], note: str = "") -> Optional[str]:
     pts = [(r["epsilon"], r["audit_epsilon_lower_bound"]) for r in rows
            if r.get("audit_epsilon_lower_bound") is not None and isinstance(r.get("epsilon"), (int, float))
            and math.isfinite(r["epsilon"])]
@@ -137,7 +147,7 @@ def plot_audit(path: str, rows: Sequence[Dict[str, Any]]) -> Optional[str]:
     ax.scatter(xs, ys, label="one-run audit lower bound")
     top = max(max(xs), max(ys)) * 1.1
     ax.plot([0, top], [0, top], "k--", alpha=0.6, label="stated epsilon (bound must stay below)")
-    ax.set_xlabel("stated epsilon")
+    ax.set_xlabel(f"stated epsilon ({note})")
     ax.set_ylabel("empirical epsilon lower bound")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -168,8 +178,9 @@ def plot_rounds(path: str, rows: Sequence[Dict[str, Any]]) -> Optional[str]:
 
 
 def write_plots(output: str, rows: Sequence[Dict[str, Any]], aggregate: Sequence[Dict[str, Any]]) -> List[str]:
-    made = [plot_utility(os.path.join(output, UTILITY), aggregate),
-            plot_slices(os.path.join(output, SLICES), aggregate),
-            plot_audit(os.path.join(output, AUDIT), rows),
+    note = epsilon_note(rows)
+    made = [plot_utility(os.path.join(output, UTILITY), aggregate, note),
+            plot_slices(os.path.join(output, SLICES), aggregate, note),
+            plot_audit(os.path.join(output, AUDIT), rows, note),
             plot_rounds(os.path.join(output, ROUNDS), rows)]
     return [m for m in made if m]

@@ -49,6 +49,12 @@ def provenance(spec) -> Dict[str, Any]:
             "versions": versions, "code_version": code_version()}
 
 
+def _epsilon_note(rows) -> str:
+    from simulations.study.plots import epsilon_note
+
+    return epsilon_note(rows)
+
+
 def _pm(mean, ci) -> str:
     if mean is None:
         return "-"
@@ -102,7 +108,8 @@ def render(spec, plan, rows, aggregate, pngs, document) -> str:
     parts += ["<h2>Results: mean and 95% interval across replicates</h2>",
               _table(["arm", "trainer", "partition", "target epsilon", "achieved epsilon", "accuracy", "AUC", "n"],
                      agg_rows, 3),
-              _cover("accuracy and AUC: " + ("evaluated on the eval split the data set declares public "
+              _cover("achieved epsilon: the mean of the points' guarantees (" + _epsilon_note(rows) + "). "
+                     "accuracy and AUC: " + ("evaluated on the eval split the data set declares public "
                                              "(post-processing of each model)" if eval_public else
                                              "evaluated on the PRIVATE eval split: NOT covered by epsilon")
                      + "; interval: Student t, n-1 degrees of freedom.")]
