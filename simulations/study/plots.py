@@ -169,8 +169,11 @@ def plot_rounds(path: str, rows: Sequence[Dict[str, Any]]) -> Optional[str]:
     for label, per_round in sorted(curves.items()):
         rounds = sorted(per_round)
         ax.plot(rounds, [sum(per_round[r]) / len(per_round[r]) for r in rounds], marker=".", label=label)
+    import matplotlib.ticker as ticker
+
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel("accuracy on the public eval split")
+    ax.set_ylabel("accuracy on the eval split")
     ax.set_title("Federated: accuracy per round per partition (mean over replicates)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

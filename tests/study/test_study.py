@@ -48,7 +48,7 @@ def _rows(output):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, sample):
-    """The study, interrupted (SIGINT) once two points are recorded, then resumed with the Python API."""
+    """The study, interrupted (SIGINT) once its first point is recorded, then resumed with the Python API."""
     base = tmp_path_factory.mktemp("study")
     output, workdir = str(base / "out"), str(base / "work")
     args = [sys.executable, "-m", "pipeline.cli", "study", "--data", sample, "--output", output, "--workdir", workdir,
@@ -59,7 +59,7 @@ def study(tmp_path_factory, sample):
                             start_new_session=True)
     try:
         deadline = time.time() + 900
-        while len(_rows(output)) < 2 and proc.poll() is None and time.time() < deadline:
+        while not _rows(output) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.5)
         assert proc.poll() is None, "the study ended before it could be interrupted"
         proc.send_signal(signal.SIGINT)
@@ -88,7 +88,7 @@ def test_sigint_stops_cleanly_and_resume_runs_only_missing_points(study):
     assert "study interrupted" in study["first"] and "--resume" in study["first"]
     assert "Traceback" not in study["first"]
     finished = {r["point"] for r in study["before"]}
-    assert len(finished) >= 2
+    assert len(finished) >= 1
     resumed = study["resumed"]
     assert f"{len(finished)} already finished, {POINTS - len(finished)} to run" in resumed, resumed
     ran = re.findall(r"^\[(\d+)/(\d+)\] (\S+):", resumed, re.M)
