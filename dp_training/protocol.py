@@ -332,6 +332,41 @@ def combine_plans(plans: Sequence[RunPlan]) -> CombinedPlan:
                         private_runs=len(private), event=event, epsilon=eps, private_epsilon=private_eps)
 
 
+@dataclasses.dataclass(frozen=True)
+class LedgerCharge:
+    """What the ledger holds for a group of runs (e.g. a study's entries, by label): the composition of every
+    entry's charged event (released if finished, else planned), accounted once by the privacy layer."""
+    source_id: str
+    label_prefix: str
+    accountant: str
+    delta: float
+    relation: str
+    runs: int
+    non_private_runs: int
+    not_completed: int                 # failed, cancelled or still open: charged all the same
+    epsilon: float                     # inf when any entry is non-private
+    private_epsilon: float             # of the private entries alone
+
+
+def ledger_charge(source: PrivacyDeclaration, label_prefix: str, delta: float, accountant: str,
+                  ledger=None) -> LedgerCharge:
+    """The composition of every ledger entry on ``source`` whose label starts with ``label_prefix`` (each
+    attempt counted, also a failed or interrupted one), at ``delta`` with ``accountant``."""
+    from dp_training.ledger import Ledger, resolve_ledger_path
+
+    ledger = ledger if ledger is not None else Ledger(resolve_ledger_path(None))
+    entries = ledger.charged_events(source.source_id, label_prefix)
+    private = [e for _, _, e in entries if not ev.is_non_private(e) and not isinstance(e, dp_accounting.NoOpDpEvent)]
+    non_private = sum(1 for _, _, e in entries if ev.is_non_private(e))
+    private_eps = (accountants.epsilon(ev.compose(*private), delta, accountant, source.relation) if private
+                   else 0.0)
+    return LedgerCharge(source_id=source.source_id, label_prefix=label_prefix, accountant=accountant,
+                        delta=float(delta), relation=source.relation, runs=len(entries),
+                        non_private_runs=non_private,
+                        not_completed=sum(1 for _, status, _ in entries if status != "completed"),
+                        epsilon=math.inf if non_private else private_eps, private_epsilon=private_eps)
+
+
 def check_combined(combined: CombinedPlan, privacy_args: Optional[Mapping[str, Any]] = None, ledger=None,
                    label: str = "study") -> None:
     """Pre-flight for several runs at once: would the source's ledger accept all of them, composed with what
@@ -347,6 +382,16 @@ def check_combined(combined: CombinedPlan, privacy_args: Optional[Mapping[str, A
                                                                  else combined.delta), combined.accountant)
     common = dict(accountant=combined.accountant, relation=combined.source.relation, delta=combined.delta,
                   budget=budget, allow_non_private=bool(p["allow_non_private"]))
+    if combined.private_runs and combined.non_private_runs and (
+            budget is not None or ledger.get_budget(combined.source.source_id) is not None):
+        from dp_training.ledger import NonPrivateTrainingRefused
+
+        # the ledger's rule: a non-private run makes the spend unbounded, and every private run after it is refused
+        raise NonPrivateTrainingRefused(
+            f"source {combined.source.source_id!r} has a privacy budget and the runs mix {combined.private_runs} "
+            f"private and {combined.non_private_runs} non-private run(s): after the first non-private run the "
+            "ledger's spend is unbounded and every later private run would be refused. Nothing was run. Run the "
+            "non-private runs separately (another study, after the private one), or on a data set without a budget")
     if combined.private_runs:
         ledger.check(combined.source.source_id, combined.event, trainer=label, private=True, **common)
     if combined.non_private_runs:
@@ -356,7 +401,7 @@ def check_combined(combined: CombinedPlan, privacy_args: Optional[Mapping[str, A
 
 __all__ = ["RunPlan", "RunProtocol", "plan_run", "not_covered", "planning_rows", "resolve_privacy_args", "PlanError",
            "PRIVACY_DEFAULTS", "DEFAULT_TARGET_EPSILON", "deployment_epsilon", "simulation_statement",
-           "combine_plans", "check_combined", "CombinedPlan"]
+           "combine_plans", "check_combined", "CombinedPlan", "ledger_charge", "LedgerCharge"]
 
 
 @dataclasses.dataclass

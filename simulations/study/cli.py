@@ -6,7 +6,7 @@ import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("study", help="privacy–utility study: trainers × epsilons × replicates, tables, plots, HTML",
+    p = sub.add_parser("study", allow_abbrev=False, help="privacy–utility study: trainers × epsilons × replicates, tables, plots, HTML",
                        description="Run a grid of trainers x target epsilons x replicates (x partitions for federated) "
                                    "as real pipeline runs that share the upstream components, and write results.csv/"
                                    "json, aggregate.csv, PNG plots and report.html (docs/studies.md).")
@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--name", default=None, help="the study's name (default: 'study', or the study file's)")
     p.add_argument("--trainers", default="dp_sgd", help="comma list of trainer kinds (default dp_sgd)")
     p.add_argument("--epsilons", default="1,3", help="comma list of target epsilons for private kinds (default 1,3)")
-    p.add_argument("--seeds", default=3, help="replicates per point (default 3; each draws fresh randomness)")
+    p.add_argument("--seeds", default=3, help="replicates per point (default 3; private runs draw fresh randomness, non-private "
+                                          "runs use fixed seeds and repeat)")
     p.add_argument("--partitions", default=None, help="federated partitions, comma list (e.g. hash,"
                                                       "hash-dirichlet:0.1; default hash)")
     p.add_argument("--delta", default=None, help="delta of every guarantee (default 1/(10 N), N the public size)")

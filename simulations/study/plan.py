@@ -31,15 +31,48 @@ class StudyPlan:
 
         relation = RELATION_TEXT[src.relation].format(unit=src.unit_name)
         if math.isinf(c.epsilon):
-            text = (f"total privacy cost of the study's {c.runs} run(s): UNBOUNDED ({c.non_private_runs} non-private "
-                    f"run(s) void any guarantee on source {src.source_id!r})")
+            text = (f"planned privacy cost of the study's {c.runs} run(s), each run once: UNBOUNDED "
+                    f"({c.non_private_runs} non-private run(s) void any guarantee on source {src.source_id!r})")
             if c.private_runs:
                 text += (f"; the {c.private_runs} private run(s) alone compose to epsilon = {c.private_epsilon:.4g}, "
                          f"delta = {c.delta:.3g} ({c.accountant} accountant, {relation})")
             return text
-        return (f"total privacy cost of the study's {c.runs} run(s): epsilon = {c.epsilon:.4g}, delta = {c.delta:.3g} "
-                f"({c.accountant} accountant, {relation}; the composition of every run's "
+        return (f"planned privacy cost of the study's {c.runs} run(s), each run once: epsilon = {c.epsilon:.4g}, "
+                f"delta = {c.delta:.3g} ({c.accountant} accountant, {relation}; the composition of every run's "
                 f"event on source {src.source_id!r}, not a sum)")
+
+
+def label_prefix(spec: StudySpec) -> str:
+    """Every point's ledger label starts with this (``study NAME: POINT``)."""
+    return f"study {spec.name}: "
+
+
+def ledger_statement(plan: "StudyPlan", ledger=None) -> str:
+    """The study's total privacy cost as the ledger holds it: the composition of every entry labelled
+    ``study NAME:`` on the source (every attempt: a point interrupted or failed after its reservation keeps its
+    charge, and ``--resume`` charges it again), accounted by the privacy layer; the grid's planned cost (each
+    point once) beside it."""
+    from dp_training.events import RELATION_TEXT
+    from dp_training.protocol import ledger_charge
+
+    c = plan.combined
+    src = c.source
+    charge = ledger_charge(src, label_prefix(plan.spec), c.delta, c.accountant, ledger=ledger)
+    relation = RELATION_TEXT[src.relation].format(unit=src.unit_name)
+    head = (f"total privacy cost of the study as charged in the ledger: {charge.runs} entr(y/ies) labelled "
+            f"'{label_prefix(plan.spec).strip()}' on source {src.source_id!r}"
+            + (f" ({charge.not_completed} of them failed, cancelled or open: charged all the same)"
+               if charge.not_completed else ""))
+    if math.isinf(charge.epsilon):
+        text = f"{head}: UNBOUNDED ({charge.non_private_runs} non-private run(s) void any guarantee)"
+        if charge.runs > charge.non_private_runs:
+            text += (f"; the private entries alone compose to epsilon = {charge.private_epsilon:.4g}, "
+                     f"delta = {c.delta:.3g} ({c.accountant} accountant, {relation})")
+    else:
+        text = (f"{head}: epsilon = {charge.epsilon:.4g}, delta = {c.delta:.3g} ({c.accountant} accountant, "
+                f"{relation}; the composition of every entry's charged event, not a sum)")
+    planned = ("unbounded" if math.isinf(c.epsilon) else f"epsilon = {c.epsilon:.4g}")
+    return text + f". The grid's {c.runs} point(s), each run once, were planned at {planned}"
 
 
 def privacy_args(spec: StudySpec, point: Point) -> Dict[str, Any]:

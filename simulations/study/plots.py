@@ -154,7 +154,13 @@ def plot_audit(path: str, rows: Sequence[Dict[str, Any]], note: str = "") -> Opt
     return _save(fig, path)
 
 
-def plot_rounds(path: str, rows: Sequence[Dict[str, Any]]) -> Optional[str]:
+def rounds_ylabel(eval_public: bool) -> str:
+    """The rounds plot's y label: the same eval-coverage rule as the table's accuracy columns."""
+    return ("accuracy on the public eval split" if eval_public else
+            "accuracy on the PRIVATE eval split (NOT covered by epsilon)")
+
+
+def plot_rounds(path: str, rows: Sequence[Dict[str, Any]], eval_public: bool = True) -> Optional[str]:
     curves: Dict[str, Dict[int, List[float]]] = {}
     for r in rows:
         if r.get("round_accuracy"):
@@ -173,17 +179,18 @@ def plot_rounds(path: str, rows: Sequence[Dict[str, Any]]) -> Optional[str]:
 
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel("accuracy on the eval split")
+    ax.set_ylabel(rounds_ylabel(eval_public))
     ax.set_title("Federated: accuracy per round per partition (mean over replicates)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def write_plots(output: str, rows: Sequence[Dict[str, Any]], aggregate: Sequence[Dict[str, Any]]) -> List[str]:
+def write_plots(output: str, rows: Sequence[Dict[str, Any]], aggregate: Sequence[Dict[str, Any]],
+                eval_public: bool = True) -> List[str]:
     note = epsilon_note(rows)
     made = [plot_utility(os.path.join(output, UTILITY), aggregate, note),
             plot_slices(os.path.join(output, SLICES), aggregate, note),
             plot_audit(os.path.join(output, AUDIT), rows, note),
-            plot_rounds(os.path.join(output, ROUNDS), rows)]
+            plot_rounds(os.path.join(output, ROUNDS), rows, eval_public)]
     return [m for m in made if m]

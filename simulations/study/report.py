@@ -15,21 +15,40 @@ from pipeline.report_html import CSS, _cover, _e, _kv, _num, _table
 PATH_FLAGS = ("--data", "--output", "--workdir", "--config", "--ledger")
 
 
+def _path_flag(flag: str) -> bool:
+    """A path flag, also abbreviated (argparse accepts unique prefixes where abbreviations are allowed)."""
+    return flag.startswith("--") and len(flag) > 2 and any(f.startswith(flag) for f in PATH_FLAGS)
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.startswith(("/", "~", "./", "../")) or os.sep in value.rstrip(os.sep)
+
+
+def _cut(value: str) -> str:
+    return os.path.basename(value.rstrip("/")) or value
+
+
 def public_command(argv: Sequence[str]) -> str:
-    """The command as run, with directory and file arguments cut to their last name (paths stay private)."""
+    """The command as run, with directory and file arguments cut to their last name (paths stay private):
+    the path flags' values (``--data DIR``, ``--data=DIR``, abbreviated ``--dat DIR``) and any other argument
+    that looks like a path."""
     out: List[str] = []
     take = False
     for a in argv:
         if take:
-            out.append(os.path.basename(a.rstrip("/")) or a)
+            out.append(_cut(a))
             take = False
             continue
         flag, eq, value = a.partition("=")
-        if eq and flag in PATH_FLAGS:
-            out.append(f"{flag}={os.path.basename(value.rstrip('/'))}")
+        if eq and flag.startswith("--"):
+            out.append(f"{flag}={_cut(value) if _path_flag(flag) or _looks_like_path(value) else value}")
+        elif eq and _looks_like_path(value):          # --set KEY=/a/path
+            out.append(f"{flag}={_cut(value)}")
+        elif not a.startswith("-") and _looks_like_path(a):
+            out.append(_cut(a))
         else:
             out.append(a)
-            take = a in PATH_FLAGS
+            take = _path_flag(a)
     return " ".join(shlex.quote(x) for x in out)
 
 
@@ -90,8 +109,10 @@ def render(spec, plan, rows, aggregate, pngs, document) -> str:
              "<h2>Privacy cost of the study</h2>",
              f"<p class=statement>{_e(document['privacy_cost'])}</p>",
              _cover("Each point's own guarantee (epsilon, delta, accountant, relation) is the one the privacy layer "
-                    "recorded in ML Metadata for that run; the study's total is the composition of every point's "
-                    "event on the source, accounted once by the privacy layer."
+                    "recorded in ML Metadata for that run; the study's total is what the ledger holds for it: the "
+                    "composition of every ledger entry labelled with the study's name on the source (each attempt, "
+                    "also a point interrupted or failed after its reservation), accounted once by the privacy "
+                    "layer."
                     + (" The data set is declared a public benchmark: runs are recorded, no budget applies."
                        if plan.public_benchmark else ""))]
     arms = [[_e(a.name), _e(a.trainer), _e(", ".join(f"{e:g}" for e in a.epsilons) or
@@ -100,8 +121,10 @@ def render(spec, plan, rows, aggregate, pngs, document) -> str:
              _e(", ".join(f"{k}={v}" for k, v in sorted({**a.settings, **a.run, **a.privacy}.items())) or "defaults")]
             for a in spec.arms]
     parts += ["<h2>Grid</h2>", _table(["arm", "trainer", "target epsilons", "partitions", "settings"], arms, 99),
-              _cover(f"{spec.replicates} replicate(s) per point; a replicate is an index, not a seed (each run draws "
-                     "fresh OS randomness for its DP noise and batches; initial weights are fixed and public)")]
+              _cover(f"{spec.replicates} replicate(s) per point; a replicate is an index, not a seed (each private "
+                     "run draws fresh OS randomness for its DP noise, batches and client samples; initial weights "
+                     "are fixed and public; non-private runs use the trainers' fixed seeds, so their replicates "
+                     "repeat the same run)")]
     agg_rows = [[_e(a["arm"]), _e(a["trainer"]), _e(a.get("partition") or "-"), _eps(a.get("target_epsilon")),
                  _eps(a.get("epsilon_mean")), _pm(a.get("accuracy_mean"), a.get("accuracy_ci95")),
                  _pm(a.get("auc_mean"), a.get("auc_ci95")), _num(a.get("accuracy_n"))] for a in aggregate]

@@ -26,7 +26,10 @@ COLUMNS: Dict[str, Tuple[str, str]] = {
     "arm": (PUBLIC, "the arm's name (a trainer kind with its settings)"),
     "trainer": (PUBLIC, "the trainer kind"),
     "partition": (PUBLIC, "federated client partition (empty for other kinds)"),
-    "replicate": (PUBLIC, "replicate index (not a random seed: DP noise and batches are drawn from fresh OS randomness)"),
+    "replicate": (PUBLIC, "replicate index, not a random seed: private runs draw their DP noise, batches and client "
+                          "samples from fresh OS randomness; non-private runs use the trainers' fixed public seeds "
+                          "(standard: shuffling seed 0; federated: seed 0) and fixed initial weights, so their "
+                          "replicates repeat the same run (identical on CPU, interval 0)"),
     "status": (PUBLIC, "ok or failed"),
     "error": (NOT_COVERED, "a failed point's error (diagnostics for the data owner; may depend on the data)"),
     "private": (GUARANTEE, "whether the run is differentially private"),
@@ -35,7 +38,12 @@ COLUMNS: Dict[str, Tuple[str, str]] = {
     "delta": (GUARANTEE, "the guarantee's delta"),
     "accountant": (GUARANTEE, "the accountant"),
     "relation": (GUARANTEE, "the neighbouring relation"),
-    "noise_multiplier": (PUBLIC, "the noise multiplier (calibrated from public inputs, or given)"),
+    "noise_multiplier": (PUBLIC, "the noise multiplier this run used (calibrated from public inputs, or given; "
+                                 "a noise-cohort simulation: the simulated multiplier, see simulation_setting)"),
+    "simulation_setting": (PUBLIC, "federated noise-cohort simulation setting (--noise-cohort-size): the point's "
+                                   "target epsilon and the deployment's noise multiplier are calibrated for a "
+                                   "deployment that does NOT cover this run's data; the run's own guarantee is the "
+                                   "epsilon column (empty for ordinary runs)"),
     "l2_norm_clip": (PUBLIC, "clip norm (DP-SGD; DP-FedAvg: client clip)"),
     "steps": (PUBLIC, "DP-SGD steps, planned from the public planning size"),
     "rounds": (PUBLIC, "federated rounds"),
@@ -50,9 +58,11 @@ COLUMN_FAMILIES: Dict[str, Tuple[str, str]] = {
     r"accuracy\[[^\]]+\]": (COVERED_EVAL, "binary accuracy of one slice of the eval split (small slices suppressed)"),
 }
 # results.json rows carry one structured field more (not in the CSV):
-ROW_FIELDS = {"round_accuracy": ("covered for private federated points (each round's model is post-processing of "
-                                 "the DP aggregates released up to that round); NOT covered for non-private ones",
-                                 "federated: accuracy on the public eval split after each round, [[round, accuracy]]")}
+ROUND_COVERED = ("covered: for private federated points each round's model is post-processing of the DP aggregates "
+                 "released up to that round, evaluated on the eval split the data set declares public; for "
+                 "non-private points no guarantee applies")
+ROW_FIELDS = {"round_accuracy": (ROUND_COVERED,
+                                 "federated: accuracy on the eval split after each round, [[round, accuracy]]")}
 AGGREGATED = ("accuracy", "auc", "epsilon", "audit_epsilon_lower_bound", "wall_seconds")
 GROUP_KEYS = ("arm", "trainer", "partition", "target_epsilon")
 
@@ -88,13 +98,7 @@ def row_from_summary(point, summary, min_slice_size: int, round_accuracy=None) -
     row = base_row(point)
     row.update(status="ok", wall_seconds=round(summary.wall_seconds, 2))
     if g is not None:
-        p = g.parameters
-        row.update(private=bool(g.private), epsilon=g.epsilon if g.private else math.inf, delta=g.delta,
-                   accountant=g.accountant, relation=g.relation,
-                   noise_multiplier=p.get("noise_multiplier"), l2_norm_clip=p.get("l2_norm_clip", p.get("dp_clip")),
-                   steps=p.get("steps"), rounds=p.get("rounds"))
-        if g.audit:
-            row["audit_epsilon_lower_bound"] = g.audit.get("epsilon_lower_bound")
+        row.update(guarantee_columns(g))
     shown = visible_slices(summary.metrics, min_slice_size)
     overall = shown.get("Overall", {})
     row["accuracy"] = overall.get("binary_accuracy")
@@ -107,6 +111,38 @@ def row_from_summary(point, summary, min_slice_size: int, round_accuracy=None) -
     return row
 
 
+def guarantee_columns(g) -> Dict[str, Any]:
+    """The row's columns from a run's guarantee (dp_training.guarantee.Guarantee). A noise-cohort simulation
+    setting: ``noise_multiplier`` is the multiplier the run used, and ``simulation_setting`` labels the point's
+    target epsilon and the deployment's multiplier as the deployment's, which does not cover the data."""
+    p = g.parameters
+    out = dict(private=bool(g.private), epsilon=g.epsilon if g.private else math.inf, delta=g.delta,
+               accountant=g.accountant, relation=g.relation, noise_multiplier=p.get("noise_multiplier"),
+               l2_norm_clip=p.get("l2_norm_clip", p.get("dp_clip")), steps=p.get("steps"), rounds=p.get("rounds"))
+    sim = getattr(g, "simulation", None)
+    if sim or p.get("simulation_setting"):
+        sim = dict(sim or {})
+        dep = sim.get("deployment_epsilon")
+        out["noise_multiplier"] = p.get("simulated_noise_multiplier", p.get("noise_multiplier"))
+        out["simulation_setting"] = (
+            f"{sim.get('label') or p.get('simulation_setting')}: target epsilon and noise multiplier "
+            f"{p.get('noise_multiplier')} are the deployment's"
+            + (f" (epsilon {dep:.4g} at delta {g.delta:.3g})" if isinstance(dep, (int, float)) else "")
+            + "; that figure does NOT cover this run's data, whose guarantee is the epsilon column")
+    if g.audit:
+        out["audit_epsilon_lower_bound"] = g.audit.get("epsilon_lower_bound")
+    return out
+
+
+_PATH = re.compile(r"(?<![\w).])(?:~|\.{1,2})?(?:/[^/\s'\"`:,;()\[\]]+)+/?")
+
+
+def public_error(text: str) -> str:
+    """A failed point's error for the table: the first line, every path cut to its last name."""
+    first = (text or "failed").splitlines()[0] if text else "failed"
+    return _PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/")) or "/", first)[:500]
+
+
 def base_row(point) -> Dict[str, Any]:
     return {"point": point.id, "arm": point.arm.name, "trainer": point.arm.trainer, "partition": point.partition or "",
             "replicate": point.replicate, "target_epsilon": point.target_epsilon}
@@ -114,7 +150,7 @@ def base_row(point) -> Dict[str, Any]:
 
 def failed_row(point, error: str, wall_seconds: float) -> Dict[str, Any]:
     row = base_row(point)
-    row.update(status="failed", error=error.splitlines()[0][:500] if error else "failed",
+    row.update(status="failed", error=public_error(error),
                wall_seconds=round(wall_seconds, 2))
     return row
 
@@ -235,17 +271,25 @@ def load_rows(path: str) -> List[Dict[str, Any]]:
     return rows
 
 
+def not_covered(eval_public: bool) -> List[str]:
+    """The study outputs no guarantee covers (results.json's ``not_covered``, the report's list)."""
+    return (["wall_seconds: timings grow with the private data's size",
+             "error: a failed point's diagnostics may depend on the data"]
+            + ([] if eval_public else ["accuracy, auc, per-slice accuracy, round_accuracy (and the federated rounds "
+                                       "plot): the eval split is private"]))
+
+
 def declarations(eval_public: bool) -> Dict[str, Dict[str, str]]:
     """What every column is (written into results.json and shown in the report)."""
     out = {}
     for name, (status, what) in list(COLUMNS.items()) + list(COLUMN_FAMILIES.items()) + list(ROW_FIELDS.items()):
-        if status == COVERED_EVAL:
+        if status in (COVERED_EVAL, ROUND_COVERED) and not eval_public:
             status = eval_coverage(eval_public)
         out[name] = {"status": status, "what": what}
     return out
 
 
 ROW_FIRST = ("point", "arm", "trainer", "partition", "replicate", "status", "private", "target_epsilon", "epsilon",
-             "delta", "accountant", "relation", "noise_multiplier", "l2_norm_clip", "steps", "rounds", "accuracy",
-             "auc", "audit_epsilon_lower_bound", "wall_seconds", "error")
+             "delta", "accountant", "relation", "simulation_setting", "noise_multiplier", "l2_norm_clip", "steps",
+             "rounds", "accuracy", "auc", "audit_epsilon_lower_bound", "wall_seconds", "error")
 AGG_FIRST = GROUP_KEYS + ("accuracy_n",)

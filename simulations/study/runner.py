@@ -105,11 +105,26 @@ def _round_accuracy(summary):
     return [(h["round"], h["eval_accuracy"]) for h in history if h.get("eval_accuracy") is not None]
 
 
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt   # like Ctrl-C: the running Trainer closes its reservation with what it released
+
+
 def _worker_init():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent stops the study; workers are ended by it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent stops the study; workers are ended by it (SIGTERM)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     from pipeline.quiet import quiet_libraries
 
     quiet_libraries()
+
+
+def _worker_point(spec: StudySpec, point: Point, store_dir: Optional[str]) -> Dict[str, Any]:
+    """A point in a worker process. SIGTERM from the parent arrives as KeyboardInterrupt: the protocol has
+    closed the running point's ledger entry (cancelled, with what was released) by the time it reaches here;
+    the worker then exits at once."""
+    try:
+        return run_point(spec, point, store_dir)
+    except KeyboardInterrupt:
+        os._exit(128 + signal.SIGTERM)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,13 +215,18 @@ class StudyRunner:
         from simulations.study.plots import write_plots
         from simulations.study.report import write_report
 
-        pngs = write_plots(spec.output, ordered, res.aggregate(ordered))
+        pngs = write_plots(spec.output, ordered, res.aggregate(ordered),
+                           eval_public=plan.dataset.require_privacy().is_public_split("eval"))
         files += pngs
         files.append(write_report(spec, plan, ordered, res.aggregate(ordered), pngs, self._document(plan, points, rows)))
         failed = sum(r.get("status") != "ok" for r in ordered)
+        from simulations.study.plan import ledger_statement
+
+        charged = ledger_statement(plan, self.ledger)
+        self.say(charged)
         self.say(f"study {spec.name} finished: {len(ordered) - failed} point(s) ok, {failed} failed, in "
                  f"{_fmt_duration(time.time() - started)}; results in {spec.output}")
-        return StudyResults(rows=ordered, aggregate=res.aggregate(ordered), statement=plan.statement(),
+        return StudyResults(rows=ordered, aggregate=res.aggregate(ordered), statement=charged,
                             files=[os.path.join(spec.output, f) for f in files], ran=ran)
 
     # -- execution ---------------------------------------------------------------------------------
@@ -231,7 +251,7 @@ class StudyRunner:
         pool = cf.ProcessPoolExecutor(max_workers=spec.jobs, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=_worker_init)
         try:
-            first = pool.submit(run_point, spec, pending[0], None)   # fills the shared cache in the main store
+            first = pool.submit(_worker_point, spec, pending[0], None)   # fills the shared cache in the main store
             yield pending[0], first.result()
             slots = []
             for k in range(spec.jobs):
@@ -245,7 +265,7 @@ class StudyRunner:
                 while queue and len(running) < spec.jobs:
                     slot = next(s for s in slots if s not in {v[1] for v in running.values()})
                     point = queue.pop(0)
-                    running[pool.submit(run_point, spec, point, slot)] = (point, slot)
+                    running[pool.submit(_worker_point, spec, point, slot)] = (point, slot)
                 finished, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
                 for future in finished:
                     point, _slot = running.pop(future)
@@ -257,22 +277,24 @@ class StudyRunner:
                 if proc.is_alive():
                     proc.terminate()
             for proc in processes:
-                proc.join(timeout=30)
+                proc.join(timeout=60)
+                if proc.is_alive():   # did not close within a minute: its reservation stays charged in full
+                    proc.kill()
+                    proc.join()
 
     # -- outputs ------------------------------------------------------------------------------------
     def _document(self, plan, points, rows) -> Dict[str, Any]:
+        from simulations.study.plan import ledger_statement
         from simulations.study.report import provenance
 
         ordered = [rows[p.id] for p in points if p.id in rows]
         eval_public = plan.dataset.require_privacy().is_public_split("eval")
         return {"study": self.spec.to_json(), "dataset": plan.dataset.name,
                 "source_id": plan.dataset.require_privacy().source_id,
-                "privacy_cost": plan.statement(), "public_benchmark": plan.public_benchmark,
+                "privacy_cost": ledger_statement(plan, self.ledger), "public_benchmark": plan.public_benchmark,
                 "points": len(points), "rows": ordered, "aggregate": res.aggregate(ordered),
                 "columns": res.declarations(eval_public), "provenance": provenance(self.spec),
-                "not_covered": ["wall_seconds: timings grow with the private data's size",
-                                "error: a failed point's diagnostics may depend on the data"]
-                + ([] if eval_public else ["accuracy, auc, per-slice accuracy: the eval split is private"])}
+                "not_covered": res.not_covered(eval_public)}
 
     def _write_tables(self, plan, points, rows) -> List[str]:
         ordered = [rows[p.id] for p in points if p.id in rows]

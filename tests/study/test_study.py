@@ -130,6 +130,12 @@ def test_table_aggregate_plots_and_python_api(study):
     assert agg["accuracy_ci95"].notna().all()
     doc = json.load(open(os.path.join(study["output"], "results.json")))
     assert "composition" in doc["privacy_cost"] or "UNBOUNDED" in doc["privacy_cost"]
+    # the published total is what the ledger holds for the study: every attempt, the interrupted one included
+    from dp_training.ledger import Ledger
+
+    held = [e for e in Ledger(os.environ["PRIVTRAIN_LEDGER"]).entries(SOURCE)
+            if e.kind == "reserve" and str(e.payload.get("label")).startswith("study study: ")]
+    assert f"as charged in the ledger: {len(held)} entr" in doc["privacy_cost"] and len(held) >= POINTS
     from simulations.study.plots import SLICES, UTILITY
     import matplotlib.image
 
@@ -245,6 +251,120 @@ def test_study_over_budget_is_refused_as_a_whole(sample, tmp_path, monkeypatch):
     plan = plan_study(one, one.points(), ledger=ledger)   # fits: stated, nothing run
     assert 1.9 < plan.combined.epsilon <= 2.0 and re.search(r"epsilon = (2|1\.99\d*),", plan.statement())
     assert not ledger.entries(SOURCE)[1:] and not os.path.exists(tmp_path / "work")
+    # private and non-private points on a budgeted source: the first non-private run would make every later private
+    # run refused, so the study is refused before anything runs, also with --allow-non-private
+    from dp_training.ledger import NonPrivateTrainingRefused
+
+    mixed = from_options(sample, str(tmp_path / "out"), trainers="dp_sgd,standard", epsilons="0.5", seeds=1,
+                         workdir=str(tmp_path / "work"), delta=1e-4, allow_non_private=True)
+    with pytest.raises(NonPrivateTrainingRefused, match="Run the non-private runs separately"):
+        plan_study(mixed, mixed.points(), ledger=ledger)
+    assert not ledger.entries(SOURCE)[1:]
+
+
+def test_published_total_composes_every_ledger_attempt(sample, tmp_path):
+    """A point charged, failed, and run again (--resume): the published total composes both attempts from the
+    ledger, not the grid's points once; entries of other labels do not count."""
+    import dp_training.events as ev
+    from dp_training import accountants
+    from dp_training.ledger import Ledger
+    from simulations.study.plan import ledger_statement, plan_study
+    from simulations.study.spec import from_options
+
+    ledger = Ledger(str(tmp_path / "ledger.sqlite"))
+    spec = from_options(sample, str(tmp_path / "out"), trainers="dp_sgd", epsilons="1", seeds=1,
+                        workdir=str(tmp_path / "work"), delta=1e-4)
+    plan = plan_study(spec, spec.points(), ledger=ledger)
+    point = spec.points()[0]
+    run_plan = plan.plans[point.id]
+    kw = dict(trainer="dp_sgd", private=True, accountant="pld", relation=run_plan.source.relation, delta=1e-4)
+    for label, status in ((f"study study: {point.id}", "failed"), (f"study study: {point.id}", "completed"),
+                          ("another run", "completed")):
+        r = ledger.reserve(SOURCE, run_plan.event, label=label, **kw)
+        ledger.finish(r, run_plan.event, status)
+    text = ledger_statement(plan, ledger)
+    twice = accountants.epsilon(ev.compose(run_plan.event, run_plan.event), 1e-4, "pld", run_plan.source.relation)
+    assert "2 entr(y/ies) labelled 'study study:'" in text and "1 of them failed" in text, text
+    assert f"epsilon = {twice:.4g}," in text and twice > plan.combined.epsilon * 1.2
+    assert f"planned at epsilon = {plan.combined.epsilon:.4g}" in text
+
+
+def test_stopped_worker_handles_sigterm_like_ctrl_c():
+    """--jobs: the parent stops workers with SIGTERM; a worker turns it into KeyboardInterrupt, so the running
+    Trainer closes its ledger entry with what it released (dp_training.protocol)."""
+    code = ("import sys, time\nfrom simulations.study.runner import _worker_init\n_worker_init()\n"
+            "try:\n    print('ready', flush=True)\n    time.sleep(60)\n"
+            "except KeyboardInterrupt:\n    print('closed like Ctrl-C', flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=PROJECT_ROOT, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=PROJECT_ROOT))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "closed like Ctrl-C" in out
+
+
+def test_coverage_of_round_accuracy_simulation_rows_and_replicates():
+    """round_accuracy follows the eval split's coverage like the other accuracy columns (declaration, not_covered,
+    rounds plot); a noise-cohort simulation row is labelled and shows the noise it used; the replicate
+    declaration says non-private replicates repeat."""
+    import math
+    import types
+
+    from simulations.study import results as res
+    from simulations.study.plots import rounds_ylabel
+
+    assert res.declarations(True)["round_accuracy"]["status"].startswith("covered")
+    assert res.declarations(False)["round_accuracy"]["status"].startswith("NOT covered")
+    assert any("round_accuracy" in x for x in res.not_covered(False))
+    assert not any("round_accuracy" in x for x in res.not_covered(True))
+    assert "NOT covered" in rounds_ylabel(False) and "NOT" not in rounds_ylabel(True)
+    assert "repeat" in res.COLUMNS["replicate"][1] and "non-private" in res.COLUMNS["replicate"][1]
+
+    label = "simulation setting: noise calibrated for a cohort of 1000, 5 simulated"
+    sim = types.SimpleNamespace(
+        private=True, epsilon=40.0, delta=1e-4, accountant="pld", relation="add_or_remove_one", audit=None,
+        parameters={"noise_multiplier": 1.1, "simulated_noise_multiplier": 0.0055, "simulation_setting": label,
+                    "dp_clip": 0.1, "rounds": 3},
+        simulation={"label": label, "deployment_epsilon": 2.0})
+    cols = res.guarantee_columns(sim)
+    assert cols["noise_multiplier"] == 0.0055 and cols["simulation_setting"].startswith(label)
+    assert "does NOT cover" in cols["simulation_setting"] and "1.1" in cols["simulation_setting"]
+    res.check_declared(cols)
+    plain = types.SimpleNamespace(private=False, epsilon=math.inf, delta=1e-4, accountant="pld",
+                                  relation="add_or_remove_one", audit=None, parameters={}, simulation=None)
+    assert "simulation_setting" not in res.guarantee_columns(plain)
+
+
+def test_published_command_and_errors_carry_no_paths():
+    import argparse
+
+    from simulations.study import cli
+    from simulations.study.report import public_command
+    from simulations.study.results import failed_row
+    command = public_command(["privtrain", "--led", "/home/alice/l.sqlite", "study", "--dat", "/home/alice/secret/d",
+                              "--outp=/home/alice/out", "--workdir=rel/work", "--set", "k=/home/alice/x",
+                              "--epsilons", "1,2"])
+    assert "alice" not in command and "rel/" not in command
+    assert command == "privtrain --led l.sqlite study --dat d --outp=out --workdir=work --set k=x --epsilons 1,2"
+    parser = argparse.ArgumentParser(prog="privtrain")
+    cli.add_parser(parser.add_subparsers())
+    with pytest.raises(SystemExit):   # the study's flags cannot be abbreviated
+        parser.parse_args(["study", "--dat", "/home/alice/secret/d"])
+    row = failed_row(types_point(), "OSError: [Errno 2] No such file or directory: '/home/alice/secret/d/x.csv'\n"
+                                    "second line /home/alice", 1.0)
+    assert row["error"] == "OSError: [Errno 2] No such file or directory: 'x.csv'"
+
+
+def types_point():
+    import types
+
+    arm = types.SimpleNamespace(name="dp_sgd", trainer="dp_sgd")
+    return types.SimpleNamespace(id="dp_sgd/eps=1/rep=0", arm=arm, partition=None, replicate=0, target_epsilon=1.0)
 
 
 @pytest.mark.slow
