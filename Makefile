@@ -40,6 +40,8 @@ bench: setup  ## benchmarks, each comparison measured side by side in one run; r
 	$(PLATFORM_PY) simulations/bench_federated_scale.py --json bench-results/federated-scale.json
 	$(PLATFORM_PY) simulations/bench_serving.py --json bench-results/serving.json
 	$(PLATFORM_PY) simulations/bench_encrypted.py --json bench-results/encrypted.json
+	nice -n 10 $(PLATFORM_PY) simulations/bench_study.py --output bench-results --epsilons 0.5,1,2,4,8 --seeds 3 \
+	  | tee bench-results/study.txt
 
 clean:
 	rm -rf $(WORKDIR) bench-results

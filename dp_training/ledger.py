@@ -782,6 +782,13 @@ class Ledger:
     def entries(self, source_id: Optional[str] = None) -> List[Entry]:
         return [e for e in self._state().entries if source_id is None or e.source_id == source_id]
 
+    def charged_events(self, source_id: str, label_prefix: str) -> List[Tuple[str, str, dp_accounting.DpEvent]]:
+        """(label, status, charged event) of every run on the source whose label starts with ``label_prefix``:
+        the released event if finished, else the planned one (what the spend counts; never under-counts)."""
+        src = self._state().sources.get(source_id) or _Source(source_id)
+        return [(str(r.payload.get("label")), r.finish["status"] if r.finish else "open", r.charged)
+                for r in src.runs if str(r.payload.get("label") or "").startswith(label_prefix)]
+
     def spend(self, source_id: str, delta: Optional[float] = None, accountant: Optional[str] = None) -> Spend:
         """The source's composed spend (at the budget's delta and accountant unless given)."""
         src = self._state().sources.get(source_id) or _Source(source_id)

@@ -435,12 +435,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub, _add_run_flags)  # privtrain export kubeflow|airflow (docs/scaling.md)
     _add_federated_worker_parser(sub)
+    from simulations.study.cli import add_parser as add_study_parser
+
+    add_study_parser(sub)   # privtrain study (simulations/study, docs/studies.md)
     return parser
 
 
 COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "privacy": _cmd_privacy, "budget": _cmd_budget,
             "predict": _cmd_predict, "report": _cmd_report, "simulate": _cmd_simulate,
             "export": lambda args: __import__("pipeline.scale_cli").scale_cli.cmd_export(args, _run_config),
+            "study": lambda args: __import__("simulations.study.cli").study.cli.run(args),
             "encrypted-party": lambda args: __import__("encrypted_serving.cli").cli.cmd_party(args),
             "federated-worker": lambda args: __import__("federated.workers").workers.run_worker(args)}
 

@@ -31,6 +31,12 @@ class RunConfig:
     privacy: Dict[str, Any] = dataclasses.field(default_factory=dict)
     validate_only: bool = False  # run the data gate only (ingestion, statistics, validation): nothing trained
     beam_args: Tuple[str, ...] = ()  # --beam-arg options, after the in-process defaults (pipeline.beam_options)
+    # Studies (simulations/study): every grid point runs as the same pipeline, so the upstream components'
+    # cache (keyed by TFX per pipeline name) is shared; no baseline comparison between grid points; and a
+    # parallel job keeps its own ML Metadata store / outputs under ``store_dir`` (default: the workdir).
+    pipeline_name: Optional[str] = None
+    compare_to_baseline: bool = True
+    store_dir: Optional[str] = None
 
     def privacy_args(self) -> Dict[str, Any]:
         out = {k: v for k, v in self.privacy.items() if v is not None}
@@ -40,15 +46,15 @@ class RunConfig:
 
     @property
     def pipeline_root(self) -> str:
-        return os.path.join(self.workdir, "pipeline_root")
+        return os.path.join(self.store_dir or self.workdir, "pipeline_root")
 
     @property
     def metadata_path(self) -> str:
-        return os.path.join(self.workdir, "metadata.sqlite")
+        return os.path.join(self.store_dir or self.workdir, "metadata.sqlite")
 
     @property
     def serving_dir(self) -> str:
-        return os.path.join(self.workdir, "serving")
+        return os.path.join(self.store_dir or self.workdir, "serving")
 
 
 def code_version() -> str:

@@ -67,6 +67,7 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec, name: str = None) -> t
     """``name``: the pipeline's name when an orchestrator needs another spelling (default: pipeline_name)."""
     name = name or pipeline_name(spec, config.trainer)
     version = code_version()
+    name = config.pipeline_name or pipeline_name(spec, config.trainer)
     example_gen = FileBasedExampleGen(
         input_base=spec.directory,
         input_config=example_gen_pb2.Input(splits=[
@@ -123,13 +124,14 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec, name: str = None) -> t
     ).with_id("LatestBlessedModelResolver")
     evaluator = tfx.components.Evaluator(
         examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
-        baseline_model=baseline.outputs["model"], eval_config=eval_config(spec, config),
-        example_splits=["eval"])
+        baseline_model=baseline.outputs["model"] if config.compare_to_baseline else None,
+        eval_config=eval_config(spec, config), example_splits=["eval"])
     pusher = tfx.components.Pusher(
         model=trainer.outputs["model"], model_blessing=evaluator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(filesystem=tfx.proto.PushDestination.Filesystem(
             base_directory=os.path.join(config.serving_dir, model_name(config, spec)))))
-    components += [validator, transform, trainer, baseline, evaluator, pusher]
+    components += [validator, transform, trainer] + ([baseline] if config.compare_to_baseline else []) + [
+        evaluator, pusher]
     return tfx.dsl.Pipeline(
         pipeline_name=name, pipeline_root=config.pipeline_root,
         components=components, enable_cache=config.enable_cache,
