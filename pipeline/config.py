@@ -10,7 +10,7 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA_DIR = os.path.join(PROJECT_ROOT, "data", "adult")
 DEFAULT_WORKDIR = os.path.join(os.getcwd(), "privtrain-work")
 # Code whose changes change Transform's or the Trainer's output (part of their cache keys).
-TRAINING_CODE = ("pipeline/transform.py", "pipeline/model.py",
+TRAINING_CODE = ("pipeline/transform.py", "pipeline/model.py", "pipeline/image_pipeline.py",
                  "pipeline/trainer_executor.py", "pipeline/trainers", "dp_training", "federated")
 
 
@@ -31,6 +31,8 @@ class RunConfig:
     privacy: Dict[str, Any] = dataclasses.field(default_factory=dict)
     validate_only: bool = False  # run the data gate only (ingestion, statistics, validation): nothing trained
     beam_args: Tuple[str, ...] = ()  # --beam-arg options, after the in-process defaults (pipeline.beam_options)
+    image_model: str = "scatternet_linear"  # image data sets: dp_training.images.MODELS (--model)
+    min_accuracy: float = 0.5  # image data sets: overall accuracy a model must exceed to be blessed
 
     def privacy_args(self) -> Dict[str, Any]:
         out = {k: v for k, v in self.privacy.items() if v is not None}
