@@ -181,7 +181,7 @@ def test_the_guarantee_covers_the_normalisation_and_the_weights(image_run):
     with open(os.path.join(summary["pushed_path"], "privacy.json")) as f:
         g = json.load(f)
     assert g["private"] and abs(g["epsilon"] - 3.0) < 0.01 and g["delta"] == 1e-5
-    assert g["relation"] == "add_or_remove_one" and g["accountant"] == "pld"
+    assert g["neighbouring_relation"] == "add_or_remove_one" and g["accountant"] == "pld"
     covers = [m["covers"] for m in g["mechanisms"]]
     assert covers == ["the ScatterNet features' per-channel normalisation means and variances",
                       "the model's trained weights"]
