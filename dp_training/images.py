@@ -80,16 +80,22 @@ def scatter(pixels, scattering):
     return tf.reshape(s, [shape[0], shape[1] * shape[2], shape[3], shape[4]])
 
 
+def scattering_cache_name(pixels: np.ndarray, J: int = SCATTERING_J) -> str:
+    """The cache file's name: J, the shape, kymatio's version and the pixels' content hash."""
+    import kymatio
+
+    key = hashlib.sha256(np.ascontiguousarray(pixels, np.float32).tobytes()).hexdigest()[:20]
+    return f"scattering-J{J}-{'x'.join(map(str, pixels.shape))}-kymatio{kymatio.__version__}-{key}.npy"
+
+
 def scattering_features(pixels: np.ndarray, cache_dir: Optional[str], J: int = SCATTERING_J, batch: int = 1000,
                         log: Callable[[str], None] = lambda m: None) -> np.ndarray:
     """ScatterNet features of ``pixels`` ([n, h, w, c] float32 in [0, 1]), from ``cache_dir`` when computed
     before (key: content hash of the pixels, J, shape, kymatio's version)."""
-    import kymatio
     import tensorflow as tf
 
     pixels = np.ascontiguousarray(pixels, np.float32)
-    key = hashlib.sha256(pixels.tobytes()).hexdigest()[:20]
-    name = f"scattering-J{J}-{'x'.join(map(str, pixels.shape))}-kymatio{kymatio.__version__}-{key}.npy"
+    name = scattering_cache_name(pixels, J)
     path = os.path.join(cache_dir, name) if cache_dir else None
     if path and os.path.isfile(path):
         log(f"images: ScatterNet features from the cache ({os.path.basename(path)})")
