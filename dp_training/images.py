@@ -182,9 +182,9 @@ class ChannelNormalization:
         self.private_details: Dict[str, Any] = {}
 
     def release(self, plan, train_x: Mapping[str, np.ndarray]):
-        from dp_training.preprocessing import release_channel_moments
+        from dp_training.preprocessing import STD_TO_MEAN, release_channel_moments
 
-        stats, details = release_channel_moments(plan, train_x[SCATTERING_KEY])
+        stats, details = release_channel_moments(plan, train_x[SCATTERING_KEY], std_to_mean=STD_TO_MEAN)
         self.private_details = details
         return stats
 

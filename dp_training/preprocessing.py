@@ -149,11 +149,17 @@ class ChannelStats:
 # [0, 1]: the order-0 channel is a local average of pixels, at most 1; the others are much smaller).
 MOMENT_CLIP = 1.0
 MIN_VARIANCE = 1e-6
+# Post-processing of the released statistics (no privacy cost): each channel's standard deviation is kept within
+# these multiples of its released mean. ScatterNet features are non-negative with a standard deviation of the
+# order of their mean (0.64-1.32 times it on Fashion-MNIST's training split), while the noisy second moment of a
+# channel with a small variance can be off by a factor of ten at epsilon 0.3; the clamp bounds that error.
+STD_TO_MEAN = (0.7, 1.4)
 
 
 def release_channel_moments(plan: NormalizationPlan, features: np.ndarray, clip_first: float = MOMENT_CLIP,
                             clip_second: float = MOMENT_CLIP, rng: Optional[np.random.Generator] = None,
-                            batch: int = 4096) -> Tuple[ChannelStats, dict]:
+                            batch: int = 4096, std_to_mean: Optional[Tuple[float, float]] = None
+                            ) -> Tuple[ChannelStats, dict]:
     """The same Gaussian release as :func:`release_normalization`, for feature maps ``[n, channels, ...]``.
 
     Every row contributes ``(1, m / C1, s / C2) / sqrt(3)`` where ``m`` and ``s`` are its per-channel spatial means
@@ -161,7 +167,8 @@ def release_channel_moments(plan: NormalizationPlan, features: np.ndarray, clip_
     contribution's norm is at most 1, so adding or removing a row moves the sum by at most 1 and the release is
     ``GaussianDpEvent(plan.noise_multiplier)``, planned and charged by the protocol like the tabular one. Means,
     variances and the noisy count are post-processing. Returns the stats and private diagnostics (the share of
-    clipped rows: computed from the rows, kept in the workdir)."""
+    clipped rows: computed from the rows, kept in the workdir). ``std_to_mean=(lo, hi)`` clamps each channel's
+    standard deviation to ``[lo, hi] * |mean|`` (post-processing, e.g. :data:`STD_TO_MEAN` for ScatterNet features)."""
     k = len(plan.feature_keys)
     if rng is None:
         rng = np.random.default_rng(secrets.randbits(128))
@@ -187,6 +194,10 @@ def release_channel_moments(plan: NormalizationPlan, features: np.ndarray, clip_
     mean = noisy[1:1 + k] * clip_first / count
     second = noisy[1 + k:] * clip_second / count
     var = np.maximum(second - np.square(mean), MIN_VARIANCE)
+    if std_to_mean is not None:
+        lo, hi = std_to_mean
+        floor = np.maximum(lo * np.abs(mean), math.sqrt(MIN_VARIANCE))
+        var = np.square(np.clip(np.sqrt(var), floor, np.maximum(hi * np.abs(mean), floor)))
     return (ChannelStats(tuple(float(v) for v in mean), tuple(float(v) for v in var)),
             {"moments_clipped_rows": clipped})
 
