@@ -12,8 +12,8 @@
     Papernot et al. 2021's end-to-end CNN with tempered sigmoids (tanh) on the pixels: Conv2D(16, 8, stride 2)
     -> MaxPool(2, stride 1) -> Conv2D(32, 4, stride 2) -> MaxPool(2, stride 1) -> Dense(32) -> logits.
 
-The CNNs are plain Keras Conv2D/MaxPool2D/Flatten/Dense layers, so a Conv2D rule in TF Privacy's fast-clipping
-registry applies to them as soon as it is registered; until then DP-SGD trains them with the vectorized path.
+The CNNs are plain Keras Conv2D/MaxPool2D/Flatten/Dense layers, so DP-SGD trains them on TF Privacy's fast
+gradient clipping path with the Conv2D ghost-norm rule of its layer registry (``dp_training/conv_clipping.py``).
 
 The scattering transform is computed once per data set and cached in the workdir (keyed by the images' content
 hash, J, the shape and kymatio's version; it is derived from private rows and is never published). The exported

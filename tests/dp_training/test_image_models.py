@@ -48,12 +48,38 @@ def test_multiclass_fused_dense_step_equals_naive_per_example_clipping():
         np.testing.assert_allclose(a, b / expected, rtol=1e-4, atol=1e-7)
 
 
-def test_the_cnns_are_plain_conv_layers_on_the_vectorized_path_until_a_conv_rule_is_registered():
+def test_the_cnns_are_plain_conv_layers_on_the_fast_clipping_path():
+    from dp_training.trainer import supports_fast_gradient_clipping
+
     for name, shape in (("scatternet_cnn", (81, 7, 7)), ("cnn", (28, 28, 1))):
         model = build_image_model(name, shape, 10)
-        assert not supports_fused_dense(model)
+        assert not supports_fused_dense(model) and supports_fast_gradient_clipping(model)
         assert any(isinstance(layer, tf.keras.layers.Conv2D) for layer in model.layers)
         assert model(np.zeros((2,) + shape, np.float32)).shape == (2, 10)
+
+
+def test_multiclass_fast_clipping_step_of_the_cnn_equals_naive_per_example_clipping():
+    rng = np.random.default_rng(4)
+    n = 6
+    x = rng.uniform(0, 1, size=(n, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, size=(n, 1)).astype(np.float32)
+    model = build_image_model("cnn", (28, 28, 1), 10, seed=5)
+    w0 = [v.numpy().copy() for v in model.trainable_variables]
+    clip, expected = 0.01, 4.0
+    stepper = _DPStepper(model, "fast_gradient_clipping", _plan(8, int(expected), clip),
+                         {"pixels": tf.TensorSpec((None, 28, 28, 1), tf.float32)})
+    stepper.step({"pixels": tf.constant(x)}, tf.constant(y))
+    fast = [w0[i] - v.numpy() for i, v in enumerate(stepper.train_model.trainable_variables)]
+    naive_model = build_image_model("cnn", (28, 28, 1), 10, seed=5)
+    total = [np.zeros_like(w) for w in w0]
+    for i in range(n):
+        with tf.GradientTape() as tape:
+            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=[int(y[i, 0])], logits=naive_model(x[i:i + 1]))
+        grads = [g.numpy() for g in tape.gradient(loss, naive_model.trainable_variables)]
+        factor = min(1.0, clip / max(np.sqrt(sum(float(np.sum(g * g)) for g in grads)), 1e-12))
+        total = [t + g * factor for t, g in zip(total, grads)]
+    for a, b in zip(fast, total):
+        np.testing.assert_allclose(a, b / expected, rtol=1e-3, atol=1e-6)
 
 
 def test_channel_moments_without_noise_are_the_exact_moments():
