@@ -200,7 +200,10 @@ def test_what_leaves_with_the_pushed_model(image_run):
     assert set(pre) == {"kind", "shape", "pixel_range", "model", "classes", "scattering", "channel_normalisation"}
     assert len(pre["channel_normalisation"]["mean"]) == 81
     top = sorted(n for n in os.listdir(pushed) if os.path.isfile(os.path.join(pushed, n)))
-    assert {"privacy.json", "training.json", "saved_model.pb"} <= set(top)
+    assert top == ["fingerprint.pb", "privacy.json", "report.html", "report.json", "saved_model.pb", "training.json"]
+    with open(os.path.join(pushed, "report.json")) as f:
+        slices = {s["slice"] for s in json.load(f)["evaluation"]["slices"]}
+    assert "Overall" in slices and any(s.startswith("label=") for s in slices)   # per class, small ones suppressed
     # the ScatterNet cache is private: in the workdir, never beside the pushed model
     cache = os.path.join(workdir, "cache")
     assert any(n.startswith("scattering-J2-") for n in os.listdir(cache))
