@@ -117,9 +117,10 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec, name: str = None) -> t
         eval_args=tfx.proto.EvalArgs(splits=["eval"]),
         custom_config={"dataset": spec.to_json_dict(), "trainer": config.trainer,
                        "trainer_args": dict(config.trainer_args), "privacy": config.privacy_args(),
-                       "hidden_units": list(config.hidden_units), "image_model": config.image_model,
-                       "cache_dir": os.path.join(config.workdir, "cache"),
-                       "code_version": version},
+                       "hidden_units": list(config.hidden_units), "code_version": version,
+                       # image data sets: the model and the workdir's (private) ScatterNet feature cache
+                       **({"image_model": config.image_model, "cache_dir": os.path.join(config.workdir, "cache")}
+                          if spec.is_image else {})},
         custom_executor_spec=executor_spec.ExecutorClassSpec(PrivacyRecordingTrainerExecutor),
     )
     baseline = tfx.dsl.Resolver(
