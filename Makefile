@@ -44,7 +44,7 @@ bench: setup  ## benchmarks, each comparison measured side by side in one run; r
 	  --json bench-results/images-speed.json | tee bench-results/images-speed.txt
 	$(PLATFORM_PY) simulations/bench_images.py utility --models scatternet_linear --eps 1 2 3 --seeds 0 1 2 \
 	  --json bench-results/images-linear.json | tee bench-results/images-linear.txt
-	$(PLATFORM_PY) simulations/bench_images.py utility --models scatternet_cnn cnn --eps 3 --seeds 0 --epochs 3 \
+	$(PLATFORM_PY) simulations/bench_images.py utility --models scatternet_cnn cnn --eps 3 --seeds 0 \
 	  --json bench-results/images-cnn.json | tee bench-results/images-cnn.txt
 	$(PLATFORM_PY) simulations/bench_images.py pipeline --json bench-results/images-pipeline.json
 
