@@ -42,6 +42,13 @@ bench: setup  ## benchmarks, each comparison measured side by side in one run; r
 	$(PLATFORM_PY) simulations/bench_encrypted.py --json bench-results/encrypted.json
 	nice -n 10 $(PLATFORM_PY) simulations/bench_study.py --output bench-results --epsilons 0.5,1,2,4,8 --seeds 3 \
 	  | tee bench-results/study.txt
+	$(PLATFORM_PY) simulations/bench_images.py speed --model scatternet_linear --epochs 2 \
+	  --json bench-results/images-speed.json | tee bench-results/images-speed.txt
+	$(PLATFORM_PY) simulations/bench_images.py utility --models scatternet_linear --eps 1 2 3 --seeds 0 1 2 \
+	  --json bench-results/images-linear.json | tee bench-results/images-linear.txt
+	$(PLATFORM_PY) simulations/bench_images.py utility --models scatternet_cnn cnn --eps 3 --seeds 0 \
+	  --json bench-results/images-cnn.json | tee bench-results/images-cnn.txt
+	$(PLATFORM_PY) simulations/bench_images.py pipeline --json bench-results/images-pipeline.json
 
 clean:
 	rm -rf $(WORKDIR) bench-results

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 DESCRIPTION_FILE = "dataset.json"
 KINDS = ("numeric", "categorical", "label")
+IMAGE_KIND = "image"   # dataset.json "kind": fixed-size image tensors in IDX files (docs/image_data.md)
 RELATIONS = ("add_or_remove_one", "replace_one")
 UNIT_HELP = "use \"row\" (one row is one person) or \"column:NAME\" (NAME identifies the person or client)"
 
@@ -40,6 +41,31 @@ class Column:
     positive: Optional[str] = None
     negative: Optional[str] = None
     strip_suffix: str = ""
+    classes: Tuple[str, ...] = ()   # a multi-class label's class names (image data sets): label i is classes[i]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageFormat:
+    """An image data set's tensors (``dataset.json``'s ``image`` section, public by declaration): every example
+    is a ``height x width x channels`` array of integer pixels in ``[pixel_min, pixel_max]``; the public
+    transform scales that range to [0, 1]. ``files``: the directory the IDX files are in (may be outside the data
+    directory, e.g. a Debian data package's), ``package``: the Debian package that installs them."""
+
+    height: int
+    width: int
+    channels: int = 1
+    pixel_min: int = 0
+    pixel_max: int = 255
+    files: Optional[str] = None
+    package: Optional[str] = None
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    @property
+    def num_pixels(self) -> int:
+        return self.height * self.width * self.channels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +136,27 @@ class DatasetSpec:
     schema_file: Optional[str] = None
     description: str = ""
     privacy: Optional[PrivacyDeclaration] = None
+    image: Optional[ImageFormat] = None   # set for image data sets ("kind": "image")
+
+    @property
+    def is_image(self) -> bool:
+        return self.image is not None
+
+    @property
+    def raw_directory(self) -> str:
+        """Where the split files are: the data directory, or an image data set's declared ``files`` directory."""
+        if self.image is not None and self.image.files:
+            return os.path.join(self.directory, self.image.files)
+        return self.directory
+
+    @property
+    def classes(self) -> Tuple[str, ...]:
+        """Class names of a multi-class label (image data sets); () for the binary tabular label."""
+        return self.label_column.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else 2
 
     @property
     def label_column(self) -> Column:
@@ -132,7 +179,7 @@ class DatasetSpec:
         return os.path.join(self.directory, self.schema_file) if self.schema_file else None
 
     def split_files(self, split: str) -> List[str]:
-        return sorted(glob.glob(os.path.join(self.directory, self.splits[split])))
+        return sorted(glob.glob(os.path.join(self.raw_directory, self.splits[split])))
 
     def to_json_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -142,7 +189,9 @@ class DatasetSpec:
     @classmethod
     def from_json_dict(cls, d: dict) -> "DatasetSpec":
         d = dict(d)
-        d["columns"] = tuple(Column(**c) for c in d["columns"])
+        d["columns"] = tuple(Column(**{**c, "classes": tuple(c.get("classes", ()))}) for c in d["columns"])
+        if d.get("image") is not None:
+            d["image"] = ImageFormat(**d["image"])
         d["slice_features"] = tuple(d.get("slice_features", ()))
         if d.get("privacy") is not None:
             p = dict(d["privacy"])
@@ -174,6 +223,8 @@ class DatasetSpec:
         features = {f.name: f for f in schema.feature}
         out: Dict[str, object] = {}
         for column in self.feature_columns:
+            if column.kind == IMAGE_KIND:   # its public range is the image section's pixel range
+                continue
             feature = features.get(column.name)
             if feature is None:
                 raise DatasetError(f"{self.schema_path}: feature {column.name!r} is missing from the reference schema")
@@ -229,6 +280,8 @@ def load_dataset(directory: str) -> DatasetSpec:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path} is not valid JSON: {e}") from e
+    if raw.get("kind") == IMAGE_KIND:
+        return _load_image_dataset(directory, path, raw)
     for key in ("name", "splits", "columns", "label_feature"):
         if key not in raw:
             raise DatasetError(f"{path} lacks the required key '{key}'")
@@ -401,3 +454,178 @@ def read_rows(spec: DatasetSpec, split: str) -> RawRows:
         out[column.name] = (np.asarray(values, np.float64) if column.kind == "numeric"
                             else np.asarray(values, dtype=object))
     return RawRows(out, labels, tuple(files))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Image data sets: dataset.json "kind": "image", split files in the IDX format (the one reader of them)
+# ------------------------------------------------------------------------------------------------------------
+IDX_UBYTE = 0x08
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class IdxError(DatasetError):
+    """An IDX file cannot be read as the data set's description says (the message names the file)."""
+
+
+def _load_image_dataset(directory: str, path: str, raw: dict) -> DatasetSpec:
+    for key in ("name", "splits", "image", "label"):
+        if key not in raw:
+            raise DatasetError(f"{path} lacks the required key '{key}' of an image data set (see "
+                               "data/fashion_mnist/dataset.json)")
+    img, label = raw["image"], raw["label"]
+    try:
+        height, width, channels = int(img["height"]), int(img["width"]), int(img.get("channels", 1))
+        low, high = (int(v) for v in img.get("pixel_range", (0, 255)))
+    except (KeyError, TypeError, ValueError):
+        raise DatasetError(f"{path}: \"image\" must hold whole numbers height, width, channels and a pixel_range "
+                           "[low, high], e.g. {\"height\": 28, \"width\": 28, \"channels\": 1, \"pixel_range\": "
+                           "[0, 255]}") from None
+    if min(height, width, channels) < 1 or not 0 <= low < high <= 255:
+        raise DatasetError(f"{path}: image shape {height}x{width}x{channels} or pixel range [{low}, {high}] is "
+                           "invalid; IDX unsigned-byte pixels need 0 <= low < high <= 255")
+    classes = label.get("classes") if isinstance(label, dict) else None
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes) \
+            or len(set(classes)) != len(classes):
+        raise DatasetError(f"{path}: \"label\" must name the label feature and list its distinct class names, e.g. "
+                           "{\"name\": \"label\", \"classes\": [\"T-shirt/top\", \"Trouser\", ...]} (label i is "
+                           "classes[i])")
+    label_name = str(label.get("name", "label"))
+    image = ImageFormat(height=height, width=width, channels=channels, pixel_min=low, pixel_max=high,
+                        files=img.get("files"), package=img.get("package"))
+    columns = (Column(name=str(img.get("feature", "image")), kind=IMAGE_KIND),
+               Column(name=label_name, kind="label", classes=tuple(classes)))
+    privacy = _privacy_declaration(raw.get("privacy"), path, columns, raw.get("splits", {}))
+    spec = DatasetSpec(
+        name=raw["name"], directory=directory, columns=columns, splits=dict(raw["splits"]),
+        label_feature=label_name, slice_features=tuple(raw.get("slice_features", ())),
+        schema_file=raw.get("schema"), description=raw.get("description", ""), privacy=privacy, image=image)
+    if set(spec.splits) != {"train", "eval"}:
+        raise DatasetError(f"{path}: 'splits' must map exactly 'train' and 'eval' to file patterns, got "
+                           f"{sorted(spec.splits)}")
+    if not os.path.isdir(spec.raw_directory):
+        how = (f"install Debian's {image.package} package (apt-get install {image.package}, which "
+               "scripts/setup_system.sh does as root)" if image.package else "put the IDX files there")
+        raise DatasetError(f"the image files directory {spec.raw_directory} named in {path} does not exist; {how}")
+    for split, pattern in spec.splits.items():
+        if not spec.split_files(split):
+            raise DatasetError(f"no file matches the {split} split's pattern {pattern!r} in {spec.raw_directory}")
+    for s in spec.slice_features:
+        if s != label_name:
+            raise DatasetError(f"{path}: an image data set can be sliced by its label {label_name!r} only, not {s!r}")
+    if spec.schema_path and not os.path.isfile(spec.schema_path):
+        raise DatasetError(f"{path} names the reference schema {spec.schema_file!r}, which is missing from {directory}")
+    return spec
+
+
+def read_idx(path: str, data: Optional[bytes] = None):
+    """One IDX file (gzip'd or not) -> numpy uint8 array of its declared dimensions. Checks the magic number
+    (two zero bytes, type 0x08 = unsigned byte, the number of dimensions), that the length is exactly the header
+    plus the product of the dimensions, and raises :class:`IdxError` naming the file and the fix otherwise."""
+    import gzip
+    import zlib
+
+    import numpy as np
+
+    name = os.path.basename(path)
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
+    if data[:2] == _GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as e:
+            raise IdxError(f"{name}: the gzip stream is damaged or truncated ({e}); download or reinstall the file"
+                           ) from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != IDX_UBYTE or not 1 <= data[3] <= 4:
+        magic = data[:4].hex() if data else "(empty file)"
+        raise IdxError(f"{name}: not an IDX file of unsigned bytes (magic number {magic}, expected 0000080N with "
+                       "N the number of dimensions, e.g. 00000803 for images, 00000801 for labels)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IdxError(f"{name}: truncated inside its header ({len(data)} bytes, the header alone has {header})")
+    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(dims, dtype=np.int64))
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "longer than its header says"
+        raise IdxError(f"{name}: {what}: the header declares dimensions {'x'.join(map(str, dims))} "
+                       f"({expected} bytes) but the file has {len(data)} bytes; download or reinstall the file")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+@dataclasses.dataclass
+class ImageRows:
+    """A split of an image data set: uint8 images ``[n, height, width, channels]`` and int64 labels ``[n]``."""
+
+    images: object
+    labels: object
+    files: Tuple[str, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return int(len(self.labels))
+
+
+def split_idx_files(spec: DatasetSpec, split: str, files: Optional[Sequence[str]] = None) -> Tuple[str, str]:
+    """``(images file, labels file)`` of a split: its pattern matches one IDX file of each, told apart by their
+    magic number's number of dimensions (1: labels; 3, or 4 with channels: images)."""
+    files = list(files if files is not None else spec.split_files(split))
+    by_rank: Dict[str, List[str]] = {"images": [], "labels": []}
+    for path in files:
+        import gzip
+        import zlib
+        try:
+            with (gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")) as f:
+                head = f.read(4)
+        except (EOFError, OSError, zlib.error) as e:
+            raise IdxError(f"{os.path.basename(path)}: the gzip stream is damaged ({e}); download or reinstall "
+                           "the file") from None
+        rank = head[3] if len(head) == 4 else 0
+        by_rank["labels" if rank == 1 else "images"].append(path)
+    if len(by_rank["images"]) != 1 or len(by_rank["labels"]) != 1:
+        names = ", ".join(os.path.basename(p) for p in files) or "no file"
+        raise IdxError(f"the {split} split's pattern {spec.splits[split]!r} must match exactly one IDX images file "
+                       f"and one IDX labels file in {spec.raw_directory}; it matches {names}")
+    return by_rank["images"][0], by_rank["labels"][0]
+
+
+def _is_gzip(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == _GZIP_MAGIC
+
+
+def read_images(spec: DatasetSpec, split: str, files: Optional[Sequence[str]] = None) -> ImageRows:
+    """Reads and checks one split of an image data set (``files``: the split's files, default its pattern's
+    matches): both files' IDX headers, the images' shape against the declared one, the two counts, and every
+    label against the declared classes. Raises :class:`IdxError` naming the file; no row is dropped silently."""
+    import numpy as np
+
+    if spec.image is None:
+        raise DatasetError(f"{spec.name} is not an image data set (dataset.json has no \"kind\": \"image\")")
+    images_path, labels_path = split_idx_files(spec, split, files)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    h, w, c = spec.image.shape
+    iname, lname = os.path.basename(images_path), os.path.basename(labels_path)
+    if images.ndim == 3 and c == 1:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[1:] != (h, w, c):
+        raise IdxError(f"{iname}: images are {'x'.join(map(str, images.shape[1:]))}, but dataset.json declares "
+                       f"{h}x{w}x{c} (height x width x channels); fix the file or the \"image\" section")
+    if labels.ndim != 1:
+        raise IdxError(f"{lname}: a labels file must have one dimension, it has {labels.ndim}")
+    if len(images) != len(labels):
+        raise IdxError(f"{lname}: {len(labels)} labels for the {len(images)} images of {iname}; the two files of "
+                       f"the {split} split must hold the same number of examples")
+    if len(labels) == 0:
+        raise IdxError(f"{iname}: the {split} split has no images")
+    k = len(spec.classes)
+    bad = np.flatnonzero(labels >= k)
+    if bad.size:
+        raise IdxError(f"{lname}: example {int(bad[0])} has label {int(labels[bad[0]])}, outside the {k} classes "
+                       "declared in dataset.json (labels are 0..{})".format(k - 1))
+    low, high = spec.image.pixel_min, spec.image.pixel_max
+    if low > 0 or high < 255:
+        out = np.flatnonzero((images < low).any(axis=(1, 2, 3)) | (images > high).any(axis=(1, 2, 3)))
+        if out.size:
+            raise IdxError(f"{iname}: image {int(out[0])} has pixels outside the declared range [{low}, {high}]")
+    return ImageRows(images, labels.astype(np.int64), (images_path, labels_path))

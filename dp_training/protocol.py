@@ -228,7 +228,7 @@ class RunProtocol:
         self.receipt = self.ledger.finish(self.reservation, released, status)
 
     def finish(self, outcome: TrainingOutcome, not_covered: Tuple[str, ...] = (),
-               audit: Optional[Mapping[str, Any]] = None) -> Guarantee:
+               audit: Optional[Mapping[str, Any]] = None, preprocessing_covers: Optional[str] = None) -> Guarantee:
         plan = self.plan
         released = (ev.compose(plan.preprocessing_event, outcome.released_event) if plan.private
                     else dp_accounting.NonPrivateDpEvent())
@@ -240,7 +240,7 @@ class RunProtocol:
         if plan.private and not isinstance(plan.preprocessing_event, dp_accounting.NoOpDpEvent):
             mechanisms.append(Mechanism(
                 "DP normalisation statistics (Gaussian)",
-                "the numeric features' normalisation means and standard deviations",
+                preprocessing_covers or "the numeric features' normalisation means and standard deviations",
                 ev.to_json(plan.preprocessing_event),
                 accountants.epsilon(plan.preprocessing_event, plan.delta, plan.accountant, relation)))
         if plan.private:
@@ -416,14 +416,19 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
                          privacy_args: Optional[Mapping[str, Any]], train_x, train_y, eval_x, eval_y,
                          scratch_dir: str, kind, log=print, hidden_units=(64, 64),
                          not_covered: Tuple[str, ...] = (), ledger=None,
-                         numeric_keys: Optional[Sequence[str]] = None) -> PrivateRunResult:
+                         numeric_keys: Optional[Sequence[str]] = None, preprocessing=None,
+                         model_builder=None) -> PrivateRunResult:
     """The whole protocol for one run on model inputs already transformed with the public transform
     (``dp_training.features``): plan -> reserve -> DP normalisation -> train -> finish -> guarantee.
 
     Used by the pipeline's Trainer executor and by code that trains without TFX (benchmarks, studies,
     the federated simulator): the same plan, ledger rules and guarantee everywhere. ``numeric_keys``: the
     features the DP normalisation covers (default every numeric feature; ``[]``: none, the model then
-    standardises nothing beyond the public [0, 1] scaling)."""
+    standardises nothing beyond the public [0, 1] scaling).
+
+    Image data sets (``dp_training.images``) pass ``preprocessing`` (an object with ``keys``, ``covers`` and
+    ``release(plan, train_x) -> stats``: their DP release, planned and charged here like the tabular one) and
+    ``model_builder(stats) -> model``."""
     import os
 
     from dp_training.contract import TrainerContext, TrainingInterrupted
@@ -431,7 +436,9 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
     from dp_training.model import bucket_sizes, build_model
     from dp_training.preprocessing import release_normalization
 
-    if numeric_keys is None:
+    if preprocessing is not None:
+        numeric_keys = list(preprocessing.keys)
+    elif numeric_keys is None:
         numeric_keys = [numeric_key(c) for c in spec.numeric_features]
     numeric_keys = list(numeric_keys)
     source = spec.require_privacy()
@@ -444,6 +451,9 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
             log(f"{plan.training.simulation.label}: the noise is calibrated for a deployment with epsilon "
                 f"{deployment_epsilon(plan):.4g} at delta {plan.delta:.3g}, which does not cover this simulation's "
                 f"data; this run is accounted as it runs (planned epsilon above)")
+    if int(plan.privacy_args.get("audit_canaries") or 0) > 0 and preprocessing is not None:
+        raise PlanError("the one-run audit's canaries are tabular rows; --audit-canaries is not supported for "
+                        "image data sets yet: drop the flag")
     protocol = RunProtocol(plan, ledger)
     protocol.reserve()
     audit_setup = None
@@ -452,13 +462,18 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
         train_x, train_y, audit_setup = _insert_canaries(spec, train_x, train_y, canaries_m)
         log(f"audit: {canaries_m} synthetic canaries, each inserted with probability 1/2")
     try:
-        stats = (release_normalization(plan.preprocessing, {k: train_x[k] for k in numeric_keys})
-                 if numeric_keys else None)
-        buckets = bucket_sizes(spec)
+        if preprocessing is not None:
+            stats = preprocessing.release(plan.preprocessing, train_x)
+            builder = lambda: model_builder(stats)  # noqa: E731
+        else:
+            stats = (release_normalization(plan.preprocessing, {k: train_x[k] for k in numeric_keys})
+                     if numeric_keys else None)
+            buckets = bucket_sizes(spec)
+            builder = lambda: build_model(spec, buckets, stats, tuple(hidden_units))  # noqa: E731
         os.makedirs(scratch_dir, exist_ok=True)
         context = TrainerContext(
             dataset_name=spec.name, train_features=train_x, train_labels=train_y, eval_features=eval_x,
-            eval_labels=eval_y, build_model=lambda: build_model(spec, buckets, stats, tuple(hidden_units)),
+            eval_labels=eval_y, build_model=builder,
             args=dict(trainer_args), plan=plan.training, scratch_dir=scratch_dir, source=source, log=log)
         outcome = kind.train(context)
     except TrainingInterrupted as e:
@@ -467,7 +482,8 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
     except BaseException:
         protocol.fail(None, "failed")
         raise
-    guarantee = protocol.finish(outcome, not_covered=not_covered)
+    guarantee = protocol.finish(outcome, not_covered=not_covered,
+                                preprocessing_covers=getattr(preprocessing, "covers", None))
     if audit_setup is not None:
         guarantee = guarantee.with_audit(_run_audit(outcome.model, audit_setup, guarantee))
         log(f"audit: empirical epsilon lower bound {guarantee.audit['epsilon_lower_bound']:.3g} "

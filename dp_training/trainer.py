@@ -255,7 +255,8 @@ def supports_fast_gradient_clipping(model) -> bool:
 
 def dense_head(model):
     """``(feature_fn, dense_layers)`` when ``model`` is a parameter-free feature map followed by a chain of Dense
-    layers (ReLU or linear) ending in one logit — the platform's MLPs — else None. ``feature_fn(x)`` computes
+    layers (ReLU or linear) ending in the logits (one: binary; several: multi-class, e.g. a linear head on
+    ScatterNet features) — else None. ``feature_fn(x)`` computes
     the first Dense layer's input."""
     import tensorflow as tf
 
@@ -266,7 +267,7 @@ def dense_head(model):
     for prev, layer in zip(dense, dense[1:]):
         if layer.input is not prev.output:
             return None
-    if model.outputs[0] is not dense[-1].output or int(dense[-1].units) != 1:
+    if model.outputs[0] is not dense[-1].output:
         return None
     if any(layer.activation not in (tf.keras.activations.relu, tf.keras.activations.linear) or not layer.use_bias
            for layer in dense):
@@ -279,6 +280,18 @@ def dense_head(model):
     features = tf.keras.Model(model.inputs, first_input)
     del names
     return (lambda x: features(x, training=False)), dense
+
+
+def num_outputs(model) -> int:
+    """1: one logit (binary label, sigmoid cross-entropy); k > 1: k logits (labels 0..k-1, softmax cross-entropy)."""
+    return int(model.outputs[0].shape[-1])
+
+
+def per_example_loss(tf, logits, y):
+    """Per-example cross-entropy: sigmoid for one logit, softmax (labels are class ids in y[:, 0]) otherwise."""
+    if logits.shape[-1] == 1:
+        return tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=logits)[:, 0]
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.cast(y[:, 0], tf.int32), logits=logits)
 
 
 def supports_fused_dense(model) -> bool:
@@ -321,10 +334,10 @@ class _DPStepper:
                         z = tf.matmul(h, layer.kernel) + layer.bias
                         pre.append(z)
                         h = layer.activation(z)
-                    per_example = tf.nn.sigmoid_cross_entropy_with_logits(labels=y, logits=h)
+                    per_example = per_example_loss(tf, h, y)
                     total = tf.reduce_sum(per_example)
                 deltas = tape.gradient(total, pre)
-                sq = tf.zeros_like(per_example[:, 0])
+                sq = tf.zeros_like(per_example)
                 for ai, di in zip(inputs, deltas):
                     d2 = tf.reduce_sum(tf.square(di), axis=1)
                     sq += tf.reduce_sum(tf.square(ai), axis=1) * d2 + d2
@@ -353,10 +366,11 @@ class _DPStepper:
             # the 1 / (expected batch size) normalisation is folded into the learning rate.
             self.optimizer = tf.keras.optimizers.SGD(learning_rate=lr / self.expected_batch,
                                                      momentum=mom)
+            loss_cls = (tf.keras.losses.BinaryCrossentropy if num_outputs(base_model) == 1
+                        else tf.keras.losses.SparseCategoricalCrossentropy)
             self.train_model.compile(
                 optimizer=self.optimizer,
-                loss=tf.keras.losses.BinaryCrossentropy(
-                    from_logits=True, reduction=tf.keras.losses.Reduction.SUM))
+                loss=loss_cls(from_logits=True, reduction=tf.keras.losses.Reduction.SUM))
             self._step = tf.function(lambda x, y: self.train_model.train_step((x, y)),
                                      input_signature=[feature_specs, label_spec])
             self._noise_scale = 1.0  # the optimizer's lr already divides by the expected batch
@@ -366,14 +380,12 @@ class _DPStepper:
             self.optimizer = dpv.VectorizedDPKerasSGDOptimizer(
                 l2_norm_clip=clip, noise_multiplier=sigma, num_microbatches=None,
                 learning_rate=lr, momentum=mom)
-            loss_none = tf.keras.losses.BinaryCrossentropy(
-                from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
             model, opt, expected = base_model, self.optimizer, self.expected_batch
 
             def vec_step(x, y):
                 with tf.GradientTape() as tape:
                     logits = model(x, training=True)
-                    per_example = loss_none(y, logits)
+                    per_example = per_example_loss(tf, logits, y)
                 # TF Privacy: (sum of clipped grads + N(0, (sigma C)^2)) / B_t ...
                 gv = opt._compute_gradients(  # pylint: disable=protected-access
                     per_example, model.trainable_variables, tape=tape)
@@ -440,14 +452,16 @@ def membership_inference_auc(logits_train, labels_train, logits_test, labels_tes
     from tensorflow_privacy.privacy.privacy_tests.membership_inference_attack import (  # noqa
         data_structures as mia_ds, membership_inference_attack as mia)
 
-    logits_train = np.asarray(logits_train, np.float64).reshape(-1)
-    logits_test = np.asarray(logits_test, np.float64).reshape(-1)
+    logits_train = np.asarray(logits_train, np.float64)
+    logits_test = np.asarray(logits_test, np.float64)
+    if logits_train.ndim == 1 or logits_train.shape[-1] == 1:
+        logits_train, logits_test = logits_train.reshape(-1), logits_test.reshape(-1)
     labels_train = np.asarray(labels_train).reshape(-1).astype(int)
     labels_test = np.asarray(labels_test).reshape(-1).astype(int)
-    two = lambda z: np.stack([np.zeros_like(z), z], axis=1)  # noqa: E731  one logit -> two-class logits
+    two = (lambda z: np.stack([np.zeros_like(z), z], axis=1)) if logits_train.ndim == 1 else (lambda z: z)  # noqa
     inp = mia_ds.AttackInputData(logits_train=two(logits_train), logits_test=two(logits_test),
-                                 loss_train=_bce_from_logits(logits_train, labels_train),
-                                 loss_test=_bce_from_logits(logits_test, labels_test),
+                                 loss_train=_ce_from_logits(logits_train, labels_train),
+                                 loss_test=_ce_from_logits(logits_test, labels_test),
                                  labels_train=labels_train, labels_test=labels_test)
     # Its epsilon lower bound divides by empty confusion-matrix cells on small inputs; the AUC is unaffected.
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -474,12 +488,32 @@ def _as_inputs(features: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 def _predict_logits(model, features: Dict[str, np.ndarray], batch: int = 4096) -> np.ndarray:
+    """[n] logits of a one-logit model, [n, k] of a k-class one."""
     n = next(iter(features.values())).shape[0]
+    k = num_outputs(model)
     outs = []
     for s in range(0, n, batch):
-        outs.append(np.asarray(model({k: v[s:s + batch] for k, v in features.items()},
-                                     training=False)).reshape(-1))
-    return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+        out = np.asarray(model({k_: np.asarray(v[s:s + batch]) for k_, v in features.items()}, training=False))
+        outs.append(out.reshape(-1) if k == 1 else out.reshape(-1, k))
+    if outs:
+        return np.concatenate(outs)
+    return np.zeros((0,) if k == 1 else (0, k), np.float32)
+
+
+def _ce_from_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-example cross-entropy of [n] (binary) or [n, k] (class ids in ``labels``) logits."""
+    if logits.ndim == 1:
+        return _bce_from_logits(logits, labels)
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -log_p[np.arange(len(z)), labels.astype(int)]
+
+
+def _correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    if logits.ndim == 1:
+        return (logits > 0) == (labels > 0.5)
+    return logits.argmax(axis=1) == labels.astype(int)
 
 
 class DPSGDTrainer:
@@ -571,8 +605,8 @@ class DPSGDTrainer:
         n_eval = y_eval.shape[0]
         if n_eval:
             logits_eval = _predict_logits(model, x_eval)
-            private["eval_loss"] = float(_bce_from_logits(logits_eval, y_eval).mean())
-            private["eval_accuracy"] = float(((logits_eval > 0) == (y_eval > 0.5)).mean())
+            private["eval_loss"] = float(_ce_from_logits(logits_eval, y_eval).mean())
+            private["eval_accuracy"] = float(_correct(logits_eval, y_eval).mean())
         if a["mia"] and n_eval:
             m = min(int(a["mia_max_rows"]), n, n_eval)
             mrng = np.random.default_rng(0)

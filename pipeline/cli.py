@@ -27,6 +27,10 @@ def _add_run_flags(p) -> None:
     p.add_argument("--min-auc", type=float, default=0.80, help="absolute AUC a model must exceed to be blessed")
     p.add_argument("--max-auc-drop", type=float, default=0.0,
                    help="allowed AUC drop against the latest blessed model of the same trainer kind")
+    p.add_argument("--model", default=None, choices=["scatternet_linear", "scatternet_cnn", "cnn"],
+                   help="image data sets: the model (default scatternet_linear; docs/image_data.md)")
+    p.add_argument("--min-accuracy", type=float, default=0.5,
+                   help="image data sets: overall accuracy a model must exceed to be blessed (default 0.5)")
     p.add_argument("--allow-non-private", action="store_true",
                    help="allow a non-private trainer on a data set that has a privacy budget")
     priv = p.add_argument_group("privacy (every trainer kind; see docs/privacy_model.md)")
@@ -103,6 +107,13 @@ def _run_config(args) -> RunConfig:
     module = trainer_module(args.trainer)
     trainer_args = module.trainer_args(args) if hasattr(module, "trainer_args") else {}
     trainer_args.update(scale["trainer_args"])
+    image = {}
+    if getattr(args, "data", None):
+        from dp_training.dataset import load_dataset
+
+        if load_dataset(args.data).is_image:  # the model's published defaults under the flags given
+            from pipeline.image_pipeline_cli import image_run_options
+            trainer_args, image = image_run_options(args, trainer_args)
     privacy = {"target_epsilon": args.target_epsilon, "delta": args.delta, "accountant": args.accountant,
                "preprocessing_epsilon": args.preprocessing_epsilon, "budget_epsilon": args.budget_epsilon,
                "ledger": getattr(args, "ledger", None), "audit_canaries": args.audit_canaries,
@@ -111,7 +122,7 @@ def _run_config(args) -> RunConfig:
                        trainer_args=trainer_args, model_name=args.model_name, min_auc=args.min_auc,
                        max_auc_drop=args.max_auc_drop, enable_cache=not args.no_cache,
                        allow_non_private=args.allow_non_private, privacy=privacy,
-                       validate_only=args.validate_only, beam_args=scale["beam_args"],
+                       validate_only=args.validate_only, beam_args=scale["beam_args"], **image,
                        **({"hidden_units": tuple(args.hidden_units)} if args.hidden_units else {}))
     return config
 
@@ -122,7 +133,11 @@ def _cmd_run(args) -> int:
     from pipeline.data_gate import check_raw_data
 
     try:  # damaged files: one line naming file, line and problem, in a second, before TFX is even imported
-        check_raw_data(load_dataset(args.data))
+        spec = load_dataset(args.data)
+        if spec.is_image or args.model:
+            from pipeline.image_pipeline_cli import check_image_run
+            check_image_run(spec, args)
+        check_raw_data(spec)
     except DatasetError as e:
         print(f"privtrain: {e}", file=sys.stderr)
         return 2
@@ -181,6 +196,7 @@ def _add_predict_parser(sub) -> None:
 
 
 def _cmd_predict(args) -> int:
+    from dp_training.dataset import DatasetError
     from pipeline.predict import PredictError, format_predictions, latest_pushed_model, predict_plain
 
     workdir = os.path.abspath(args.workdir)
@@ -196,7 +212,7 @@ def _cmd_predict(args) -> int:
                 raise PredictError(str(e)) from e
         else:
             result = predict_plain(version_dir, args.input, args.limit)
-    except (PredictError, FileNotFoundError) as e:
+    except (PredictError, FileNotFoundError, DatasetError) as e:
         print(f"privtrain predict: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result) if args.json else format_predictions(result))

@@ -10,7 +10,7 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA_DIR = os.path.join(PROJECT_ROOT, "data", "adult")
 DEFAULT_WORKDIR = os.path.join(os.getcwd(), "privtrain-work")
 # Code whose changes change Transform's or the Trainer's output (part of their cache keys).
-TRAINING_CODE = ("pipeline/transform.py", "pipeline/model.py",
+TRAINING_CODE = ("pipeline/transform.py", "pipeline/model.py", "pipeline/image_pipeline.py",
                  "pipeline/trainer_executor.py", "pipeline/trainers", "dp_training", "federated")
 
 
@@ -37,6 +37,8 @@ class RunConfig:
     pipeline_name: Optional[str] = None
     compare_to_baseline: bool = True
     store_dir: Optional[str] = None
+    image_model: str = "scatternet_linear"  # image data sets: dp_training.images.MODELS (--model)
+    min_accuracy: float = 0.5  # image data sets: overall accuracy a model must exceed to be blessed
 
     def privacy_args(self) -> Dict[str, Any]:
         out = {k: v for k, v in self.privacy.items() if v is not None}

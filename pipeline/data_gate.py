@@ -83,6 +83,8 @@ def check_raw_data(spec: DatasetSpec) -> Dict[str, str]:
     ingestion's rule. Raises :class:`IngestionError` (one line: file, line, problem, fix) on the first problem;
     an empty split is one too. Returns {split: "ok"}."""
     load_comparators(spec)  # a bad "validation" section is refused here too
+    if spec.is_image:  # IDX files: headers, shapes, counts, labels (dp_training.dataset.read_images)
+        return check_image_files(spec)
     out = {}
     for split in sorted(spec.splits):
         files = spec.split_files(split)
@@ -99,6 +101,20 @@ def check_raw_data(spec: DatasetSpec) -> Dict[str, str]:
             names = ", ".join(os.path.basename(p) for p in files)
             raise IngestionError(f"{names} line 1: the {split} split has no data rows (the file is empty or "
                                  f"blank); put the {split} rows in it. {NOTHING_RUN}")
+        out[split] = "ok"
+    return out
+
+
+def check_image_files(spec: DatasetSpec) -> Dict[str, str]:
+    """The structural gate of an image data set: every split's two IDX files read and checked."""
+    from dp_training.dataset import read_images
+
+    out = {}
+    for split in sorted(spec.splits):
+        try:
+            read_images(spec, split)
+        except DatasetError as e:
+            raise IngestionError(f"{e}. {NOTHING_RUN}") from None
         out[split] = "ok"
     return out
 

@@ -17,9 +17,13 @@ from ml_metadata.proto import metadata_store_pb2
 
 from pipeline.metadata import custom_properties, load_slice_metrics
 
-SHOWN_METRICS = ("auc", "binary_accuracy", "precision", "recall", "example_count")
-METRIC_TITLES = {"auc": "AUC", "binary_accuracy": "accuracy", "precision": "precision", "recall": "recall",
-                 "example_count": "examples"}
+SHOWN_METRICS = ("auc", "binary_accuracy", "sparse_categorical_accuracy", "precision", "recall", "example_count")
+METRIC_TITLES = {"auc": "AUC", "binary_accuracy": "accuracy", "sparse_categorical_accuracy": "accuracy",
+                 "precision": "precision", "recall": "recall", "example_count": "examples"}
+# The blessing gate's metric: TFMA class name -> (metric key, title, the flag of its minimum). Binary (tabular) data
+# sets gate on AUC, multi-class (image) data sets on accuracy (pipeline/image_pipeline.py).
+GATES = {"AUC": ("auc", "AUC", "--min-auc"),
+         "SparseCategoricalAccuracy": ("sparse_categorical_accuracy", "accuracy", "--min-accuracy")}
 
 
 def undefined_reason(metric: str, values: Dict[str, float]) -> Optional[str]:
@@ -93,15 +97,16 @@ def _snake(value):
 
 def _thresholds(eval_config_json: str) -> Dict[str, Optional[float]]:
     """min_auc and max_auc_drop from the Evaluator's recorded eval_config (the overall AUC threshold)."""
-    out: Dict[str, Optional[float]] = {"min_auc": None, "max_auc_drop": None}
+    out: Dict[str, Any] = {"min_auc": None, "max_auc_drop": None, "gate": "AUC"}
     try:
         config = _snake(json.loads(eval_config_json))  # TFX records snake_case; protobuf's default is camelCase
     except (TypeError, ValueError):
         return out
     for spec in config.get("metrics_specs", []):
         for metric in spec.get("metrics", []):
-            if metric.get("class_name") != "AUC":
+            if metric.get("class_name") not in GATES:
                 continue
+            out["gate"] = metric["class_name"]
             thresholds = [t.get("threshold", {}) for t in metric.get("per_slice_thresholds", [])]
             if metric.get("threshold"):
                 thresholds.append(metric["threshold"])
@@ -115,7 +120,7 @@ def _thresholds(eval_config_json: str) -> Dict[str, Optional[float]]:
     return out
 
 
-def _baseline_auc(evaluation_uri: str) -> Optional[float]:
+def _baseline_auc(evaluation_uri: str, key: str = "auc") -> Optional[float]:
     """The baseline model's overall AUC as TFMA computed it in the same evaluation (same eval data)."""
     import tensorflow_model_analysis as tfma
 
@@ -128,7 +133,7 @@ def _baseline_auc(evaluation_uri: str) -> Optional[float]:
             continue
         for output in metrics.values():
             for sub in output.values():
-                value = sub.get("auc")
+                value = sub.get(key)
                 if isinstance(value, dict) and "doubleValue" in value:
                     return float(value["doubleValue"])
     return None
@@ -159,10 +164,11 @@ def model_evaluation(store, model_id: int) -> Optional[Dict[str, Any]]:
         out["blessed"] = bool(custom_properties(blessings[-1]).get("blessed", 0))
     baselines = [b for b in inputs.get("baseline_model", []) if b != model_id]
     if baselines:
-        auc = _baseline_auc(out["evaluation_uri"]) if out["evaluation_uri"] else None
+        key = GATES[out["gate"]][0]
+        auc = _baseline_auc(out["evaluation_uri"], key) if out["evaluation_uri"] else None
         if auc is None:  # fall back to the baseline's own evaluation
             own = model_evaluation(store, baselines[-1])
-            auc = (own or {}).get("metrics", {}).get("Overall", {}).get("auc")
+            auc = (own or {}).get("metrics", {}).get("Overall", {}).get(key)
         out["baseline"] = {"model_id": baselines[-1], "auc": auc}
     out["reason"] = blessing_reason(out)
     return out
@@ -172,27 +178,28 @@ def blessing_reason(e: Dict[str, Any]) -> str:
     """One sentence: why the model was (or was not) blessed, with the numbers the gate used."""
     blessed = e.get("blessed")
     overall = e.get("metrics", {}).get("Overall", {})
-    auc = defined_metrics(overall).get("auc") if overall else None
+    key, title, flag = GATES[e.get("gate") or "AUC"]
+    auc = defined_metrics(overall).get(key) if overall else None
     min_auc, drop = e.get("min_auc"), e.get("max_auc_drop") or 0.0
     base = e.get("baseline")
     if blessed is None:
         return "no blessing recorded (the Evaluator did not finish)"
     if auc is None:
-        why = undefined_reason("auc", overall) if overall else "no overall AUC recorded"
-        return f"{'blessed' if blessed else 'not blessed'}: overall AUC {why or 'undefined'}"
+        why = undefined_reason(key, overall) if overall else f"no overall {title} recorded"
+        return f"{'blessed' if blessed else 'not blessed'}: overall {title} {why or 'undefined'}"
     parts: List[str] = []
     failed: List[str] = []
     if min_auc is not None:
         (parts if auc > min_auc else failed).append(
-            f"overall AUC {auc:.4f} {'>' if auc > min_auc else 'is not above'} the minimum {min_auc:g} (--min-auc)")
+            f"overall {title} {auc:.4f} {'>' if auc > min_auc else 'is not above'} the minimum {min_auc:g} ({flag})")
     if base is None:
         parts.append("no earlier blessed model of this data set and trainer kind to compare with (no baseline)")
     elif base.get("auc") is None:
-        parts.append(f"baseline model {base['model_id']} has no defined AUC")
+        parts.append(f"baseline model {base['model_id']} has no defined {title}")
     else:
         b = base["auc"]
         ok = auc >= b - drop - 1e-10
-        text = (f"AUC {auc:.4f} vs baseline model {base['model_id']}'s {b:.4f} (change {auc - b:+.4f}, allowed drop "
+        text = (f"{title} {auc:.4f} vs baseline model {base['model_id']}'s {b:.4f} (change {auc - b:+.4f}, allowed drop "
                 f"{drop:g}, --max-auc-drop)")
         (parts if ok else failed).append(text)
     if blessed:

@@ -15,6 +15,7 @@ from tfx.proto import example_gen_pb2
 from pipeline.beam_options import beam_pipeline_args
 from pipeline.config import RunConfig, code_version
 from dp_training.dataset import DatasetSpec
+from pipeline.image_ingest import IdxExampleGenExecutor
 from pipeline.ingest import DelimitedExampleGenExecutor, spec_to_custom_config
 from pipeline.trainer_executor import PrivacyRecordingTrainerExecutor
 from pipeline.validation import StrictExampleValidator, load_comparators
@@ -41,6 +42,9 @@ def _content_addressed_copy(path: str, directory: str) -> str:
 
 
 def eval_config(spec: DatasetSpec, config: RunConfig) -> tfma.EvalConfig:
+    if spec.is_image:  # multi-class: accuracy overall and per class (pipeline/image_pipeline.py)
+        from pipeline.image_pipeline import image_eval_config
+        return image_eval_config(spec, config)
     auc_threshold = tfma.MetricThreshold(
         value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.min_auc}),
         change_threshold=tfma.GenericChangeThreshold(
@@ -69,11 +73,12 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec, name: str = None) -> t
     version = code_version()
     name = config.pipeline_name or pipeline_name(spec, config.trainer)
     example_gen = FileBasedExampleGen(
-        input_base=spec.directory,
+        input_base=spec.raw_directory,
         input_config=example_gen_pb2.Input(splits=[
             example_gen_pb2.Input.Split(name=split, pattern=pattern) for split, pattern in spec.splits.items()]),
         custom_config=spec_to_custom_config(spec),
-        custom_executor_spec=executor_spec.BeamExecutorSpec(DelimitedExampleGenExecutor),
+        custom_executor_spec=executor_spec.BeamExecutorSpec(
+            IdxExampleGenExecutor if spec.is_image else DelimitedExampleGenExecutor),
     ).with_id("ExampleGen")
     statistics_gen = tfx.components.StatisticsGen(examples=example_gen.outputs["examples"])
     # The schema inferred from this data, kept for the audit trail and as the starting point of curation.
@@ -113,8 +118,10 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec, name: str = None) -> t
         eval_args=tfx.proto.EvalArgs(splits=["eval"]),
         custom_config={"dataset": spec.to_json_dict(), "trainer": config.trainer,
                        "trainer_args": dict(config.trainer_args), "privacy": config.privacy_args(),
-                       "hidden_units": list(config.hidden_units),
-                       "code_version": version},
+                       "hidden_units": list(config.hidden_units), "code_version": version,
+                       # image data sets: the model and the workdir's (private) ScatterNet feature cache
+                       **({"image_model": config.image_model, "cache_dir": os.path.join(config.workdir, "cache")}
+                          if spec.is_image else {})},
         custom_executor_spec=executor_spec.ExecutorClassSpec(PrivacyRecordingTrainerExecutor),
     )
     baseline = tfx.dsl.Resolver(

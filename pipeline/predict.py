@@ -44,6 +44,9 @@ def predict_plain(version_dir: str, input_file: str, limit: Optional[int] = None
     from encrypted_serving.preprocessing import read_raw_rows  # plain numpy, shared with the encrypted client
 
     dataset = dataset_description(version_dir)
+    if dataset.get("image"):  # an image model: the input is an IDX images file (pipeline/image_pipeline.py)
+        from pipeline.image_pipeline import predict_images
+        return predict_images(version_dir, dataset, input_file, limit)
     rows, labels = read_raw_rows(input_file, dataset, limit=limit)
     if not rows:
         raise PredictError(f"{input_file} holds no rows")
@@ -63,6 +66,9 @@ def predict_plain(version_dir: str, input_file: str, limit: Optional[int] = None
 
 
 def format_predictions(result: Dict[str, object], show: int = 20) -> str:
+    if "classes" in result:  # multi-class (image) predictions
+        from pipeline.image_pipeline import format_image_predictions
+        return format_image_predictions(result, show)
     probabilities: List[float] = result["probabilities"]  # type: ignore[assignment]
     labels: List[Optional[int]] = result.get("labels") or [None] * len(probabilities)  # type: ignore
     lines = [f"model: {result.get('model', '?')}", f"{'row':>5} {'probability':>12} {'predicted':>10} {'label':>6}"]

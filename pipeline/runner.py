@@ -280,6 +280,8 @@ def format_summary(summary: RunSummary) -> str:
 
         shown = visible_slices(summary.metrics, summary.min_slice_size or DEFAULT_MIN_SLICE_SIZE)
         names = ["auc", "binary_accuracy", "precision", "recall", "example_count"]
+        if any("sparse_categorical_accuracy" in v for v in shown.values()):   # multi-class (image) data sets
+            names = ["sparse_categorical_accuracy", "example_count"]
         lines += ["", f"{'slice':<36}" + "".join(f"{n:>16}" for n in names)]
         from pipeline.evaluation import defined_metrics, format_metric
 

@@ -70,6 +70,9 @@ def _json_default(x):
 def run_fn(fn_args: FnArgs) -> None:
     config = fn_args.custom_config
     spec = DatasetSpec.from_json_dict(config["dataset"])
+    if spec.is_image:  # IDX images: ScatterNet / CNN models (pipeline/image_pipeline.py)
+        from pipeline.image_pipeline import run_image_fn
+        return run_image_fn(fn_args)
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     kind_name = config["trainer"]
     kind = get_trainer(kind_name)
@@ -86,6 +89,11 @@ def run_fn(fn_args: FnArgs) -> None:
     outcome, guarantee, stats = result.outcome, result.guarantee, result.normalization
 
     export_serving_model(outcome.model, spec, tf_transform_output, fn_args.serving_model_dir, stats)
+    write_run_files(fn_args, kind_name, guarantee, outcome)
+
+
+def write_run_files(fn_args: FnArgs, kind_name: str, guarantee: Guarantee, outcome) -> None:
+    """privacy.json and training.json beside the SavedModel (public), private_details.json in the workdir."""
     with tf.io.gfile.GFile(os.path.join(fn_args.serving_model_dir, PRIVACY_FILE), "w") as f:
         f.write(guarantee.dumps())
     with tf.io.gfile.GFile(os.path.join(fn_args.serving_model_dir, TRAINING_FILE), "w") as f:

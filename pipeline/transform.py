@@ -50,6 +50,9 @@ def domain_ids(values: tf.Tensor, domain: CategoricalDomain) -> tf.Tensor:
 
 def preprocessing_fn(inputs, custom_config):
     spec = DatasetSpec.from_json_dict(custom_config["dataset"])
+    if spec.is_image:  # pixels scaled by the declared public range (pipeline/image_pipeline.py)
+        from pipeline.image_pipeline import image_preprocessing_fn
+        return image_preprocessing_fn(inputs, spec)
     domains = spec.public_domains()
     outputs = {}
     for column in spec.feature_columns:

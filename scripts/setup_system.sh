@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System packages the tests and the encrypted service need: iproute2 (`ip netns`: the encrypted service runs
+# System packages the tests, the image data set and the encrypted service need: dataset-fashion-mnist (the
+# Fashion-MNIST IDX files), iproute2 (`ip netns`: the encrypted service runs
 # its TF cluster in a private network namespace) and chromium (headless: the audit-report test renders the
 # HTML report and checks its screenshot). Installed with apt-get when missing and running as root;
 # otherwise says what is missing (the encrypted-service tests then skip, the CLI explains the fix).
@@ -7,6 +8,8 @@ set -euo pipefail
 missing=()
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# Fashion-MNIST's IDX files (data/fashion_mnist/dataset.json points at /usr/share/datasets/fashion-mnist).
+[ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "setup_system: installing ${missing[*]}" >&2

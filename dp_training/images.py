@@ -1,0 +1,258 @@
+"""Models for image data sets (``dataset.json`` ``"kind": "image"``), chosen with ``--model``:
+
+``scatternet_linear`` (default)
+    ScatterNet features (kymatio 0.3's Keras ``Scattering2D``, J=2: 81 channels of 7x7 for a 28x28 grey image;
+    no trainable weights, no data dependence) -> per-channel standardisation with DP means and variances
+    (``dp_training.preprocessing.release_channel_moments``, released and charged by the privacy protocol) ->
+    one Dense layer (the logits). Trains on cached features on the fused Dense fast path of DP-SGD.
+``scatternet_cnn``
+    the same standardised ScatterNet features -> Conv2D(16, 3, stride 2) -> Conv2D(32, 3) -> Dense(32) -> logits,
+    tanh activations (Tramèr & Boneh 2021's ScatterNet+CNN for MNIST-sized images).
+``cnn``
+    Papernot et al. 2021's end-to-end CNN with tempered sigmoids (tanh) on the pixels: Conv2D(16, 8, stride 2)
+    -> MaxPool(2, stride 1) -> Conv2D(32, 4, stride 2) -> MaxPool(2, stride 1) -> Dense(32) -> logits.
+
+The CNNs are plain Keras Conv2D/MaxPool2D/Flatten/Dense layers, so DP-SGD trains them on TF Privacy's fast
+gradient clipping path with the Conv2D ghost-norm rule of its layer registry (``dp_training/conv_clipping.py``).
+
+The scattering transform is computed once per data set and cached in the workdir (keyed by the images' content
+hash, J, the shape and kymatio's version; it is derived from private rows and is never published). The exported
+model contains the scattering layer and takes raw pixels (``image_serving_model``).
+
+Hyper-parameters (``IMAGE_DEFAULTS``): Tramèr & Boneh's published Fashion-MNIST settings (their repository
+ftramer/Handcrafted-DP, README: ScatterNet+linear batch 8192, lr 16; CNNs batch 2048, lr 4; 40 epochs, momentum
+0.9, clip 0.1), not chosen on the test split.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+MODELS = ("scatternet_linear", "scatternet_cnn", "cnn")
+DEFAULT_MODEL = "scatternet_linear"
+SCATTERING_J = 2
+SCATTERING_KEY = "scattering"     # model input: ScatterNet features [n, channels, h/4, w/4]
+PIXELS_KEY = "pixels"             # model input: pixels scaled to [0, 1], [n, h, w, channels]
+# Per model: the dp_sgd trainer's defaults (Tramèr & Boneh 2021, Fashion-MNIST; see the module docstring).
+IMAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "scatternet_linear": {"batch_size": 8192, "learning_rate": 16.0, "epochs": 40, "momentum": 0.9,
+                          "l2_norm_clip": 0.1},
+    "scatternet_cnn": {"batch_size": 2048, "learning_rate": 4.0, "epochs": 40, "momentum": 0.9, "l2_norm_clip": 0.1},
+    "cnn": {"batch_size": 2048, "learning_rate": 4.0, "epochs": 40, "momentum": 0.9, "l2_norm_clip": 0.1},
+}
+
+
+def check_model(name: str) -> str:
+    if name not in MODELS:
+        raise ValueError(f"unknown image model {name!r}; pass --model with one of {', '.join(MODELS)}")
+    return name
+
+
+def uses_scattering(model: str) -> bool:
+    return model.startswith("scatternet")
+
+
+def scaled_pixels(images: np.ndarray, low: int, high: int) -> np.ndarray:
+    """The public transform: uint8 pixels [n, h, w, c] -> float32 in [0, 1] by the declared pixel range."""
+    x = (np.asarray(images, np.float32) - float(low)) / float(high - low)
+    return np.clip(x, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ScatterNet features
+# ------------------------------------------------------------------------------------------------------------
+def scattering_layer(shape: Tuple[int, int], J: int = SCATTERING_J):
+    from kymatio.keras import Scattering2D
+
+    return Scattering2D(J=J)   # the Keras frontend takes the shape from its first input
+
+
+def scatter(pixels, scattering):
+    """[n, h, w, c] in [0, 1] -> ScatterNet features [n, c * channels, h / 2^J, w / 2^J] (a TF function)."""
+    import tensorflow as tf
+
+    x = tf.transpose(pixels, [0, 3, 1, 2])           # [n, c, h, w]: kymatio scatters the last two axes
+    s = scattering(x)                                 # [n, c, K, h', w']
+    shape = tf.shape(s)
+    return tf.reshape(s, [shape[0], shape[1] * shape[2], shape[3], shape[4]])
+
+
+def scattering_cache_name(pixels: np.ndarray, J: int = SCATTERING_J) -> str:
+    """The cache file's name: J, the shape, kymatio's version and the pixels' content hash."""
+    import kymatio
+
+    key = hashlib.sha256(np.ascontiguousarray(pixels, np.float32).tobytes()).hexdigest()[:20]
+    return f"scattering-J{J}-{'x'.join(map(str, pixels.shape))}-kymatio{kymatio.__version__}-{key}.npy"
+
+
+def scattering_features(pixels: np.ndarray, cache_dir: Optional[str], J: int = SCATTERING_J, batch: int = 1000,
+                        log: Callable[[str], None] = lambda m: None) -> np.ndarray:
+    """ScatterNet features of ``pixels`` ([n, h, w, c] float32 in [0, 1]), from ``cache_dir`` when computed
+    before (key: content hash of the pixels, J, shape, kymatio's version)."""
+    import tensorflow as tf
+
+    pixels = np.ascontiguousarray(pixels, np.float32)
+    name = scattering_cache_name(pixels, J)
+    path = os.path.join(cache_dir, name) if cache_dir else None
+    if path and os.path.isfile(path):
+        log(f"images: ScatterNet features from the cache ({os.path.basename(path)})")
+        return np.load(path, mmap_mode="r")
+    layer = scattering_layer(pixels.shape[1:3], J)
+    fn = tf.function(lambda x: scatter(x, layer),
+                     input_signature=[tf.TensorSpec([None] + list(pixels.shape[1:]), tf.float32)])
+    out = np.concatenate([fn(pixels[s:s + batch]).numpy() for s in range(0, len(pixels), batch)])
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = path + f".{os.getpid()}.tmp.npy"
+        np.save(tmp, out)
+        os.replace(tmp, path)
+        log(f"images: ScatterNet features computed for {len(pixels)} images and cached in {cache_dir}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------------------
+def build_image_model(model: str, input_shape: Tuple[int, ...], num_classes: int, channel_stats=None,
+                      seed: int = 0):
+    """The trainable model over its input (``SCATTERING_KEY`` features or ``PIXELS_KEY`` pixels) -> logits."""
+    import tensorflow as tf
+
+    L = tf.keras.layers
+    init = tf.keras.initializers.GlorotUniform
+    check_model(model)
+    if uses_scattering(model):
+        inputs = tf.keras.Input(shape=input_shape, name=SCATTERING_KEY, dtype=tf.float32)
+        k = input_shape[0]
+        mean = list(channel_stats.mean) if channel_stats is not None else [0.0] * k
+        var = list(channel_stats.variance) if channel_stats is not None else [1.0] * k
+        x = L.Normalization(axis=1, mean=mean, variance=var, name="scattering_dp_norm")(inputs)
+        if model == "scatternet_linear":
+            x = L.Flatten(name="flatten")(x)
+        else:
+            x = L.Permute((2, 3, 1), name="channels_last")(x)
+            x = L.ZeroPadding2D(1)(x)
+            x = L.Conv2D(16, 3, strides=2, activation="tanh", kernel_initializer=init(seed), name="conv_0")(x)
+            x = L.ZeroPadding2D(1)(x)
+            x = L.Conv2D(32, 3, activation="tanh", kernel_initializer=init(seed + 1), name="conv_1")(x)
+            x = L.Flatten(name="flatten")(x)
+            x = L.Dense(32, activation="tanh", kernel_initializer=init(seed + 2), name="dense_0")(x)
+    else:
+        inputs = tf.keras.Input(shape=input_shape, name=PIXELS_KEY, dtype=tf.float32)
+        x = L.ZeroPadding2D(2)(inputs)
+        x = L.Conv2D(16, 8, strides=2, activation="tanh", kernel_initializer=init(seed), name="conv_0")(x)
+        x = L.MaxPool2D(2, strides=1)(x)
+        x = L.Conv2D(32, 4, strides=2, activation="tanh", kernel_initializer=init(seed + 1), name="conv_1")(x)
+        x = L.MaxPool2D(2, strides=1)(x)
+        x = L.Flatten(name="flatten")(x)
+        x = L.Dense(32, activation="tanh", kernel_initializer=init(seed + 2), name="dense_0")(x)
+    logits = L.Dense(num_classes, kernel_initializer=init(seed + 99), name="logits")(x)
+    return tf.keras.Model(inputs=inputs, outputs=logits, name=model)
+
+
+def image_serving_model(model, model_name: str, shape: Tuple[int, int, int], low: int, high: int):
+    """Raw pixels [n, h, w, c] (float32 in the declared pixel range) -> logits: the public scaling, the ScatterNet
+    (for the scatternet models) and the trained ``model``, as one Keras model."""
+    import tensorflow as tf
+
+    raw = tf.keras.Input(shape=shape, name="image", dtype=tf.float32)
+    x = tf.keras.layers.Lambda(lambda t: tf.clip_by_value((t - float(low)) / float(high - low), 0.0, 1.0),
+                               name="scale_pixels")(raw)
+    if uses_scattering(model_name):
+        layer = scattering_layer(shape[:2])
+        x = tf.keras.layers.Lambda(lambda t: scatter(t, layer), name="scatternet")(x)
+    return tf.keras.Model(raw, model(x), name=f"{model_name}_on_pixels")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The DP normalisation of ScatterNet features, as the privacy protocol's preprocessing release
+# ------------------------------------------------------------------------------------------------------------
+class ChannelNormalization:
+    """Preprocessing hook of ``dp_training.protocol.run_private_training`` for ScatterNet models: plans one key per
+    channel and releases their DP moments (``release_channel_moments``, the same Gaussian mechanism and ledger
+    entry as the tabular normalisation)."""
+
+    covers = "the ScatterNet features' per-channel normalisation means and variances"
+
+    def __init__(self, channels: int):
+        self.keys = [f"scattering_channel_{i}" for i in range(channels)]
+        self.private_details: Dict[str, Any] = {}
+
+    def release(self, plan, train_x: Mapping[str, np.ndarray]):
+        from dp_training.preprocessing import STD_TO_MEAN, release_channel_moments
+
+        stats, details = release_channel_moments(plan, train_x[SCATTERING_KEY], std_to_mean=STD_TO_MEAN)
+        self.private_details = details
+        return stats
+
+
+__all__ = ["MODELS", "DEFAULT_MODEL", "IMAGE_DEFAULTS", "image_trainer_args", "run_image_training", "model_inputs", "build_image_model", "image_serving_model",
+           "scattering_features", "scaled_pixels", "ChannelNormalization", "check_model", "uses_scattering"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# One private run on image rows (the pipeline's Trainer and the benchmark both call this)
+# ------------------------------------------------------------------------------------------------------------
+def model_inputs(model: str, pixels: np.ndarray, cache_dir: Optional[str], log=lambda m: None) -> Dict[str, Any]:
+    """What ``model`` trains on: cached ScatterNet features or the scaled pixels."""
+    if uses_scattering(model):
+        return {SCATTERING_KEY: scattering_features(pixels, cache_dir, log=log)}
+    return {PIXELS_KEY: np.asarray(pixels, np.float32)}
+
+
+def image_trainer_args(model: str, args: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The model's published defaults (``IMAGE_DEFAULTS``) under the given trainer args."""
+    out = dict(IMAGE_DEFAULTS[check_model(model)])
+    out.update({k: v for k, v in (args or {}).items() if v is not None})
+    return out
+
+
+def run_image_training(spec, model: str, kind_name: str, kind, trainer_args: Mapping[str, Any],
+                       privacy_args: Optional[Mapping[str, Any]], train_pixels: np.ndarray, train_labels,
+                       eval_pixels: np.ndarray, eval_labels, scratch_dir: str, cache_dir: Optional[str],
+                       log=print, not_covered=(), ledger=None, seed: int = 0):
+    """plan -> reserve -> DP channel moments (ScatterNet models) -> train -> finish, on pixels scaled to [0, 1]
+    (``scaled_pixels``). Returns ``dp_training.protocol.PrivateRunResult``; its ``normalization`` is the released
+    ``ChannelStats`` (None for the pixel CNN)."""
+    from dp_training.protocol import run_private_training
+
+    check_model(model)
+    train_x = model_inputs(model, train_pixels, cache_dir, log)
+    eval_x = model_inputs(model, eval_pixels, cache_dir, log)
+    key = next(iter(train_x))
+    input_shape = tuple(train_x[key].shape[1:])
+    preprocessing = ChannelNormalization(input_shape[0]) if uses_scattering(model) else _NoPreprocessing()
+    return run_private_training(
+        spec, kind_name, trainer_args, privacy_args, train_x, np.asarray(train_labels, np.float32), eval_x,
+        np.asarray(eval_labels, np.float32), scratch_dir=scratch_dir, kind=_NamedModelKind(kind, model), log=log,
+        not_covered=not_covered,
+        ledger=ledger, preprocessing=preprocessing,
+        model_builder=lambda stats: build_image_model(model, input_shape, spec.num_classes, stats, seed))
+
+
+class _NamedModelKind:
+    """The trainer kind, plus the image model's name in its public details (privacy.json, training.json)."""
+
+    def __init__(self, inner, model: str):
+        self.inner, self.model, self.name = inner, model, inner.name
+
+    def plan(self, inputs):
+        return self.inner.plan(inputs)
+
+    def train(self, context):
+        outcome = self.inner.train(context)
+        outcome.public_details["model"] = self.model
+        return outcome
+
+
+class _NoPreprocessing:
+    """The pixel CNN standardises nothing beyond the public scaling: no preprocessing release."""
+
+    keys: Tuple[str, ...] = ()
+    covers = None
+
+    def release(self, plan, train_x):
+        return None

@@ -1,0 +1,203 @@
+"""The pipeline's image-specific pieces (data sets with ``"kind": "image"``; docs/image_data.md): Transform's
+public scaling, the Trainer's run (ScatterNet cache, DP channel normalisation, DP-SGD through the privacy protocol),
+the export on raw pixels, the Evaluator's multi-class config, and ``privtrain predict`` on an IDX file.
+
+Exported signatures (one SavedModel that contains the public scaling and the ScatterNet):
+- ``serving_default``: ``examples`` (serialized tf.Example with the raw ``image`` int64 pixels) ->
+  ``probabilities`` [n, classes], ``logits``, ``class_ids``;
+- ``predict_raw``: ``image`` float32 [n, height, width] (grey) or [n, height, width, channels] raw pixels in the
+  declared range -> the same;
+- ``classify``: ``inputs`` (serialized tf.Example) -> ``classes`` (class names), ``scores``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Dict, List, Optional
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_model_analysis as tfma
+
+from dp_training.dataset import DatasetSpec
+
+PIXELS_FEATURE = "pixels"
+PREPROCESSING_FILE = "preprocessing.json"
+DATASET_FILE = "dataset.json"
+
+
+# -- Transform -------------------------------------------------------------------------------------------------
+def image_preprocessing_fn(inputs, spec: DatasetSpec):
+    """Public only: pixels scaled by the declared pixel range to [0, 1] (nothing estimated from the rows)."""
+    img = spec.image
+    x = inputs[spec.columns[0].name]
+    if isinstance(x, tf.SparseTensor):
+        x = tf.sparse.to_dense(x)
+    x = tf.reshape(tf.cast(x, tf.float32), [-1, img.num_pixels])
+    scaled = tf.clip_by_value((x - float(img.pixel_min)) / float(img.pixel_max - img.pixel_min), 0.0, 1.0)
+    label = inputs[spec.label_feature]
+    if isinstance(label, tf.SparseTensor):
+        label = tf.sparse.to_dense(label)
+    return {PIXELS_FEATURE: scaled, spec.label_feature: tf.reshape(tf.cast(label, tf.int64), [-1])}
+
+
+# -- Evaluator ---------------------------------------------------------------------------------------------------
+def image_eval_config(spec: DatasetSpec, config) -> tfma.EvalConfig:
+    """Accuracy overall and per class (slices by the label), blessed above ``--min-accuracy`` and not below the
+    latest blessed model by more than ``--max-auc-drop`` (the same tolerance flag)."""
+    threshold = tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.min_accuracy}),
+        change_threshold=tfma.GenericChangeThreshold(
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER, absolute={"value": -config.max_auc_drop - 1e-10}))
+    return tfma.EvalConfig(
+        model_specs=[tfma.ModelSpec(signature_name="serving_default", label_key=spec.label_feature,
+                                    prediction_key="probabilities")],
+        slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[f]) for f in spec.slice_features],
+        metrics_specs=[tfma.MetricsSpec(metrics=[
+            tfma.MetricConfig(class_name="ExampleCount"),
+            tfma.MetricConfig(class_name="SparseCategoricalAccuracy", per_slice_thresholds=[
+                tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=threshold)]),
+        ])])
+
+
+# -- Trainer -------------------------------------------------------------------------------------------------------
+def load_transformed_images(file_patterns: List[str], spec: DatasetSpec):
+    """Transformed examples -> (pixels float32 [n, h, w, c] in [0, 1], int64 labels [n])."""
+    files = [f for pattern in file_patterns for f in tf.io.gfile.glob(pattern)]
+    if not files:
+        raise FileNotFoundError(f"no transformed examples match {file_patterns}")
+    img = spec.image
+    feature_spec = {PIXELS_FEATURE: tf.io.FixedLenFeature([img.num_pixels], tf.float32),
+                    spec.label_feature: tf.io.FixedLenFeature([], tf.int64)}
+    pixels, labels = [], []
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(8192).map(
+        lambda records: tf.io.parse_example(records, feature_spec))
+    for batch in dataset:
+        pixels.append(batch[PIXELS_FEATURE].numpy())
+        labels.append(batch[spec.label_feature].numpy())
+    x = np.concatenate(pixels).reshape((-1,) + img.shape)
+    return x, np.concatenate(labels)
+
+
+def run_image_fn(fn_args) -> None:
+    """The Trainer's run for image data sets (called by ``pipeline.trainer_executor.run_fn``)."""
+    from dp_training.images import image_trainer_args, run_image_training
+    from dp_training.protocol import not_covered
+    from pipeline.trainer_executor import write_run_files
+    from pipeline.trainers import get_trainer
+
+    config = fn_args.custom_config
+    spec = DatasetSpec.from_json_dict(config["dataset"])
+    kind_name = config["trainer"]
+    if kind_name != "dp_sgd":
+        raise ValueError(f"image data sets train with --trainer dp_sgd only (got {kind_name!r})")
+    model = config.get("image_model") or "scatternet_linear"
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    train_x, train_y = load_transformed_images(fn_args.train_files, spec)
+    eval_x, eval_y = load_transformed_images(fn_args.eval_files, spec)
+    result = run_image_training(
+        spec, model, kind_name, get_trainer(kind_name), image_trainer_args(model, config.get("trainer_args")),
+        config.get("privacy", {}), train_x, train_y, eval_x, eval_y,
+        scratch_dir=os.path.join(fn_args.model_run_dir, "scratch"), cache_dir=config.get("cache_dir"), log=log,
+        not_covered=not_covered(spec, extra=(
+            "the model's architecture and the ScatterNet transform (public, data-independent)",),
+            eval_note=" (slices below the minimum size are suppressed)"))
+    export_image_model(result.outcome.model, spec, model, fn_args.serving_model_dir, result.normalization)
+    write_run_files(fn_args, kind_name, result.guarantee, result.outcome)
+
+
+# -- Export ----------------------------------------------------------------------------------------------------
+def export_image_model(model, spec: DatasetSpec, model_name: str, serving_model_dir: str,
+                       channel_stats=None) -> None:
+    from dp_training.images import SCATTERING_J, image_serving_model, uses_scattering
+
+    img = spec.image
+    h, w, c = img.shape
+    serving = image_serving_model(model, model_name, img.shape, img.pixel_min, img.pixel_max)
+    image_key = spec.columns[0].name
+    class_names = tf.constant(list(spec.classes))
+
+    # One traced function holds the scattering and the model; every signature calls it (traced once).
+    @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.float32)])
+    def core(pixels):
+        logits = serving(pixels, training=False)
+        return {"probabilities": tf.nn.softmax(logits), "logits": logits,
+                "class_ids": tf.argmax(logits, axis=-1)}
+
+    def predict(pixels):
+        return core(tf.reshape(pixels, [-1, h, w, c]))
+
+    def parse(examples):
+        parsed = tf.io.parse_example(examples, {image_key: tf.io.FixedLenFeature([img.num_pixels], tf.int64)})
+        return tf.cast(parsed[image_key], tf.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve_examples(examples):
+        return predict(parse(examples))
+
+    raw_shape = [None, h, w] if c == 1 else [None, h, w, c]
+
+    @tf.function(input_signature=[tf.TensorSpec(raw_shape, tf.float32, name=image_key)])
+    def serve_raw(image):
+        return predict(image)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify(inputs):
+        p = predict(parse(inputs))["probabilities"]
+        return {"classes": tf.tile(class_names[None, :], [tf.shape(p)[0], 1]), "scores": p}
+
+    module = tf.Module()   # not the Keras model itself: Keras would trace (and save) every layer's call again
+    module.weights = list(serving.variables)
+    module.core = core
+    tf.saved_model.save(module, serving_model_dir, signatures={
+        "serving_default": serve_examples.get_concrete_function(),
+        "predict_raw": serve_raw.get_concrete_function(),
+        "classify": classify.get_concrete_function()})
+    extra = os.path.join(serving_model_dir, "assets.extra")
+    os.makedirs(extra, exist_ok=True)
+    description = {"kind": "image", "shape": list(img.shape), "pixel_range": [img.pixel_min, img.pixel_max],
+                   "model": model_name, "classes": list(spec.classes)}
+    if uses_scattering(model_name):
+        description["scattering"] = {"library": "kymatio", "J": SCATTERING_J}
+        if channel_stats is not None:   # DP release, covered by the run's guarantee
+            description["channel_normalisation"] = channel_stats.to_json()
+    with open(os.path.join(extra, PREPROCESSING_FILE), "w") as f:
+        json.dump(description, f, indent=1)
+    with open(os.path.join(extra, DATASET_FILE), "w") as f:
+        json.dump({k: v for k, v in spec.to_json_dict().items() if k != "directory"}, f, indent=1)
+
+
+# -- privtrain predict ---------------------------------------------------------------------------------------------
+def predict_images(version_dir: str, dataset: Dict, input_file: str, limit: Optional[int] = None) -> Dict:
+    """``privtrain predict --input FILE`` for an image model: FILE is an IDX images file (gzip'd or not) of the
+    model's shape; a labels file beside it is not needed. Returns class probabilities per image."""
+    from dp_training.dataset import read_idx
+
+    spec = DatasetSpec.from_json_dict({**dataset, "directory": os.path.dirname(os.path.abspath(input_file))})
+    images = read_idx(input_file)
+    h, w, c = spec.image.shape
+    if images.ndim == 3 and c == 1:
+        images = images[..., None]
+    if images.shape[1:] != (h, w, c):
+        from dp_training.dataset import IdxError
+        raise IdxError(f"{os.path.basename(input_file)}: images are {'x'.join(map(str, images.shape[1:]))}, the "
+                       f"model takes {h}x{w}x{c}")
+    if limit:
+        images = images[:limit]
+    loaded = tf.saved_model.load(version_dir)
+    raw = images.astype(np.float32)
+    out = loaded.signatures["predict_raw"](**{spec.columns[0].name: raw[..., 0] if c == 1 else raw})
+    p = out["probabilities"].numpy()
+    return {"model": version_dir, "probabilities": p.tolist(), "classes": list(spec.classes),
+            "predicted": [spec.classes[i] for i in p.argmax(axis=1)], "labels": None}
+
+
+def format_image_predictions(result: Dict, show: int = 20) -> str:
+    lines = [f"model: {result.get('model', '?')}", f"{'image':>5} {'predicted':>14} {'probability':>12}"]
+    for i, (name, p) in enumerate(zip(result["predicted"], result["probabilities"])):
+        if i == show:
+            lines.append(f"  ... {len(result['predicted']) - show} more images (use --json for all)")
+            break
+        lines.append(f"{i:>5} {name:>14} {max(p):>12.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""Image data through the pipeline (issue 12) on a 2,000 / 500 image slice of Fashion-MNIST written into tmp:
+ingest (IDX ExampleGen), statistics, validation against the reference schema (shape, pixel range, label domain),
+the public Transform, DP-SGD on cached ScatterNet features with the DP channel normalisation inside the guarantee,
+the Evaluator per class, the push; the pushed model alone predicts raw pixels; damaged IDX files stop with one
+clear line and nothing trained."""
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import PROJECT_ROOT, run_cli
+
+FMNIST = os.path.join(PROJECT_ROOT, "data", "fashion_mnist")
+PACKAGE_DIR = "/usr/share/datasets/fashion-mnist"
+pytestmark = pytest.mark.skipif(not os.path.isdir(PACKAGE_DIR),
+                                reason="Debian's dataset-fashion-mnist is not installed (scripts/setup_system.sh)")
+TRAIN, EVAL = 2000, 500
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    array = np.ascontiguousarray(array, np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+@functools.lru_cache(maxsize=None)
+def _package_split(prefix: str):
+    from dp_training.dataset import read_idx
+
+    return (read_idx(os.path.join(PACKAGE_DIR, f"{prefix}-images-idx3-ubyte.gz")),
+            read_idx(os.path.join(PACKAGE_DIR, f"{prefix}-labels-idx1-ubyte.gz")))
+
+
+def make_image_sample(directory: str, train: int = TRAIN, eval_: int = EVAL, files=None) -> str:
+    """Fashion-MNIST's description and schema, with the first images of each split as gzip'd IDX files in
+    ``directory`` (``files``: {file name: bytes} replaces files, to damage them)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(FMNIST, "dataset.json")) as f:
+        description = json.load(f)
+    del description["image"]["files"]   # the IDX files are beside dataset.json
+    description["privacy"].update({"source_id": f"fmnist-sample-{os.path.basename(directory)}",
+                                   "public_row_estimate": train})
+    with open(os.path.join(directory, "dataset.json"), "w") as f:
+        json.dump(description, f, indent=1)
+    shutil.copy(os.path.join(FMNIST, "schema.pbtxt"), directory)
+    for prefix, n in (("train", train), ("t10k", eval_)):
+        images, labels = _package_split(prefix)
+        for kind, array in (("images-idx3", images[:n]), ("labels-idx1", labels[:n])):
+            with open(os.path.join(directory, f"{prefix}-{kind}-ubyte.gz"), "wb") as f:
+                f.write(_gz(idx_bytes(array)))
+    for name, data in (files or {}).items():
+        path = os.path.join(directory, name)
+        if data is None:
+            os.remove(path)
+        else:
+            with open(path, "wb") as f:
+                f.write(data)
+    return directory
+
+
+# -- the data gate on damaged IDX files: one line naming the file, nothing trained ------------------------------
+def _train_images():
+    images, labels = _package_split("train")
+    return images[:TRAIN], labels[:TRAIN]
+
+
+def _gz(data: bytes) -> bytes:
+    return gzip.compress(data, compresslevel=1)
+
+
+@functools.lru_cache(maxsize=None)
+def _damaged():
+    images, labels = _train_images()
+    good = idx_bytes(images)
+    wrong_magic = bytearray(good)
+    wrong_magic[2] = 0x0D   # float, not unsigned byte
+    bad_labels = labels.copy()
+    bad_labels[7] = 10
+    gz = _gz(good)
+    return {
+        "wrong magic number": ("train-images-idx3-ubyte.gz", _gz(bytes(wrong_magic)),
+                               "not an IDX file of unsigned bytes"),
+        "truncated images": ("train-images-idx3-ubyte.gz", _gz(good[:-100]), "truncated"),
+        "truncated gzip stream": ("train-images-idx3-ubyte.gz", gz[: len(gz) // 2], "gzip stream is damaged"),
+        "count mismatch": ("train-labels-idx1-ubyte.gz", _gz(idx_bytes(labels[:-1])), "1999 labels"),
+        "wrong shape": ("train-images-idx3-ubyte.gz", _gz(idx_bytes(images[:, :, :27])),
+                        "images are 28x27x1"),
+        "label outside the classes": ("train-labels-idx1-ubyte.gz", _gz(idx_bytes(bad_labels)),
+                                      "example 7 has label 10"),
+        "labels file missing": ("train-labels-idx1-ubyte.gz", None, "exactly one IDX images file and one IDX labels"),
+    }
+
+
+DAMAGED = list(_damaged()) if os.path.isdir(PACKAGE_DIR) else []
+
+
+@pytest.mark.parametrize("case", DAMAGED)
+def test_a_damaged_idx_file_stops_the_gate_naming_the_file(tmp_path, case):
+    from dp_training.dataset import load_dataset
+    from pipeline.data_gate import IngestionError, check_raw_data
+
+    name, data, expected = _damaged()[case]
+    directory = make_image_sample(str(tmp_path / "data"), train=TRAIN, eval_=50, files={name: data})
+    with pytest.raises(IngestionError) as e:
+        check_raw_data(load_dataset(directory))
+    message = str(e.value)
+    assert expected in message and "Nothing was trained or pushed" in message
+    assert ("train-" in message) and "\n" not in message
+
+
+def test_the_cli_refuses_a_damaged_idx_file_in_one_line_and_trains_nothing(tmp_path):
+    name, data, _ = _damaged()["truncated images"]
+    directory = make_image_sample(str(tmp_path / "data"), train=TRAIN, eval_=50, files={name: data})
+    workdir = str(tmp_path / "work")
+    result = run_cli("run", "--data", directory, "--workdir", workdir)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("privtrain: train-images-idx3-ubyte.gz: truncated"), \
+        result.stderr
+    assert "Traceback" not in result.stderr and not os.path.exists(os.path.join(workdir, "serving"))
+
+
+def test_a_missing_package_directory_says_how_to_install_it(tmp_path):
+    from dp_training.dataset import DatasetError, load_dataset
+
+    directory = str(tmp_path / "data")
+    os.makedirs(directory)
+    with open(os.path.join(FMNIST, "dataset.json")) as f:
+        description = json.load(f)
+    description["image"]["files"] = str(tmp_path / "not-installed")
+    with open(os.path.join(directory, "dataset.json"), "w") as f:
+        json.dump(description, f)
+    shutil.copy(os.path.join(FMNIST, "schema.pbtxt"), directory)
+    with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset(directory)
+
+
+def test_the_vendored_description_reads_the_packaged_files():
+    from dp_training.dataset import load_dataset, read_images
+
+    spec = load_dataset(FMNIST)
+    assert spec.is_image and spec.num_classes == 10 and spec.raw_directory == PACKAGE_DIR
+    assert spec.privacy.public_row_estimate == 60000 and spec.privacy.public_splits == ("eval",)
+    rows = read_images(spec, "eval")
+    assert rows.images.shape == (10000, 28, 28, 1) and rows.labels.max() == 9
+    assert np.bincount(rows.labels).tolist() == [1000] * 10
+
+
+# -- the whole pipeline on the slice, once (module fixture) -------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory):
+    directory = make_image_sample(str(tmp_path_factory.mktemp("fmnist_sample")))
+    workdir = str(tmp_path_factory.mktemp("fmnist_run"))
+    result = run_cli("run", "--data", directory, "--workdir", workdir, "--json", "--batch-size", "500",
+                     "--epochs", "20", "--learning-rate", "4", "--min-accuracy", "0.5", "--delta", "1e-5")
+    assert result.returncode == 0, f"pipeline failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return directory, workdir, json.loads(result.stdout), result
+
+
+def test_the_image_pipeline_runs_every_component_and_pushes(image_run):
+    _, workdir, summary, _ = image_run
+    states = {c["component"]: c["state"] for c in summary["components"]}
+    assert {"ExampleGen", "StatisticsGen", "StrictExampleValidator", "Transform", "Trainer", "Evaluator",
+            "Pusher"} <= set(states)
+    assert all(s == "COMPLETE" for s in states.values()), states
+    overall = summary["metrics"]["Overall"]
+    assert overall["example_count"] == EVAL and overall["sparse_categorical_accuracy"] > 0.6
+    per_class = {k for k in summary["metrics"] if k.startswith("label=")}
+    assert len(per_class) == 10      # the Evaluator's slices: one per class
+    assert summary["blessed"] is True and summary["pushed_path"]
+
+
+def test_the_guarantee_covers_the_normalisation_and_the_weights(image_run):
+    _, _, summary, _ = image_run
+    with open(os.path.join(summary["pushed_path"], "privacy.json")) as f:
+        g = json.load(f)
+    assert g["private"] and abs(g["epsilon"] - 3.0) < 0.01 and g["delta"] == 1e-5
+    assert g["neighbouring_relation"] == "add_or_remove_one" and g["accountant"] == "pld"
+    covers = [m["covers"] for m in g["mechanisms"]]
+    assert covers == ["the ScatterNet features' per-channel normalisation means and variances",
+                      "the model's trained weights"]
+    assert g["parameters"]["dp_path"] == "fused_dense" and g["parameters"]["model"] == "scatternet_linear"
+    assert g["parameters"]["planning_rows"] == TRAIN   # the public figure, never the exact count
+
+
+def test_what_leaves_with_the_pushed_model(image_run):
+    """Everything beside the SavedModel is enumerated: public description, the DP statistics, the guarantee."""
+    _, workdir, summary, _ = image_run
+    pushed = summary["pushed_path"]
+    extra = sorted(os.listdir(os.path.join(pushed, "assets.extra")))
+    assert extra == ["dataset.json", "preprocessing.json"]
+    with open(os.path.join(pushed, "assets.extra", "preprocessing.json")) as f:
+        pre = json.load(f)
+    assert set(pre) == {"kind", "shape", "pixel_range", "model", "classes", "scattering", "channel_normalisation"}
+    assert len(pre["channel_normalisation"]["mean"]) == 81
+    top = sorted(n for n in os.listdir(pushed) if os.path.isfile(os.path.join(pushed, n)))
+    assert top == ["fingerprint.pb", "privacy.json", "report.html", "report.json", "saved_model.pb", "training.json"]
+    with open(os.path.join(pushed, "report.json")) as f:
+        slices = {s["slice"] for s in json.load(f)["evaluation"]["slices"]}
+    assert "Overall" in slices and any(s.startswith("label=") for s in slices)   # per class, small ones suppressed
+    # the ScatterNet cache is private: in the workdir, never beside the pushed model
+    cache = os.path.join(workdir, "cache")
+    assert any(n.startswith("scattering-J2-") for n in os.listdir(cache))
+    assert not any("scattering" in n for n in os.listdir(pushed))
+
+
+def test_the_pushed_model_alone_predicts_raw_pixels(image_run):
+    import tensorflow as tf
+
+    directory, _, summary, _ = image_run
+    model = tf.saved_model.load(summary["pushed_path"])
+    assert {"serving_default", "predict_raw", "classify"} <= set(model.signatures)
+    images, labels = _package_split("t10k")
+    raw = images[:EVAL].astype(np.float32)                     # [n, 28, 28] raw pixels 0..255
+    out = model.signatures["predict_raw"](image=tf.constant(raw))
+    p = out["probabilities"].numpy()
+    assert p.shape == (EVAL, 10) and np.allclose(p.sum(axis=1), 1.0, atol=1e-4)
+    accuracy = float((p.argmax(axis=1) == labels[:EVAL]).mean())
+    assert accuracy > 0.6
+    # serialized examples give the same answer as raw pixels
+    examples = [tf.train.Example(features=tf.train.Features(feature={"image": tf.train.Feature(
+        int64_list=tf.train.Int64List(value=img.reshape(-1).astype(int).tolist()))})).SerializeToString()
+        for img in images[:20]]
+    via_examples = model.signatures["serving_default"](examples=tf.constant(examples))["probabilities"].numpy()
+    np.testing.assert_allclose(via_examples, p[:20], atol=1e-5)
+    classes = model.signatures["classify"](inputs=tf.constant(examples[:2]))["classes"].numpy()
+    assert classes[0].tolist()[0] == b"T-shirt/top" and len(classes[0]) == 10
+
+
+def test_privtrain_predict_reads_an_idx_file(image_run, tmp_path):
+    directory, workdir, _, _ = image_run
+    result = run_cli("predict", "--workdir", workdir, "--input",
+                     os.path.join(directory, "t10k-images-idx3-ubyte.gz"), "--limit", "5", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    assert len(out["predicted"]) == 5 and set(out["predicted"]) <= set(out["classes"])
+    bad = tmp_path / "bad.gz"
+    bad.write_bytes(b"\x00\x00\x09\x03" + b"\x00" * 20)
+    result = run_cli("predict", "--workdir", workdir, "--input", str(bad))
+    assert result.returncode == 2 and "not an IDX file" in result.stderr and "Traceback" not in result.stderr
