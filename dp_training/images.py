@@ -98,7 +98,7 @@ def scattering_features(pixels: np.ndarray, cache_dir: Optional[str], J: int = S
     name = scattering_cache_name(pixels, J)
     path = os.path.join(cache_dir, name) if cache_dir else None
     if path and os.path.isfile(path):
-        log(f"images: ScatterNet features from the cache ({os.path.basename(path)})")
+        log("images: ScatterNet features from the workdir's cache")  # the file name holds n and a content hash
         return np.load(path, mmap_mode="r")
     layer = scattering_layer(pixels.shape[1:3], J)
     fn = tf.function(lambda x: scatter(x, layer),
@@ -109,7 +109,7 @@ def scattering_features(pixels: np.ndarray, cache_dir: Optional[str], J: int = S
         tmp = path + f".{os.getpid()}.tmp.npy"
         np.save(tmp, out)
         os.replace(tmp, path)
-        log(f"images: ScatterNet features computed for {len(pixels)} images and cached in {cache_dir}")
+        log("images: ScatterNet features computed and cached in the workdir")  # not n: it is private
     return out
 
 
