@@ -173,8 +173,15 @@ def preflight(config: RunConfig, spec) -> None:
         from dp_training.dataset import read_rows
 
         exact = read_rows(spec, "train").num_rows
-    plan = plan_run(spec, config.trainer, get_trainer(config.trainer), config.trainer_args, config.privacy_args(),
-                    [numeric_key(c) for c in spec.numeric_features], exact_rows=exact)
+    trainer_args, keys = config.trainer_args, [numeric_key(c) for c in spec.numeric_features]
+    if spec.is_image:  # the image Trainer's own args and DP release (pipeline/image_pipeline.py): plan the same
+        from dp_training.images import image_trainer_args, uses_scattering
+
+        trainer_args = image_trainer_args(config.image_model, config.trainer_args)
+        # the channel-moment release is one Gaussian event whatever the number of channels
+        keys = ["scattering_channel_0"] if uses_scattering(config.image_model) else []
+    plan = plan_run(spec, config.trainer, get_trainer(config.trainer), trainer_args, config.privacy_args(), keys,
+                    exact_rows=exact)
     RunProtocol(plan).check()
 
 
