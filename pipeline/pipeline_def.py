@@ -69,9 +69,8 @@ def eval_config(spec: DatasetSpec, config: RunConfig) -> tfma.EvalConfig:
 
 def create_pipeline(config: RunConfig, spec: DatasetSpec, name: str = None) -> tfx.dsl.Pipeline:
     """``name``: the pipeline's name when an orchestrator needs another spelling (default: pipeline_name)."""
-    name = name or pipeline_name(spec, config.trainer)
+    name = name or config.pipeline_name or pipeline_name(spec, config.trainer)   # a study shares one name
     version = code_version()
-    name = config.pipeline_name or pipeline_name(spec, config.trainer)
     example_gen = FileBasedExampleGen(
         input_base=spec.raw_directory,
         input_config=example_gen_pb2.Input(splits=[
