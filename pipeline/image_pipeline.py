@@ -46,19 +46,10 @@ def image_preprocessing_fn(inputs, spec: DatasetSpec):
 def image_eval_config(spec: DatasetSpec, config) -> tfma.EvalConfig:
     """Accuracy overall and per class (slices by the label), blessed above ``--min-accuracy`` and not below the
     latest blessed model by more than ``--max-auc-drop`` (the same tolerance flag)."""
-    threshold = tfma.MetricThreshold(
-        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.min_accuracy}),
-        change_threshold=tfma.GenericChangeThreshold(
-            direction=tfma.MetricDirection.HIGHER_IS_BETTER, absolute={"value": -config.max_auc_drop - 1e-10}))
-    return tfma.EvalConfig(
-        model_specs=[tfma.ModelSpec(signature_name="serving_default", label_key=spec.label_feature,
-                                    prediction_key="probabilities")],
-        slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[f]) for f in spec.slice_features],
-        metrics_specs=[tfma.MetricsSpec(metrics=[
-            tfma.MetricConfig(class_name="ExampleCount"),
-            tfma.MetricConfig(class_name="SparseCategoricalAccuracy", per_slice_thresholds=[
-                tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=threshold)]),
-        ])])
+    from pipeline.pipeline_def import blessing_threshold, gated_eval_config
+
+    return gated_eval_config(spec, "SparseCategoricalAccuracy",
+                             blessing_threshold(config.min_accuracy, config.max_auc_drop))
 
 
 # -- Trainer -------------------------------------------------------------------------------------------------------

@@ -41,30 +41,37 @@ def _content_addressed_copy(path: str, directory: str) -> str:
     return target
 
 
-def eval_config(spec: DatasetSpec, config: RunConfig) -> tfma.EvalConfig:
-    if spec.is_image:  # multi-class: accuracy overall and per class (pipeline/image_pipeline.py)
-        from pipeline.image_pipeline import image_eval_config
-        return image_eval_config(spec, config)
-    auc_threshold = tfma.MetricThreshold(
-        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.min_auc}),
+def blessing_threshold(lower_bound: float, max_drop: float) -> tfma.MetricThreshold:
+    """The blessing gate: above ``lower_bound`` and not below the latest blessed model by more than ``max_drop``."""
+    return tfma.MetricThreshold(
+        value_threshold=tfma.GenericValueThreshold(lower_bound={"value": lower_bound}),
         change_threshold=tfma.GenericChangeThreshold(
-            direction=tfma.MetricDirection.HIGHER_IS_BETTER, absolute={"value": -config.max_auc_drop - 1e-10}))
+            direction=tfma.MetricDirection.HIGHER_IS_BETTER, absolute={"value": -max_drop - 1e-10}))
+
+
+def gated_eval_config(spec: DatasetSpec, gate: str, threshold: tfma.MetricThreshold,
+                      extra=()) -> tfma.EvalConfig:
+    """Overall and per-slice metrics (ExampleCount, the ``gate`` metric with its overall threshold, ``extra``)."""
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(signature_name="serving_default", label_key=spec.label_feature,
                                     prediction_key="probabilities")],
         slicing_specs=[tfma.SlicingSpec()] + [tfma.SlicingSpec(feature_keys=[f]) for f in spec.slice_features],
         metrics_specs=[tfma.MetricsSpec(metrics=[
             tfma.MetricConfig(class_name="ExampleCount"),
-            # The blessing gate is the overall AUC: a per-slice floor lets a tiny slice (a handful of rows, no
-            # positives, AUC undefined) veto a good model. Slice metrics are still computed and reported.
-            tfma.MetricConfig(class_name="AUC", per_slice_thresholds=[
-                tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=auc_threshold)]),
-            tfma.MetricConfig(class_name="BinaryAccuracy"),
-            tfma.MetricConfig(class_name="Precision"),
-            tfma.MetricConfig(class_name="Recall"),
-            # The share of positives per slice: tells an undefined AUC (a slice with one class) from a bad one.
-            tfma.MetricConfig(class_name="MeanLabel"),
-        ])])
+            tfma.MetricConfig(class_name=gate, per_slice_thresholds=[
+                tfma.PerSliceMetricThreshold(slicing_specs=[tfma.SlicingSpec()], threshold=threshold)]),
+            *[tfma.MetricConfig(class_name=name) for name in extra]])])
+
+
+def eval_config(spec: DatasetSpec, config: RunConfig) -> tfma.EvalConfig:
+    if spec.is_image:  # multi-class: accuracy overall and per class (pipeline/image_pipeline.py)
+        from pipeline.image_pipeline import image_eval_config
+        return image_eval_config(spec, config)
+    # The blessing gate is the overall AUC: a per-slice floor lets a tiny slice (a handful of rows, no positives,
+    # AUC undefined) veto a good model. Slice metrics are still computed and reported; MeanLabel (the share of
+    # positives per slice) tells an undefined AUC (a slice with one class) from a bad one.
+    return gated_eval_config(spec, "AUC", blessing_threshold(config.min_auc, config.max_auc_drop),
+                             extra=("BinaryAccuracy", "Precision", "Recall", "MeanLabel"))
 
 
 def create_pipeline(config: RunConfig, spec: DatasetSpec, name: str = None) -> tfx.dsl.Pipeline:
