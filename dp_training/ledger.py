@@ -51,9 +51,11 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
+import hmac
 import json
 import math
 import os
+import secrets
 import sqlite3
 import urllib.parse
 import uuid
@@ -65,7 +67,12 @@ from dp_training import accountants
 from dp_training import events as ev
 
 FORMAT = "privtrain-ledger"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+# Version 1 ledgers (entries without nonces) are read as before and upgraded in place by the first append:
+# meta gains ``nonces_from`` (the first seq that carries a nonce) and ``content_key``.
+READABLE_VERSIONS = ("1", "2")
+NONCE_BYTES = 16          # 128 bits: every hashed payload carries one (private: only in this file)
+CONTENT_KEY_BYTES = 32    # the per-ledger HMAC key of the training-content fingerprints (private)
 LEDGER_ENV = "PRIVTRAIN_LEDGER"
 LEDGER_FILENAME = "ledger.sqlite"
 GENESIS_HASH = "0" * 64
@@ -128,6 +135,11 @@ class _DryRun(Exception):
 
 class ReservationError(LedgerError):
     """``finish`` named a reservation that does not exist or is already finished."""
+
+
+class KnownContentError(LedgerError):
+    """The run's training content was already charged under another source id (a copy would get a fresh
+    budget); refused unless the run states ``new_source`` (``--new-source "REASON"``)."""
 
 
 # --- values ------------------------------------------------------------------------------------------------
@@ -253,6 +265,16 @@ def _canonical_json(obj: Any) -> str:
 
 def _entry_hash(prev_hash: str, payload: str) -> str:
     return hashlib.sha256((prev_hash + payload).encode("utf-8")).hexdigest()
+
+
+def _is_nonce(value: Any) -> bool:
+    if not isinstance(value, str) or len(value) != 2 * NONCE_BYTES:
+        return False
+    try:
+        bytes.fromhex(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _now() -> str:
@@ -394,9 +416,10 @@ class Ledger:
         meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("format") != FORMAT:
             raise self._not_a_ledger("an SQLite database whose meta table does not mark a privtrain ledger")
-        if meta.get("version") != FORMAT_VERSION:
+        if meta.get("version") not in READABLE_VERSIONS:
             raise LedgerError(f"the ledger {self.path} has format version {meta.get('version')!r}; this "
-                              f"privtrain reads version {FORMAT_VERSION}; use the privtrain that wrote it")
+                              f"privtrain reads versions {', '.join(READABLE_VERSIONS)}; use the privtrain that "
+                              "wrote it")
         if "entries" not in tables:
             raise LedgerTamperedError(f"the entries table is missing; the ledger at {self.path} was edited "
                                       "outside privtrain (restore it from a backup)")
@@ -417,7 +440,8 @@ class Ledger:
                 con.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                                 [("format", FORMAT), ("version", FORMAT_VERSION), ("created", _now()),
                                  ("ledger_id", uuid.uuid4().hex), ("head_seq", "0"),
-                                 ("head_hash", GENESIS_HASH)])
+                                 ("head_hash", GENESIS_HASH), ("nonces_from", "1"),
+                                 ("content_key", secrets.token_hex(CONTENT_KEY_BYTES))])
                 con.execute("COMMIT")
             finally:
                 con.close()
@@ -490,6 +514,7 @@ class Ledger:
         runs: Dict[int, _Run] = {}
         prev = GENESIS_HASH
         expected_seq = 1
+        nonces_from = self._nonces_from(meta)
         for seq, source_id, kind, payload_text, prev_hash, hash_ in rows:
             if seq != expected_seq:
                 raise self._tampered(f"entry {expected_seq} is missing (the next entry is {seq})")
@@ -505,6 +530,8 @@ class Ledger:
                     or payload.get("source_id") != source_id or payload.get("kind") != kind
                     or kind not in KINDS or _canonical_json(payload) != payload_text):
                 raise self._tampered(f"entry {seq}'s columns disagree with its hashed payload")
+            if seq >= nonces_from and not _is_nonce(payload.get("nonce")):
+                raise self._tampered(f"entry {seq} carries no nonce (every entry from {nonces_from} on has one)")
             self._fold(seq, source_id, kind, payload, sources, runs)
             entries.append(Entry(seq, source_id, kind, payload, prev_hash, hash_))
             prev = hash_
@@ -522,14 +549,44 @@ class Ledger:
         if missing:
             raise self._tampered(f"the append-only triggers {', '.join(missing)} were removed")
         by_seq = {e.seq: e for e in entries}
-        for seq, hash_ in anchors:
-            seq = int(seq)
+        for anchor in anchors:
+            seq, hash_ = int(anchor[0]), str(anchor[1])
+            where = anchor[2] if len(anchor) > 2 else "elsewhere"
             if seq not in by_seq:
-                raise self._tampered(f"entry {seq}, recorded elsewhere with hash {hash_[:12]}…, is missing")
+                raise self._tampered(f"entry {seq}, whose receipt is recorded {where} (hash {hash_[:12]}…), is "
+                                     f"missing (the ledger has {len(entries)} entries)")
             if by_seq[seq].hash != hash_:
                 raise self._tampered(f"entry {seq} has hash {by_seq[seq].hash[:12]}… but its receipt recorded "
-                                     f"elsewhere says {hash_[:12]}… (the chain was rewritten)")
+                                     f"{where} says {hash_[:12]}… (the chain was rewritten, or that run was "
+                                     "charged to another ledger: pass that one with --ledger)")
         return _State(entries, sources, runs)
+
+    def _nonces_from(self, meta: Dict[str, str]) -> float:
+        """The first seq whose payload must carry a nonce (a version 1 ledger: none until it is upgraded)."""
+        if meta.get("version") == "1":
+            return math.inf
+        value = meta.get("nonces_from")
+        if value is None or not value.isdigit():
+            raise self._tampered("the meta table lost its nonces_from marker")
+        return int(value)
+
+    def _upgrade(self, con: sqlite3.Connection) -> None:
+        """In a write transaction: a version 1 ledger becomes version 2 (entries from the next seq on carry a
+        nonce; earlier entries verify as before); a missing content key is created."""
+        meta = dict(con.execute("SELECT key, value FROM meta").fetchall())
+        updates = []
+        if meta.get("version") == "1":
+            updates += [("version", FORMAT_VERSION), ("nonces_from", str(int(meta.get("head_seq") or 0) + 1))]
+        if not meta.get("content_key"):
+            updates.append(("content_key", secrets.token_hex(CONTENT_KEY_BYTES)))
+        if updates:
+            con.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", updates)
+
+    def _content_fingerprint(self, con: sqlite3.Connection, content_digest: bytes) -> str:
+        """HMAC-SHA256 of the training content's digest under this ledger's private key (write transaction)."""
+        self._upgrade(con)
+        (key,) = con.execute("SELECT value FROM meta WHERE key = 'content_key'").fetchone()
+        return hmac.new(bytes.fromhex(key), content_digest, hashlib.sha256).hexdigest()
 
     def _fold(self, seq: int, source_id: str, kind: str, p: Dict[str, Any], sources: Dict[str, _Source],
               runs: Dict[int, _Run]) -> None:
@@ -570,8 +627,9 @@ class Ledger:
         if not os.path.exists(self.path):
             anchors = list(anchors)
             if anchors:
-                raise self._tampered(f"the ledger file is missing but entry {anchors[0][0]}'s receipt was "
-                                     "recorded elsewhere")
+                where = anchors[0][2] if len(anchors[0]) > 2 else "elsewhere"
+                raise self._tampered(f"the ledger file is missing but entry {anchors[0][0]}'s receipt is "
+                                     f"recorded {where}")
             return _State([], {}, {})
         with self._connect(write=False) as con:
             return self._load(con, anchors)
@@ -586,9 +644,12 @@ class Ledger:
     # -- appending -------------------------------------------------------------------------------------
     def _append(self, con: sqlite3.Connection, state: _State, source_id: str, kind: str,
                 fields: Dict[str, Any]) -> Receipt:
+        self._upgrade(con)
         head_seq, head_hash = state.head
         seq = head_seq + 1
-        payload = dict(fields, seq=seq, source_id=source_id, kind=kind)
+        # The nonce makes every published hash (receipts in privacy.json, ML Metadata, reports) independent of
+        # the payload's private values (times): nobody can test guesses against a receipt.
+        payload = dict(fields, seq=seq, source_id=source_id, kind=kind, nonce=secrets.token_hex(NONCE_BYTES))
         text = _canonical_json(payload)
         digest = _entry_hash(head_hash, text)
         con.execute("INSERT INTO entries (seq, source_id, kind, payload, prev_hash, hash) VALUES (?,?,?,?,?,?)",
@@ -642,7 +703,8 @@ class Ledger:
     def reserve(self, source_id: str, event: dp_accounting.DpEvent, *, trainer: str, private: bool,
                 accountant: str, relation: str, delta: float, budget: Optional[BudgetRequest] = None,
                 allow_non_private: bool = False, label: Optional[str] = None,
-                anchors: Iterable[Tuple[int, str]] = (), _dry_run: bool = False) -> Reservation:
+                anchors: Iterable[Tuple[int, str]] = (), content_digest: Optional[bytes] = None,
+                new_source: Optional[str] = None, _dry_run: bool = False) -> Reservation:
         """Checks and reserves a run's planned event in one IMMEDIATE transaction (see module doc).
 
         A non-private run (``private=False``, or an event without a DP guarantee such as noise 0) is recorded
@@ -650,7 +712,10 @@ class Ledger:
         ``allow_non_private``. Raises ``BudgetExceededError``, ``NonPrivateTrainingRefused``,
         ``BudgetConflictError``, ``RelationMismatchError``, ``LedgerTamperedError``, ``NotALedgerError``;
         ``accountants.UnsupportedRelationError`` when an accountant cannot account the event. ``anchors``:
-        receipts recorded elsewhere, checked like ``verify(anchors)`` before anything is appended."""
+        receipts recorded elsewhere, checked like ``verify(anchors)`` before anything is appended.
+        ``content_digest``: a digest of the training content (``dp_training.fingerprint``); the ledger keeps
+        only its HMAC under the ledger's private key, and refuses (``KnownContentError``) content already
+        charged under another source id unless ``new_source`` states why this is a new source (recorded)."""
         _check_source(source_id)
         _check_event(event, "planned event")
         _check_accountant(accountant)
@@ -669,6 +734,12 @@ class Ledger:
             _check_accountant(budget.accountant)
         if label is not None:
             label = str(label)
+        if content_digest is not None and not isinstance(content_digest, bytes):
+            raise ValueError(f"content_digest must be bytes (dp_training.fingerprint), got {type(content_digest)}")
+        if new_source is not None:
+            new_source = str(new_source).strip()
+            if not new_source:
+                raise ValueError('--new-source needs a reason, e.g. --new-source "a fresh 2027 collection"')
         run_id = uuid.uuid4().hex[:12]
         anchors = list(anchors)
         if anchors and not os.path.exists(self.path):
@@ -676,6 +747,18 @@ class Ledger:
         with self._connect(write=True) as con:
             state = self._load(con, anchors)
             self._check_relation_of(state, source_id, relation)
+            content = None
+            if content_digest is not None:
+                content = self._content_fingerprint(con, content_digest)
+                known = next((e for e in state.entries if e.kind == "reserve" and e.source_id != source_id
+                              and e.payload.get("content") == content), None)
+                if known is not None and new_source is None:
+                    raise KnownContentError(
+                        f"this run's training data was already charged under source {known.source_id!r} (ledger "
+                        f"entry {known.seq}); under source {source_id!r} a copy would get a fresh budget. Nothing "
+                        f"was trained. Declare source_id {known.source_id!r} in dataset.json, or pass "
+                        f'--new-source "REASON" if this really is a different data source (the reason is recorded '
+                        "in the ledger)")
             src = state.sources.get(source_id)
             current = src.budget if src else None
             if budget is not None:
@@ -702,9 +785,13 @@ class Ledger:
                                                                      relation))
             if _dry_run:  # check(): everything above ran; roll the transaction back (budget creation included)
                 raise _DryRun()
-            receipt = self._append(con, state, source_id, "reserve", {
-                "event": ev.to_json(event), "trainer": trainer, "private": private, "accountant": accountant,
-                "relation": relation, "delta": delta, "run_id": run_id, "label": label, "time": _now()})
+            fields = {"event": ev.to_json(event), "trainer": trainer, "private": private, "accountant": accountant,
+                      "relation": relation, "delta": delta, "run_id": run_id, "label": label, "time": _now()}
+            if content is not None:
+                fields["content"] = content
+            if new_source is not None:
+                fields["new_source"] = new_source
+            receipt = self._append(con, state, source_id, "reserve", fields)
         src = state.sources[source_id]  # computed after the commit: the write lock is not held for it
         spend_after = self._spend_of(source_id, src.runs, src.budget, relation,
                                      None if src.budget else delta, None)
@@ -852,7 +939,7 @@ class Ledger:
                     "private": bool(p["private"]) and r.private, "accountant": p["accountant"],
                     "delta": p["delta"], "started": p["time"],
                     "status": f["status"] if f else "open", "finished": f["time"] if f else None,
-                    "finish_seq": r.finish_seq, "planned_event": p["event"],
+                    "finish_seq": r.finish_seq, "planned_event": p["event"], "new_source": p.get("new_source"),
                     "released_event": f["event"] if f else None,
                     "charged": ev.describe(r.charged),
                     "epsilon": _json_float(self._epsilon(r.charged, float(p["delta"]), p["accountant"],
@@ -940,5 +1027,5 @@ def format_budget(ledger: Optional[Ledger] = None, source_id: Optional[str] = No
 
 __all__ = ["Ledger", "BudgetRequest", "Budget", "Receipt", "Reservation", "Spend", "Entry", "Verified",
            "LedgerError", "BudgetExceededError", "NonPrivateTrainingRefused", "BudgetConflictError",
-           "RelationMismatchError", "LedgerTamperedError", "NotALedgerError", "ReservationError",
+           "RelationMismatchError", "LedgerTamperedError", "NotALedgerError", "ReservationError", "KnownContentError",
            "resolve_ledger_path", "format_budget", "LEDGER_ENV", "STATUSES", "FORMAT", "FORMAT_VERSION"]

@@ -40,6 +40,11 @@ PRIVACY_DEFAULTS: Dict[str, Any] = {
     # Exported pipelines (pipeline/export.py): the ledger must already exist where the workers run (a missing
     # shared volume must not start a fresh ledger), and must contain the receipt "SEQ:HASH" seen at export.
     "ledger_must_exist": False, "ledger_anchor": None,
+    # Receipts ("SEQ", "HASH"[, "where"]) recorded in the run's workdir (ML Metadata, privacy.json files): the
+    # ledger must contain them (pipeline/receipts.py collects them at pre-flight and in the Trainer).
+    "anchors": (),
+    # The reason this data is a new source although the ledger knows its content under another source id.
+    "new_source": None,
 }
 
 
@@ -162,10 +167,11 @@ def _kind_is_private(kind, trainer_args) -> bool:
 class RunProtocol:
     """Steps 2-4 for one run against one ledger."""
 
-    def __init__(self, plan: RunPlan, ledger=None):
+    def __init__(self, plan: RunPlan, ledger=None, content_digest: Optional[bytes] = None):
         from dp_training.ledger import Ledger, resolve_ledger_path
 
         self.plan = plan
+        self.content_digest = content_digest   # dp_training.fingerprint (private; the ledger keeps an HMAC)
         self.ledger = ledger if ledger is not None else Ledger(resolve_ledger_path(plan.privacy_args["ledger"]))
         self.reservation = None
         self.receipt = None
@@ -187,10 +193,14 @@ class RunProtocol:
         if p.get("ledger_must_exist") and path is not None and not os.path.exists(path):
             raise PlanError(f"the budget ledger {path} does not exist here: mount the shared ledger volume at that "
                             "path (an exported pipeline never creates a ledger, so that no run starts a fresh budget)")
-        if not p.get("ledger_anchor"):
-            return ()
-        seq, _, head = str(p["ledger_anchor"]).partition(":")
-        return [(int(seq), head)]
+        anchors = [tuple(a) for a in (p.get("anchors") or ())]
+        if p.get("ledger_anchor"):
+            seq, _, head = str(p["ledger_anchor"]).partition(":")
+            anchors.append((int(seq), head, "the exported pipeline's ledger_anchor"))
+        return anchors
+
+    def _content_args(self) -> Dict[str, Any]:
+        return {"content_digest": self.content_digest, "new_source": self.plan.privacy_args.get("new_source")}
 
     def check(self) -> None:
         """Pre-flight before the pipeline starts: the ledger verifies, and the plan would be accepted now
@@ -201,7 +211,7 @@ class RunProtocol:
             self.ledger.verify(anchors)
             return
         check(self.plan.source.source_id, self.plan.event, trainer=self.plan.kind, private=self.plan.private,
-              anchors=anchors,
+              anchors=anchors, **self._content_args(),
               accountant=self.plan.accountant, relation=self.plan.source.relation, delta=self.plan.delta,
               budget=self.budget_request(), allow_non_private=bool(self.plan.privacy_args["allow_non_private"]))
 
@@ -210,7 +220,7 @@ class RunProtocol:
         self.ledger.verify(anchors)
         self.reservation = self.ledger.reserve(
             self.plan.source.source_id, self.plan.event, trainer=self.plan.kind, private=self.plan.private,
-            anchors=anchors,
+            anchors=anchors, **self._content_args(),
             accountant=self.plan.accountant, relation=self.plan.source.relation, delta=self.plan.delta,
             budget=self.budget_request(), allow_non_private=bool(self.plan.privacy_args["allow_non_private"]),
             label=self.plan.privacy_args.get("label"))
@@ -454,7 +464,9 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
     if int(plan.privacy_args.get("audit_canaries") or 0) > 0 and preprocessing is not None:
         raise PlanError("the one-run audit's canaries are tabular rows; --audit-canaries is not supported for "
                         "image data sets yet: drop the flag")
-    protocol = RunProtocol(plan, ledger)
+    from dp_training.fingerprint import content_digest
+
+    protocol = RunProtocol(plan, ledger, content_digest=content_digest(spec))
     protocol.reserve()
     audit_setup = None
     canaries_m = int(plan.privacy_args.get("audit_canaries") or 0)

@@ -33,6 +33,9 @@ def _add_run_flags(p) -> None:
                    help="image data sets: overall accuracy a model must exceed to be blessed (default 0.5)")
     p.add_argument("--allow-non-private", action="store_true",
                    help="allow a non-private trainer on a data set that has a privacy budget")
+    p.add_argument("--new-source", default=None, metavar="REASON",
+                   help="the training data's content is already charged under another source id in the ledger, "
+                        "and this really is a different data source: say why (recorded in the ledger)")
     priv = p.add_argument_group("privacy (every trainer kind; see docs/privacy_model.md)")
     priv.add_argument("--target-epsilon", type=float, default=None,
                       help="the run's total epsilon (preprocessing + training); private kinds calibrate their noise "
@@ -117,7 +120,7 @@ def _run_config(args) -> RunConfig:
     privacy = {"target_epsilon": args.target_epsilon, "delta": args.delta, "accountant": args.accountant,
                "preprocessing_epsilon": args.preprocessing_epsilon, "budget_epsilon": args.budget_epsilon,
                "ledger": getattr(args, "ledger", None), "audit_canaries": args.audit_canaries,
-               "min_slice_size": args.min_slice_size}
+               "min_slice_size": args.min_slice_size, "new_source": getattr(args, "new_source", None)}
     config = RunConfig(data_dir=args.data, workdir=os.path.abspath(args.workdir), trainer=args.trainer,
                        trainer_args=trainer_args, model_name=args.model_name, min_auc=args.min_auc,
                        max_auc_drop=args.max_auc_drop, enable_cache=not args.no_cache,
@@ -284,6 +287,9 @@ def _add_privacy_parsers(sub) -> None:
                         "by the source's first entry, else the one dataset.json declares)")
     b.add_argument("--anchor", action="append", default=[], metavar="SEQ:HASH",
                    help="with verify: a receipt recorded elsewhere (privacy.json, ML Metadata); repeatable")
+    b.add_argument("--workdir", dest="receipt_workdirs", action="append", default=[], metavar="DIR",
+                   help="with verify: check every receipt recorded under this workdir (its ML Metadata store and "
+                        "privacy.json files); repeatable")
 
 
 def _add_report_parser(sub) -> None:
@@ -362,16 +368,24 @@ def _cmd_budget(args) -> int:
                 if not (sep and seq.isdigit() and len(digest) == 64):
                     raise ValueError(f"--anchor {a!r} is not SEQ:HASH (an entry number and its 64-hex-digit "
                                      "hash, as privacy.json records them)")
-                anchors.append((int(seq), digest))
+                anchors.append((int(seq), digest, "on the command line"))
+            from pipeline.receipts import workdir_anchors
+
+            for w in args.receipt_workdirs:
+                if not os.path.isdir(w):
+                    raise ValueError(f"--workdir {w} is not a directory; pass the --workdir of an earlier run")
+            anchors += workdir_anchors(args.receipt_workdirs)
             result = ledger.verify(anchors)
             spends = [ledger.spend(s) for s in ledger.sources()]  # recomputed from the events
             if args.json:
                 print(json.dumps({"ok": True, "path": result.path, "entries": result.entries,
                                   "head_seq": result.head_seq, "head_hash": result.head_hash,
+                                  "receipts_checked": len(anchors),
                                   "sources": {s.source_id: ("inf" if s.epsilon == float("inf") else s.epsilon)
                                               for s in spends}}))
             else:
-                print(f"ledger OK: {result.entries} entries, head {result.head_hash} ({result.path})")
+                print(f"ledger OK: {result.entries} entries, head {result.head_hash} ({result.path}); "
+                      f"{len(anchors)} receipt(s) checked")
                 for s in spends:
                     budget = f" of {s.budget_epsilon:.4g}" if s.budget_epsilon is not None else " (no budget)"
                     print(f"  {s.source_id}: spent epsilon {s.epsilon:.4g}{budget} at delta {s.delta:g}")

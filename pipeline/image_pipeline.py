@@ -75,7 +75,7 @@ def run_image_fn(fn_args) -> None:
     """The Trainer's run for image data sets (called by ``pipeline.trainer_executor.run_fn``)."""
     from dp_training.images import image_trainer_args, run_image_training
     from dp_training.protocol import not_covered
-    from pipeline.trainer_executor import write_run_files
+    from pipeline.trainer_executor import privacy_with_receipts, write_run_files
     from pipeline.trainers import get_trainer
 
     config = fn_args.custom_config
@@ -89,7 +89,7 @@ def run_image_fn(fn_args) -> None:
     eval_x, eval_y = load_transformed_images(fn_args.eval_files, spec)
     result = run_image_training(
         spec, model, kind_name, get_trainer(kind_name), image_trainer_args(model, config.get("trainer_args")),
-        config.get("privacy", {}), train_x, train_y, eval_x, eval_y,
+        privacy_with_receipts(config.get("privacy", {}), fn_args), train_x, train_y, eval_x, eval_y,
         scratch_dir=os.path.join(fn_args.model_run_dir, "scratch"), cache_dir=config.get("cache_dir"), log=log,
         not_covered=not_covered(spec, extra=(
             "the model's architecture and the ScatterNet transform (public, data-independent)",),

@@ -180,9 +180,13 @@ def preflight(config: RunConfig, spec) -> None:
         trainer_args = image_trainer_args(config.image_model, config.trainer_args)
         # the channel-moment release is one Gaussian event whatever the number of channels
         keys = ["scattering_channel_0"] if uses_scattering(config.image_model) else []
-    plan = plan_run(spec, config.trainer, get_trainer(config.trainer), trainer_args, config.privacy_args(), keys,
-                    exact_rows=exact)
-    RunProtocol(plan).check()
+    from dp_training.fingerprint import content_digest
+    from pipeline.receipts import workdir_anchors
+
+    # the receipts this workdir holds must be in the ledger (a forged ledger is refused before anything runs)
+    privacy = {**config.privacy_args(), "anchors": workdir_anchors([os.path.dirname(config.metadata_path)])}
+    plan = plan_run(spec, config.trainer, get_trainer(config.trainer), trainer_args, privacy, keys, exact_rows=exact)
+    RunProtocol(plan, content_digest=content_digest(spec)).check()
 
 
 def summarize(config: RunConfig, pipeline_name: str, before: set, wall_seconds: float) -> RunSummary:

@@ -82,7 +82,8 @@ def run_fn(fn_args: FnArgs) -> None:
     eval_x, eval_y = load_transformed(fn_args.eval_files, feature_spec, spec.label_feature)
 
     result = run_private_training(
-        spec, kind_name, config.get("trainer_args", {}), config.get("privacy", {}), train_x, train_y, eval_x,
+        spec, kind_name, config.get("trainer_args", {}), privacy_with_receipts(config.get("privacy", {}), fn_args),
+        train_x, train_y, eval_x,
         eval_y, scratch_dir=os.path.join(fn_args.model_run_dir, "scratch"), kind=kind, log=log,
         hidden_units=tuple(config.get("hidden_units", (64, 64))),
         not_covered=not_covered(spec, eval_note=" (slices below the minimum size are suppressed)"))
@@ -90,6 +91,15 @@ def run_fn(fn_args: FnArgs) -> None:
 
     export_serving_model(outcome.model, spec, tf_transform_output, fn_args.serving_model_dir, stats)
     write_run_files(fn_args, kind_name, guarantee, outcome)
+
+
+def privacy_with_receipts(privacy: Dict[str, Any], fn_args: FnArgs) -> Dict[str, Any]:
+    """The run's privacy arguments plus the ledger receipts its workdir holds (anchors the reservation checks;
+    collected now, not in the component's config, so that they never change the Trainer's cache key)."""
+    from pipeline.receipts import workdir_anchors, workdir_of_model_run
+
+    workdir = workdir_of_model_run(fn_args.model_run_dir)
+    return {**privacy, "anchors": workdir_anchors([workdir]) if workdir else []}
 
 
 def write_run_files(fn_args: FnArgs, kind_name: str, guarantee: Guarantee, outcome) -> None:
