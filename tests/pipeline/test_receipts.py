@@ -1,0 +1,156 @@
+"""Issue 17.6: the receipts a workdir records (ML Metadata, privacy.json files) anchor the ledger. A ledger forged
+with sqlite3 alone (triggers dropped, a run's entries deleted, the chain re-hashed, triggers restored) passes a
+plain `budget verify`, but `budget verify --workdir`, a run's pre-flight and the Trainer's reservation refuse it."""
+import hashlib
+import json
+import os
+import shutil
+import sqlite3
+import types
+
+import pytest
+
+from dp_training.contract import TrainingOutcome
+from dp_training.dataset import load_dataset
+from dp_training.features import numeric_key
+from dp_training.fingerprint import content_digest
+from dp_training.ledger import BudgetExceededError, Ledger, LedgerTamperedError
+from dp_training.protocol import RunProtocol, plan_run
+from pipeline.trainers import get_trainer
+from tests.conftest import make_adult_sample, run_cli
+
+SOURCE = "adult-sample-receipts"
+
+
+def _plan(spec, privacy):
+    return plan_run(spec, "dp_sgd", get_trainer("dp_sgd"), {}, privacy,
+                    [numeric_key(c) for c in spec.numeric_features])
+
+
+def _record_run(spec, workdir, privacy):
+    """One Trainer run, recorded the way the executor records it: reserve -> finish -> privacy.json beside the
+    SavedModel (write_run_files), its pushed copy, and the Model artifact's ML Metadata properties."""
+    from ml_metadata.metadata_store import metadata_store
+    from ml_metadata.proto import metadata_store_pb2
+    from tfx.types import standard_artifacts
+
+    from pipeline.trainer_executor import _set_property, guarantee_properties, write_run_files
+
+    plan = _plan(spec, privacy)
+    protocol = RunProtocol(plan, content_digest=content_digest(spec))
+    protocol.reserve()
+    outcome = TrainingOutcome(model=None, released_event=plan.training.event)
+    guarantee = protocol.finish(outcome)
+    run = os.path.join(workdir, "pipeline_root", "Trainer")
+    fn_args = types.SimpleNamespace(serving_model_dir=os.path.join(run, "model", "7", "Format-Serving"),
+                                    model_run_dir=os.path.join(run, "model_run", "7"))
+    for d in (fn_args.serving_model_dir, fn_args.model_run_dir):
+        os.makedirs(d)
+    write_run_files(fn_args, "dp_sgd", guarantee, outcome)
+    pushed = os.path.join(workdir, "serving", "adult", "1700000000")
+    os.makedirs(pushed)
+    shutil.copy(os.path.join(fn_args.serving_model_dir, "privacy.json"), pushed)
+    config = metadata_store_pb2.ConnectionConfig()
+    config.sqlite.filename_uri = os.path.join(workdir, "metadata.sqlite")
+    config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
+    store = metadata_store.MetadataStore(config)
+    model = standard_artifacts.Model()
+    model.uri = os.path.join(run, "model", "7")
+    for key, value in guarantee_properties(guarantee).items():
+        _set_property(model, key, value)
+    model.type_id = store.put_artifact_type(model.artifact_type)
+    store.put_artifacts([model.mlmd_artifact])
+    del store
+    return guarantee, fn_args
+
+
+def forge_without_entries(path, doomed):
+    """Issue 17.6's forgery with sqlite3 only: drop the triggers, delete entries, re-hash the rest of the chain
+    (renumbered, as privtrain would have written it) and the head, restore the triggers."""
+    con = sqlite3.connect(path, isolation_level=None)
+    triggers = con.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    con.execute("BEGIN")
+    con.execute("DROP TRIGGER entries_no_update")
+    con.execute("DROP TRIGGER entries_no_delete")
+    rows = con.execute("SELECT seq, source_id, kind, payload FROM entries ORDER BY seq").fetchall()
+    con.execute("DELETE FROM entries")
+    prev, seq = "0" * 64, 0
+    for old_seq, source_id, kind, payload in rows:
+        if old_seq in doomed:
+            continue
+        seq += 1
+        p = json.loads(payload)
+        p["seq"] = seq
+        text = json.dumps(p, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        digest = hashlib.sha256((prev + text).encode()).hexdigest()
+        con.execute("INSERT INTO entries VALUES (?,?,?,?,?,?)", (seq, source_id, kind, text, prev, digest))
+        prev = digest
+    con.execute("UPDATE meta SET value = ? WHERE key = 'head_seq'", (str(seq),))
+    con.execute("UPDATE meta SET value = ? WHERE key = 'head_hash'", (prev,))
+    for (sql,) in triggers:
+        con.execute(sql)
+    con.execute("COMMIT")
+    con.close()
+
+
+@pytest.fixture
+def forged(tmp_path, monkeypatch):
+    """A workdir holding one run's receipts (0.8 of a budget of 1.0 spent), then its ledger forged to forget the run."""
+    ledger_path = str(tmp_path / "ledger.sqlite")
+    monkeypatch.setenv("PRIVTRAIN_LEDGER", ledger_path)
+    data = make_adult_sample(str(tmp_path / "data"), 500, 100, source_id=SOURCE,
+                             privacy={"public_row_estimate": 500})
+    spec = load_dataset(data)
+    workdir = str(tmp_path / "work")
+    guarantee, fn_args = _record_run(spec, workdir, {"target_epsilon": 0.8, "budget_epsilon": 1.0})
+    led = Ledger(ledger_path)
+    assert guarantee.ledger["seq"] == 3      # 1: the budget the run created, 2: its reservation, 3: its finish
+    intact = run_cli("budget", "verify", "--workdir", workdir)
+    assert intact.returncode == 0 and "1 receipt(s) checked" in intact.stdout, intact.stderr
+    # the intact ledger refuses a second 0.8 run on the budget of 1.0
+    with pytest.raises(BudgetExceededError):
+        RunProtocol(_plan(spec, {"target_epsilon": 0.8})).check()
+    forge_without_entries(ledger_path, doomed={2, 3})
+    assert led.verify().entries == 1          # the forgery is consistent: a plain verify passes
+    return spec, data, workdir, ledger_path, fn_args
+
+
+def test_budget_verify_checks_the_workdirs_receipts(forged, tmp_path):
+    _, _, workdir, _, _ = forged
+    plain = run_cli("budget", "verify")
+    assert plain.returncode == 0, plain.stderr       # without the workdir, nothing contradicts the forgery
+    other = str(tmp_path / "empty-workdir")
+    os.makedirs(other)
+    result = run_cli("budget", "verify", "--workdir", other, "--workdir", workdir)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert "\n" not in line and "entry 3" in line and "is missing" in line, line
+    assert "privacy.json" in line or "metadata.sqlite" in line, line
+    assert "edited outside privtrain" in line
+
+
+def test_a_later_run_in_the_workdir_refuses_the_forged_ledger(forged, tmp_path):
+    from pipeline.config import RunConfig
+    from pipeline.runner import preflight
+
+    spec, data, workdir, _, fn_args = forged
+    # what the forgery buys without the anchors: a second 0.8 run fits the "remaining" budget of 1.0
+    RunProtocol(_plan(spec, {"target_epsilon": 0.8})).check()
+    config = RunConfig(data_dir=data, workdir=workdir, trainer="dp_sgd", privacy={"target_epsilon": 0.8})
+    with pytest.raises(LedgerTamperedError, match="entry 3, whose receipt is recorded in .*is missing"):
+        preflight(config, spec)
+    # the Trainer's reservation collects the same receipts from its own workdir
+    from pipeline.trainer_executor import privacy_with_receipts
+
+    privacy = privacy_with_receipts({"target_epsilon": 0.8}, types.SimpleNamespace(
+        model_run_dir=os.path.join(workdir, "pipeline_root", "Trainer", "model_run", "8")))
+    assert {a[:2] for a in privacy["anchors"]} == {(3, json.load(open(os.path.join(
+        fn_args.serving_model_dir, "privacy.json")))["ledger"]["head_hash"])}
+    with pytest.raises(LedgerTamperedError, match="entry 3"):
+        RunProtocol(_plan(spec, privacy)).reserve()
+    # the command line: one line, nothing run
+    result = run_cli("run", "--data", data, "--workdir", workdir, "--target-epsilon", "0.8", timeout=600)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("privtrain: entry 3, whose receipt is recorded in ") and "edited outside privtrain" in line
+    assert len(Ledger(os.environ["PRIVTRAIN_LEDGER"]).entries()) == 1        # nothing was charged
