@@ -11,11 +11,14 @@ One table of entries, appended and never updated or deleted (SQLite triggers ref
 ``seq, source_id, kind, payload, prev_hash, hash`` with ``payload`` canonical JSON (sorted keys, no spaces;
 it repeats ``seq``, ``source_id`` and ``kind``, so every column is covered by the hash) and
 ``hash = sha256(prev_hash || payload)`` (hex strings concatenated; the first entry's ``prev_hash`` is 64
-zeros). Kinds:
+zeros). Every payload carries ``nonce`` (128 random bits, kept only in this file), so that the published
+receipts are not functions of public values and guessed times (format 2; a format 1 ledger is read as before
+and upgraded by its first append, ``nonces_from`` marking the first entry with a nonce). Kinds:
 
 * ``budget``: ``epsilon, delta, accountant, relation`` (+ ``replaces``: the seq of the budget it replaces).
 * ``reserve``: ``event`` (the planned DpEvent as JSON), ``trainer, private, accountant, relation, delta,
-  run_id, label, time``.
+  run_id, label, time`` (+ ``content``: HMAC-SHA256 of the training content's digest under the ledger's private
+  ``content_key``; + ``new_source``: the stated reason when known content is charged under a new source id).
 * ``finish``: ``reservation`` (seq of the reserve entry), ``run_id, event`` (the released DpEvent),
   ``status`` (completed | failed | cancelled), ``time``.
 
@@ -25,7 +28,7 @@ caught. ``verify()`` recomputes every hash and the chain, checks the head and th
 open reservation of the same source; every method that reads or appends verifies first. Someone who rewrites
 the whole chain (recomputing every hash) is caught by *anchors*: the ``(seq, hash)`` receipts that
 ``reserve``/``finish``/``set_budget`` return and the pipeline records elsewhere (ML Metadata, ``privacy.json``),
-passed back as ``verify(anchors=...)``.
+passed back as ``verify(anchors=...)`` (``pipeline/receipts.py`` collects a workdir's receipts for every run).
 
 Spend
 -----
