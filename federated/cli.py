@@ -108,11 +108,14 @@ def add_privacy_arguments(parser: argparse.ArgumentParser) -> None:
                    help="create the source's budget in the ledger if it has none")
     g.add_argument("--allow-non-private", action="store_true",
                    help="allow a non-private run on a source that has a budget (recorded as unbounded spend)")
+    g.add_argument("--new-source", default=None, metavar="REASON",
+                   help="the training content is already charged under another source id and this really is a "
+                        "different data source: say why (recorded in the ledger)")
 
 
 def privacy_kwargs(ns: argparse.Namespace) -> Dict[str, Any]:
     out = {k: getattr(ns, k, None) for k in ("target_epsilon", "delta", "accountant", "preprocessing_epsilon",
-                                             "budget_epsilon", "ledger")}
+                                             "budget_epsilon", "ledger", "new_source")}
     if getattr(ns, "allow_non_private", False):
         out["allow_non_private"] = True
     return {k: v for k, v in out.items() if v is not None}

@@ -154,3 +154,17 @@ def test_a_later_run_in_the_workdir_refuses_the_forged_ledger(forged, tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("privtrain: entry 3, whose receipt is recorded in ") and "edited outside privtrain" in line
     assert len(Ledger(os.environ["PRIVTRAIN_LEDGER"]).entries()) == 1        # nothing was charged
+
+
+def test_a_real_runs_receipts_are_found_and_verify(standard_run):
+    """The session's pipeline run: its receipt is in ML Metadata, beside the Trainer's model and in the pushed
+    version, all the same, and the ledger holds it."""
+    from pipeline.receipts import collect_receipts
+
+    workdir, summary, _ = standard_run
+    found = collect_receipts(workdir)
+    wheres = " ".join(r.where for r in found)
+    assert "metadata.sqlite" in wheres and "Format-Serving" in wheres and summary["pushed_path"] in wheres, wheres
+    assert len({(r.seq, r.head_hash) for r in found}) == 1
+    result = run_cli("budget", "verify", "--workdir", workdir)
+    assert result.returncode == 0 and "1 receipt(s) checked" in result.stdout, result.stderr
