@@ -226,3 +226,25 @@ def test_the_ledger_keeps_only_a_keyed_fingerprint(tmp_path, sample_and_copy):
             raw = f.read()
         assert digest not in raw and digest.hex().encode() not in raw     # never the unkeyed digest
     assert stored[0] != stored[1]                    # keyed per ledger: not comparable across ledgers
+
+
+def test_privtrain_run_on_a_copy_is_refused_before_anything_runs(tmp_path, monkeypatch, sample_and_copy):
+    from pipeline.config import RunConfig
+    from pipeline.runner import preflight
+    from tests.conftest import run_cli
+
+    spec_a, spec_b = sample_and_copy
+    path = str(tmp_path / "ledger.sqlite")
+    monkeypatch.setenv("PRIVTRAIN_LEDGER", path)
+    _reserve(Ledger(path), "census-a", content_digest(spec_a))     # the original's run, as the Trainer reserves it
+    workdir = str(tmp_path / "w")
+    result = run_cli("run", "--data", spec_b.directory, "--workdir", workdir, "--trainer", "standard",
+                     "--allow-non-private", timeout=600)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("privtrain: this run's training data was already charged under source 'census-a'")
+    assert '--new-source "REASON"' in line
+    assert not os.path.exists(os.path.join(workdir, "pipeline_root")) and len(Ledger(path).entries()) == 1
+    # with a stated reason the pre-flight accepts it (the Trainer's reservation records the reason)
+    preflight(RunConfig(data_dir=spec_b.directory, workdir=workdir, trainer="standard", allow_non_private=True,
+                        privacy={"new_source": "a separately licensed collection"}), spec_b)
