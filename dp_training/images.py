@@ -239,6 +239,9 @@ class _NamedModelKind:
     def __init__(self, inner, model: str):
         self.inner, self.model, self.name = inner, model, inner.name
 
+    def config(self, args):
+        return self.inner.config(args)
+
     def plan(self, inputs):
         return self.inner.plan(inputs)
 

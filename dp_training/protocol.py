@@ -59,6 +59,7 @@ class RunPlan:
     preprocessing_event: dp_accounting.DpEvent
     training: TrainingPlan
     privacy_args: Mapping[str, Any]
+    config: Any = None          # the kind's typed KindConfig the plan was made from
 
     @property
     def private(self) -> bool:
@@ -109,10 +110,10 @@ def plan_run(spec: DatasetSpec, kind_name: str, kind, trainer_args: Mapping[str,
     if not 0 < float(delta) < 1:
         raise PlanError(f"delta must be in (0, 1), got {delta!r}; pass e.g. --delta 1e-5")
     delta = float(delta)
-    private_kind = _kind_is_private(kind, trainer_args)
+    config = kind_config(kind, trainer_args)   # typed and validated once (ArgumentError names a bad argument)
+    private_kind = config.private
     target = p["target_epsilon"]
-    explicit_noise = [trainer_args.get(k) for k in ("noise_multiplier", "dp_noise_multiplier")]
-    if private_kind and target is None and all(v in (None, "auto") for v in explicit_noise):
+    if private_kind and target is None and not config.noise_given:
         target = DEFAULT_TARGET_EPSILON   # calibrated: a tenth of it goes to preprocessing
     if target is not None and (not float(target) > 0 or math.isinf(float(target))):
         raise PlanError(f"target epsilon must be a finite number > 0, got {target!r}; pass e.g. --target-epsilon 3")
@@ -129,14 +130,18 @@ def plan_run(spec: DatasetSpec, kind_name: str, kind, trainer_args: Mapping[str,
         pre = NormalizationPlan(tuple(numeric_keys), 0.0, None)   # exact statistics for non-private runs
         pre_event = dp_accounting.NoOpDpEvent()
     inputs = PlanInputs(kind=kind_name, dataset_name=spec.name, source=source, planning_rows=n_plan,
-                        args=dict(trainer_args), accountant=accountant, delta=delta, base_event=pre_event,
-                        target_epsilon=None if target is None else float(target))
+                        args=config.to_args(), accountant=accountant, delta=delta, base_event=pre_event,
+                        target_epsilon=None if target is None else float(target), config=config)
     training = kind.plan(inputs)
+    if bool(training.private) != bool(private_kind):
+        # the preprocessing above was planned for the config's answer; a plan saying otherwise is a kind's bug
+        raise PlanError(f"trainer {kind_name}: its plan says private={training.private} but its config says "
+                        f"private={private_kind}; the run is refused (a kind's plan must follow its config)")
     if training.private:
         accountants.check_supported(accountant, ev.compose(pre_event, training.event), source.relation)
     return RunPlan(kind=kind_name, dataset=spec.name, source=source, accountant=accountant, delta=delta,
                    target_epsilon=None if target is None else float(target), preprocessing=pre,
-                   preprocessing_event=pre_event, training=training, privacy_args=p)
+                   preprocessing_event=pre_event, training=training, privacy_args=p, config=config)
 
 
 def not_covered(spec: DatasetSpec, extra: Tuple[str, ...] = (), eval_note: str = "") -> Tuple[str, ...]:
@@ -151,12 +156,15 @@ def not_covered(spec: DatasetSpec, extra: Tuple[str, ...] = (), eval_note: str =
     return tuple(items)
 
 
-def _kind_is_private(kind, trainer_args) -> bool:
-    import sys
-    module = sys.modules.get(type(kind).__module__)
-    if module is not None and hasattr(module, "is_private"):
-        return bool(module.is_private(trainer_args))
-    return True
+def kind_config(kind, trainer_args):
+    """The kind's typed config of ``trainer_args`` (``dp_training.contract.KindConfig``): every trainer argument
+    parsed and validated once; whether the run is private is the config's ``private``, which the kind's plan
+    states. A kind without a ``config`` method (a plain ``plan``/``train`` object) is refused."""
+    make = getattr(kind, "config", None)
+    if make is None:
+        raise PlanError(f"trainer kind {type(kind).__name__} has no typed config; derive it from "
+                        "dp_training.contract.TrainerKind with a KindConfig")
+    return make(trainer_args)
 
 
 class RunProtocol:
@@ -399,7 +407,7 @@ def check_combined(combined: CombinedPlan, privacy_args: Optional[Mapping[str, A
                      **common)
 
 
-__all__ = ["RunPlan", "RunProtocol", "plan_run", "not_covered", "planning_rows", "resolve_privacy_args", "PlanError",
+__all__ = ["RunPlan", "RunProtocol", "plan_run", "kind_config", "not_covered", "planning_rows", "resolve_privacy_args", "PlanError",
            "PRIVACY_DEFAULTS", "DEFAULT_TARGET_EPSILON", "deployment_epsilon", "simulation_statement",
            "combine_plans", "check_combined", "CombinedPlan", "ledger_charge", "LedgerCharge"]
 
@@ -474,7 +482,7 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
         context = TrainerContext(
             dataset_name=spec.name, train_features=train_x, train_labels=train_y, eval_features=eval_x,
             eval_labels=eval_y, build_model=builder,
-            args=dict(trainer_args), plan=plan.training, scratch_dir=scratch_dir, source=source, log=log)
+            args=plan.config.to_args(), plan=plan.training, scratch_dir=scratch_dir, source=source, log=log)
         outcome = kind.train(context)
     except TrainingInterrupted as e:
         protocol.fail(e.released_event, "cancelled" if isinstance(e.cause, KeyboardInterrupt) else "failed")

@@ -65,16 +65,19 @@ class Arm:
 
     @property
     def fixed_noise(self) -> bool:
-        return any(self.settings.get(k) not in (None, "auto") for k in ("noise_multiplier", "dp_noise_multiplier"))
+        from pipeline.trainers import get_trainer
+
+        return get_trainer(self.trainer).config(self.settings).noise_given
 
     @property
     def private(self) -> bool:
-        from pipeline.trainers import is_private
+        """From the kind's typed config (the same ``private`` its plan states)."""
+        from pipeline.trainers import get_trainer
 
         args = dict(self.settings)
         if self.trainer == "federated" and self.epsilons and args.get("dp_noise_multiplier") is None:
             args["dp_noise_multiplier"] = "auto"
-        return is_private(self.trainer, args)
+        return get_trainer(self.trainer).is_private(args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,11 +241,24 @@ def _split_settings(trainer: str, settings: Mapping[str, Any], field: str, stric
     return own, run, privacy
 
 
+def _typed_settings(trainer: str, own: Mapping[str, Any], field: str) -> Dict[str, Any]:
+    """The arm's settings parsed by the kind's typed config (e.g. ``noise_multiplier = "1.0"`` becomes 1.0, a
+    private run with its DP normalisation; ``"x"`` is one StudyError), keeping only the keys the arm set."""
+    from pipeline.trainers import get_trainer
+
+    try:
+        config = get_trainer(trainer).config(own)
+    except ValueError as e:
+        raise StudyError(f"{field}: {e}") from None
+    return {k: getattr(config, k) for k in own}
+
+
 def _make_arm(name: str, trainer: str, settings: Mapping[str, Any], epsilons, partitions, field: str,
               strict: bool) -> Arm:
     if trainer not in known_trainers():
         raise StudyError(f"{field}.trainer: unknown trainer {trainer!r}; choose from {', '.join(known_trainers())}")
     own, run, privacy = _split_settings(trainer, settings, field, strict)
+    own = _typed_settings(trainer, own, field)
     if trainer == "standard":
         eps: Tuple[float, ...] = ()
     elif any(own.get(k) not in (None, "auto") for k in ("noise_multiplier", "dp_noise_multiplier")):

@@ -1,0 +1,103 @@
+"""Issue 17.1: every trainer argument is parsed and validated once into the kind's typed config, and whether a run
+is private is what the kind's plan states. A noise multiplier given as a string ("1.0", from the Python API or a
+study's TOML) is the number 1.0: a private run whose plan includes the DP normalisation release; a value that is not
+a number is one clear error. No TFX, no TFF, no training."""
+from __future__ import annotations
+
+import dataclasses
+
+import dp_accounting
+import pytest
+
+from dp_training import events as ev
+from dp_training.contract import ArgumentError
+from dp_training.dataset import load_dataset
+from dp_training.features import numeric_key
+from dp_training.protocol import plan_run
+from dp_training.trainer import DPSGDConfig, DPSGDTrainer
+from federated.simulate import DEFAULT_DATA, SimulationConfig
+from federated.trainer import FederatedKindConfig, FederatedTrainer, resolve_partition_clients
+
+
+@pytest.fixture(scope="module")
+def adult():
+    spec = load_dataset(DEFAULT_DATA)
+    return spec, [numeric_key(c) for c in spec.numeric_features]
+
+
+def _assert_private_with_normalisation(plan, noise):
+    assert plan.private
+    # the normalisation statistics are released with noise, and that release is part of the planned event
+    assert isinstance(plan.preprocessing_event, dp_accounting.GaussianDpEvent)
+    assert plan.preprocessing.noise_multiplier > 0
+    assert plan.event == ev.compose(plan.preprocessing_event, plan.training.event)
+    assert plan.training.public["noise_multiplier"] == noise
+
+
+def test_string_noise_through_the_simulation_config_is_private_with_its_normalisation(adult):
+    spec, keys = adult
+    config = SimulationConfig(dp_noise_multiplier="1.0", rounds=5)
+    args = resolve_partition_clients(spec, config.trainer_args())
+    plan = plan_run(spec, "federated", FederatedTrainer(), args, dict(config.privacy), keys)
+    _assert_private_with_normalisation(plan, 1.0)
+    # exactly the plan of the number 1.0
+    number = plan_run(spec, "federated", FederatedTrainer(), {**args, "dp_noise_multiplier": 1.0}, {}, keys)
+    assert plan.event == number.event
+
+
+def test_string_noise_for_dp_sgd_is_the_number(adult):
+    spec, keys = adult
+    plan = plan_run(spec, "dp_sgd", DPSGDTrainer(), {"noise_multiplier": "1.0", "epochs": 2}, {}, keys)
+    _assert_private_with_normalisation(plan, 1.0)
+    number = plan_run(spec, "dp_sgd", DPSGDTrainer(), {"noise_multiplier": 1.0, "epochs": 2}, {}, keys)
+    assert plan.event == number.event
+
+
+def test_string_noise_in_a_study_toml_is_private_with_its_normalisation(tmp_path):
+    from dp_training.ledger import Ledger
+    from simulations.study.plan import plan_study
+    from simulations.study.spec import from_toml
+
+    path = tmp_path / "study.toml"
+    path.write_text(f'data = "{DEFAULT_DATA}"\nseeds = 1\n[[arm]]\nname = "fed"\ntrainer = "federated"\n'
+                    'dp_noise_multiplier = "1.0"\nrounds = 5\n[[arm]]\nname = "sgd"\ntrainer = "dp_sgd"\n'
+                    'noise_multiplier = "1.0"\nepochs = 2\n')
+    spec = from_toml(str(path), output=str(tmp_path / "out"))
+    assert all(arm.private and arm.fixed_noise for arm in spec.arms)
+    plan = plan_study(spec, spec.points(), ledger=Ledger(str(tmp_path / "ledger.sqlite")))
+    assert len(plan.plans) == 2
+    for run in plan.plans.values():
+        _assert_private_with_normalisation(run, 1.0)
+
+
+@pytest.mark.parametrize("kind,args,match", [
+    (FederatedKindConfig, {"dp_noise_multiplier": "one"}, "number or 'auto'"),
+    (FederatedKindConfig, {"dp_noise_multiplier": True}, "number or 'auto'"),
+    (FederatedKindConfig, {"rounds": "many"}, "rounds must be a whole number"),
+    (FederatedKindConfig, {"rounds": 2.5}, "rounds must be a whole number"),
+    (FederatedKindConfig, {"adaptive_clipping": "no"}, "adaptive_clipping must be true or false"),
+    (FederatedKindConfig, {"sampling": "shuffle"}, "sampling must be one of poisson, fixed"),
+    (FederatedKindConfig, {"clients": 10, "typo": 1}, "unknown federated trainer argument"),
+    (DPSGDConfig, {"noise_multiplier": "x"}, "noise_multiplier must be a number"),
+    (DPSGDConfig, {"noise_multiplier": [1.0]}, "noise_multiplier must be a number"),
+    (DPSGDConfig, {"mia": "no"}, "mia must be true or false"),
+    (DPSGDConfig, {"batch_size": "64.5"}, "batch_size must be a whole number"),
+])
+def test_a_bad_type_is_one_clear_error(kind, args, match):
+    with pytest.raises(ArgumentError, match=match) as info:
+        kind.parse(args)
+    assert "\n" not in str(info.value)
+
+
+def test_configs_are_typed_and_frozen():
+    c = FederatedKindConfig.parse({"dp_noise_multiplier": "0.5", "rounds": "3", "clients": 20.0})
+    assert (c.dp_noise_multiplier, c.rounds, c.clients) == (0.5, 3, 20) and c.private and c.noise_given
+    assert type(c.rounds) is int and type(c.dp_noise_multiplier) is float
+    assert not FederatedKindConfig.parse({"dp_noise_multiplier": "0"}).private
+    auto = FederatedKindConfig.parse({"dp_noise_multiplier": "AUTO"})
+    assert auto.private and not auto.noise_given
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.rounds = 4
+    d = DPSGDConfig.parse({"noise_multiplier": "auto", "sampling": "fixed"})
+    assert d.noise_multiplier is None and d.sampling == "shuffle" and not d.noise_given
+    assert DPSGDConfig.parse(d) is d
