@@ -425,7 +425,7 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
                          scratch_dir: str, kind, log=print, hidden_units=(64, 64),
                          not_covered: Tuple[str, ...] = (), ledger=None,
                          numeric_keys: Optional[Sequence[str]] = None, preprocessing=None,
-                         model_builder=None) -> PrivateRunResult:
+                         model_builder=None, plan_options=None) -> PrivateRunResult:
     """The whole protocol for one run on model inputs already transformed with the public transform
     (``dp_training.features``): plan -> reserve -> DP normalisation -> train -> finish -> guarantee.
 
@@ -436,22 +436,31 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
 
     Image data sets (``dp_training.images``) pass ``preprocessing`` (an object with ``keys``, ``covers`` and
     ``release(plan, train_x) -> stats``: their DP release, planned and charged here like the tabular one) and
-    ``model_builder(stats) -> model``."""
+    ``model_builder(stats) -> model``.
+
+    The plan is ``dp_training.planner.plan_for`` (``plan_options``: its ``PlanOptions``; ``numeric_keys`` and the
+    exact row count under replace_one go into them): the same function the pre-flight, export and study use, so
+    what they state is what this reserves. The preprocessing the plan covers must be the one released here."""
     import os
 
     from dp_training.contract import TrainerContext, TrainingInterrupted
-    from dp_training.features import numeric_key
     from dp_training.model import bucket_sizes, build_model
     from dp_training.preprocessing import release_normalization
 
-    if preprocessing is not None:
-        numeric_keys = list(preprocessing.keys)
-    elif numeric_keys is None:
-        numeric_keys = [numeric_key(c) for c in spec.numeric_features]
-    numeric_keys = list(numeric_keys)
+    from dp_training.planner import PlanOptions, plan_for
+
     source = spec.require_privacy()
     exact = int(len(train_y)) if source.relation == ev.REPLACE_ONE else None
-    plan = plan_run(spec, kind_name, kind, trainer_args, privacy_args, numeric_keys, exact_rows=exact)
+    options = dataclasses.replace(plan_options or PlanOptions(), exact_rows=exact)
+    if numeric_keys is not None:
+        options = dataclasses.replace(options, numeric_keys=tuple(numeric_keys))
+    if getattr(kind, "name", kind_name) != kind_name:
+        raise PlanError(f"trainer kind {kind_name!r} was given the kind object of {kind.name!r}")
+    plan = plan_for(spec, kind, trainer_args, privacy_args, options)
+    numeric_keys = list(plan.preprocessing.feature_keys)
+    if preprocessing is not None and list(preprocessing.keys) != numeric_keys and plan.private:
+        raise PlanError(f"the run's preprocessing releases {len(list(preprocessing.keys))} key(s) but its plan covers "
+                        f"{len(numeric_keys)}; the release must be the planned one")
     if plan.private:
         log(f"privacy plan: {plan.training.mechanism}; planned epsilon {plan.planned_epsilon():.4g} at delta "
             f"{plan.delta:.3g} ({plan.accountant}, {source.relation} of one {source.unit_name})")

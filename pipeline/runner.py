@@ -161,28 +161,22 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
     return summary
 
 
+def run_plan(config: RunConfig, spec):
+    """The run's plan from public inputs (``dp_training.planner.plan_for``, the function the Trainer plans with):
+    used by the pre-flight and by ``privtrain export``."""
+    from dp_training.planner import PlanOptions, plan_for
+    from pipeline.trainers import get_trainer
+
+    return plan_for(spec, get_trainer(config.trainer), config.trainer_args, config.privacy_args(),
+                    PlanOptions(image_model=config.image_model))
+
+
 def preflight(config: RunConfig, spec) -> None:
     """Plans the run from public inputs and checks it against the data source's ledger before anything runs
     (the Trainer repeats the check atomically when it reserves). Raises PlanError / ledger errors / ValueError."""
-    from dp_training.protocol import RunProtocol, plan_run
-    from dp_training.features import numeric_key
-    from pipeline.trainers import get_trainer
+    from dp_training.protocol import RunProtocol
 
-    exact = None
-    if spec.require_privacy().relation == "replace_one":  # the count is public under this relation
-        from dp_training.dataset import read_rows
-
-        exact = read_rows(spec, "train").num_rows
-    trainer_args, keys = config.trainer_args, [numeric_key(c) for c in spec.numeric_features]
-    if spec.is_image:  # the image Trainer's own args and DP release (pipeline/image_pipeline.py): plan the same
-        from dp_training.images import image_trainer_args, uses_scattering
-
-        trainer_args = image_trainer_args(config.image_model, config.trainer_args)
-        # the channel-moment release is one Gaussian event whatever the number of channels
-        keys = ["scattering_channel_0"] if uses_scattering(config.image_model) else []
-    plan = plan_run(spec, config.trainer, get_trainer(config.trainer), trainer_args, config.privacy_args(), keys,
-                    exact_rows=exact)
-    RunProtocol(plan).check()
+    RunProtocol(run_plan(config, spec)).check()
 
 
 def summarize(config: RunConfig, pipeline_name: str, before: set, wall_seconds: float) -> RunSummary:
