@@ -246,7 +246,9 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
                              "non-private trainer (with --allow-non-private if the data set has a "
                              "budget) or pass a positive noise multiplier / a target epsilon.")
     sigma = float(sigma)
-    event = accounting.dp_event(sigma, q, steps, a["sampling"])
+    # shuffle: one Gaussian per epoch actually run (epochs x (n // bs) steps, a fresh permutation each)
+    event = accounting.dp_event(sigma, q, steps, a["sampling"],
+                                per_epoch=None if a["sampling"] == "poisson" else steps_per_epoch)
     mechanism = ("DP-SGD, Poisson-sampled Gaussian per step" if a["sampling"] == "poisson"
                  else "DP-SGD, one Gaussian per epoch (shuffled fixed batches, no amplification)")
     public = {"noise_multiplier": sigma, "l2_norm_clip": float(clip), "sampling": a["sampling"],
@@ -589,7 +591,8 @@ class DPSGDTrainer(TrainerKind):
         steps_done = 0
 
         def released(steps: int):
-            return accounting.dp_event(plan["noise_multiplier"], plan["sampling_rate"], steps, a["sampling"])
+            return accounting.dp_event(plan["noise_multiplier"], plan["sampling_rate"], steps, a["sampling"],
+                                       per_epoch=None if a["sampling"] == "poisson" else plan["steps_per_epoch"])
 
         try:
             if a["seed"] is not None:
