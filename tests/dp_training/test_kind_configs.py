@@ -101,3 +101,26 @@ def test_configs_are_typed_and_frozen():
     d = DPSGDConfig.parse({"noise_multiplier": "auto", "sampling": "fixed"})
     assert d.noise_multiplier is None and d.sampling == "shuffle" and not d.noise_given
     assert DPSGDConfig.parse(d) is d
+
+
+def _run_config(argv):
+    from pipeline.cli import _run_config, build_parser
+
+    return _run_config(build_parser().parse_args(["run", *argv]))
+
+
+def test_the_shared_sampling_flag_is_each_kinds_own(tmp_path):
+    """``--sampling`` is declared once for every kind (not with the first kind's choices and help); each kind's
+    config takes its own values, and a value another kind owns is one clear error naming the flag."""
+    from pipeline.cli import build_parser
+
+    common = ["--workdir", str(tmp_path)]
+    assert _run_config(["--trainer", "dp_sgd", "--sampling", "fixed", *common]).trainer_args["sampling"] == "shuffle"
+    assert _run_config(["--trainer", "federated", "--sampling", "fixed", *common]).trainer_args["sampling"] == "fixed"
+    fed = _run_config(["--trainer", "federated", *common]).trainer_args
+    assert FederatedKindConfig.parse(fed).sampling == "poisson"
+    with pytest.raises(ArgumentError, match="sampling must be one of poisson, fixed"):
+        _run_config(["--trainer", "federated", "--sampling", "shuffle", *common])
+    run = next(a for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions
+               if "--sampling" in a.option_strings)
+    assert "federated" in run.help and "dp_sgd" in run.help
