@@ -267,9 +267,10 @@ class TrainerKind:
     def train(self, context: TrainerContext) -> TrainingOutcome:
         raise NotImplementedError
 
-    def summary_lines(self, plan: TrainingPlan) -> List[str]:
-        """What the run prints about its training plan (public)."""
-        return [f"trainer {self.name}: {plan.mechanism}"]
+    def summary_lines(self, parameters: Mapping[str, Any]) -> List[str]:
+        """Lines the run's summary prints about a private run's training, from the guarantee's public parameters
+        (the plan's ``public`` plus the kind's public details). Default: none."""
+        return []
 
 
 __all__ = ["PlanInputs", "SimulationSetting", "TrainingPlan", "TrainerContext", "TrainingOutcome",

@@ -576,6 +576,14 @@ class DPSGDTrainer(TrainerKind):
     def from_arguments(self, namespace) -> DPSGDConfig:
         return DPSGDConfig.parse(trainer_args(namespace))
 
+    def summary_lines(self, parameters: Mapping[str, Any]):
+        p = parameters
+        if "steps" not in p:
+            return []
+        return [f"noise multiplier {p['noise_multiplier']:.4g}, clip {p.get('l2_norm_clip', '-')}, "
+                f"sampling rate {p.get('sampling_rate', 0):.4g} ({p.get('sampling', '-')}), "
+                f"{p.get('steps', '-')} steps, planned on {p.get('planning_rows', '-')} rows (public figure)"]
+
     def plan(self, inputs: PlanInputs) -> TrainingPlan:
         return plan_training(inputs)
 

@@ -413,6 +413,18 @@ class FederatedTrainer(TrainerKind):
     def from_arguments(self, namespace) -> FederatedKindConfig:
         return FederatedKindConfig.parse(trainer_args(namespace))
 
+    def summary_lines(self, parameters: Mapping[str, Any]):
+        p = parameters
+        if "rounds" not in p or "noise_multiplier" not in p:
+            return []
+        lines = [f"noise multiplier {p['noise_multiplier']:.4g}, client clip {p.get('dp_clip', '-')}, "
+                 f"{p.get('clients_per_round', '-')} of {p.get('clients', '-')} clients per round "
+                 f"({p.get('sampling', '-')}), {p.get('rounds', '-')} rounds, partition {p.get('partition', '-')}"]
+        if "simulated_noise_multiplier" in p:
+            lines.append(f"simulated with noise multiplier {p['simulated_noise_multiplier']:.4g} on the sum of "
+                         f"the cohort (the noise on the mean of a cohort of {p.get('noise_cohort_size')})")
+        return lines
+
     def plan(self, inputs: PlanInputs) -> TrainingPlan:
         return plan_training(inputs)
 

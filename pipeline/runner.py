@@ -235,18 +235,10 @@ def format_guarantee(guarantee) -> str:
         for m in g.mechanisms:
             alone = f" (epsilon {m.epsilon_alone:.3g} alone)" if m.epsilon_alone is not None else ""
             lines.append(f"  covers {m.covers}: {m.name}{alone}")
-        p = g.parameters
-        if "steps" in p:          # DP-SGD
-            lines.append(f"  noise multiplier {p['noise_multiplier']:.4g}, clip {p.get('l2_norm_clip', '-')}, "
-                         f"sampling rate {p.get('sampling_rate', 0):.4g} ({p.get('sampling', '-')}), "
-                         f"{p.get('steps', '-')} steps, planned on {p.get('planning_rows', '-')} rows (public figure)")
-        elif "rounds" in p:       # DP-FedAvg
-            lines.append(f"  noise multiplier {p['noise_multiplier']:.4g}, client clip {p.get('dp_clip', '-')}, "
-                         f"{p.get('clients_per_round', '-')} of {p.get('clients', '-')} clients per round "
-                         f"({p.get('sampling', '-')}), {p.get('rounds', '-')} rounds, partition {p.get('partition', '-')}")
-            if "simulated_noise_multiplier" in p:
-                lines.append(f"  simulated with noise multiplier {p['simulated_noise_multiplier']:.4g} on the sum of "
-                             f"the cohort (the noise on the mean of a cohort of {p.get('noise_cohort_size')})")
+        from pipeline.trainers import TRAINER_KINDS, get_trainer
+
+        if g.trainer in TRAINER_KINDS:   # the kind states its own parameters
+            lines.extend("  " + line for line in get_trainer(g.trainer).summary_lines(g.parameters))
     if g.audit:
         lines.append(f"  empirical audit: epsilon lower bound {g.audit.get('epsilon_lower_bound', float('nan')):.3g} "
                      f"({g.audit.get('method', 'canaries')})")

@@ -124,3 +124,24 @@ def test_the_shared_sampling_flag_is_each_kinds_own(tmp_path):
     run = next(a for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions
                if "--sampling" in a.option_strings)
     assert "federated" in run.help and "dp_sgd" in run.help
+
+
+@pytest.mark.parametrize("kind,parameters,expected", [
+    ("dp_sgd", {"noise_multiplier": 1.1, "l2_norm_clip": 0.5, "sampling_rate": 0.05, "sampling": "poisson",
+                "steps": 40, "planning_rows": 2000},
+     ["  noise multiplier 1.1, clip 0.5, sampling rate 0.05 (poisson), 40 steps, planned on 2000 rows (public figure)"]),
+    ("federated", {"noise_multiplier": 1.0, "dp_clip": 0.5, "clients_per_round": 5, "clients": 20,
+                   "sampling": "poisson", "rounds": 2, "partition": "hash", "simulated_noise_multiplier": 0.1,
+                   "noise_cohort_size": 50},
+     ["  noise multiplier 1, client clip 0.5, 5 of 20 clients per round (poisson), 2 rounds, partition hash",
+      "  simulated with noise multiplier 0.1 on the sum of the cohort (the noise on the mean of a cohort of 50)"]),
+    ("standard", {"epochs": 5}, []),
+])
+def test_the_summary_states_each_kinds_parameters_through_the_kind(kind, parameters, expected):
+    from dp_training.guarantee import Guarantee
+    from pipeline.runner import format_guarantee
+
+    g = Guarantee(private=True, epsilon=1.0, delta=1e-5, accountant="pld", relation="add_or_remove_one", unit="row",
+                  source_id="s", dataset="d", trainer=kind, mechanisms=(), event={}, parameters=parameters)
+    lines = format_guarantee(g).splitlines()
+    assert lines[1:1 + len(expected)] == expected
