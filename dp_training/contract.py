@@ -241,10 +241,27 @@ class KindConfig:
 
 class TrainerKind:
     """Base of a trainer kind: a ``name``, its typed ``Config``, its command-line flags, ``plan`` (public inputs
-    only) and ``train`` (the private rows). Register a kind with ``pipeline.trainers.register``."""
+    only) and ``train`` (the private rows). Register a kind with ``pipeline.trainers.register``.
+
+    Studies (``simulations/study``) ask the kind, never name its keys: ``study_settings`` (what an arm may set),
+    ``epsilon_axis`` (``"required"``: a grid over target epsilons unless the noise is given; ``"optional"``:
+    without epsilons the arm runs non-private; ``"none"``: never private), ``partitioned`` (a grid over
+    partitions) and ``study_args`` (the arguments a grid point runs with)."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[Type[KindConfig]] = KindConfig
+    epsilon_axis: ClassVar[str] = "none"
+    partitioned: ClassVar[bool] = False
+    # config fields a study never sets (a published seed would make the DP noise reproducible; run plumbing)
+    study_hidden: ClassVar[Tuple[str, ...]] = ("seed",)
+
+    def study_settings(self) -> Tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.Config) if f.name not in self.study_hidden)
+
+    def study_args(self, settings: Mapping[str, Any], target_epsilon: Optional[float] = None,
+                   partition: Optional[str] = None, spec=None) -> Dict[str, Any]:
+        """The arguments a study's grid point runs with (the arm's settings over the kind's study defaults)."""
+        return dict(settings)
 
     def config(self, args: "Optional[Mapping[str, Any] | KindConfig]" = None) -> KindConfig:
         """``args`` parsed and validated into the kind's typed config (ArgumentError names a bad one)."""

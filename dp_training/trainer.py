@@ -569,6 +569,10 @@ class DPSGDTrainer(TrainerKind):
 
     name = "dp_sgd"
     Config = DPSGDConfig
+    epsilon_axis = "required"
+
+    def study_args(self, settings, target_epsilon=None, partition=None, spec=None):
+        return {**DEFAULTS, "mia": False, **dict(settings)}   # the MIA check is private and slow: off unless set
 
     def add_arguments(self, parser) -> None:
         add_arguments(parser)

@@ -406,6 +406,18 @@ class FederatedTrainer(TrainerKind):
 
     name = "federated"
     Config = FederatedKindConfig
+    epsilon_axis = "optional"
+    partitioned = True
+    study_hidden = ("seed", "resume", "plot", "checkpoint_every")
+
+    def study_args(self, settings, target_epsilon=None, partition=None, spec=None):
+        """Without a noise multiplier (or with 0), a target epsilon asks for DP-FedAvg calibrated to it."""
+        args = {**DEFAULTS, "plot": False, **dict(settings)}
+        if partition:
+            args["partition"] = partition
+        if target_epsilon is not None and args.get("dp_noise_multiplier") in (None, 0, 0.0):
+            args["dp_noise_multiplier"] = AUTO
+        return resolve_partition_clients(spec, args) if spec is not None else args
 
     def add_arguments(self, parser) -> None:
         add_arguments(parser)

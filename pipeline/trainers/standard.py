@@ -83,6 +83,7 @@ def _settings(args):
 class StandardTrainer(TrainerKind):
     name = "standard"
     Config = StandardConfig
+    study_hidden = ("cluster", "train_workers")
 
     def from_arguments(self, namespace) -> StandardConfig:
         return StandardConfig.parse(trainer_args(namespace))
