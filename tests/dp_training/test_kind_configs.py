@@ -34,15 +34,40 @@ def _assert_private_with_normalisation(plan, noise):
     assert plan.training.public["noise_multiplier"] == noise
 
 
+class _Reserved(Exception):
+    pass
+
+
+class CaptureLedger:
+    """Records the event a run reserves and refuses it: the run stops before any release."""
+
+    path = None
+    event = None
+
+    def verify(self, anchors=()):
+        return None
+
+    def reserve(self, source_id, event, **kwargs):
+        self.event = event
+        raise _Reserved
+
+
 def test_string_noise_through_the_simulation_config_is_private_with_its_normalisation(adult):
+    """``federated.simulate(SimulationConfig(dp_noise_multiplier="1.0"))``: the event it reserves includes the DP
+    normalisation release (before: the run was private, its normalisation exact and uncharged)."""
+    from federated.simulate import simulate
+
     spec, keys = adult
-    config = SimulationConfig(dp_noise_multiplier="1.0", rounds=5)
-    args = resolve_partition_clients(spec, config.trainer_args())
-    plan = plan_run(spec, "federated", FederatedTrainer(), args, dict(config.privacy), keys)
-    _assert_private_with_normalisation(plan, 1.0)
-    # exactly the plan of the number 1.0
+    ledger = CaptureLedger()
+    with pytest.raises(_Reserved):
+        simulate(SimulationConfig(dp_noise_multiplier="1.0", rounds=5, train_sample=300, eval_sample=100),
+                 log=lambda m: None, ledger=ledger)
+    pre, training = ledger.event.events
+    assert isinstance(pre, dp_accounting.GaussianDpEvent) and pre.noise_multiplier > 0
+    args = resolve_partition_clients(spec, SimulationConfig(rounds=5).trainer_args())
     number = plan_run(spec, "federated", FederatedTrainer(), {**args, "dp_noise_multiplier": 1.0}, {}, keys)
-    assert plan.event == number.event
+    _assert_private_with_normalisation(number, 1.0)
+    assert ledger.event == number.event
 
 
 def test_string_noise_for_dp_sgd_is_the_number(adult):
