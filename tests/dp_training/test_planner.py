@@ -138,3 +138,24 @@ def test_fashion_mnist_preflight_export_and_study_state_what_the_trainer_reserve
                     privacy=privacy_args(study, point))   # as simulations/study/runner.run_point builds it
     assert stated.event == _reserved_by_the_image_trainer(run, tmp_path)
     assert stated.training.public["expected_batch_size"] == 8192
+
+
+def test_the_planner_and_the_contract_import_no_tfx_nor_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, dp_training.planner, dp_training.contract; "
+            "print(sorted(m for m in ('tfx', 'tensorflow', 'tensorflow_federated', 'pipeline') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": PROJECT_ROOT})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_image_channel_count_is_the_scatternets():
+    """The planned channel keys are the channels the ScatterNet produces (the release must be the planned one)."""
+    pytest.importorskip("kymatio")
+    from dp_training.images import scattering_channels, scattering_features
+
+    pixels = np.random.default_rng(0).random((2, 28, 28, 1)).astype(np.float32)
+    assert scattering_features(pixels, None).shape[1] == scattering_channels((28, 28, 1)) == 81
