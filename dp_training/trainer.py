@@ -50,7 +50,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional
 import numpy as np
 
 from dp_training import accounting, calibration, events
-from dp_training.contract import (KindConfig, PlanInputs, TrainerContext, TrainerKind, TrainingInterrupted,
+from dp_training.contract import (ArgumentError, KindConfig, PlanInputs, TrainerContext, TrainerKind, TrainingInterrupted,
                                   TrainingOutcome, TrainingPlan, parse_bool, parse_choice, parse_number, parse_whole)
 
 DEFAULT_TARGET_EPSILON = 3.0
@@ -148,7 +148,7 @@ class DPSGDConfig(KindConfig):
         if z is not None:
             z = parse_number(k, "noise_multiplier", z, minimum=0.0)
             if z == 0:
-                raise ValueError("noise_multiplier 0 gives no privacy (epsilon = inf); use a non-private trainer "
+                raise ArgumentError("noise_multiplier 0 gives no privacy (epsilon = inf); use a non-private trainer "
                                  "(with --allow-non-private if the data set has a budget) or pass a positive noise "
                                  "multiplier / a target epsilon.")
         self._set("noise_multiplier", z)

@@ -170,3 +170,34 @@ def test_the_summary_states_each_kinds_parameters_through_the_kind(kind, paramet
                   source_id="s", dataset="d", trainer=kind, mechanisms=(), event={}, parameters=parameters)
     lines = format_guarantee(g).splitlines()
     assert lines[1:1 + len(expected)] == expected
+
+
+def test_a_plan_that_contradicts_its_config_is_refused(adult):
+    """The preprocessing is planned from the config's ``private``; a kind whose plan says otherwise (a bug that would
+    ship exact statistics with a private model, or charge nothing for a private one) is refused at planning."""
+    from dp_training.protocol import PlanError
+
+    class SaysNonPrivate(DPSGDTrainer):
+        def plan(self, inputs):
+            return dataclasses.replace(super().plan(inputs), private=False)
+
+    spec, keys = adult
+    with pytest.raises(PlanError, match="plan says private=False but its config says private=True"):
+        plan_run(spec, "dp_sgd", SaysNonPrivate(), {"noise_multiplier": 1.0, "epochs": 1}, {}, keys)
+
+
+def test_register_a_kind():
+    from pipeline import trainers
+
+    class Echo(DPSGDTrainer):
+        name = "echo_sgd"
+
+    trainers.register("echo_sgd", Echo)
+    try:
+        assert isinstance(trainers.get_trainer("echo_sgd"), Echo)
+        with pytest.raises(ValueError, match="already registered"):
+            trainers.register("echo_sgd", Echo)
+        with pytest.raises(ValueError, match="derives from"):
+            trainers.register("other", object, replace=True)
+    finally:
+        trainers.TRAINER_KINDS.pop("echo_sgd", None)
