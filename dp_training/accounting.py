@@ -15,11 +15,14 @@ Sampling semantics
 ``"shuffle"``
     Fixed-size batches from a shuffled pass over the data. We claim *no* amplification by
     shuffling/subsampling (standard accountants do not cover it, see Chua et al. 2024, "How Private
-    are DP-SGD Implementations?"). Each example is in at most one batch per epoch, so the honest
-    bound is one Gaussian(sigma) release per epoch: ``SelfComposed(Gaussian(sigma), epochs)`` with
-    ``epochs = ceil(steps * q)`` (a partial epoch counts as a whole one). The neighbouring relation
-    for this bound is "zero-out" (one record replaced by a record contributing a zero gradient, so
-    the batch layout does not change), for which the clipped-sum sensitivity is the clip norm.
+    are DP-SGD Implementations?"). Every epoch is a fresh permutation cut into ``n // b`` batches
+    (the remainder dropped), so each example is in at most one batch per epoch and the honest bound is
+    one Gaussian(sigma) release per epoch (parallel composition over the epoch's disjoint batches):
+    ``SelfComposed(Gaussian(sigma), epochs)`` with ``epochs = ceil(steps / steps_per_epoch)`` and
+    ``steps_per_epoch = n // b = floor(1 / q)`` (a partial epoch counts as a whole one). Not
+    ``ceil(steps * q)``: when b does not divide n, an epoch has fewer than ``1 / q`` steps and that
+    count would miss epochs that ran. Only under replace-one (n public, the batch layout the same for
+    neighbours), where the clipped-sum sensitivity is 2C, which the accountants apply.
 """
 from __future__ import annotations
 
@@ -87,17 +90,27 @@ def validate_parameters(noise_multiplier, sampling_rate, steps, delta=None,
                          "(amplified) or 'shuffle' (fixed batches, no amplification claimed).")
 
 
-def epochs_for_steps(steps: int, sampling_rate: float) -> int:
-    """Number of (possibly partial) passes over the data that ``steps`` steps of rate q touch."""
+def steps_per_epoch(sampling_rate: float) -> int:
+    """Steps of one shuffled epoch at ``q = b / n``: ``n // b = floor(1 / q)`` (the tolerance absorbs the
+    rounding of ``1 / (b / n)``; ``n mod b`` leaves a gap of at least ``1 / b`` below the next integer)."""
+    return max(1, int(math.floor(1.0 / float(sampling_rate) + 1e-9)))
+
+
+def epochs_for_steps(steps: int, sampling_rate: float, per_epoch: int | None = None) -> int:
+    """Number of (possibly partial) shuffled epochs that ``steps`` steps run (``per_epoch`` steps each,
+    default ``steps_per_epoch(q)``): each is one permutation, so a row is in one batch per epoch."""
     if steps <= 0:
         return 0
-    # Small tolerance so that steps = k * n / b (exact arithmetic) is not pushed to k + 1 by rounding.
-    return max(1, int(math.ceil(steps * float(sampling_rate) - 1e-9)))
+    per = steps_per_epoch(sampling_rate) if per_epoch is None else int(per_epoch)
+    if per < 1:
+        raise ValueError(f"steps per epoch must be >= 1, got {per_epoch!r}")
+    return max(1, -(-int(steps) // per))
 
 
 def dp_event(noise_multiplier: float, sampling_rate: float, steps: int,
-             sampling: str = "poisson") -> dp_accounting.DpEvent:
-    """The dp_accounting DpEvent describing ``steps`` DP-SGD steps (see module docstring)."""
+             sampling: str = "poisson", per_epoch: int | None = None) -> dp_accounting.DpEvent:
+    """The dp_accounting DpEvent describing ``steps`` DP-SGD steps (see module docstring); ``per_epoch``: the
+    shuffled epoch's number of steps (``n // b``; default ``floor(1 / q)``, the same number)."""
     validate_parameters(noise_multiplier, sampling_rate, steps, sampling=sampling)
     steps = int(steps)
     sigma = float(noise_multiplier)
@@ -110,7 +123,7 @@ def dp_event(noise_multiplier: float, sampling_rate: float, steps: int,
         return dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
     return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma),
-                                             epochs_for_steps(steps, q))
+                                             epochs_for_steps(steps, q, per_epoch))
 
 
 def epsilon_of_event(event: dp_accounting.DpEvent, delta: float,

@@ -64,6 +64,16 @@ def scaled_pixels(images: np.ndarray, low: int, high: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------------------
 # ScatterNet features
 # ------------------------------------------------------------------------------------------------------------
+SCATTERING_L = 8                  # kymatio's default number of angles
+
+
+def scattering_channels(shape: Tuple[int, ...], J: int = SCATTERING_J, L: int = SCATTERING_L) -> int:
+    """The number of ScatterNet feature channels of ``[h, w, c]`` images (public: from the declared shape):
+    ``c`` times kymatio's second-order count ``1 + J L + L^2 J (J - 1) / 2`` (81 for J=2, L=8)."""
+    c = int(shape[-1])
+    return c * (1 + J * L + L * L * J * (J - 1) // 2)
+
+
 def scattering_layer(shape: Tuple[int, int], J: int = SCATTERING_J):
     from kymatio.keras import Scattering2D
 
@@ -190,7 +200,7 @@ class ChannelNormalization:
 
 
 __all__ = ["MODELS", "DEFAULT_MODEL", "IMAGE_DEFAULTS", "image_trainer_args", "run_image_training", "model_inputs", "build_image_model", "image_serving_model",
-           "scattering_features", "scaled_pixels", "ChannelNormalization", "check_model", "uses_scattering"]
+           "scattering_features", "scattering_channels", "scaled_pixels", "ChannelNormalization", "check_model", "uses_scattering"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -204,9 +214,16 @@ def model_inputs(model: str, pixels: np.ndarray, cache_dir: Optional[str], log=l
 
 
 def image_trainer_args(model: str, args: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """The model's published defaults (``IMAGE_DEFAULTS``) under the given trainer args."""
-    out = dict(IMAGE_DEFAULTS[check_model(model)])
-    out.update({k: v for k, v in (args or {}).items() if v is not None})
+    """The image Trainer's arguments: the model's published defaults (``IMAGE_DEFAULTS``) under the given
+    trainer args, where a value equal to the dp_sgd kind's tabular default (``dp_training.trainer.DEFAULTS``,
+    e.g. filled in by the command line or a study) counts as not given. Idempotent: the planner
+    (``dp_training.planner``) and the Trainer may both apply it."""
+    from dp_training.trainer import DEFAULTS
+
+    given = {k: v for k, v in (args or {}).items()
+             if v is not None and not (k in IMAGE_DEFAULTS[check_model(model)] and k in DEFAULTS and v == DEFAULTS[k])}
+    out = dict(IMAGE_DEFAULTS[model])
+    out.update(given)
     return out
 
 
@@ -217,6 +234,7 @@ def run_image_training(spec, model: str, kind_name: str, kind, trainer_args: Map
     """plan -> reserve -> DP channel moments (ScatterNet models) -> train -> finish, on pixels scaled to [0, 1]
     (``scaled_pixels``). Returns ``dp_training.protocol.PrivateRunResult``; its ``normalization`` is the released
     ``ChannelStats`` (None for the pixel CNN)."""
+    from dp_training.planner import PlanOptions
     from dp_training.protocol import run_private_training
 
     check_model(model)
@@ -229,7 +247,7 @@ def run_image_training(spec, model: str, kind_name: str, kind, trainer_args: Map
         spec, kind_name, trainer_args, privacy_args, train_x, np.asarray(train_labels, np.float32), eval_x,
         np.asarray(eval_labels, np.float32), scratch_dir=scratch_dir, kind=_NamedModelKind(kind, model), log=log,
         not_covered=not_covered,
-        ledger=ledger, preprocessing=preprocessing,
+        ledger=ledger, preprocessing=preprocessing, plan_options=PlanOptions(image_model=model),
         model_builder=lambda stats: build_image_model(model, input_shape, spec.num_classes, stats, seed))
 
 
@@ -238,6 +256,9 @@ class _NamedModelKind:
 
     def __init__(self, inner, model: str):
         self.inner, self.model, self.name = inner, model, inner.name
+
+    def config(self, args):
+        return self.inner.config(args)
 
     def plan(self, inputs):
         return self.inner.plan(inputs)

@@ -64,6 +64,7 @@ class RunPlan:
     preprocessing_event: dp_accounting.DpEvent
     training: TrainingPlan
     privacy_args: Mapping[str, Any]
+    config: Any = None          # the kind's typed KindConfig the plan was made from
 
     @property
     def private(self) -> bool:
@@ -114,10 +115,10 @@ def plan_run(spec: DatasetSpec, kind_name: str, kind, trainer_args: Mapping[str,
     if not 0 < float(delta) < 1:
         raise PlanError(f"delta must be in (0, 1), got {delta!r}; pass e.g. --delta 1e-5")
     delta = float(delta)
-    private_kind = _kind_is_private(kind, trainer_args)
+    config = kind_config(kind, trainer_args)   # typed and validated once (ArgumentError names a bad argument)
+    private_kind = config.private
     target = p["target_epsilon"]
-    explicit_noise = [trainer_args.get(k) for k in ("noise_multiplier", "dp_noise_multiplier")]
-    if private_kind and target is None and all(v in (None, "auto") for v in explicit_noise):
+    if private_kind and target is None and not config.noise_given:
         target = DEFAULT_TARGET_EPSILON   # calibrated: a tenth of it goes to preprocessing
     if target is not None and (not float(target) > 0 or math.isinf(float(target))):
         raise PlanError(f"target epsilon must be a finite number > 0, got {target!r}; pass e.g. --target-epsilon 3")
@@ -134,14 +135,18 @@ def plan_run(spec: DatasetSpec, kind_name: str, kind, trainer_args: Mapping[str,
         pre = NormalizationPlan(tuple(numeric_keys), 0.0, None)   # exact statistics for non-private runs
         pre_event = dp_accounting.NoOpDpEvent()
     inputs = PlanInputs(kind=kind_name, dataset_name=spec.name, source=source, planning_rows=n_plan,
-                        args=dict(trainer_args), accountant=accountant, delta=delta, base_event=pre_event,
-                        target_epsilon=None if target is None else float(target))
+                        args=config.to_args(), accountant=accountant, delta=delta, base_event=pre_event,
+                        target_epsilon=None if target is None else float(target), config=config)
     training = kind.plan(inputs)
+    if bool(training.private) != bool(private_kind):
+        # the preprocessing above was planned for the config's answer; a plan saying otherwise is a kind's bug
+        raise PlanError(f"trainer {kind_name}: its plan says private={training.private} but its config says "
+                        f"private={private_kind}; the run is refused (a kind's plan must follow its config)")
     if training.private:
         accountants.check_supported(accountant, ev.compose(pre_event, training.event), source.relation)
     return RunPlan(kind=kind_name, dataset=spec.name, source=source, accountant=accountant, delta=delta,
                    target_epsilon=None if target is None else float(target), preprocessing=pre,
-                   preprocessing_event=pre_event, training=training, privacy_args=p)
+                   preprocessing_event=pre_event, training=training, privacy_args=p, config=config)
 
 
 def not_covered(spec: DatasetSpec, extra: Tuple[str, ...] = (), eval_note: str = "") -> Tuple[str, ...]:
@@ -156,12 +161,15 @@ def not_covered(spec: DatasetSpec, extra: Tuple[str, ...] = (), eval_note: str =
     return tuple(items)
 
 
-def _kind_is_private(kind, trainer_args) -> bool:
-    import sys
-    module = sys.modules.get(type(kind).__module__)
-    if module is not None and hasattr(module, "is_private"):
-        return bool(module.is_private(trainer_args))
-    return True
+def kind_config(kind, trainer_args):
+    """The kind's typed config of ``trainer_args`` (``dp_training.contract.KindConfig``): every trainer argument
+    parsed and validated once; whether the run is private is the config's ``private``, which the kind's plan
+    states. A kind without a ``config`` method (a plain ``plan``/``train`` object) is refused."""
+    make = getattr(kind, "config", None)
+    if make is None:
+        raise PlanError(f"trainer kind {type(kind).__name__} has no typed config; derive it from "
+                        "dp_training.contract.TrainerKind with a KindConfig")
+    return make(trainer_args)
 
 
 class RunProtocol:
@@ -409,7 +417,7 @@ def check_combined(combined: CombinedPlan, privacy_args: Optional[Mapping[str, A
                      **common)
 
 
-__all__ = ["RunPlan", "RunProtocol", "plan_run", "not_covered", "planning_rows", "resolve_privacy_args", "PlanError",
+__all__ = ["RunPlan", "RunProtocol", "plan_run", "kind_config", "not_covered", "planning_rows", "resolve_privacy_args", "PlanError",
            "PRIVACY_DEFAULTS", "DEFAULT_TARGET_EPSILON", "deployment_epsilon", "simulation_statement",
            "combine_plans", "check_combined", "CombinedPlan", "ledger_charge", "LedgerCharge"]
 
@@ -427,7 +435,7 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
                          scratch_dir: str, kind, log=print, hidden_units=(64, 64),
                          not_covered: Tuple[str, ...] = (), ledger=None,
                          numeric_keys: Optional[Sequence[str]] = None, preprocessing=None,
-                         model_builder=None) -> PrivateRunResult:
+                         model_builder=None, plan_options=None) -> PrivateRunResult:
     """The whole protocol for one run on model inputs already transformed with the public transform
     (``dp_training.features``): plan -> reserve -> DP normalisation -> train -> finish -> guarantee.
 
@@ -438,22 +446,31 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
 
     Image data sets (``dp_training.images``) pass ``preprocessing`` (an object with ``keys``, ``covers`` and
     ``release(plan, train_x) -> stats``: their DP release, planned and charged here like the tabular one) and
-    ``model_builder(stats) -> model``."""
+    ``model_builder(stats) -> model``.
+
+    The plan is ``dp_training.planner.plan_for`` (``plan_options``: its ``PlanOptions``; ``numeric_keys`` and the
+    exact row count under replace_one go into them): the same function the pre-flight, export and study use, so
+    what they state is what this reserves. The preprocessing the plan covers must be the one released here."""
     import os
 
     from dp_training.contract import TrainerContext, TrainingInterrupted
-    from dp_training.features import numeric_key
     from dp_training.model import bucket_sizes, build_model
     from dp_training.preprocessing import release_normalization
 
-    if preprocessing is not None:
-        numeric_keys = list(preprocessing.keys)
-    elif numeric_keys is None:
-        numeric_keys = [numeric_key(c) for c in spec.numeric_features]
-    numeric_keys = list(numeric_keys)
+    from dp_training.planner import PlanOptions, plan_for
+
     source = spec.require_privacy()
     exact = int(len(train_y)) if source.relation == ev.REPLACE_ONE else None
-    plan = plan_run(spec, kind_name, kind, trainer_args, privacy_args, numeric_keys, exact_rows=exact)
+    options = dataclasses.replace(plan_options or PlanOptions(), exact_rows=exact)
+    if numeric_keys is not None:
+        options = dataclasses.replace(options, numeric_keys=tuple(numeric_keys))
+    if getattr(kind, "name", kind_name) != kind_name:
+        raise PlanError(f"trainer kind {kind_name!r} was given the kind object of {kind.name!r}")
+    plan = plan_for(spec, kind, trainer_args, privacy_args, options)
+    numeric_keys = list(plan.preprocessing.feature_keys)
+    if preprocessing is not None and list(preprocessing.keys) != numeric_keys and plan.private:
+        raise PlanError(f"the run's preprocessing releases {len(list(preprocessing.keys))} key(s) but its plan covers "
+                        f"{len(numeric_keys)}; the release must be the planned one")
     if plan.private:
         log(f"privacy plan: {plan.training.mechanism}; planned epsilon {plan.planned_epsilon():.4g} at delta "
             f"{plan.delta:.3g} ({plan.accountant}, {source.relation} of one {source.unit_name})")
@@ -486,7 +503,7 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
         context = TrainerContext(
             dataset_name=spec.name, train_features=train_x, train_labels=train_y, eval_features=eval_x,
             eval_labels=eval_y, build_model=builder,
-            args=dict(trainer_args), plan=plan.training, scratch_dir=scratch_dir, source=source, log=log)
+            args=plan.config.to_args(), plan=plan.training, scratch_dir=scratch_dir, source=source, log=log)
         outcome = kind.train(context)
     except TrainingInterrupted as e:
         protocol.fail(e.released_event, "cancelled" if isinstance(e.cause, KeyboardInterrupt) else "failed")

@@ -41,15 +41,17 @@ floating-point / PRNG effects of ``tf.random.normal`` (not a cryptographic sampl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 import warnings
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, ClassVar, Dict, Mapping, Optional
 
 import numpy as np
 
 from dp_training import accounting, calibration, events
-from dp_training.contract import PlanInputs, TrainerContext, TrainingInterrupted, TrainingOutcome, TrainingPlan
+from dp_training.contract import (ArgumentError, KindConfig, PlanInputs, TrainerContext, TrainerKind, TrainingInterrupted,
+                                  TrainingOutcome, TrainingPlan, parse_bool, parse_choice, parse_number, parse_whole)
 
 DEFAULT_TARGET_EPSILON = 3.0
 DEFAULTS: Dict[str, Any] = {
@@ -117,26 +119,70 @@ def trainer_args(namespace: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def is_private(args: Mapping[str, Any]) -> bool:
-    return True
+# ------------------------------------------------------------------------------------------------
+# The kind's typed config (parsed and validated once: command line, study TOML and Python alike)
+# ------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DPSGDConfig(KindConfig):
+    """The dp_sgd arguments, typed (``DEFAULTS`` documents them). ``noise_multiplier`` None (or ``"auto"``):
+    calibrated to the run's target epsilon; a number (also a numeric string) must be > 0. Always private."""
+
+    kind: ClassVar[str] = "dp_sgd"
+    noise_multiplier: Optional[float] = DEFAULTS["noise_multiplier"]
+    l2_norm_clip: float = DEFAULTS["l2_norm_clip"]
+    batch_size: Optional[int] = DEFAULTS["batch_size"]
+    epochs: float = DEFAULTS["epochs"]
+    learning_rate: float = DEFAULTS["learning_rate"]
+    momentum: float = DEFAULTS["momentum"]
+    sampling: str = DEFAULTS["sampling"]
+    dp_path: str = DEFAULTS["dp_path"]
+    seed: Optional[int] = DEFAULTS["seed"]
+    mia: bool = DEFAULTS["mia"]
+    mia_max_rows: int = DEFAULTS["mia_max_rows"]
+
+    def __post_init__(self):
+        k = self.kind
+        z = self.noise_multiplier
+        if isinstance(z, str) and z.strip().lower() == "auto":
+            z = None
+        if z is not None:
+            z = parse_number(k, "noise_multiplier", z, minimum=0.0)
+            if z == 0:
+                raise ArgumentError("noise_multiplier 0 gives no privacy (epsilon = inf); use a non-private trainer "
+                                 "(with --allow-non-private if the data set has a budget) or pass a positive noise "
+                                 "multiplier / a target epsilon.")
+        self._set("noise_multiplier", z)
+        self._set("l2_norm_clip", parse_number(k, "l2_norm_clip", self.l2_norm_clip, above=0.0))
+        if self.batch_size is not None:
+            self._set("batch_size", parse_whole(k, "batch_size", self.batch_size, minimum=1))
+        self._set("epochs", parse_number(k, "epochs", self.epochs, above=0.0))
+        self._set("learning_rate", parse_number(k, "learning_rate", self.learning_rate, above=0.0))
+        self._set("momentum", parse_number(k, "momentum", self.momentum, minimum=0.0))
+        sampling = "shuffle" if self.sampling == "fixed" else self.sampling
+        self._set("sampling", parse_choice(k, "sampling", sampling, accounting.SAMPLINGS))
+        self._set("dp_path", parse_choice(k, "dp_path", self.dp_path, DP_PATHS))
+        if self.seed is not None:
+            self._set("seed", parse_whole(k, "seed", self.seed))
+        self._set("mia", parse_bool(k, "mia", self.mia))
+        self._set("mia_max_rows", parse_whole(k, "mia_max_rows", self.mia_max_rows, minimum=1))
+
+    @property
+    def private(self) -> bool:
+        return True
+
+    @property
+    def noise_given(self) -> bool:
+        return self.noise_multiplier is not None
 
 
 # ------------------------------------------------------------------------------------------------
 # Planning (public inputs only)
 # ------------------------------------------------------------------------------------------------
-def _resolve_args(args: Mapping[str, Any]) -> Dict[str, Any]:
-    unknown = set(args) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown dp_sgd trainer args {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    a = dict(DEFAULTS)
-    a.update({k: v for k, v in args.items() if v is not None})
-    return a
-
-
 def plan_training(inputs: PlanInputs) -> TrainingPlan:
     """q, steps and the noise multiplier from public inputs (calibrated so that the run's whole release,
     ``inputs.base_event`` plus DP-SGD, meets ``inputs.target_epsilon``)."""
-    a = _resolve_args(inputs.args)
+    config = DPSGDConfig.parse(inputs.config if inputs.config is not None else inputs.args)
+    a = config.to_args()
     n = int(inputs.planning_rows)
     if n <= 0:
         raise ValueError("the data set's public planning size is 0; dp_sgd needs at least one training row.")
@@ -200,7 +246,9 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
                              "non-private trainer (with --allow-non-private if the data set has a "
                              "budget) or pass a positive noise multiplier / a target epsilon.")
     sigma = float(sigma)
-    event = accounting.dp_event(sigma, q, steps, a["sampling"])
+    # shuffle: one Gaussian per epoch actually run (epochs x (n // bs) steps, a fresh permutation each)
+    event = accounting.dp_event(sigma, q, steps, a["sampling"],
+                                per_epoch=None if a["sampling"] == "poisson" else steps_per_epoch)
     mechanism = ("DP-SGD, Poisson-sampled Gaussian per step" if a["sampling"] == "poisson"
                  else "DP-SGD, one Gaussian per epoch (shuffled fixed batches, no amplification)")
     public = {"noise_multiplier": sigma, "l2_norm_clip": float(clip), "sampling": a["sampling"],
@@ -215,7 +263,7 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
     if a["seed"] is not None:  # tests and benchmarks: the batches and the noise are reproducible from the seed
         notes = ("a seed was given: the Poisson batches and the noise are reproducible from it; the guarantee holds "
                  "only while the seed stays secret (it is not published)",)
-    return TrainingPlan(event=event, private=True, mechanism=mechanism, public=public, internal=internal,
+    return TrainingPlan(event=event, private=config.private, mechanism=mechanism, public=public, internal=internal,
                         notes=notes)
 
 
@@ -516,10 +564,29 @@ def _correct(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=1) == labels.astype(int)
 
 
-class DPSGDTrainer:
+class DPSGDTrainer(TrainerKind):
     """Trainer kind ``dp_sgd`` (see the module docstring)."""
 
     name = "dp_sgd"
+    Config = DPSGDConfig
+    epsilon_axis = "required"
+
+    def study_args(self, settings, target_epsilon=None, partition=None, spec=None):
+        return {**DEFAULTS, "mia": False, **dict(settings)}   # the MIA check is private and slow: off unless set
+
+    def add_arguments(self, parser) -> None:
+        add_arguments(parser)
+
+    def from_arguments(self, namespace) -> DPSGDConfig:
+        return DPSGDConfig.parse(trainer_args(namespace))
+
+    def summary_lines(self, parameters: Mapping[str, Any]):
+        p = parameters
+        if "steps" not in p:
+            return []
+        return [f"noise multiplier {p['noise_multiplier']:.4g}, clip {p.get('l2_norm_clip', '-')}, "
+                f"sampling rate {p.get('sampling_rate', 0):.4g} ({p.get('sampling', '-')}), "
+                f"{p.get('steps', '-')} steps, planned on {p.get('planning_rows', '-')} rows (public figure)"]
 
     def plan(self, inputs: PlanInputs) -> TrainingPlan:
         return plan_training(inputs)
@@ -536,7 +603,8 @@ class DPSGDTrainer:
         steps_done = 0
 
         def released(steps: int):
-            return accounting.dp_event(plan["noise_multiplier"], plan["sampling_rate"], steps, a["sampling"])
+            return accounting.dp_event(plan["noise_multiplier"], plan["sampling_rate"], steps, a["sampling"],
+                                       per_epoch=None if a["sampling"] == "poisson" else plan["steps_per_epoch"])
 
         try:
             if a["seed"] is not None:
@@ -624,5 +692,5 @@ class DPSGDTrainer:
                                private_details=private)
 
 
-__all__ = ["DPSGDTrainer", "add_arguments", "trainer_args", "plan_training", "is_private",
+__all__ = ["DPSGDTrainer", "DPSGDConfig", "add_arguments", "trainer_args", "plan_training",
            "membership_inference_auc", "batch_indices", "supports_fast_gradient_clipping"]

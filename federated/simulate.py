@@ -45,11 +45,13 @@ class SimulationConfig(FederatedConfig):
         return {k: getattr(self, k) for k in DEFAULTS}
 
 
-def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print, data=None) -> FederatedResult:
+def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print, data=None,
+             ledger=None) -> FederatedResult:
     """Loads the data with the platform's reader, plans, reserves, trains, charges; returns the result.
 
     ``data`` (a :class:`federated.data.TabularData` of the same ``data_dir``) skips loading, e.g. to reuse one
-    load across runs."""
+    load across runs. ``ledger``: a ``dp_training.ledger.Ledger`` (default: ``privacy["ledger"]`` or the default
+    ledger path)."""
     from dp_training.features import numeric_key
     from dp_training.protocol import not_covered, planning_rows, run_private_training
     from federated.data import load_tabular
@@ -74,7 +76,7 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print, da
         log=lambda m: log(m if m.startswith("[federated]") else f"[federated] {m}"),
         hidden_units=tuple(config.hidden), not_covered=not_covered(spec, extra=(
             "per-round and per-client metrics (metrics.csv/json, accuracy.png, checkpoints): private, computed "
-            "without DP, kept in the output directory",)), numeric_keys=numeric_keys)
+            "without DP, kept in the output directory",)), numeric_keys=numeric_keys, ledger=ledger)
     outcome, guarantee = result.outcome, result.guarantee
     details = outcome.private_details
     files = dict(details.get("files") or {})

@@ -36,14 +36,15 @@ import dataclasses
 import hashlib
 import json
 import math
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, ClassVar, Dict, Mapping, Optional, Union
 
 import dp_accounting
 import numpy as np
 
 from dp_training import accountants, calibration, events
-from dp_training.contract import (PlanInputs, SimulationSetting, TrainerContext, TrainingInterrupted, TrainingOutcome,
-                                  TrainingPlan)
+from dp_training.contract import (ArgumentError, KindConfig, PlanInputs, SimulationSetting, TrainerContext,
+                                  TrainerKind, TrainingInterrupted, TrainingOutcome, TrainingPlan, parse_bool,
+                                  parse_choice, parse_number, parse_text, parse_whole)
 from federated.engine import FederatedConfig
 from federated.partition import PartitionSpec
 
@@ -99,26 +100,100 @@ def resolve_partition_clients(spec, args: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def is_private(args: Optional[Mapping[str, Any]]) -> bool:
-    """DP-FedAvg with a positive (or calibrated) noise multiplier."""
-    z = (args or {}).get("dp_noise_multiplier")
-    if z is None:
-        return False
-    if isinstance(z, str):
-        return z.strip().lower() == AUTO
-    return float(z) > 0
+# ------------------------------------------------------------------------------------------------
+# The kind's typed config (parsed and validated once: command line, study TOML and Python alike)
+# ------------------------------------------------------------------------------------------------
+_INTS = {"clients": 1, "clients_per_round": 1, "rounds": 1, "local_epochs": 1, "client_batch_size": 1,
+         "eval_every": 0, "checkpoint_every": 0, "seed": None, "max_concurrent_computation_calls": -1,
+         "worker_processes": 0}
+_OPTIONAL_INTS = {"noise_cohort_size": 1, "noise_population": 1}
+_BOOLS = ("adaptive_clipping", "resume", "plot")
 
 
-# ------------------------------------------------------------------------------------------------
-# Planning (public inputs only)
-# ------------------------------------------------------------------------------------------------
-def _resolve_args(args: Mapping[str, Any]) -> Dict[str, Any]:
-    unknown = set(args) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown federated trainer args {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    a = dict(DEFAULTS)
-    a.update({k: v for k, v in args.items() if v is not None or k == "dp_noise_multiplier"})
-    return a
+def parse_noise(value) -> Union[None, str, float]:
+    """``dp_noise_multiplier``: None (FedAvg), ``"auto"`` (calibrated), or a finite number >= 0 (also given as a
+    numeric string, e.g. from a TOML file): one ArgumentError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(value, bool):
+        raise ArgumentError(f"--dp-noise-multiplier takes a number or 'auto', got {value!r}")
+    try:
+        z = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"--dp-noise-multiplier takes a number or 'auto', got {value!r}") from None
+    if math.isnan(z) or math.isinf(z) or z < 0:
+        raise ArgumentError(f"--dp-noise-multiplier must be a finite number >= 0 or 'auto', got {value!r} (0 runs "
+                            "the DP aggregator without noise: not private)")
+    return z
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedKindConfig(KindConfig):
+    """The federated arguments, typed (``federated.engine.FederatedConfig`` documents them). Private exactly
+    when ``dp_noise_multiplier`` is ``"auto"`` or a number > 0 (see the module docstring)."""
+
+    kind: ClassVar[str] = "federated"
+    clients: int = DEFAULTS["clients"]
+    clients_per_round: int = DEFAULTS["clients_per_round"]
+    rounds: int = DEFAULTS["rounds"]
+    local_epochs: int = DEFAULTS["local_epochs"]
+    client_batch_size: int = DEFAULTS["client_batch_size"]
+    partition: str = DEFAULTS["partition"]
+    client_optimizer: str = DEFAULTS["client_optimizer"]
+    server_optimizer: str = DEFAULTS["server_optimizer"]
+    client_lr: float = DEFAULTS["client_lr"]
+    server_lr: float = DEFAULTS["server_lr"]
+    dp_noise_multiplier: Union[None, str, float] = DEFAULTS["dp_noise_multiplier"]
+    dp_clip: float = DEFAULTS["dp_clip"]
+    adaptive_clipping: bool = DEFAULTS["adaptive_clipping"]
+    sampling: str = DEFAULTS["sampling"]
+    dropout_rate: float = DEFAULTS["dropout_rate"]
+    eval_every: int = DEFAULTS["eval_every"]
+    checkpoint_every: int = DEFAULTS["checkpoint_every"]
+    resume: bool = DEFAULTS["resume"]
+    seed: int = DEFAULTS["seed"]
+    max_concurrent_computation_calls: int = DEFAULTS["max_concurrent_computation_calls"]
+    plot: bool = DEFAULTS["plot"]
+    client_loop: str = DEFAULTS["client_loop"]
+    workers: Optional[str] = DEFAULTS["workers"]
+    worker_processes: int = DEFAULTS["worker_processes"]
+    noise_cohort_size: Optional[int] = DEFAULTS["noise_cohort_size"]
+    noise_population: Optional[int] = DEFAULTS["noise_population"]
+
+    def __post_init__(self):
+        k = self.kind
+        for key, minimum in _INTS.items():
+            self._set(key, parse_whole(k, key, getattr(self, key), minimum=minimum))
+        for key, minimum in _OPTIONAL_INTS.items():
+            if getattr(self, key) is not None:
+                self._set(key, parse_whole(k, key, getattr(self, key), minimum=minimum))
+        for key in _BOOLS:
+            self._set(key, parse_bool(k, key, getattr(self, key)))
+        for key in ("client_lr", "server_lr"):
+            self._set(key, parse_number(k, key, getattr(self, key), above=0.0))
+        self._set("dp_clip", parse_number(k, "dp_clip", self.dp_clip, above=0.0))
+        self._set("dropout_rate", parse_number(k, "dropout_rate", self.dropout_rate, minimum=0.0))
+        if not self.dropout_rate < 1.0:
+            raise ArgumentError(f"dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
+        self._set("sampling", parse_choice(k, "sampling", self.sampling, SAMPLINGS))
+        self._set("client_loop", parse_choice(k, "client_loop", self.client_loop, ("iterator", "reduce")))
+        for key in ("partition", "client_optimizer", "server_optimizer"):
+            self._set(key, parse_text(k, key, getattr(self, key)))
+        self._set("partition", str(PartitionSpec.parse(self.partition)))
+        if self.workers is not None:
+            self._set("workers", parse_text(k, "workers", self.workers))
+        self._set("dp_noise_multiplier", parse_noise(self.dp_noise_multiplier))
+
+    @property
+    def private(self) -> bool:
+        z = self.dp_noise_multiplier
+        return z == AUTO or (z is not None and z > 0)
+
+    @property
+    def noise_given(self) -> bool:
+        return self.dp_noise_multiplier not in (None, AUTO)
 
 
 def _positive_int(a, key, flag, minimum=1):
@@ -126,25 +201,6 @@ def _positive_int(a, key, flag, minimum=1):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
         raise ValueError(f"{key} must be a whole number >= {minimum}, got {v!r}; pass {flag} N")
     return int(v)
-
-
-def _noise(a) -> Optional[float]:
-    """None (FedAvg), "auto", or a float >= 0."""
-    z = a["dp_noise_multiplier"]
-    if z is None:
-        return None
-    if isinstance(z, str):
-        if z.strip().lower() == AUTO:
-            return AUTO
-        try:
-            z = float(z)
-        except ValueError:
-            raise ValueError(f"--dp-noise-multiplier takes a number or 'auto', got {z!r}") from None
-    z = float(z)
-    if math.isnan(z) or math.isinf(z) or z < 0:
-        raise ValueError(f"--dp-noise-multiplier must be a finite number >= 0 or 'auto', got {z!r} (0 runs the DP "
-                         "aggregator without noise: not private)")
-    return z
 
 
 def accounting_mode(source, part: PartitionSpec) -> str:
@@ -201,7 +257,8 @@ def training_event(noise: float, rounds: int, clients: int, per_round: int, samp
 
 
 def plan_training(inputs: PlanInputs) -> TrainingPlan:
-    a = _resolve_args(inputs.args)
+    config = FederatedKindConfig.parse(inputs.config if inputs.config is not None else inputs.args)
+    a = config.to_args()
     part = PartitionSpec.parse(str(a["partition"]))
     a["partition"] = str(part)
     clients = _positive_int(a, "clients", "--clients")
@@ -219,7 +276,7 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
     clip = float(a["dp_clip"])
     if not clip > 0 or math.isinf(clip):
         raise ValueError(f"dp_clip must be a finite number > 0, got {a['dp_clip']!r}; pass e.g. --dp-clip 0.5")
-    z = _noise(a)
+    z = a["dp_noise_multiplier"]
     cohort = _noise_cohort(a, clients, per_round, z)
     public: Dict[str, Any] = {
         "partition": str(part), "clients": clients, "clients_per_round": per_round, "rounds": rounds,
@@ -228,7 +285,7 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
         "server_optimizer": a["server_optimizer"], "client_lr": float(a["client_lr"]),
         "server_lr": float(a["server_lr"]), "dropout_rate": float(a["dropout_rate"]), "seed": int(a["seed"])}
     internal: Dict[str, Any] = {"args": a, "clients": clients, "clients_per_round": per_round, "rounds": rounds}
-    if z is None or z == 0.0:
+    if not config.private:
         if z == 0.0:
             public.update({"strategy": "dp-fedavg aggregator without noise", "dp_clip": clip,
                            "adaptive_clipping": bool(a["adaptive_clipping"])})
@@ -300,7 +357,7 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
     if mode == "client" and inputs.source.unit_column:
         notes = (f"rows whose {inputs.source.unit_column} is missing or outside its public domain belong to no "
                  "person and are not trained on",)
-    return TrainingPlan(event=event, private=True,
+    return TrainingPlan(event=event, private=config.private,
                         mechanism=f"DP-FedAvg, Gaussian aggregate per round, {sampling_text}",
                         public=public, internal=internal, notes=notes, simulation=simulation)
 
@@ -344,10 +401,41 @@ def _one_hot_tokens(model, column: str) -> Optional[int]:
         return None
 
 
-class FederatedTrainer:
+class FederatedTrainer(TrainerKind):
     """Federated training of ``context.build_model()`` over client shards of the training rows."""
 
     name = "federated"
+    Config = FederatedKindConfig
+    epsilon_axis = "optional"
+    partitioned = True
+    study_hidden = ("seed", "resume", "plot", "checkpoint_every")
+
+    def study_args(self, settings, target_epsilon=None, partition=None, spec=None):
+        """Without a noise multiplier (or with 0), a target epsilon asks for DP-FedAvg calibrated to it."""
+        args = {**DEFAULTS, "plot": False, **dict(settings)}
+        if partition:
+            args["partition"] = partition
+        if target_epsilon is not None and args.get("dp_noise_multiplier") in (None, 0, 0.0):
+            args["dp_noise_multiplier"] = AUTO
+        return resolve_partition_clients(spec, args) if spec is not None else args
+
+    def add_arguments(self, parser) -> None:
+        add_arguments(parser)
+
+    def from_arguments(self, namespace) -> FederatedKindConfig:
+        return FederatedKindConfig.parse(trainer_args(namespace))
+
+    def summary_lines(self, parameters: Mapping[str, Any]):
+        p = parameters
+        if "rounds" not in p or "noise_multiplier" not in p:
+            return []
+        lines = [f"noise multiplier {p['noise_multiplier']:.4g}, client clip {p.get('dp_clip', '-')}, "
+                 f"{p.get('clients_per_round', '-')} of {p.get('clients', '-')} clients per round "
+                 f"({p.get('sampling', '-')}), {p.get('rounds', '-')} rounds, partition {p.get('partition', '-')}"]
+        if "simulated_noise_multiplier" in p:
+            lines.append(f"simulated with noise multiplier {p['simulated_noise_multiplier']:.4g} on the sum of "
+                         f"the cohort (the noise on the mean of a cohort of {p.get('noise_cohort_size')})")
+        return lines
 
     def plan(self, inputs: PlanInputs) -> TrainingPlan:
         return plan_training(inputs)
@@ -408,5 +496,5 @@ class FederatedTrainer:
                                private_details=private_details)
 
 
-__all__ = ["FederatedTrainer", "add_arguments", "trainer_args", "is_private", "plan_training", "training_event",
+__all__ = ["FederatedTrainer", "FederatedKindConfig", "parse_noise", "add_arguments", "trainer_args", "plan_training", "training_event",
            "client_event", "accounting_mode", "resolve_partition_clients", "DEFAULTS"]

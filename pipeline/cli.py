@@ -7,7 +7,7 @@ import os
 import sys
 
 from pipeline.config import DEFAULT_DATA_DIR, RunConfig
-from pipeline.trainers import TRAINER_KINDS, trainer_module
+from pipeline.trainers import TRAINER_KINDS, get_trainer, trainer_module
 
 
 def _add_run_parser(sub) -> None:
@@ -66,8 +66,15 @@ def _add_run_flags(p) -> None:
     common.add_argument("--epochs", type=float, default=None, help="passes over the training data")
     common.add_argument("--batch-size", type=int, default=None, help="(expected) batch size")
     common.add_argument("--learning-rate", type=float, default=None, help="learning rate")
-    seen = {"--epochs", "--batch-size", "--learning-rate", "--target-epsilon", "--delta", "--accountant",
-            "--preprocessing-epsilon", "--budget-epsilon", "--audit-canaries", "--min-slice-size"}
+    # --sampling means a different thing per kind: declared once with every kind's choices; the kind's typed
+    # config accepts its own (one clear error otherwise), so no kind's choices or help win for another.
+    common.add_argument("--sampling", choices=["poisson", "shuffle", "fixed"], default=None,
+                        help="dp_sgd: poisson (default; amplified, variable-size batches) or shuffle (alias fixed: "
+                             "fixed-size shuffled batches, one Gaussian per epoch, replace-one sources only); "
+                             "federated: poisson (default; each client joins with probability m/K) or fixed "
+                             "(exactly m clients per round, --accountant rdp)")
+    seen = {"--epochs", "--batch-size", "--learning-rate", "--sampling", "--target-epsilon", "--delta",
+            "--accountant", "--preprocessing-epsilon", "--budget-epsilon", "--audit-canaries", "--min-slice-size"}
     for kind in TRAINER_KINDS:
         try:
             module = trainer_module(kind)
@@ -110,6 +117,7 @@ def _run_config(args) -> RunConfig:
     module = trainer_module(args.trainer)
     trainer_args = module.trainer_args(args) if hasattr(module, "trainer_args") else {}
     trainer_args.update(scale["trainer_args"])
+    get_trainer(args.trainer).config(trainer_args)   # parsed and validated once: a bad flag is one line here
     image = {}
     if getattr(args, "data", None):
         from dp_training.dataset import load_dataset

@@ -34,18 +34,11 @@ class ExportError(ValueError):
 def preflight_at_export(config: RunConfig, spec) -> str:
     """Plans the run (public inputs: bad privacy arguments fail here); checks the ledger too when its file is
     reachable from this machine. Returns one line saying what was checked."""
-    from dp_training.features import numeric_key
     from dp_training.ledger import resolve_ledger_path
-    from dp_training.protocol import RunProtocol, plan_run
-    from pipeline.trainers import get_trainer
+    from dp_training.protocol import RunProtocol
+    from pipeline.runner import run_plan
 
-    exact = None
-    if spec.require_privacy().relation == "replace_one":
-        from dp_training.dataset import read_rows
-
-        exact = read_rows(spec, "train").num_rows
-    plan = plan_run(spec, config.trainer, get_trainer(config.trainer), config.trainer_args, config.privacy_args(),
-                    [numeric_key(c) for c in spec.numeric_features], exact_rows=exact)
+    plan = run_plan(config, spec)   # the planner the Trainer uses (image data sets: their own args and release)
     if plan.private:
         planned = (f"planned epsilon {plan.planned_epsilon():.4g} at delta {plan.delta:.3g} ({plan.accountant} "
                    f"accountant, {plan.source.relation} of one {plan.source.unit_name})")

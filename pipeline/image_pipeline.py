@@ -73,7 +73,7 @@ def load_transformed_images(file_patterns: List[str], spec: DatasetSpec):
 
 def run_image_fn(fn_args) -> None:
     """The Trainer's run for image data sets (called by ``pipeline.trainer_executor.run_fn``)."""
-    from dp_training.images import image_trainer_args, run_image_training
+    from dp_training.images import run_image_training
     from dp_training.protocol import not_covered
     from pipeline.trainer_executor import privacy_with_receipts, write_run_files
     from pipeline.trainers import get_trainer
@@ -88,7 +88,7 @@ def run_image_fn(fn_args) -> None:
     train_x, train_y = load_transformed_images(fn_args.train_files, spec)
     eval_x, eval_y = load_transformed_images(fn_args.eval_files, spec)
     result = run_image_training(
-        spec, model, kind_name, get_trainer(kind_name), image_trainer_args(model, config.get("trainer_args")),
+        spec, model, kind_name, get_trainer(kind_name), config.get("trainer_args") or {},   # planned by plan_for
         privacy_with_receipts(config.get("privacy", {}), fn_args), train_x, train_y, eval_x, eval_y,
         scratch_dir=os.path.join(fn_args.model_run_dir, "scratch"), cache_dir=config.get("cache_dir"), log=log,
         not_covered=not_covered(spec, extra=(

@@ -161,32 +161,28 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
     return summary
 
 
+def run_plan(config: RunConfig, spec, privacy_args=None):
+    """The run's plan from public inputs (``dp_training.planner.plan_for``, the function the Trainer plans with):
+    used by the pre-flight and by ``privtrain export``."""
+    from dp_training.planner import PlanOptions, plan_for
+    from pipeline.trainers import get_trainer
+
+    return plan_for(spec, get_trainer(config.trainer), config.trainer_args,
+                    config.privacy_args() if privacy_args is None else privacy_args,
+                    PlanOptions(image_model=config.image_model))
+
+
 def preflight(config: RunConfig, spec) -> None:
     """Plans the run from public inputs and checks it against the data source's ledger before anything runs
     (the Trainer repeats the check atomically when it reserves). Raises PlanError / ledger errors / ValueError."""
-    from dp_training.protocol import RunProtocol, plan_run
-    from dp_training.features import numeric_key
-    from pipeline.trainers import get_trainer
+    from dp_training.protocol import RunProtocol
 
-    exact = None
-    if spec.require_privacy().relation == "replace_one":  # the count is public under this relation
-        from dp_training.dataset import read_rows
-
-        exact = read_rows(spec, "train").num_rows
-    trainer_args, keys = config.trainer_args, [numeric_key(c) for c in spec.numeric_features]
-    if spec.is_image:  # the image Trainer's own args and DP release (pipeline/image_pipeline.py): plan the same
-        from dp_training.images import image_trainer_args, uses_scattering
-
-        trainer_args = image_trainer_args(config.image_model, config.trainer_args)
-        # the channel-moment release is one Gaussian event whatever the number of channels
-        keys = ["scattering_channel_0"] if uses_scattering(config.image_model) else []
     from dp_training.fingerprint import content_digest
     from pipeline.receipts import workdir_anchors
 
     # the receipts this workdir holds must be in the ledger (a forged ledger is refused before anything runs)
     privacy = {**config.privacy_args(), "anchors": workdir_anchors([os.path.dirname(config.metadata_path)])}
-    plan = plan_run(spec, config.trainer, get_trainer(config.trainer), trainer_args, privacy, keys, exact_rows=exact)
-    RunProtocol(plan, content_digest=content_digest(spec)).check()
+    RunProtocol(run_plan(config, spec, privacy), content_digest=content_digest(spec)).check()
 
 
 def summarize(config: RunConfig, pipeline_name: str, before: set, wall_seconds: float) -> RunSummary:
@@ -245,18 +241,10 @@ def format_guarantee(guarantee) -> str:
         for m in g.mechanisms:
             alone = f" (epsilon {m.epsilon_alone:.3g} alone)" if m.epsilon_alone is not None else ""
             lines.append(f"  covers {m.covers}: {m.name}{alone}")
-        p = g.parameters
-        if "steps" in p:          # DP-SGD
-            lines.append(f"  noise multiplier {p['noise_multiplier']:.4g}, clip {p.get('l2_norm_clip', '-')}, "
-                         f"sampling rate {p.get('sampling_rate', 0):.4g} ({p.get('sampling', '-')}), "
-                         f"{p.get('steps', '-')} steps, planned on {p.get('planning_rows', '-')} rows (public figure)")
-        elif "rounds" in p:       # DP-FedAvg
-            lines.append(f"  noise multiplier {p['noise_multiplier']:.4g}, client clip {p.get('dp_clip', '-')}, "
-                         f"{p.get('clients_per_round', '-')} of {p.get('clients', '-')} clients per round "
-                         f"({p.get('sampling', '-')}), {p.get('rounds', '-')} rounds, partition {p.get('partition', '-')}")
-            if "simulated_noise_multiplier" in p:
-                lines.append(f"  simulated with noise multiplier {p['simulated_noise_multiplier']:.4g} on the sum of "
-                             f"the cohort (the noise on the mean of a cohort of {p.get('noise_cohort_size')})")
+        from pipeline.trainers import TRAINER_KINDS, get_trainer
+
+        if g.trainer in TRAINER_KINDS:   # the kind states its own parameters
+            lines.extend("  " + line for line in get_trainer(g.trainer).summary_lines(g.parameters))
     if g.audit:
         lines.append(f"  empirical audit: epsilon lower bound {g.audit.get('epsilon_lower_bound', float('nan')):.3g} "
                      f"({g.audit.get('method', 'canaries')})")

@@ -3,11 +3,15 @@ over several worker processes with MultiWorkerMirroredStrategy (``cluster`` / ``
 pipeline.trainers.multiworker)."""
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, ClassVar, Mapping, Optional
+
 import tensorflow as tf
 
 import dp_accounting
 
-from dp_training.contract import PlanInputs, TrainerContext, TrainingOutcome, TrainingPlan
+from dp_training.contract import (ArgumentError, KindConfig, PlanInputs, TrainerContext, TrainerKind, TrainingOutcome,
+                                  TrainingPlan, parse_number, parse_whole)
 
 
 # Uses the CLI's shared --epochs (default 5), --batch-size (256) and --learning-rate (Adam, 1e-3).
@@ -26,10 +30,6 @@ def distribution_strategy() -> tf.distribute.Strategy:
     return tf.distribute.OneDeviceStrategy("/cpu:0")
 
 
-def is_private(args) -> bool:
-    return False
-
-
 def cluster_of(args):
     """The multi-worker cluster of the run's arguments (None: one process). ``cluster``: a TF_CONFIG cluster;
     ``train_workers``: N local workers on free ports (chosen when training starts)."""
@@ -45,26 +45,57 @@ def cluster_of(args):
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class StandardConfig(KindConfig):
+    """The standard (non-private) trainer's arguments, typed: Adam, ``epochs`` (a number, rounded to whole
+    epochs), ``batch_size``, ``learning_rate``; ``cluster`` / ``train_workers`` for multi-worker training."""
+
+    kind: ClassVar[str] = "standard"
+    epochs: float = 5
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    cluster: Optional[Mapping[str, Any]] = None
+    train_workers: Optional[int] = None
+
+    def __post_init__(self):
+        epochs = int(round(parse_number(self.kind, "epochs", self.epochs)))
+        if epochs < 1:
+            raise ArgumentError(f"standard trainer: epochs ({self.epochs}) must be >= 1")
+        self._set("epochs", epochs)
+        self._set("batch_size", parse_whole(self.kind, "batch_size", self.batch_size, minimum=1))
+        self._set("learning_rate", parse_number(self.kind, "learning_rate", self.learning_rate, above=0.0))
+        if self.cluster is not None and not isinstance(self.cluster, Mapping):
+            raise ArgumentError(f"standard trainer argument cluster must be a TF_CONFIG cluster mapping, got "
+                                f"{self.cluster!r}")
+        if self.train_workers is not None:
+            self._set("train_workers", parse_whole(self.kind, "train_workers", self.train_workers, minimum=1))
+
+    @property
+    def private(self) -> bool:
+        return False
+
+
 def _settings(args):
-    epochs = int(round(float(args.get("epochs", 5))))
-    batch_size = int(args.get("batch_size", 256))
-    learning_rate = float(args.get("learning_rate", 1e-3))
-    if epochs < 1 or batch_size < 1 or learning_rate <= 0:
-        raise ValueError(f"standard trainer: epochs ({epochs}) and batch size ({batch_size}) must be >= 1 "
-                         f"and the learning rate ({learning_rate}) > 0")
-    return epochs, batch_size, learning_rate
+    c = StandardConfig.parse(args)
+    return c.epochs, c.batch_size, c.learning_rate
 
 
-class StandardTrainer:
+class StandardTrainer(TrainerKind):
     name = "standard"
+    Config = StandardConfig
+    study_hidden = ("cluster", "train_workers")
+
+    def from_arguments(self, namespace) -> StandardConfig:
+        return StandardConfig.parse(trainer_args(namespace))
 
     def plan(self, inputs: PlanInputs) -> TrainingPlan:
-        epochs, batch_size, learning_rate = _settings(inputs.args)
-        cluster_of(inputs.args)  # a bad cluster is refused before anything runs
-        return TrainingPlan(event=dp_accounting.NonPrivateDpEvent(), private=False,
+        config = StandardConfig.parse(inputs.config if inputs.config is not None else inputs.args)
+        args = config.to_args()
+        cluster_of(args)  # a bad cluster is refused before anything runs
+        return TrainingPlan(event=dp_accounting.NonPrivateDpEvent(), private=config.private,
                             mechanism="none (non-private Keras fit)",
-                            public={"epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
-                                    "optimizer": "Adam"})
+                            public={"epochs": config.epochs, "batch_size": config.batch_size,
+                                    "learning_rate": config.learning_rate, "optimizer": "Adam"})
 
     def train(self, context: TrainerContext) -> TrainingOutcome:
         epochs, batch_size, learning_rate = _settings(context.args)

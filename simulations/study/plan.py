@@ -91,8 +91,9 @@ def plan_study(spec: StudySpec, points: Sequence[Point], ledger=None,
     the ledger, composed with what it already holds. Raises StudyError for a grid the privacy layer refuses,
     and the ledger's errors for a study it would refuse."""
     from dp_training.dataset import DatasetError, load_dataset
-    from dp_training.features import numeric_key
-    from dp_training.protocol import PlanError, check_combined, combine_plans, plan_run
+    from dp_training.planner import PlanOptions, exact_rows, plan_for
+    from dp_training.protocol import PlanError, check_combined, combine_plans
+    from pipeline.config import RunConfig
     from pipeline.trainers import get_trainer
 
     try:
@@ -100,21 +101,16 @@ def plan_study(spec: StudySpec, points: Sequence[Point], ledger=None,
         source = dataset.require_privacy()
     except DatasetError as e:
         raise StudyError(f"data: {e}") from None
-    exact = None
-    if source.relation == "replace_one":
-        from dp_training.dataset import read_rows
-
-        exact = read_rows(dataset, "train").num_rows
-    numeric = [numeric_key(c) for c in dataset.numeric_features]
+    # the points run as pipeline runs with RunConfig's image model (simulations/study/runner.py): plan the same
+    options = PlanOptions(image_model=RunConfig().image_model, exact_rows=exact_rows(dataset))
     plans: Dict[str, Any] = {}
     by_config: Dict[tuple, Any] = {}
     for point in points:
         key = (point.arm.name, point.target_epsilon, point.partition)
         if key not in by_config:
             try:
-                by_config[key] = plan_run(dataset, point.arm.trainer, get_trainer(point.arm.trainer),
-                                          point.trainer_args(dataset), privacy_args(spec, point), numeric,
-                                          exact_rows=exact)
+                by_config[key] = plan_for(dataset, get_trainer(point.arm.trainer), point.trainer_args(dataset),
+                                          privacy_args(spec, point), options)
             except (PlanError, ValueError) as e:
                 raise StudyError(f"point {point.id}: {e}") from None
         plans[point.id] = by_config[key]

@@ -22,7 +22,6 @@ from pipeline.config import DEFAULT_DATA_DIR
 PRIVACY_KEYS = ("accountant", "preprocessing_epsilon", "audit_canaries", "min_slice_size", "budget_epsilon",
                 "budget_delta")
 RUN_KEYS = ("hidden_units", "min_auc")
-STANDARD_KEYS = ("epochs", "batch_size", "learning_rate")
 FEDERATED_PARTITION_DEFAULT = "hash"
 STUDY_FIELDS = ("name", "data", "output", "workdir", "trainers", "epsilons", "seeds", "partitions", "delta", "jobs",
                 "set", "allow_non_private", "arm")
@@ -34,16 +33,10 @@ class StudyError(ValueError):
 
 
 def trainer_keys(kind: str) -> Tuple[str, ...]:
-    """The settings a trainer kind accepts (its own arguments, without the seed)."""
-    if kind == "standard":
-        return STANDARD_KEYS
-    if kind == "dp_sgd":
-        from dp_training.trainer import DEFAULTS
-    elif kind == "federated":
-        from federated.trainer import DEFAULTS
-    else:
-        return ()
-    return tuple(k for k in DEFAULTS if k not in ("seed", "resume", "plot", "checkpoint_every"))
+    """The settings a trainer kind accepts in a study (the kind says: ``TrainerKind.study_settings``)."""
+    from pipeline.trainers import get_trainer
+
+    return get_trainer(kind).study_settings()
 
 
 def known_trainers() -> Tuple[str, ...]:
@@ -65,16 +58,17 @@ class Arm:
 
     @property
     def fixed_noise(self) -> bool:
-        return any(self.settings.get(k) not in (None, "auto") for k in ("noise_multiplier", "dp_noise_multiplier"))
+        from pipeline.trainers import get_trainer
+
+        return get_trainer(self.trainer).config(self.settings).noise_given
 
     @property
     def private(self) -> bool:
-        from pipeline.trainers import is_private
+        """From the kind's typed config of the arm's first point (the same ``private`` its plan states)."""
+        from pipeline.trainers import get_trainer
 
-        args = dict(self.settings)
-        if self.trainer == "federated" and self.epsilons and args.get("dp_noise_multiplier") is None:
-            args["dp_noise_multiplier"] = "auto"
-        return is_private(self.trainer, args)
+        kind = get_trainer(self.trainer)
+        return kind.is_private(kind.study_args(self.settings, self.epsilons[0] if self.epsilons else None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,23 +85,12 @@ class Point:
         return f"{self.arm.name}/eps={eps}{part}/rep={self.replicate}"
 
     def trainer_args(self, spec) -> Dict[str, Any]:
-        """The kind's arguments as ``privtrain run`` builds them (its defaults, then the arm's settings)."""
-        kind = self.arm.trainer
-        args = dict(self.arm.settings)
-        if kind == "dp_sgd":
-            from dp_training.trainer import DEFAULTS
+        """The kind's arguments for this point (``TrainerKind.study_args``: its study defaults, then the arm's
+        settings, the point's partition and target)."""
+        from pipeline.trainers import get_trainer
 
-            args = {**DEFAULTS, "mia": False, **args}  # the MIA check is private and slow: off unless set
-        elif kind == "federated":
-            from federated.trainer import DEFAULTS, resolve_partition_clients
-
-            args = {**DEFAULTS, "plot": False, **args}
-            if self.partition:
-                args["partition"] = self.partition
-            if self.target_epsilon is not None and args.get("dp_noise_multiplier") in (None, 0, 0.0):
-                args["dp_noise_multiplier"] = "auto"
-            args = resolve_partition_clients(spec, args)
-        return args
+        return get_trainer(self.arm.trainer).study_args(self.arm.settings, self.target_epsilon, self.partition,
+                                                        spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,22 +221,39 @@ def _split_settings(trainer: str, settings: Mapping[str, Any], field: str, stric
     return own, run, privacy
 
 
+def _typed_settings(trainer: str, own: Mapping[str, Any], field: str):
+    """The arm's settings parsed by the kind's typed config (e.g. ``noise_multiplier = "1.0"`` becomes 1.0, a
+    private run with its DP normalisation; ``"x"`` is one StudyError), keeping only the keys the arm set; and the
+    config itself."""
+    from pipeline.trainers import get_trainer
+
+    try:
+        config = get_trainer(trainer).config(own)
+    except ValueError as e:
+        raise StudyError(f"{field}: {e}") from None
+    return {k: getattr(config, k) for k in own}, config
+
+
 def _make_arm(name: str, trainer: str, settings: Mapping[str, Any], epsilons, partitions, field: str,
               strict: bool) -> Arm:
     if trainer not in known_trainers():
         raise StudyError(f"{field}.trainer: unknown trainer {trainer!r}; choose from {', '.join(known_trainers())}")
     own, run, privacy = _split_settings(trainer, settings, field, strict)
-    if trainer == "standard":
+    from pipeline.trainers import get_trainer
+
+    kind = get_trainer(trainer)
+    own, config = _typed_settings(trainer, own, field)
+    if kind.epsilon_axis == "none":
         eps: Tuple[float, ...] = ()
-    elif any(own.get(k) not in (None, "auto") for k in ("noise_multiplier", "dp_noise_multiplier")):
+    elif config.noise_given:
         eps = ()   # a fixed noise: the privacy layer computes the epsilon
     else:
         eps = epsilons
-        if not eps and trainer == "dp_sgd":
-            raise StudyError(f"{field}.epsilons: the list is empty; a dp_sgd arm needs target epsilons "
-                             "(--epsilons 1,3) or a fixed noise_multiplier")
+        if not eps and kind.epsilon_axis == "required":
+            raise StudyError(f"{field}.epsilons: the list is empty; a {trainer} arm needs target epsilons "
+                             "(--epsilons 1,3) or a fixed noise multiplier")
     parts: Tuple[Optional[str], ...] = (None,)
-    if trainer == "federated":
+    if kind.partitioned:
         parts = tuple(_check_partition(p, f"{field}.partitions") for p in (partitions or (FEDERATED_PARTITION_DEFAULT,)))
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise StudyError(f"{field}.name: {name!r} may only hold letters, digits, '_', '.' and '-'")

@@ -34,11 +34,12 @@ def plan(args, **kw):
 
 def test_noise_absent_or_zero_is_not_private():
     for args in ({}, {"dp_noise_multiplier": None}, {"dp_noise_multiplier": 0.0}, {"dp_noise_multiplier": 0}):
-        assert not trainer.is_private(args)
+        assert not trainer.FederatedTrainer().is_private(args)
         p = plan(args)
         assert not p.private and isinstance(p.event, dp_accounting.NonPrivateDpEvent)
     assert plan({"dp_noise_multiplier": 0.0}).public["strategy"] == "dp-fedavg aggregator without noise"
-    assert trainer.is_private({"dp_noise_multiplier": 0.5}) and trainer.is_private({"dp_noise_multiplier": "auto"})
+    assert trainer.FederatedTrainer().is_private({"dp_noise_multiplier": 0.5}) and trainer.FederatedTrainer().is_private(
+        {"dp_noise_multiplier": "auto"})
     with pytest.raises(ValueError, match=">= 0"):
         plan({"dp_noise_multiplier": -1.0})
     # a non-private plan on a permutation partition is fine
