@@ -2,7 +2,8 @@
 
     python -m encrypted_serving.gateway --config parties.json --party server1
 
-Public side (clients and the model owner, certificates signed by the service CA; role = the cert's OU):
+Public side (clients and the model owner, certificates signed by the service CA, registered in the
+service's registry.json and not revoked there; role = the cert's OU, pinned by the registry):
 
 * ``Info``   -> the public model description (model.json, preprocessing.json), output policy, limits.
 * ``Submit`` -> a frame holding this party's replicated share pair (``a`` = s_i, ``b`` = s_{i+1}) of a
@@ -112,6 +113,7 @@ class Gateway:
         rl = config.get("rate_limit") or {}
         self.bucket = TokenBucket(rl.get("per_second", 50), rl.get("burst", 100))
         self._cert_cache: Dict[bytes, tuple] = {}
+        self.registry = certs.Registry(config["registry"])
         netns = config.get("netns")
         self.netns_ino = os.stat("/run/netns/" + netns).st_ino if netns else None
 
@@ -127,6 +129,10 @@ class Gateway:
             cert = x509.load_pem_x509_certificate(pem)
             hit = (certs.fingerprint_pem(pem), certs.role_of(cert), certs.name_of(cert))
             self._cert_cache[pem] = hit
+        why = self.registry.check(*hit)     # registered, not revoked, role as registered (re-read on change)
+        if why:
+            log(self.party, "refused %r: %s" % (hit[2], why))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         return hit
 
     # ------------------------------------------------------------------ public RPCs

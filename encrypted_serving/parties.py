@@ -6,6 +6,7 @@ parties.json (one file shared by the operators; paths relative to the file)::
      "protocol": "aby3",
      "public_dir": "public",                   # model.json + preprocessing.json: no weights
      "ca": "certs/ca.pem",
+     "registry": "certs/registry.json",        # certificates the gateways answer (python -m encrypted_serving.certs)
      "tf": {"server0": "10.0.0.1:7100", "server1": "10.0.0.2:7100", "server2": "10.0.0.3:7100",
             "driver": "10.0.0.1:7101"},        # the private TF cluster: never given to clients
      "parties": {"server0": {"gateway": "0.0.0.0:8443", "cert": "certs/server0.pem",
@@ -70,6 +71,10 @@ def load_parties(path: str) -> dict:
     for key in ("public_dir", "ca", "tf", "parties"):
         if key not in c:
             raise ConfigError("%s: missing %r" % (path, key))
+    if "registry" not in c:
+        raise ConfigError("%s: missing 'registry' (the certificates the gateways answer; create it with "
+                          "python -m encrypted_serving.certs register REGISTRY CERT)" % path)
+    c["registry"] = _abs(base, c["registry"])
     if c.get("protocol", "aby3") not in PROTOCOLS:
         raise ConfigError("%s: protocol must be one of %s (Pond was dropped: its ReLU is 0.4 off)" % (path, PROTOCOLS))
     if c.get("output", "logit") not in OUTPUTS:

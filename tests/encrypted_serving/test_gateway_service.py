@@ -55,7 +55,8 @@ def pushed_model(tmp_path_factory, adult_spec):
 @pytest.fixture(scope="module")
 def svc(pushed_model, tmp_path_factory):
     s = service.GatewayService(pushed_model[0], run_dir=str(tmp_path_factory.mktemp("svc")), batch_sizes=(1, 200),
-                               request_timeout_s=20, rate_limit=(5, 8), clients=("client", "client2", "noisy"))
+                               request_timeout_s=20, rate_limit=(5, 8), clients=("client", "client2", "noisy"),
+                               ca_key_dir=str(tmp_path_factory.mktemp("offline-ca")))
     s.start()
     pids, netns = dict(s.pids), s.netns
     yield s
@@ -208,7 +209,7 @@ def _raw_calls(svc, cert_name=None, ca=None, cert_pem=None, key_pem=None):
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key_pem, certificate_chain=cert_pem)
     out = []
     for name, addr in cfg["gateways"]:
-        ch = grpc.secure_channel(addr, creds, options=[("grpc.ssl_target_name_override", name)])
+        ch = grpc.secure_channel(addr, creds, options=[("grpc.ssl_target_name_override", certs.tls_name(name, "party"))])
         out.append((ch, {m: ch.unary_unary("/privtrain.ShareGateway/" + m) for m in ("Info", "Submit", "Fetch")}))
     return out
 
@@ -255,7 +256,7 @@ def test_attack_d_no_valid_certificate_no_answer(svc, tmp_path):
                        key_pem=open(tmp_path / "rogue" / "client.key", "rb").read())
     # an expired certificate from the right CA
     cdir = os.path.dirname(cfg["cert"])
-    certs.issue(str(tmp_path / "exp"), "expired", "client", days=-1, ca_dir=cdir)
+    certs.issue(str(tmp_path / "exp"), "expired", "client", days=-1, ca_dir=svc.ca_key_dir)
     expired = _raw_calls(svc, cert_pem=open(tmp_path / "exp" / "expired.pem", "rb").read(),
                          key_pem=open(tmp_path / "exp" / "expired.key", "rb").read())
     for label, attempt in (("no cert", calls), ("rogue CA", rogue), ("expired", expired)):

@@ -6,6 +6,7 @@ for a prediction over plain HTTP. Against plain `privtrain serve` (the control) 
 old `serve --encrypted` also started that server (REST on 127.0.0.1, no auth), so the same probe got the logits
 the encrypted service is meant to protect. Now the only ports are the three mutual-TLS gateways.
 """
+import http.client
 import json
 import os
 import signal
@@ -81,7 +82,7 @@ def _probe(port, instance):
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
             out = json.loads(r.read())
-    except (urllib.error.URLError, OSError, ValueError):
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
         return None
     preds = out.get("predictions")
     return float(np.ravel(preds[0])[0]) if preds else None
