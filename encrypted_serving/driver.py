@@ -119,6 +119,12 @@ class Driver:
         c = self.c
         from encrypted_serving import model_format as mf
         model = mf.load_config(c["public_dir"])
+        from encrypted_serving import bounds
+        try:
+            bounds.check(model)     # inputs are clamped to the public box; the owner certified no truncation fails
+        except bounds.BoundsError as e:
+            log("error: %s" % e)
+            return 2
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
         from tensorflow.python.eager import context as _ctx

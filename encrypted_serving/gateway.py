@@ -94,7 +94,9 @@ class Gateway:
         from encrypted_serving import model_format as mf
         self.c, self.party = config, party
         self.fault_file = fault_file
+        from encrypted_serving import bounds
         self.model = mf.load_config(config["public_dir"])
+        bounds.check(self.model)        # a model without a valid truncation certificate is not served
         with open(os.path.join(config["public_dir"], mf.PREPROCESSING_JSON)) as f:
             self.preprocessing = json.load(f)
         self.weight_shapes = {}
@@ -392,7 +394,7 @@ def main(argv=None) -> int:
         c = pc.load_parties(args.config)
         gw = Gateway(c, args.party, args.fault_file)
         creds = server_credentials(c, args.party)
-    except (pc.ConfigError, certs.CertError, OSError, ValueError) as e:
+    except (pc.ConfigError, certs.CertError, OSError, ValueError) as e:   # BoundsError is a ValueError
         log(args.party, "error: %s" % e)
         return 2
     pdir = c["parties"][args.party]["dir"]

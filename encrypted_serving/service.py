@@ -195,8 +195,14 @@ class GatewayService:
         os.chmod(owner_dir, 0o700)
         model_dir = prepare_model(self.model, os.path.join(owner_dir, "model"))
         config = mf.load_config(model_dir)
-        mf.load_weights(model_dir, config)
+        weights = mf.load_weights(model_dir, config)
         mf.load_preprocessing(model_dir, config)
+        from encrypted_serving import bounds
+        try:   # the owner's side: the certificate holds for the weights it is about to upload, on the public box
+            bounds.verify(config, weights)
+        except bounds.BoundsError as e:
+            raise EncryptedServiceError(str(e)) from e
+        del weights
         public = os.path.join(self.run_dir, "public")
         os.makedirs(public)
         for f in (mf.MODEL_JSON, mf.PREPROCESSING_JSON):
