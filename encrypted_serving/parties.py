@@ -14,7 +14,9 @@ parties.json (one file shared by the operators; paths relative to the file)::
      "driver": {"dir": "driver"},
      "netns": null,                            # local mode: the network namespace the TF cluster runs in
      "output": "logit",                        # or "label"
-     "rate_limit": {"per_second": 50, "burst": 100},
+     "rate_limit": {"rows_per_second": 1000, "burst_rows": 2000, "min_rows_per_request": 100},  # per certificate
+     "query_budget": {"rows_per_day": 10000},  # per certificate, per UTC day (each party's budget.json)
+     "in_flight": {"requests": 2, "bytes": 8388608},   # per certificate: requests / share bytes not yet answered
      "max_batch": 1000, "batch_sizes": [1, 1000],   # the programs the driver instantiates; clients pad
      "request_timeout_s": 30}
 
@@ -95,14 +97,34 @@ def load_parties(path: str) -> dict:
     c.setdefault("protocol", "aby3")
     c.setdefault("output", "logit")
     c.setdefault("netns", None)
-    c.setdefault("rate_limit", {"per_second": 50, "burst": 100})
     c.setdefault("max_batch", 1000)
     c.setdefault("batch_sizes", [1, c["max_batch"]])
     if not all(isinstance(n, int) and 1 <= n <= c["max_batch"] for n in c["batch_sizes"]):
         raise ConfigError("%s: batch_sizes must be integers in 1..max_batch" % path)
+    _limits(c, path)
     c.setdefault("request_timeout_s", 30)
     c["path"] = os.path.abspath(path)
     return c
+
+
+DEFAULT_LIMITS = {"rate_limit": {"rows_per_second": 1000, "burst_rows": 2000, "min_rows_per_request": 100},
+                  "query_budget": {"rows_per_day": 10000},
+                  "in_flight": {"requests": 2, "bytes": 8 << 20}}
+
+
+def _limits(c: dict, path: str) -> None:
+    rl = c.get("rate_limit") or {}
+    if ("per_second" in rl or "burst" in rl) and "rows_per_second" not in rl:
+        raise ConfigError("%s: rate_limit now counts rows: give rows_per_second, burst_rows and min_rows_per_request "
+                          "instead of per_second/burst" % path)
+    for key, default in DEFAULT_LIMITS.items():
+        c[key] = dict(default, **(c.get(key) or {}))
+        bad = [k for k, v in c[key].items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
+        if bad:
+            raise ConfigError("%s: %s.%s must be a positive number" % (path, key, bad[0]))
+    if c["rate_limit"]["burst_rows"] < c["max_batch"]:
+        raise ConfigError("%s: rate_limit.burst_rows (%s) must be at least max_batch (%d), or a full batch is never "
+                          "admitted" % (path, c["rate_limit"]["burst_rows"], c["max_batch"]))
 
 
 def load_client(path: str) -> dict:

@@ -123,9 +123,10 @@ def write_client_json(path: str, ca: str, cert: str, key: str, gateways) -> str:
 class GatewayService:
     def __init__(self, model: str, run_dir: Optional[str] = None, workdir: Optional[str] = None,
                  output: str = "logit", isolation: str = "netns", request_timeout_s: float = 30.0,
-                 batch_sizes=(1, 1000), rate_limit=(50, 100), clients=("client",), certs_dir: Optional[str] = None,
+                 batch_sizes=(1, 1000), rate_limit=(1000, 2000), clients=("client",), certs_dir: Optional[str] = None,
                  startup_timeout: float = 900.0, python: Optional[str] = None, gateway_ports=None,
-                 ca_key_dir: Optional[str] = None):
+                 ca_key_dir: Optional[str] = None, min_rows_per_request: int = 100, rows_per_day: int = 10000,
+                 in_flight=(2, 8 << 20)):
         if output not in pc.OUTPUTS:
             raise EncryptedServiceError("output must be one of %s, got %r" % (pc.OUTPUTS, output))
         self.model, self.output, self.isolation = model, output, isolation
@@ -135,6 +136,9 @@ class GatewayService:
         self.rate_limit, self.clients, self.certs_dir = rate_limit, tuple(clients), certs_dir
         self.startup_timeout, self.python, self.gateway_ports = startup_timeout, python, gateway_ports
         self.ca_key_dir = os.path.abspath(ca_key_dir) if ca_key_dir else None
+        # per certificate: rate_limit = (rows/s, burst rows); every request costs at least min_rows_per_request rows;
+        # rows_per_day: the daily query budget; in_flight = (requests, share bytes) not yet answered
+        self.min_rows_per_request, self.rows_per_day, self.in_flight = min_rows_per_request, rows_per_day, in_flight
         self.procs: Dict[str, subprocess.Popen] = {}
         self.netns: Optional[str] = None
         self.fault: Optional[str] = None
@@ -219,7 +223,10 @@ class GatewayService:
                            for i, p in enumerate(pc.PARTY_NAMES)},
                "driver": {"dir": os.path.join(self.run_dir, "driver")},
                "netns": None, "output": self.output,
-               "rate_limit": {"per_second": self.rate_limit[0], "burst": self.rate_limit[1]},
+               "rate_limit": {"rows_per_second": self.rate_limit[0], "burst_rows": self.rate_limit[1],
+                              "min_rows_per_request": self.min_rows_per_request},
+               "query_budget": {"rows_per_day": self.rows_per_day},
+               "in_flight": {"requests": self.in_flight[0], "bytes": self.in_flight[1]},
                "max_batch": max(self.batch_sizes), "batch_sizes": self.batch_sizes,
                "request_timeout_s": self.request_timeout_s}
         for p in pc.PARTY_NAMES:
@@ -233,6 +240,10 @@ class GatewayService:
                 cfg["netns"] = self.netns
             pc.save(cfg, self.parties_json)
             os.chmod(self.parties_json, 0o600)
+            try:
+                pc.load_parties(self.parties_json)       # limits and paths checked before anything starts
+            except pc.ConfigError as e:
+                raise EncryptedServiceError(str(e)) from e
             gateways = [(p, cfg["parties"][p]["gateway"]) for p in pc.PARTY_NAMES]
             for c in self.clients:
                 write_client_json(self.client_json(c), cfg["ca"], os.path.join(cdir, c + ".pem"),

@@ -45,6 +45,12 @@ class FakeWorker(threading.Thread):
         return ring.unpack(ring.recv_exact(self.sock, n))
 
     def run(self):
+        try:
+            self._loop()
+        except (OSError, TypeError, ring.FrameError):    # the gateway went away at the end of the test
+            pass
+
+    def _loop(self):
         since = 0
         while not self.stop.is_set():
             head, _ = self.call({"op": "wait", "since": since, "timeout_ms": 100, "model_loaded": True})
@@ -58,8 +64,9 @@ class FakeWorker(threading.Thread):
 
 
 @pytest.fixture
-def gateway(tmp_path):
-    """server0's gateway process for a 4-input linear model; yields a dict of paths and helpers."""
+def gateway(tmp_path, request):
+    """server0's gateway process for a 4-input linear model; yields a dict of paths and helpers. Indirect
+    parametrisation overrides parties.json keys (limits)."""
     from conftest import random_mlp
     config, weights = random_mlp(D, hidden=(), seed=0)
     spec = [{"name": "f%d" % i, "kind": "numeric", "mean": 0.0, "std": 1.0, "log1p": False, "clip": [-3, 3]}
@@ -84,6 +91,7 @@ def gateway(tmp_path):
            "rate_limit": {"rows_per_second": 1000, "burst_rows": 1000, "min_rows_per_request": 10},
            "query_budget": {"rows_per_day": 250},
            "in_flight": {"requests": 2, "bytes": 1 << 20}}
+    cfg.update(getattr(request, "param", {}))
     pj = str(tmp_path / "parties.json")
     pc.save(cfg, pj)
     log = open(str(tmp_path / "gateway.log"), "wb")
@@ -200,3 +208,72 @@ def test_the_ca_key_stays_out_of_the_service_directories(tmp_path):
     assert list(eku) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
     san = certs.load_cert(cpath).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["alice.client.privtrain"]
+
+
+# ------------------------------------------------------------------------------------------------ item 3
+def _frame(rid, n):
+    a = ring.random_ring((n, D))
+    return ring.pack({"kind": "predict", "request_id": rid}, {"a": a, "b": ring.random_ring((n, D))})
+
+
+def _worker(gw, answer=True):
+    w = FakeWorker(gw["socket"], answer)
+    w.start()
+    deadline = time.monotonic() + 10
+    ch, calls = _stub(gw, "client")
+    while not _info(calls)["model_loaded"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ch.close()
+    return w
+
+
+def _refusal(fn):
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+    return e.value.details()
+
+
+@pytest.mark.parametrize("gateway", [{"rate_limit": {"rows_per_second": 1, "burst_rows": 100,
+                                                     "min_rows_per_request": 10},
+                                      "query_budget": {"rows_per_day": 10 ** 6}}], indirect=True)
+def test_attack_one_large_request_costs_its_rows_against_the_rate_limit(gateway):
+    w = _worker(gateway)
+    ch, calls = _stub(gateway, "client")
+    calls["Predict"](_frame("big-1", 100), timeout=10)               # 100 rows: the whole burst
+    details = _refusal(lambda: calls["Predict"](_frame("big-2", 100), timeout=10))
+    assert "rate limit of 1 rows/s" in details, details               # (it was one token per request)
+    ch2, other = _stub(gateway, "client2")                            # another certificate has its own bucket
+    other["Predict"](_frame("other-1", 100), timeout=10)
+    w.stop.set(), ch.close(), ch2.close()
+
+
+@pytest.mark.parametrize("gateway", [{"query_budget": {"rows_per_day": 250}}], indirect=True)
+def test_attack_the_daily_query_budget_counts_rows_and_is_recorded(gateway):
+    w = _worker(gateway)
+    ch, calls = _stub(gateway, "client")
+    for i in range(2):
+        calls["Predict"](_frame("q-%d" % i, 100), timeout=10)        # 200 of 250 rows
+    details = _refusal(lambda: calls["Predict"](_frame("q-2", 100), timeout=10))
+    assert "used 200 of its 250 rows for today" in details, details
+    assert _info(calls)["rows_used_today"] == 200
+    calls["Predict"](_frame("q-3", 1), timeout=10)                     # what is left can still be spent
+    ledger = json.load(open(os.path.join(gateway["cfg"]["parties"]["server0"]["dir"], "budget.json")))
+    assert [e["rows"] for e in ledger.values() if e["name"] == "client"] == [201]
+    ch2, other = _stub(gateway, "client2")
+    other["Predict"](_frame("o-1", 100), timeout=10)
+    w.stop.set(), ch.close(), ch2.close()
+
+
+@pytest.mark.parametrize("gateway", [{"in_flight": {"requests": 2, "bytes": 10000}}], indirect=True)
+def test_attack_one_certificate_cannot_pile_up_requests_or_share_bytes(gateway):
+    w = _worker(gateway, answer=False)        # nothing completes: submissions stay in flight (shares in memory)
+    ch, calls = _stub(gateway, "client")
+    calls["Submit"](_frame("f-1", 100), timeout=10)                   # 6400 bytes of shares
+    assert "bytes of shares in flight" in _refusal(lambda: calls["Submit"](_frame("f-2", 100), timeout=10))
+    calls["Submit"](_frame("f-3", 1), timeout=10)
+    assert "2 request(s) in flight" in _refusal(lambda: calls["Submit"](_frame("f-4", 1), timeout=10))
+    ch2, other = _stub(gateway, "client2")                             # others are admitted meanwhile
+    other["Submit"](_frame("o-1", 1), timeout=10)
+    w.stop.set(), ch.close(), ch2.close()
