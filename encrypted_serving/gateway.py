@@ -25,6 +25,7 @@ Pure Python (grpcio, numpy, cryptography): no TF, no platform import.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -162,6 +163,8 @@ class Gateway:
                                   config["query_budget"]["rows_per_day"])
         self.in_flight = config["in_flight"]
         self.admit = threading.Lock()
+        th = config["threads"]
+        self.workers, self.max_waiting, self.waiting = int(th["workers"]), int(th["workers"]) - int(th["reserve"]), 0
         self._cert_cache: Dict[bytes, tuple] = {}
         self.registry = certs.Registry(config["registry"])
         netns = config.get("netns")
@@ -202,8 +205,25 @@ class Gateway:
 
     def predict(self, request: bytes, context) -> bytes:
         """Submit + Fetch in one call (one round trip less); the result goes back on the submitting call."""
-        rid = self._accept(request, context)
-        return self._result(rid, context)
+        with self._waiting_slot(context):
+            rid = self._accept(request, context)
+            return self._result(rid, context)
+
+    @contextlib.contextmanager
+    def _waiting_slot(self, context):
+        """Calls that wait for a result hold a worker thread: at most `waiting` of them at once, so that the
+        pool's other threads always answer Info/Submit (16 waiting calls used to occupy the whole pool)."""
+        with self.admit:
+            if self.waiting >= self.max_waiting:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              "party %s is busy: %d calls are already waiting for results (limit %d); retry shortly"
+                              % (self.party, self.waiting, self.max_waiting))
+            self.waiting += 1
+        try:
+            yield
+        finally:
+            with self.admit:
+                self.waiting -= 1
 
     def _accept(self, request: bytes, context) -> str:
         fp, role, name = self._peer(context)
@@ -297,7 +317,8 @@ class Gateway:
             log(self.party, "refused fetch of %s by %r (submitted by %r)" % (rid, name, req.owner_name))
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           "request %r was submitted with another certificate; outputs go only to their submitter" % rid)
-        return self._result(rid, context)
+        with self._waiting_slot(context):
+            return self._result(rid, context)
 
     def _result(self, rid: str, context) -> bytes:
         with self.cond:
@@ -475,7 +496,8 @@ def main(argv=None) -> int:
     os.chmod(pdir, 0o700)
     threading.Thread(target=gw.serve_backend, args=(pc.backend_socket(c, args.party),), daemon=True).start()
     threading.Thread(target=gw.janitor, daemon=True).start()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=gw.workers), options=GRPC_OPTIONS,
+                         maximum_concurrent_rpcs=4 * gw.workers)     # beyond that: RESOURCE_EXHAUSTED, not a queue
     handlers = {
         "Info": grpc.unary_unary_rpc_method_handler(gw.info, _ident, _ident),
         "Submit": grpc.unary_unary_rpc_method_handler(gw.submit, _ident, _ident),

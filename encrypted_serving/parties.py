@@ -17,6 +17,7 @@ parties.json (one file shared by the operators; paths relative to the file)::
      "rate_limit": {"rows_per_second": 1000, "burst_rows": 2000, "min_rows_per_request": 100},  # per certificate
      "query_budget": {"rows_per_day": 10000},  # per certificate, per UTC day (each party's budget.json)
      "in_flight": {"requests": 2, "bytes": 8388608},   # per certificate: requests / share bytes not yet answered
+     "threads": {"workers": 64, "reserve": 8},  # gateway threads; calls waiting for results may use all but reserve
      "max_batch": 1000, "batch_sizes": [1, 1000],   # the programs the driver instantiates; clients pad
      "request_timeout_s": 30}
 
@@ -109,7 +110,8 @@ def load_parties(path: str) -> dict:
 
 DEFAULT_LIMITS = {"rate_limit": {"rows_per_second": 1000, "burst_rows": 2000, "min_rows_per_request": 100},
                   "query_budget": {"rows_per_day": 10000},
-                  "in_flight": {"requests": 2, "bytes": 8 << 20}}
+                  "in_flight": {"requests": 2, "bytes": 8 << 20},
+                  "threads": {"workers": 64, "reserve": 8}}
 
 
 def _limits(c: dict, path: str) -> None:
@@ -122,6 +124,8 @@ def _limits(c: dict, path: str) -> None:
         bad = [k for k, v in c[key].items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
         if bad:
             raise ConfigError("%s: %s.%s must be a positive number" % (path, key, bad[0]))
+    if c["threads"]["reserve"] >= c["threads"]["workers"]:
+        raise ConfigError("%s: threads.reserve must be below threads.workers" % path)
     if c["rate_limit"]["burst_rows"] < c["max_batch"]:
         raise ConfigError("%s: rate_limit.burst_rows (%s) must be at least max_batch (%d), or a full batch is never "
                           "admitted" % (path, c["rate_limit"]["burst_rows"], c["max_batch"]))

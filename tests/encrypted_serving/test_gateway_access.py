@@ -277,3 +277,40 @@ def test_attack_one_certificate_cannot_pile_up_requests_or_share_bytes(gateway):
     ch2, other = _stub(gateway, "client2")                             # others are admitted meanwhile
     other["Submit"](_frame("o-1", 1), timeout=10)
     w.stop.set(), ch.close(), ch2.close()
+
+
+def test_the_driver_serves_certificates_in_turn():
+    """One client's queue of batches must not starve another's (issue 19 item 3: the victim's latency went from
+    44 ms to 1,868 ms behind a noisy client): the driver runs the pending requests round-robin over certificates."""
+    from encrypted_serving.driver import Driver
+    cfg = {"request_timeout_s": 5, "tf": {n: "127.0.0.1:1" for n in pc.PARTY_NAMES + (pc.DRIVER,)}}
+    d = Driver(cfg)
+    d.pending = {}
+    for i in range(6):                                     # the noisy client's six batches arrive first
+        d.pending["noisy-%d" % i] = {"first": float(i), "parts": {0: {"owner": "aaaa"}}}
+    d.pending["victim-0"] = {"first": 10.0, "parts": {0: {"owner": "bbbb"}}}
+    order = [rid for rid, _ in d._in_turn()]
+    assert order.index("victim-0") <= 1, order             # (it was served after all six: insertion order)
+    assert [r for r in order if r.startswith("noisy")] == ["noisy-%d" % i for i in range(6)]
+
+
+@pytest.mark.parametrize("gateway", [{"threads": {"workers": 4, "reserve": 2},
+                                      "in_flight": {"requests": 5, "bytes": 1 << 20}}], indirect=True)
+def test_attack_waiting_calls_cannot_occupy_the_whole_thread_pool(gateway):
+    """16 Predict calls used to hold all 16 gateway threads for 31 s (Info and Submit of everyone else queued):
+    now calls waiting for results may use all threads but a reserve, and the rest answer at once."""
+    w = _worker(gateway, answer=False)                     # nothing completes: every Predict waits
+    ch, calls = _stub(gateway, "client")
+    pending = [calls["Predict"].future(_frame("w-%d" % i, 1), timeout=30) for i in range(2)]
+    deadline = time.monotonic() + 10
+    while len(w.seen) < 2:                                 # both are waiting inside the gateway
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ch2, other = _stub(gateway, "client2")
+    assert "is busy" in _refusal(lambda: other["Predict"](_frame("w-x", 1), timeout=10))
+    t0 = time.monotonic()
+    other["Submit"](_frame("s-1", 1), timeout=10)          # the reserve still answers, promptly
+    assert _info(other)["party"] == "server0" and time.monotonic() - t0 < 5
+    for f in pending:
+        f.cancel()
+    w.stop.set(), ch.close(), ch2.close()
