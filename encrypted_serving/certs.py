@@ -4,8 +4,21 @@ The set-up makes, for local use, a private CA and one certificate per party gate
 the model owner. A certificate's role is its OrganizationalUnit: ``party``, ``client`` or ``model-owner``.
 Operators may bring their own (PEM files; same OU convention), named in ``parties.json``/``client.json``.
 
-    python -m encrypted_serving.certs init DIR                    # ca + server0-2 + model-owner + client
-    python -m encrypted_serving.certs issue DIR NAME --role client [--days N]
+Role pinning: a party (gateway) certificate may only authenticate a TLS *server* (extended key usage
+serverAuth) and names ``<party>.party.privtrain``, the name clients check; a client or model-owner
+certificate may only authenticate a TLS *client* (clientAuth) and names ``<name>.<role>.privtrain``. So a
+client certificate called ``server0`` cannot pose as gateway server0, nor a gateway's as a client.
+
+Registration: a gateway answers only certificates listed (by SHA-256 fingerprint, with their role) in the
+service's ``registry.json`` and not revoked there; revocation takes effect on the next call, no restart.
+
+The CA's private key never sits in a running service's directories: ``init`` keeps it only in
+``--ca-key-dir`` (an offline place the operator chooses) or discards it.
+
+    python -m encrypted_serving.certs init DIR [--ca-key-dir OFFLINE]   # ca + server0-2 + model-owner + client
+    python -m encrypted_serving.certs issue DIR NAME --role client --ca-key-dir OFFLINE [--days N]
+    python -m encrypted_serving.certs register REGISTRY CERT.pem        # allow a certificate
+    python -m encrypted_serving.certs revoke REGISTRY NAME_OR_SHA256    # revoke it (gateways refuse it at once)
 """
 from __future__ import annotations
 
@@ -13,9 +26,12 @@ import argparse
 import datetime as dt
 import hashlib
 import ipaddress
+import json
 import os
+import shutil
 import sys
-from typing import Optional, Tuple
+import tempfile
+from typing import Dict, Optional, Tuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,6 +40,12 @@ from cryptography.x509.oid import NameOID
 
 ROLES = ("party", "client", "model-owner")
 PARTY_NAMES = ("server0", "server1", "server2")
+REGISTRY_FORMAT = "privtrain-encrypted-registry/1"
+
+
+def tls_name(name: str, role: str) -> str:
+    """The DNS name a certificate of this role carries and a peer checks: e.g. ``server0.party.privtrain``."""
+    return "%s.%s.privtrain" % (name, role)
 
 
 class CertError(RuntimeError):
@@ -80,13 +102,16 @@ def issue(directory: str, name: str, role: str, days: float = 30, hosts=("127.0.
     end = _now() + dt.timedelta(days=days)
     if end <= start:
         start = end - dt.timedelta(days=1)
-    sans = [x509.DNSName(name)]
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    usage = [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH, x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+    sans = [x509.DNSName(tls_name(name, role))]
+    if role == "party":       # a gateway: addresses too; it may only act as a TLS server
+        for h in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
+        usage = [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    else:                     # a client or the model owner: only a TLS client
+        usage = [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
                                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)]))
@@ -94,7 +119,7 @@ def issue(directory: str, name: str, role: str, days: float = 30, hosts=("127.0.
             .not_valid_before(start).not_valid_after(end)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=True)
             .sign(ca_key, hashes.SHA256()))
     os.makedirs(directory, exist_ok=True)
     cpath, kpath = paths(directory, name)
@@ -104,15 +129,114 @@ def issue(directory: str, name: str, role: str, days: float = 30, hosts=("127.0.
     return cpath, kpath
 
 
-def init_local(directory: str, clients=("client",), days: float = 30) -> str:
-    """A CA, the three party gateways' certificates, the model owner's and one per client."""
-    make_ca(directory)
-    for p in PARTY_NAMES:
-        issue(directory, p, "party", days)
-    issue(directory, "model-owner", "model-owner", days)
-    for c in clients:
-        issue(directory, c, "client", days)
+def init_local(directory: str, clients=("client",), days: float = 30, ca_key_dir: Optional[str] = None) -> str:
+    """A CA, the three party gateways' certificates, the model owner's and one per client, in directory
+    (ca.pem, NAME.pem, NAME.key). The CA's key goes to ca_key_dir (created 0700; must not be directory) or,
+    without one, is destroyed once the certificates are issued. Also writes directory/registry.json with
+    every issued certificate registered."""
+    if ca_key_dir is not None and os.path.abspath(ca_key_dir) == os.path.abspath(directory):
+        raise CertError("keep the CA key out of the service's certificate directory %s: give another "
+                        "--ca-key-dir" % directory)
+    os.makedirs(directory, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="privtrain-ca-")
+    try:
+        make_ca(work)
+        shutil.copyfile(os.path.join(work, "ca.pem"), os.path.join(directory, "ca.pem"))
+        issued = []
+        for p in PARTY_NAMES:
+            issued.append(issue(directory, p, "party", days, ca_dir=work)[0])
+        issued.append(issue(directory, "model-owner", "model-owner", days, ca_dir=work)[0])
+        for c in clients:
+            issued.append(issue(directory, c, "client", days, ca_dir=work)[0])
+        registry = registry_path(directory)
+        for path in issued:
+            register(registry, path)
+        if ca_key_dir is not None:
+            os.makedirs(ca_key_dir, mode=0o700, exist_ok=True)
+            for f in ("ca.pem", "ca.key"):
+                shutil.copyfile(os.path.join(work, f), os.path.join(ca_key_dir, f))
+            os.chmod(os.path.join(ca_key_dir, "ca.key"), 0o600)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return directory
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def registry_path(directory: str) -> str:
+    return os.path.join(directory, "registry.json")
+
+
+def load_registry(path: str) -> dict:
+    try:
+        with open(path) as f:
+            reg = json.load(f)
+    except FileNotFoundError:
+        return {"format": REGISTRY_FORMAT, "certificates": {}}
+    except (OSError, ValueError) as e:
+        raise CertError("cannot read the certificate registry %s: %s" % (path, e)) from e
+    if reg.get("format") != REGISTRY_FORMAT or not isinstance(reg.get("certificates"), dict):
+        raise CertError("%s is not a certificate registry (format %r)" % (path, REGISTRY_FORMAT))
+    return reg
+
+
+def _save_registry(path: str, reg: dict) -> None:
+    _write(path, (json.dumps(reg, indent=1, sort_keys=True) + "\n").encode())
+
+
+def register(registry: str, cert_path: str) -> str:
+    """Allow the certificate at cert_path (its role is pinned to its OU). Returns its fingerprint."""
+    cert = load_cert(cert_path)
+    role = role_of(cert)
+    if role not in ROLES:
+        raise CertError("%s has role (OU) %r; expected one of %s" % (cert_path, role, ROLES))
+    fp = fingerprint(cert)
+    reg = load_registry(registry)
+    reg["certificates"][fp] = {"name": name_of(cert), "role": role, "revoked": None,
+                               "registered": _now().strftime("%Y-%m-%dT%H:%M:%SZ")}
+    _save_registry(registry, reg)
+    return fp
+
+
+def revoke(registry: str, who: str) -> list:
+    """Revoke by name (every certificate of that name) or SHA-256 fingerprint. Returns the revoked names."""
+    reg = load_registry(registry)
+    hits = [fp for fp, e in reg["certificates"].items() if fp == who.lower() or e["name"] == who]
+    if not hits:
+        raise CertError("no certificate named or with fingerprint %r in %s" % (who, registry))
+    for fp in hits:
+        reg["certificates"][fp]["revoked"] = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    _save_registry(registry, reg)
+    return [reg["certificates"][fp]["name"] for fp in hits]
+
+
+class Registry:
+    """A gateway's view of registry.json, re-read whenever the file changes (revocation needs no restart)."""
+
+    def __init__(self, path: str):
+        self.path, self._key, self._certs = path, None, {}
+
+    def lookup(self, fp: str) -> Optional[dict]:
+        try:
+            st = os.stat(self.path)
+            key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            key = None
+        if key != self._key:
+            self._certs = load_registry(self.path)["certificates"] if key else {}
+            self._key = key
+        return self._certs.get(fp)
+
+    def check(self, fp: str, role: Optional[str], name: str) -> Optional[str]:
+        """None if the certificate may be served, else the one-line reason."""
+        e = self.lookup(fp)
+        if e is None:
+            return ("certificate %r (sha256 %s...) is not registered with this service: ask the operator to "
+                    "register it (python -m encrypted_serving.certs register REGISTRY CERT)" % (name, fp[:16]))
+        if e.get("revoked"):
+            return "certificate %r was revoked on %s: ask the operator for a new one" % (name, e["revoked"])
+        if e.get("role") != role:
+            return "certificate %r has role %r but is registered as %r" % (name, role, e.get("role"))
+        return None
 
 
 def load_cert(path: str) -> x509.Certificate:
@@ -152,31 +276,47 @@ def name_of(cert: x509.Certificate) -> str:
     return cns[0].value if cns else "?"
 
 
-def fingerprint_pem(pem: bytes) -> str:
-    cert = x509.load_pem_x509_certificate(pem)
+def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def fingerprint_pem(pem: bytes) -> str:
+    return fingerprint(x509.load_pem_x509_certificate(pem))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="privtrain encrypted-serving certificates")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("init", help="CA + server0-2 + model-owner + clients")
+    p = sub.add_parser("init", help="CA + server0-2 + model-owner + clients (+ registry.json)")
     p.add_argument("dir")
     p.add_argument("--client", action="append", default=None)
     p.add_argument("--days", type=float, default=30)
-    p = sub.add_parser("issue", help="one more certificate signed by DIR/ca.pem")
+    p.add_argument("--ca-key-dir", default=None, help="keep the CA key here (offline); default: destroy it")
+    p = sub.add_parser("issue", help="one more certificate signed by the CA in --ca-key-dir")
     p.add_argument("dir")
     p.add_argument("name")
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--days", type=float, default=30)
+    p.add_argument("--ca-key-dir", required=True, help="where init kept the CA key (ca.pem, ca.key)")
     p.add_argument("--host", action="append", default=None, help="address(es) for a party certificate")
+    p = sub.add_parser("register", help="allow a certificate at the gateways")
+    p.add_argument("registry")
+    p.add_argument("cert")
+    p = sub.add_parser("revoke", help="revoke a certificate (by name or SHA-256 fingerprint)")
+    p.add_argument("registry")
+    p.add_argument("who")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "init":
-            init_local(args.dir, tuple(args.client or ["client"]), args.days)
+            init_local(args.dir, tuple(args.client or ["client"]), args.days, args.ca_key_dir)
             print(args.dir)
+        elif args.cmd == "issue":
+            print(issue(args.dir, args.name, args.role, args.days, tuple(args.host or ("127.0.0.1", "localhost")),
+                        ca_dir=args.ca_key_dir)[0])
+        elif args.cmd == "register":
+            print(register(args.registry, args.cert))
         else:
-            print(issue(args.dir, args.name, args.role, args.days, tuple(args.host or ("127.0.0.1", "localhost")))[0])
+            print("revoked: %s" % ", ".join(revoke(args.registry, args.who)))
     except (CertError, OSError) as e:
         print("error: %s" % e, file=sys.stderr)
         return 2

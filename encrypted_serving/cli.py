@@ -2,12 +2,14 @@
 pipeline/cli.py wires in, kept here so that the pipeline's CLI changes only by a few lines.
 
     privtrain serve --encrypted [--encrypted-output logit|label] [--isolation netns|none]
+                    [--also-plaintext (needs --tls-cert/--tls-key or --auth-token-file)]
     privtrain predict --encrypted --input FILE [--client client.json]
     privtrain encrypted-party --party server0|server1|server2|driver --config parties.json
 """
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 
@@ -19,6 +21,28 @@ def add_serve_flags(p) -> None:
                    help="what clients get back: shares of the logit (default) or of the predicted label only")
     p.add_argument("--isolation", default="netns", choices=["netns", "none"],
                    help="netns (default): TF cluster unreachable from the host; none: UNSAFE, for non-root development")
+    p.add_argument("--also-plaintext", action="store_true",
+                   help="with --encrypted: also start the plaintext REST/gRPC server (it returns exact logits); "
+                        "refused without TLS (--tls-cert/--tls-key) or a token (--auth-token-file)")
+
+
+def plaintext_wanted(args, tls: bool, auth: bool) -> bool:
+    """Whether `privtrain serve` starts the plaintext REST/gRPC server. With --encrypted only when asked for
+    (--also-plaintext), and then only with TLS or a bearer token: an unauthenticated plaintext endpoint next to
+    the encrypted service would hand any local process the exact logits the encrypted service protects.
+    Raises ValueError (one line) for --also-plaintext without TLS or a token, or without --encrypted."""
+    also = getattr(args, "also_plaintext", False)
+    if not getattr(args, "encrypted", False):
+        if also:
+            raise ValueError("--also-plaintext only makes sense with --encrypted (without it the plaintext server "
+                             "is what `privtrain serve` starts)")
+        return True
+    if not also:
+        return False
+    if not (tls or auth):
+        raise ValueError("--also-plaintext next to --encrypted needs TLS (--tls-cert and --tls-key) or a bearer "
+                         "token (--auth-token-file): without them any local process gets the exact logits")
+    return True
 
 
 def add_predict_flags(p) -> None:
@@ -32,6 +56,10 @@ def add_predict_flags(p) -> None:
 def start_for_serve(args, workdir: str):
     """Start the gateway service for `privtrain serve --encrypted`; returns it, or None after printing one line."""
     from encrypted_serving.service import EncryptedServiceError, GatewayService
+
+    def _interrupt(*_):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM during start-up or serving: stop every party cleanly
     try:
         svc = GatewayService(workdir, workdir=workdir, output=args.encrypted_output, isolation=args.isolation).start()
     except EncryptedServiceError as e:
@@ -40,6 +68,12 @@ def start_for_serve(args, workdir: str):
     print(f"ENCRYPTED READY client={svc.client_json()} owner={svc.owner_json} parties={svc.parties_json}", flush=True)
     svc.auto_restart_gateways = True
     return svc
+
+
+def serve_encrypted_only(svc) -> int:
+    """Block until SIGTERM / Ctrl-C (0) or until the service fails (1); stops it."""
+    print("READY encrypted-only (no plaintext endpoint; --also-plaintext with TLS or a token adds one)", flush=True)
+    return svc.serve_forever()
 
 
 def predict(args, workdir: str, version_dir: str) -> dict:

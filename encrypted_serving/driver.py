@@ -119,6 +119,12 @@ class Driver:
         c = self.c
         from encrypted_serving import model_format as mf
         model = mf.load_config(c["public_dir"])
+        from encrypted_serving import bounds
+        try:
+            bounds.check(model)     # inputs are clamped to the public box; the owner certified no truncation fails
+        except bounds.BoundsError as e:
+            log("error: %s" % e)
+            return 2
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
         from tensorflow.python.eager import context as _ctx
@@ -178,7 +184,7 @@ class Driver:
                 since[i] = int(r["seq"])   # a restarted gateway starts again from 0
                 for item in r["ready"]:
                     self.pending.setdefault(item["id"], {"first": now, "parts": {}})["parts"][i] = item
-            for rid, entry in list(self.pending.items()):
+            for rid, entry in self._in_turn():
                 parts = entry["parts"]
                 if len(parts) < 3:
                     missing = [pc.PARTY_NAMES[i] for i in range(3) if i not in parts]
@@ -216,6 +222,16 @@ class Driver:
                     self._fail(rid, "request %s failed: %s" % (rid, (msg[0] if msg else type(e).__name__)[:500]))
                     continue
                 log("%s %s n=%d in %.1f ms" % (kind, rid, n, 1000 * (time.monotonic() - t0)))
+
+    def _in_turn(self):
+        """Pending requests with certificates served in turn (each one's 1st request, then each one's 2nd, ...;
+        oldest first within a round), so that one client's stream of batches cannot starve the others."""
+        rank, order = {}, []
+        for rid, entry in self.pending.items():
+            owner = next(iter(entry["parts"].values()), {}).get("owner", "")
+            rank[owner] = rank.get(owner, 0) + 1
+            order.append((rank[owner], entry["first"], rid, entry))
+        return [(rid, entry) for _, _, rid, entry in sorted(order, key=lambda t: t[:2])]
 
     def _fail(self, rid, message):
         log(message)

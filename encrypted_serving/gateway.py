@@ -2,12 +2,15 @@
 
     python -m encrypted_serving.gateway --config parties.json --party server1
 
-Public side (clients and the model owner, certificates signed by the service CA; role = the cert's OU):
+Public side (clients and the model owner, certificates signed by the service CA, registered in the
+service's registry.json and not revoked there; role = the cert's OU, pinned by the registry):
 
 * ``Info``   -> the public model description (model.json, preprocessing.json), output policy, limits.
 * ``Submit`` -> a frame holding this party's replicated share pair (``a`` = s_i, ``b`` = s_{i+1}) of a
   batch (role ``client``, kind ``predict``) or of every weight array (role ``model-owner``, kind ``model``).
-  Checked: role, rate limit (per certificate), request id, dtype, shapes, lengths, batch size.
+  Checked: role, request id, dtype, shapes, lengths, batch size; then per certificate: requests and bytes in
+  flight, rows against the rate limit (a request costs its rows, at least ``min_rows_per_request``) and
+  against the daily query budget (rows per UTC day, recorded in the party's ``budget.json``).
 * ``Fetch``  -> this party's share of the request's output, **only to the certificate that submitted it**.
 * ``Predict`` -> ``Submit`` + wait + the output share on the same call (what the client library uses).
 
@@ -22,6 +25,7 @@ Pure Python (grpcio, numpy, cryptography): no TF, no platform import.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -58,11 +62,12 @@ def _ident(x):
 
 class Request:
     __slots__ = ("id", "owner", "owner_name", "kind", "n", "arrays", "seq", "created", "state", "result",
-                 "error", "event", "digests")
+                 "error", "event", "digests", "nbytes")
 
     def __init__(self, rid, owner, owner_name, kind, n, arrays, seq, digests):
         self.id, self.owner, self.owner_name, self.kind, self.n = rid, owner, owner_name, kind, n
         self.arrays, self.seq, self.digests = arrays, seq, digests
+        self.nbytes = 0
         self.created = time.monotonic()
         self.state = "submitted"
         self.result = None
@@ -71,21 +76,62 @@ class Request:
 
 
 class TokenBucket:
-    def __init__(self, rate: float, burst: float):
-        self.rate, self.burst = float(rate), float(burst)
+    """Per-certificate token bucket whose tokens are rows (a request costs its rows, at least min_cost)."""
+
+    def __init__(self, rate: float, burst: float, min_cost: float = 1.0):
+        self.rate, self.burst, self.min_cost = float(rate), float(burst), float(min_cost)
         self.buckets: Dict[str, list] = {}
         self.lock = threading.Lock()
 
-    def allow(self, key: str) -> bool:
+    def allow(self, key: str, rows: float = 1.0) -> bool:
+        cost = max(float(rows), self.min_cost)
         now = time.monotonic()
         with self.lock:
             tokens, last = self.buckets.get(key, (self.burst, now))
             tokens = min(self.burst, tokens + (now - last) * self.rate)
-            if tokens < 1.0:
+            if tokens < cost:
                 self.buckets[key] = [tokens, now]
                 return False
-            self.buckets[key] = [tokens - 1.0, now]
+            self.buckets[key] = [tokens - cost, now]
             return True
+
+
+class DailyBudget:
+    """Rows per certificate per UTC day, recorded in a JSON ledger (survives gateway restarts).
+
+    The ledger is this party's own file; each of the three gateways charges every request it accepts, so a
+    client cannot spend more than rows_per_day at any of them."""
+
+    def __init__(self, path: str, rows_per_day: int):
+        self.path, self.limit, self.lock = path, int(rows_per_day), threading.Lock()
+        try:
+            with open(path) as f:
+                self.ledger = json.load(f)
+        except (OSError, ValueError):
+            self.ledger = {}
+
+    @staticmethod
+    def today() -> str:
+        return time.strftime("%Y-%m-%d", time.gmtime())
+
+    def used(self, fp: str) -> int:
+        e = self.ledger.get(fp)
+        return int(e["rows"]) if e and e.get("day") == self.today() else 0
+
+    def charge(self, fp: str, name: str, rows: int) -> Optional[str]:
+        """Charge rows, or return why not (nothing charged)."""
+        with self.lock:
+            used = self.used(fp)
+            if used + rows > self.limit:
+                return ("certificate %r has used %d of its %d rows for today (UTC %s); this request needs %d more: "
+                        "retry tomorrow or ask the operator for a larger query budget"
+                        % (name, used, self.limit, self.today(), rows))
+            self.ledger[fp] = {"day": self.today(), "rows": used + rows, "name": name}
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.ledger, f)
+            os.replace(tmp, self.path)
+            return None
 
 
 class Gateway:
@@ -93,7 +139,9 @@ class Gateway:
         from encrypted_serving import model_format as mf
         self.c, self.party = config, party
         self.fault_file = fault_file
+        from encrypted_serving import bounds
         self.model = mf.load_config(config["public_dir"])
+        bounds.check(self.model)        # a model without a valid truncation certificate is not served
         with open(os.path.join(config["public_dir"], mf.PREPROCESSING_JSON)) as f:
             self.preprocessing = json.load(f)
         self.weight_shapes = {}
@@ -109,9 +157,16 @@ class Gateway:
         self.last_wait = None
         self.model_loaded = False
         self.stopping = None
-        rl = config.get("rate_limit") or {}
-        self.bucket = TokenBucket(rl.get("per_second", 50), rl.get("burst", 100))
+        rl = config["rate_limit"]
+        self.bucket = TokenBucket(rl["rows_per_second"], rl["burst_rows"], rl["min_rows_per_request"])
+        self.budget = DailyBudget(os.path.join(config["parties"][party]["dir"], "budget.json"),
+                                  config["query_budget"]["rows_per_day"])
+        self.in_flight = config["in_flight"]
+        self.admit = threading.Lock()
+        th = config["threads"]
+        self.workers, self.max_waiting, self.waiting = int(th["workers"]), int(th["workers"]) - int(th["reserve"]), 0
         self._cert_cache: Dict[bytes, tuple] = {}
+        self.registry = certs.Registry(config["registry"])
         netns = config.get("netns")
         self.netns_ino = os.stat("/run/netns/" + netns).st_ino if netns else None
 
@@ -127,6 +182,10 @@ class Gateway:
             cert = x509.load_pem_x509_certificate(pem)
             hit = (certs.fingerprint_pem(pem), certs.role_of(cert), certs.name_of(cert))
             self._cert_cache[pem] = hit
+        why = self.registry.check(*hit)     # registered, not revoked, role as registered (re-read on change)
+        if why:
+            log(self.party, "refused %r: %s" % (hit[2], why))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         return hit
 
     # ------------------------------------------------------------------ public RPCs
@@ -135,7 +194,9 @@ class Gateway:
         return json.dumps({"party": self.party, "model": self.model, "preprocessing": self.preprocessing,
                            "output": self.c["output"], "max_batch": self.c["max_batch"],
                            "batch_sizes": self.c["batch_sizes"],
-                           "rate_limit": self.c["rate_limit"], "model_loaded": self.model_loaded,
+                           "rate_limit": self.c["rate_limit"], "query_budget": self.c["query_budget"],
+                "rows_used_today": self.budget.used(fp), "in_flight": self.in_flight,
+                "model_loaded": self.model_loaded,
                            "you": {"name": name, "role": role}}).encode()
 
     def submit(self, request: bytes, context) -> bytes:
@@ -144,8 +205,25 @@ class Gateway:
 
     def predict(self, request: bytes, context) -> bytes:
         """Submit + Fetch in one call (one round trip less); the result goes back on the submitting call."""
-        rid = self._accept(request, context)
-        return self._result(rid, context)
+        with self._waiting_slot(context):
+            rid = self._accept(request, context)
+            return self._result(rid, context)
+
+    @contextlib.contextmanager
+    def _waiting_slot(self, context):
+        """Calls that wait for a result hold a worker thread: at most `waiting` of them at once, so that the
+        pool's other threads always answer Info/Submit (16 waiting calls used to occupy the whole pool)."""
+        with self.admit:
+            if self.waiting >= self.max_waiting:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              "party %s is busy: %d calls are already waiting for results (limit %d); retry shortly"
+                              % (self.party, self.waiting, self.max_waiting))
+            self.waiting += 1
+        try:
+            yield
+        finally:
+            with self.admit:
+                self.waiting -= 1
 
     def _accept(self, request: bytes, context) -> str:
         fp, role, name = self._peer(context)
@@ -162,10 +240,6 @@ class Gateway:
             if role != "client":
                 context.abort(grpc.StatusCode.PERMISSION_DENIED,
                               "certificate %r has role %r; predictions need a client certificate" % (name, role))
-            if not self.bucket.allow(fp):
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              "rate limit of %s requests/s (burst %s) exceeded for certificate %r; retry later"
-                              % (self.bucket.rate, self.bucket.burst, name))
             if not self.model_loaded:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no model has been loaded into the service yet")
             d = self.model["input_dim"]
@@ -195,13 +269,38 @@ class Gateway:
                        ring.digest(np.concatenate([arrays[k + "/b"].ravel() for k in self.weight_shapes]))]
         else:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "kind must be 'predict' or 'model', got %r" % (kind,))
-        with self.cond:
-            if rid in self.requests:
-                context.abort(grpc.StatusCode.ALREADY_EXISTS, "request id %r is already in use" % rid)
-            self.seq += 1
-            self.requests[rid] = Request(rid, fp, name, kind, n, arrays, self.seq, digests)
-            self.cond.notify_all()
+        nbytes = sum(int(v.nbytes) for v in arrays.values())
+        with self.admit:        # in-flight caps, then rows against the rate limit and the daily budget
+            if kind == "predict":
+                why = self._admission(fp, name, n, nbytes)
+                if why:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+            with self.cond:
+                if rid in self.requests:
+                    context.abort(grpc.StatusCode.ALREADY_EXISTS, "request id %r is already in use" % rid)
+                self.seq += 1
+                req = self.requests[rid] = Request(rid, fp, name, kind, n, arrays, self.seq, digests)
+                req.nbytes = nbytes
+                self.cond.notify_all()
         return rid
+
+    def _admission(self, fp: str, name: str, n: int, nbytes: int) -> Optional[str]:
+        with self.cond:
+            mine = [r for r in self.requests.values() if r.owner == fp and r.state in ("submitted", "taken")]
+        cap_n, cap_b = int(self.in_flight["requests"]), int(self.in_flight["bytes"])
+        if len(mine) >= cap_n:
+            return ("certificate %r already has %d request(s) in flight at party %s (limit %d): wait for their "
+                    "results before sending more" % (name, len(mine), self.party, cap_n))
+        held = sum(r.nbytes for r in mine)
+        if held + nbytes > cap_b:
+            return ("certificate %r would hold %d bytes of shares in flight at party %s (limit %d): wait for "
+                    "earlier results or send smaller batches" % (name, held + nbytes, self.party, cap_b))
+        if self.budget.used(fp) + n > self.budget.limit:
+            return self.budget.charge(fp, name, n)
+        if not self.bucket.allow(fp, n):
+            return ("rate limit of %g rows/s (burst %g rows, at least %g rows per request) exceeded for certificate "
+                    "%r; retry later" % (self.bucket.rate, self.bucket.burst, self.bucket.min_cost, name))
+        return self.budget.charge(fp, name, n)
 
     def fetch(self, request: bytes, context) -> bytes:
         fp, role, name = self._peer(context)
@@ -218,7 +317,8 @@ class Gateway:
             log(self.party, "refused fetch of %s by %r (submitted by %r)" % (rid, name, req.owner_name))
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           "request %r was submitted with another certificate; outputs go only to their submitter" % rid)
-        return self._result(rid, context)
+        with self._waiting_slot(context):
+            return self._result(rid, context)
 
     def _result(self, rid: str, context) -> bytes:
         with self.cond:
@@ -308,7 +408,9 @@ class Gateway:
                     if ready or left <= 0 or self.stopping:
                         break
                     self.cond.wait(left)
-                out = [{"id": r.id, "kind": r.kind, "n": r.n, "digests": r.digests, "seq": r.seq} for r in ready]
+                # owner: a short tag of the submitting certificate, so that the driver can serve certificates in turn
+                out = [{"id": r.id, "kind": r.kind, "n": r.n, "digests": r.digests, "seq": r.seq,
+                        "owner": r.owner[:12]} for r in ready]
                 return ring.pack({"seq": self.seq, "ready": out})
         rid = header.get("id")
         with self.cond:
@@ -386,7 +488,7 @@ def main(argv=None) -> int:
         c = pc.load_parties(args.config)
         gw = Gateway(c, args.party, args.fault_file)
         creds = server_credentials(c, args.party)
-    except (pc.ConfigError, certs.CertError, OSError, ValueError) as e:
+    except (pc.ConfigError, certs.CertError, OSError, ValueError) as e:   # BoundsError is a ValueError
         log(args.party, "error: %s" % e)
         return 2
     pdir = c["parties"][args.party]["dir"]
@@ -394,7 +496,8 @@ def main(argv=None) -> int:
     os.chmod(pdir, 0o700)
     threading.Thread(target=gw.serve_backend, args=(pc.backend_socket(c, args.party),), daemon=True).start()
     threading.Thread(target=gw.janitor, daemon=True).start()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=gw.workers), options=GRPC_OPTIONS,
+                         maximum_concurrent_rpcs=4 * gw.workers)     # beyond that: RESOURCE_EXHAUSTED, not a queue
     handlers = {
         "Info": grpc.unary_unary_rpc_method_handler(gw.info, _ident, _ident),
         "Submit": grpc.unary_unary_rpc_method_handler(gw.submit, _ident, _ident),

@@ -6,7 +6,9 @@ A directory holding:
 
     {"format": "privtrain-encrypted-mlp/1", "input_dim": D,
      "layers": [{"units": 64, "activation": "relu"}, ..., {"units": 1, "activation": "linear"}],
-     "output": "logit"}
+     "output": "logit",
+     "input_box": {"low": [...], "high": [...]},      # the public ranges clamped to inside the MPC
+     "certificate": {...}}                           # the owner's truncation certificate (encrypted_serving.bounds)
 
 * ``weights.npz``: for layer i (0-based, in order) ``dense_{i}/kernel`` float32 [fan_in, units] and
   ``dense_{i}/bias`` float32 [units].
@@ -100,14 +102,18 @@ def save_model(directory: str, config: dict, weights: Dict[str, np.ndarray],
     validate_config(config)
     weights = {k: np.asarray(v, dtype=np.float32) for k, v in weights.items()}
     validate_weights(config, weights)
+    if preprocessing is not None:
+        # the public input box the service clamps to, and the owner's certificate that no truncation can fail on it
+        from encrypted_serving import bounds
+        from encrypted_serving import preprocessing as pp
+        pp.validate_spec(preprocessing, config["input_dim"])
+        config = bounds.attach(config, weights, preprocessing)
     os.makedirs(directory, exist_ok=True)
     _atomic_write_text(os.path.join(directory, MODEL_JSON), json.dumps(config, indent=2) + "\n")
     tmp = os.path.join(directory, ".weights.tmp.npz")
     np.savez(tmp, **weights)
     os.replace(tmp, os.path.join(directory, WEIGHTS_NPZ))
     if preprocessing is not None:
-        from encrypted_serving import preprocessing as pp
-        pp.validate_spec(preprocessing, config["input_dim"])
         _atomic_write_text(os.path.join(directory, PREPROCESSING_JSON), json.dumps(preprocessing, indent=2) + "\n")
     return directory
 

@@ -6,6 +6,7 @@ parties.json (one file shared by the operators; paths relative to the file)::
      "protocol": "aby3",
      "public_dir": "public",                   # model.json + preprocessing.json: no weights
      "ca": "certs/ca.pem",
+     "registry": "certs/registry.json",        # certificates the gateways answer (python -m encrypted_serving.certs)
      "tf": {"server0": "10.0.0.1:7100", "server1": "10.0.0.2:7100", "server2": "10.0.0.3:7100",
             "driver": "10.0.0.1:7101"},        # the private TF cluster: never given to clients
      "parties": {"server0": {"gateway": "0.0.0.0:8443", "cert": "certs/server0.pem",
@@ -13,7 +14,10 @@ parties.json (one file shared by the operators; paths relative to the file)::
      "driver": {"dir": "driver"},
      "netns": null,                            # local mode: the network namespace the TF cluster runs in
      "output": "logit",                        # or "label"
-     "rate_limit": {"per_second": 50, "burst": 100},
+     "rate_limit": {"rows_per_second": 1000, "burst_rows": 2000, "min_rows_per_request": 100},  # per certificate
+     "query_budget": {"rows_per_day": 10000},  # per certificate, per UTC day (each party's budget.json)
+     "in_flight": {"requests": 2, "bytes": 8388608},   # per certificate: requests / share bytes not yet answered
+     "threads": {"workers": 64, "reserve": 8},  # gateway threads; calls waiting for results may use all but reserve
      "max_batch": 1000, "batch_sizes": [1, 1000],   # the programs the driver instantiates; clients pad
      "request_timeout_s": 30}
 
@@ -70,6 +74,10 @@ def load_parties(path: str) -> dict:
     for key in ("public_dir", "ca", "tf", "parties"):
         if key not in c:
             raise ConfigError("%s: missing %r" % (path, key))
+    if "registry" not in c:
+        raise ConfigError("%s: missing 'registry' (the certificates the gateways answer; create it with "
+                          "python -m encrypted_serving.certs register REGISTRY CERT)" % path)
+    c["registry"] = _abs(base, c["registry"])
     if c.get("protocol", "aby3") not in PROTOCOLS:
         raise ConfigError("%s: protocol must be one of %s (Pond was dropped: its ReLU is 0.4 off)" % (path, PROTOCOLS))
     if c.get("output", "logit") not in OUTPUTS:
@@ -90,14 +98,37 @@ def load_parties(path: str) -> dict:
     c.setdefault("protocol", "aby3")
     c.setdefault("output", "logit")
     c.setdefault("netns", None)
-    c.setdefault("rate_limit", {"per_second": 50, "burst": 100})
     c.setdefault("max_batch", 1000)
     c.setdefault("batch_sizes", [1, c["max_batch"]])
     if not all(isinstance(n, int) and 1 <= n <= c["max_batch"] for n in c["batch_sizes"]):
         raise ConfigError("%s: batch_sizes must be integers in 1..max_batch" % path)
+    _limits(c, path)
     c.setdefault("request_timeout_s", 30)
     c["path"] = os.path.abspath(path)
     return c
+
+
+DEFAULT_LIMITS = {"rate_limit": {"rows_per_second": 1000, "burst_rows": 2000, "min_rows_per_request": 100},
+                  "query_budget": {"rows_per_day": 10000},
+                  "in_flight": {"requests": 2, "bytes": 8 << 20},
+                  "threads": {"workers": 64, "reserve": 8}}
+
+
+def _limits(c: dict, path: str) -> None:
+    rl = c.get("rate_limit") or {}
+    if ("per_second" in rl or "burst" in rl) and "rows_per_second" not in rl:
+        raise ConfigError("%s: rate_limit now counts rows: give rows_per_second, burst_rows and min_rows_per_request "
+                          "instead of per_second/burst" % path)
+    for key, default in DEFAULT_LIMITS.items():
+        c[key] = dict(default, **(c.get(key) or {}))
+        bad = [k for k, v in c[key].items() if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0]
+        if bad:
+            raise ConfigError("%s: %s.%s must be a positive number" % (path, key, bad[0]))
+    if c["threads"]["reserve"] >= c["threads"]["workers"]:
+        raise ConfigError("%s: threads.reserve must be below threads.workers" % path)
+    if c["rate_limit"]["burst_rows"] < c["max_batch"]:
+        raise ConfigError("%s: rate_limit.burst_rows (%s) must be at least max_batch (%d), or a full batch is never "
+                          "admitted" % (path, c["rate_limit"]["burst_rows"], c["max_batch"]))
 
 
 def load_client(path: str) -> dict:

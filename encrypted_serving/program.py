@@ -7,7 +7,8 @@ device only holds the nonce counter and receives one dummy number per party and 
 * ``load(id)``: each party takes its share pair of every weight array from its own gateway (uploaded by
   the model owner) into TF variables on its own device. No weight ever exists in plaintext here.
 * ``predict[n](id)``: each party takes its share pair of the client's batch from its own gateway;
-  the MLP runs on shares (matmul with reshare + truncation, ABY3 ReLU); the result is **re-randomised by a
+  every input column is clamped to the model's public input box (``bounds``; the model owner certified that no
+  truncation can fail on that box, whatever a client sends); the MLP runs on shares (matmul with reshare + truncation, ABY3 ReLU); the result is **re-randomised by a
   fresh zero-sharing** and each party hands only its own additive share to its own gateway, which gives it
   only to the submitting certificate. Output policy: ``logit`` (default) or ``label`` (the sign bit,
   computed privately; boolean shares).
@@ -32,6 +33,7 @@ from tf_encrypted.protocol import ABY3
 from tf_encrypted.protocol.aby3.aby3_tensors import ABY3PrivateTensor
 from tf_encrypted.protocol.aby3.aby3 import ShareType
 
+from encrypted_serving import bounds
 from encrypted_serving import fastops
 from encrypted_serving import model_format as mf
 
@@ -93,6 +95,7 @@ class Program:
         if fast_kernels:
             fastops.install()
         self.model, self.output = mf.validate_config(model), output
+        self.low, self.high = bounds.box_of(self.model)      # public: clamp every input column to it
         cfg = tfe.get_config()
         self.devices = [cfg.get_player(p).device_name for p in PARTIES]
         self.driver_device = cfg.get_player(DRIVER).device_name
@@ -171,8 +174,20 @@ class Program:
             out.append(self._private(pairs))
         return [(out[j], out[j + 1]) for j in range(0, len(out), 2)]
 
+    def clamp(self, x: ABY3PrivateTensor) -> ABY3PrivateTensor:
+        """min(max(x, low), high) per column, exact for any ring value (low <= 0 <= high, public):
+        p = relu(x) and q = relu(-x) = p - x come from one exact sign test (no truncation, no overflow for
+        |x| < 2**63); min(p, high) = p - relu(p - high), min(q, -low) = q - relu(q + low); result top - bottom.
+        (x = -2**63 itself, which no encoder produces, lands at `high`: still inside the box.)"""
+        prot = self.prot
+        p = prot.relu(x)
+        q = prot.sub(p, x)
+        top = prot.sub(p, prot.relu(prot.sub(p, self.high)))
+        bottom = prot.sub(q, prot.relu(prot.add(q, self.low)))
+        return prot.sub(top, bottom)
+
     def forward(self, x: ABY3PrivateTensor) -> ABY3PrivateTensor:
-        prot, h = self.prot, x
+        prot, h = self.prot, self.clamp(x)
         for (w, b), layer in zip(self.weights(), self.model["layers"]):
             h = prot.add(prot.matmul(h, w), b)
             if layer["activation"] == "relu":

@@ -2,7 +2,9 @@
 
 ``GatewayService(model, workdir=...)`` (behind ``privtrain serve --encrypted``) runs on one host:
 
-* a private CA and certificates (``<run>/certs``; bring your own with ``certs_dir=``),
+* a private CA and certificates (``<run>/certs``; bring your own with ``certs_dir=``), every one registered in
+  ``<certs>/registry.json`` (revoke with ``python -m encrypted_serving.certs revoke``); the CA's key is kept
+  only in ``ca_key_dir`` (outside the run directory) or destroyed after issuing,
 * the TF cluster (three compute workers + the driver) **inside its own network namespace** (root; the
   namespace has only a loopback interface, so no process outside it can reach a TF port),
 * the three share gateways on the host's 127.0.0.1 with mutual TLS, each linked to its own worker by a
@@ -121,8 +123,10 @@ def write_client_json(path: str, ca: str, cert: str, key: str, gateways) -> str:
 class GatewayService:
     def __init__(self, model: str, run_dir: Optional[str] = None, workdir: Optional[str] = None,
                  output: str = "logit", isolation: str = "netns", request_timeout_s: float = 30.0,
-                 batch_sizes=(1, 1000), rate_limit=(50, 100), clients=("client",), certs_dir: Optional[str] = None,
-                 startup_timeout: float = 900.0, python: Optional[str] = None, gateway_ports=None):
+                 batch_sizes=(1, 1000), rate_limit=(1000, 2000), clients=("client",), certs_dir: Optional[str] = None,
+                 startup_timeout: float = 900.0, python: Optional[str] = None, gateway_ports=None,
+                 ca_key_dir: Optional[str] = None, min_rows_per_request: int = 100, rows_per_day: int = 10000,
+                 in_flight=(2, 8 << 20)):
         if output not in pc.OUTPUTS:
             raise EncryptedServiceError("output must be one of %s, got %r" % (pc.OUTPUTS, output))
         self.model, self.output, self.isolation = model, output, isolation
@@ -131,6 +135,10 @@ class GatewayService:
         self.request_timeout_s, self.batch_sizes = float(request_timeout_s), list(batch_sizes)
         self.rate_limit, self.clients, self.certs_dir = rate_limit, tuple(clients), certs_dir
         self.startup_timeout, self.python, self.gateway_ports = startup_timeout, python, gateway_ports
+        self.ca_key_dir = os.path.abspath(ca_key_dir) if ca_key_dir else None
+        # per certificate: rate_limit = (rows/s, burst rows); every request costs at least min_rows_per_request rows;
+        # rows_per_day: the daily query budget; in_flight = (requests, share bytes) not yet answered
+        self.min_rows_per_request, self.rows_per_day, self.in_flight = min_rows_per_request, rows_per_day, in_flight
         self.procs: Dict[str, subprocess.Popen] = {}
         self.netns: Optional[str] = None
         self.fault: Optional[str] = None
@@ -191,31 +199,34 @@ class GatewayService:
         os.chmod(owner_dir, 0o700)
         model_dir = prepare_model(self.model, os.path.join(owner_dir, "model"))
         config = mf.load_config(model_dir)
-        mf.load_weights(model_dir, config)
+        weights = mf.load_weights(model_dir, config)
         mf.load_preprocessing(model_dir, config)
+        from encrypted_serving import bounds
+        try:   # the owner's side: the certificate holds for the weights it is about to upload, on the public box
+            bounds.verify(config, weights)
+        except bounds.BoundsError as e:
+            raise EncryptedServiceError(str(e)) from e
+        del weights
         public = os.path.join(self.run_dir, "public")
         os.makedirs(public)
         for f in (mf.MODEL_JSON, mf.PREPROCESSING_JSON):
             shutil.copyfile(os.path.join(model_dir, f), os.path.join(public, f))
-        cdir = self.certs_dir or os.path.join(self.run_dir, "certs")
-        if not os.path.isfile(os.path.join(cdir, "ca.pem")):
-            certs.init_local(cdir, self.clients)
-        else:
-            for name in ("server0", "server1", "server2", "model-owner") + self.clients:
-                if not os.path.isfile(os.path.join(cdir, name + ".pem")):
-                    raise EncryptedServiceError("certificate %s.pem missing in %s" % (name, cdir))
+        cdir = self._setup_certs()
         gw_ports = list(self.gateway_ports or free_ports(3))
         tf_ports = free_ports(4)
         host_tf = "127.0.0.1"
         cfg = {"format": pc.PARTIES_FORMAT, "protocol": "aby3", "public_dir": public,
-               "ca": os.path.join(cdir, "ca.pem"),
+               "ca": os.path.join(cdir, "ca.pem"), "registry": certs.registry_path(cdir),
                "tf": dict(zip(pc.PARTY_NAMES + (pc.DRIVER,), ["%s:%d" % (host_tf, p) for p in tf_ports])),
                "parties": {p: {"gateway": "127.0.0.1:%d" % gw_ports[i], "cert": os.path.join(cdir, p + ".pem"),
                                "key": os.path.join(cdir, p + ".key"), "dir": self.party_dir(p)}
                            for i, p in enumerate(pc.PARTY_NAMES)},
                "driver": {"dir": os.path.join(self.run_dir, "driver")},
                "netns": None, "output": self.output,
-               "rate_limit": {"per_second": self.rate_limit[0], "burst": self.rate_limit[1]},
+               "rate_limit": {"rows_per_second": self.rate_limit[0], "burst_rows": self.rate_limit[1],
+                              "min_rows_per_request": self.min_rows_per_request},
+               "query_budget": {"rows_per_day": self.rows_per_day},
+               "in_flight": {"requests": self.in_flight[0], "bytes": self.in_flight[1]},
                "max_batch": max(self.batch_sizes), "batch_sizes": self.batch_sizes,
                "request_timeout_s": self.request_timeout_s}
         for p in pc.PARTY_NAMES:
@@ -229,6 +240,10 @@ class GatewayService:
                 cfg["netns"] = self.netns
             pc.save(cfg, self.parties_json)
             os.chmod(self.parties_json, 0o600)
+            try:
+                pc.load_parties(self.parties_json)       # limits and paths checked before anything starts
+            except pc.ConfigError as e:
+                raise EncryptedServiceError(str(e)) from e
             gateways = [(p, cfg["parties"][p]["gateway"]) for p in pc.PARTY_NAMES]
             for c in self.clients:
                 write_client_json(self.client_json(c), cfg["ca"], os.path.join(cdir, c + ".pem"),
@@ -253,6 +268,32 @@ class GatewayService:
             self.stop()
             raise
         return self
+
+    def _setup_certs(self) -> str:
+        """The service's certificates and registry. Without certs_dir: a fresh CA per start whose key is kept
+        only in ca_key_dir (outside the run directory) or destroyed; with certs_dir: the operator's files,
+        whose directory must not hold the CA key (registry.json is created for the configured names if absent)."""
+        run = os.path.abspath(self.run_dir)
+        if self.ca_key_dir and (self.ca_key_dir == run or self.ca_key_dir.startswith(run + os.sep)):
+            raise EncryptedServiceError("ca_key_dir %s is inside the service's run directory %s: keep the CA key "
+                                        "offline, elsewhere" % (self.ca_key_dir, run))
+        if self.certs_dir is None:
+            cdir = os.path.join(self.run_dir, "certs")
+            shutil.rmtree(cdir, ignore_errors=True)
+            certs.init_local(cdir, self.clients, ca_key_dir=self.ca_key_dir)
+            return cdir
+        cdir = self.certs_dir
+        names = ("server0", "server1", "server2", "model-owner") + self.clients
+        for name in names:
+            if not os.path.isfile(os.path.join(cdir, name + ".pem")):
+                raise EncryptedServiceError("certificate %s.pem missing in %s" % (name, cdir))
+        if os.path.exists(os.path.join(cdir, "ca.key")):
+            raise EncryptedServiceError("the CA private key %s sits next to the service's certificates: move it "
+                                        "offline (the service needs only ca.pem)" % os.path.join(cdir, "ca.key"))
+        if not os.path.isfile(certs.registry_path(cdir)):
+            for name in names:
+                certs.register(certs.registry_path(cdir), os.path.join(cdir, name + ".pem"))
+        return cdir
 
     def _spawn(self, name: str, args: List[str], inside: bool) -> None:
         cmd = [self.py] + args

@@ -93,7 +93,9 @@ class ShareClient:
         self.channels, self.calls = [], []
         for name, addr in self.gateways:
             ch = grpc.secure_channel(addr, creds, options=[
-                ("grpc.ssl_target_name_override", name),   # the gateway must hold *that* party's certificate
+                # the gateway must hold *that* party's certificate: a party-role name that only certificates
+                # issued for a gateway carry (serverAuth only; a client certificate called server0 does not match)
+                ("grpc.ssl_target_name_override", certs.tls_name(name, "party")),
                 ("grpc.max_receive_message_length", MAX_MSG), ("grpc.max_send_message_length", MAX_MSG)])
             self.channels.append(ch)
             self.calls.append({m: ch.unary_unary(SERVICE + m, request_serializer=_ident, response_deserializer=_ident)

@@ -237,24 +237,33 @@ def _cmd_serve(args) -> int:
 
     workdir = os.path.abspath(args.workdir)
     serving_dir = RunConfig(workdir=workdir).serving_dir
-    encrypted = None
+    from encrypted_serving import cli as encrypted_cli
+
+    encrypted = server = None
     try:
         server = server_from_args(args, serving_dir)
-        server.start()
-    except ServingConfigError as e:  # bad flag, file, port or address: one line
+        # with --encrypted the plaintext server starts only with --also-plaintext, and then only with TLS or a token
+        if encrypted_cli.plaintext_wanted(args, server.options.tls, server.options.auth):
+            server.start()
+        else:
+            server = None
+    except (ServingConfigError, ValueError) as e:  # bad flag, file, port or address: one line
         print(f"privtrain serve: {e}", file=sys.stderr)
         return 2
     try:
         if args.encrypted:
-            from encrypted_serving.cli import start_for_serve
-
-            encrypted = start_for_serve(args, workdir)
+            encrypted = encrypted_cli.start_for_serve(args, workdir)
             if encrypted is None:
                 return 2
+            if server is None:
+                return encrypted_cli.serve_encrypted_only(encrypted)
         return server.serve_forever(  # READY once SIGTERM is handled (drain)
             on_ready=lambda: print(f"READY rest={server.rest_port} grpc={server.grpc_port}", flush=True))
+    except KeyboardInterrupt:
+        return 0
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         if encrypted is not None:
             encrypted.stop()
 

@@ -55,7 +55,9 @@ def pushed_model(tmp_path_factory, adult_spec):
 @pytest.fixture(scope="module")
 def svc(pushed_model, tmp_path_factory):
     s = service.GatewayService(pushed_model[0], run_dir=str(tmp_path_factory.mktemp("svc")), batch_sizes=(1, 200),
-                               request_timeout_s=20, rate_limit=(5, 8), clients=("client", "client2", "noisy"))
+                               request_timeout_s=20, rate_limit=(300, 600), min_rows_per_request=100,
+                               clients=("client", "client2", "noisy"),
+                               ca_key_dir=str(tmp_path_factory.mktemp("offline-ca")))
     s.start()
     pids, netns = dict(s.pids), s.netns
     yield s
@@ -208,7 +210,7 @@ def _raw_calls(svc, cert_name=None, ca=None, cert_pem=None, key_pem=None):
     creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key_pem, certificate_chain=cert_pem)
     out = []
     for name, addr in cfg["gateways"]:
-        ch = grpc.secure_channel(addr, creds, options=[("grpc.ssl_target_name_override", name)])
+        ch = grpc.secure_channel(addr, creds, options=[("grpc.ssl_target_name_override", certs.tls_name(name, "party"))])
         out.append((ch, {m: ch.unary_unary("/privtrain.ShareGateway/" + m) for m in ("Info", "Submit", "Fetch")}))
     return out
 
@@ -255,7 +257,7 @@ def test_attack_d_no_valid_certificate_no_answer(svc, tmp_path):
                        key_pem=open(tmp_path / "rogue" / "client.key", "rb").read())
     # an expired certificate from the right CA
     cdir = os.path.dirname(cfg["cert"])
-    certs.issue(str(tmp_path / "exp"), "expired", "client", days=-1, ca_dir=cdir)
+    certs.issue(str(tmp_path / "exp"), "expired", "client", days=-1, ca_dir=svc.ca_key_dir)
     expired = _raw_calls(svc, cert_pem=open(tmp_path / "exp" / "expired.pem", "rb").read(),
                          key_pem=open(tmp_path / "exp" / "expired.key", "rb").read())
     for label, attempt in (("no cert", calls), ("rogue CA", rogue), ("expired", expired)):
@@ -324,8 +326,8 @@ def test_rate_limit_per_certificate(svc, client):
 
     d = client.info()["model"]["input_dim"]
 
-    def one(_):  # 16 requests arriving at once: more than the burst (8) plus what 5/s refills meanwhile, even on a
-        try:     # loaded machine where one sequential request takes longer than a token's refill
+    def one(_):  # 16 requests arriving at once, each charged at least 100 rows: more than the burst (600 rows) and
+        try:     # the in-flight cap (2 requests per certificate) allow
             with sc.ShareClient(svc.client_json("noisy")) as noisy:
                 noisy.predict_shares(np.zeros((1, d)))
             return None
@@ -334,7 +336,7 @@ def test_rate_limit_per_certificate(svc, client):
 
     with ThreadPoolExecutor(16) as pool:
         errors = [e for e in pool.map(one, range(16)) if e is not None]
-    assert errors and all("rate limit" in e for e in errors), errors
+    assert errors and all("rate limit" in e or "in flight" in e for e in errors), errors
     assert client.predict_logits(np.zeros((1, d))).shape == (1,)     # another certificate is not limited
 
 
@@ -354,6 +356,54 @@ def test_no_float_weight_file_under_any_party_directory(svc):
                     data = open(path, "rb").read()
                     assert not any(n in data for n in needles), path
     assert "gateway.ready" in seen
+
+
+def test_the_ca_key_is_nowhere_under_the_running_service(svc):
+    """Issue 19 item 4: the old service kept ca.key in <run>/certs, next to the party keys."""
+    from cryptography.hazmat.primitives import serialization
+    ca_pub = certs.load_cert(pc.load_parties(svc.parties_json)["ca"]).public_key().public_numbers()
+    found = []
+    for root, _, files in os.walk(svc.run_dir):
+        for f in files:
+            path = os.path.join(root, f)
+            try:
+                key = serialization.load_pem_private_key(open(path, "rb").read(), None)
+            except (ValueError, TypeError, OSError):
+                continue
+            if key.public_key().public_numbers() == ca_pub:
+                found.append(path)
+    assert not found, found
+    assert os.path.isfile(os.path.join(svc.ca_key_dir, "ca.key"))       # the operator's offline copy
+
+
+def test_attack_huge_inputs_are_clamped_inside_the_mpc(svc, client):
+    """Issue 19 item 2: a client shares values far outside the public ranges (the old service accepted anything up
+    to about -2**63 and its truncation then failed at a weight-dependent rate). Now every column is clamped to the
+    model's public box inside the MPC: the outputs are those of the clamped input, in logit and label mode."""
+    from encrypted_serving import bounds
+    cfg = mf.load_config(os.path.join(svc.run_dir, "owner", "model"))
+    weights = mf.load_weights(os.path.join(svc.run_dir, "owner", "model"), cfg)
+    low, high = bounds.box_of(cfg)
+    d = cfg["input_dim"]
+    rng = np.random.default_rng(7)
+    ring_x = rng.integers(-(2 ** 62), 2 ** 62, size=(1, d), dtype=np.int64)
+    x = ring.decode(ring_x)
+    calls = _raw_calls(svc, "client2")
+    got = []
+    for rep in range(3):
+        rid = "huge-%d-%d" % (rep, time.time_ns())
+        pairs = ring.replicate(ring.split(ring_x))
+        for i, (_, c) in enumerate(calls):
+            c["Submit"](ring.pack({"kind": "predict", "request_id": rid}, {"a": pairs[i][0], "b": pairs[i][1]}),
+                        timeout=10)
+        out = [ring.unpack(c["Fetch"](json.dumps({"request_id": rid}).encode(), timeout=60))[1]["share"]
+               for _, c in calls]
+        got.append(ring.decode(ring.combine(out))[0])
+    want = mf.forward_logits(cfg, weights, bounds.clamp(x, low, high))[0]
+    print("huge inputs: MPC %s, plaintext on the clamped input %.5f" % (got, want))
+    assert np.allclose(got, want, atol=1e-3), (got, want)
+    for ch, _ in calls:
+        ch.close()
 
 
 def test_gateway_restart_gives_a_named_error_then_serves_again(svc, client):

@@ -13,6 +13,7 @@ pytest.importorskip("tf_encrypted")
 import tensorflow as tf  # noqa: E402
 import tf_encrypted as tfe  # noqa: E402
 
+from encrypted_serving import bounds  # noqa: E402
 from encrypted_serving import model_format as mf  # noqa: E402
 from encrypted_serving import ring  # noqa: E402
 from encrypted_serving import worker  # noqa: E402
@@ -44,6 +45,9 @@ def program_env():
     players = ["server0", "server1", "server2", "driver"]
     tfe.set_config(tfe.LocalConfig(players))
     config, weights = random_mlp(6, hidden=(5, 4), seed=1)
+    spec = [{"name": "f%d" % i, "kind": "numeric", "mean": 0.0, "std": 1.0, "log1p": False, "clip": [-2.0, 3.0]}
+            for i in range(6)]
+    config = bounds.attach(config, weights, spec)     # the public input box + the owner's certificate
     keys = [k for i in range(len(config["layers"])) for k in (mf.kernel_key(i), mf.bias_key(i))]
     # One process stands in for the three workers (LocalConfig puts every player on one CPU): each party's
     # bridge functions are registered under a per-party token, each talking to its own fake gateway.
@@ -99,7 +103,8 @@ def test_program_loads_shares_and_predicts_without_any_reveal(program_env):
         p.run_predict(rid, 3)
         shares = [g.outputs[rid][1] for g in gateways]
         outs.append(shares)
-        np.testing.assert_allclose(ring.decode(ring.combine(shares)), mf.forward_logits(config, weights, x),
+        np.testing.assert_allclose(ring.decode(ring.combine(shares)),
+                                   mf.forward_logits(config, weights, bounds.clamp(x, *bounds.box_of(config))),
                                    atol=2e-3)
     for i in range(3):   # identical inputs, fresh output shares on every party
         assert not np.array_equal(outs[0][i], outs[1][i])
@@ -135,3 +140,31 @@ def test_label_output_policy_gives_only_label_shares(program_env):
     assert all(set(np.unique(s)) <= {0, 1} for s in shares)      # single bits, nothing of the logit
     logits = mf.forward_logits(config, weights, x)
     np.testing.assert_array_equal(1 - ring.combine_bits(shares), (logits >= 0).astype(int))
+
+
+def _load(p, gateways, weights, rid):
+    per_party = [{}, {}, {}]
+    for key, w in weights.items():
+        for i, (a, b) in enumerate(ring.share_for_parties(w)):
+            per_party[i][key + "/a"], per_party[i][key + "/b"] = a, b
+    _submit(gateways, rid, per_party)
+    p.run_load(rid)
+
+
+def test_huge_inputs_are_clamped_inside_the_mpc(program_env):
+    """Issue 19 item 2: a client may share any ring value (up to about -2**63): the program clamps every column to
+    the public box before the first product, so the output is exactly that of the clamped input (no truncation
+    failure whose rate would depend on the weights)."""
+    p, config, weights, gateways, _ = program_env
+    _load(p, gateways, weights, "m-huge")
+    low, high = bounds.box_of(config)
+    ring_x = np.array([[2 ** 62, -(2 ** 62), 2 ** 50, -(2 ** 50), 5 * 2 ** 16, -(2 ** 16)],
+                       [-(2 ** 63) + 1, 2 ** 63 - 1, 0, 2 ** 40, -(2 ** 40), 3 * 2 ** 15]], dtype=np.int64)
+    x = ring.decode(ring_x)
+    _submit(gateways, "huge", [{"a": a, "b": b} for a, b in ring.replicate(ring.split(ring_x))])
+    p.run_predict("huge", 2)
+    got = ring.decode(ring.combine([g.outputs["huge"][1] for g in gateways]))
+    want = mf.forward_logits(config, weights, bounds.clamp(x, low, high))
+    print("huge inputs: MPC", got, "plaintext on the clamped input", want,
+          "unclamped", mf.forward_logits(config, weights, x))
+    np.testing.assert_allclose(got, want, atol=2e-3)

@@ -1,0 +1,316 @@
+"""One share gateway on its own (no TF: a fake compute worker on its backend socket), attacked through its public
+side (issue 19): certificate registration and revocation, role pinning of the gateways (item 4), rows charged
+against rate limits and a per-certificate daily budget, in-flight caps (item 3).
+
+Each attack is first shown to work where it must (a registered certificate, a real gateway certificate, a
+request inside the limits), so that a refusal is the property under test, not a broken probe.
+"""
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+
+from encrypted_serving import certs, parties as pc, ring, share_client as sc
+from encrypted_serving import model_format as mf
+
+from conftest import REPO
+
+D = 4
+
+
+class FakeWorker(threading.Thread):
+    """Stands in for the party's compute worker on the gateway's backend socket: reports the model loaded and,
+    if `answer`, completes every prediction with a zero output share."""
+
+    def __init__(self, path, answer=True):
+        super().__init__(daemon=True)
+        self.path, self.answer, self.stop, self.seen = path, answer, threading.Event(), []
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(path)
+
+    def call(self, header, arrays=None):
+        f = ring.pack(header, arrays or {})
+        self.sock.sendall(struct.pack("<Q", len(f)) + f)
+        (n,) = struct.unpack("<Q", ring.recv_exact(self.sock, 8))
+        return ring.unpack(ring.recv_exact(self.sock, n))
+
+    def run(self):
+        try:
+            self._loop()
+        except (OSError, TypeError, ring.FrameError):    # the gateway went away at the end of the test
+            pass
+
+    def _loop(self):
+        since = 0
+        while not self.stop.is_set():
+            head, _ = self.call({"op": "wait", "since": since, "timeout_ms": 100, "model_loaded": True})
+            since = head["seq"]
+            for r in head["ready"]:
+                self.seen.append(r["id"])
+                if self.answer and r["kind"] == "predict":
+                    self.call({"op": "take", "id": r["id"]})
+                    self.call({"op": "put", "id": r["id"], "output": "logit"},
+                              {"share": np.zeros(r["n"], np.int64)})
+
+
+@pytest.fixture
+def gateway(tmp_path, request):
+    """server0's gateway process for a 4-input linear model; yields a dict of paths and helpers. Indirect
+    parametrisation overrides parties.json keys (limits)."""
+    from conftest import random_mlp
+    config, weights = random_mlp(D, hidden=(), seed=0)
+    spec = [{"name": "f%d" % i, "kind": "numeric", "mean": 0.0, "std": 1.0, "log1p": False, "clip": [-3, 3]}
+            for i in range(D)]
+    model = mf.save_model(str(tmp_path / "model"), config, weights, spec)
+    public = tmp_path / "public"
+    public.mkdir()
+    for f in (mf.MODEL_JSON, mf.PREPROCESSING_JSON):
+        (public / f).write_bytes(open(os.path.join(model, f), "rb").read())
+    cdir, offline = str(tmp_path / "certs"), str(tmp_path / "offline-ca")
+    certs.init_local(cdir, ("client", "client2"), ca_key_dir=offline)
+    port = _free_port()
+    pdir = tmp_path / "parties" / "server0"
+    pdir.mkdir(parents=True)
+    cfg = {"format": pc.PARTIES_FORMAT, "public_dir": str(public), "ca": os.path.join(cdir, "ca.pem"),
+           "registry": certs.registry_path(cdir),
+           "tf": {n: "127.0.0.1:1" for n in pc.PARTY_NAMES + (pc.DRIVER,)},
+           "parties": {p: {"gateway": "127.0.0.1:%d" % (port if p == "server0" else 1),
+                           "cert": os.path.join(cdir, p + ".pem"), "key": os.path.join(cdir, p + ".key"),
+                           "dir": str(tmp_path / "parties" / p)} for p in pc.PARTY_NAMES},
+           "output": "logit", "batch_sizes": [1, 100], "max_batch": 100, "request_timeout_s": 5,
+           "rate_limit": {"rows_per_second": 1000, "burst_rows": 1000, "min_rows_per_request": 10},
+           "query_budget": {"rows_per_day": 250},
+           "in_flight": {"requests": 2, "bytes": 1 << 20}}
+    cfg.update(getattr(request, "param", {}))
+    pj = str(tmp_path / "parties.json")
+    pc.save(cfg, pj)
+    log = open(str(tmp_path / "gateway.log"), "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "encrypted_serving.gateway", "--config", pj, "--party", "server0"],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(pdir / "gateway.ready"):
+            assert proc.poll() is None, open(str(tmp_path / "gateway.log")).read()
+            assert time.monotonic() < deadline, "gateway not ready"
+            time.sleep(0.1)
+        yield {"addr": "127.0.0.1:%d" % port, "cdir": cdir, "offline": offline, "registry": cfg["registry"],
+               "socket": pc.backend_socket(pc.load_parties(pj), "server0"), "tmp": tmp_path, "cfg": cfg,
+               "log": str(tmp_path / "gateway.log"), "proc": proc}
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        log.close()
+
+
+def _free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _stub(gw, name=None, cert=None, key=None, target="server0"):
+    ca = open(os.path.join(gw["cdir"], "ca.pem"), "rb").read()
+    if name:
+        cert = os.path.join(gw["cdir"], name + ".pem")
+        key = os.path.join(gw["cdir"], name + ".key")
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=open(key, "rb").read(),
+                                         certificate_chain=open(cert, "rb").read())
+    ch = grpc.secure_channel(gw["addr"], creds, options=[("grpc.ssl_target_name_override",
+                                                          certs.tls_name(target, "party"))])
+    return ch, {m: ch.unary_unary("/privtrain.ShareGateway/" + m) for m in ("Info", "Submit", "Fetch", "Predict")}
+
+
+def _info(calls):
+    return json.loads(calls["Info"](b"{}", timeout=10))
+
+
+# ------------------------------------------------------------------------------------------------ item 4
+def test_attack_an_unregistered_ca_signed_certificate_is_refused(gateway):
+    ch, calls = _stub(gateway, "client")
+    assert _info(calls)["you"]["name"] == "client"          # control: a registered certificate is answered
+    # The attacker obtained a certificate signed by the service CA that the operator never registered.
+    cpath, kpath = certs.issue(str(gateway["tmp"] / "stray"), "stray", "client", ca_dir=gateway["offline"])
+    ch2, stray = _stub(gateway, cert=cpath, key=kpath)
+    with pytest.raises(grpc.RpcError) as e:
+        _info(stray)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "not registered" in e.value.details()
+    certs.register(gateway["registry"], cpath)              # the operator registers it: now it is answered
+    assert _info(stray)["you"]["name"] == "stray"
+    ch.close(), ch2.close()
+
+
+def test_attack_a_revoked_certificate_is_refused_at_once(gateway):
+    ch, calls = _stub(gateway, "client2")
+    assert _info(calls)["you"]["name"] == "client2"
+    assert certs.main(["revoke", gateway["registry"], "client2"]) == 0     # no gateway restart
+    with pytest.raises(grpc.RpcError) as e:
+        _info(calls)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in e.value.details()
+    ch.close()
+    ch, calls = _stub(gateway, "client")                                  # others are still served
+    assert _info(calls)["you"]["name"] == "client"
+    ch.close()
+
+
+def test_attack_a_client_certificate_named_server0_cannot_pose_as_gateway(gateway, tmp_path):
+    # control: the client library accepts the real gateway of server0
+    ch, calls = _stub(gateway, "client")
+    assert _info(calls)["party"] == "server0"
+    ch.close()
+    # A client of the service (its certificate signed by the same CA, role client, named "server0") runs a fake
+    # gateway and gets a victim to connect to it (DNS, a config file): the victim's client must refuse it.
+    cpath, kpath = certs.issue(str(tmp_path / "evil"), "server0", "client", ca_dir=gateway["offline"])
+    port = _free_port()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("privtrain.ShareGateway", {
+        "Info": grpc.unary_unary_rpc_method_handler(lambda req, ctx: json.dumps({"party": "server0"}).encode())}),))
+    server.add_secure_port("127.0.0.1:%d" % port, grpc.ssl_server_credentials(
+        [(open(kpath, "rb").read(), open(cpath, "rb").read())]))
+    server.start()
+    try:
+        client_json = str(tmp_path / "victim.json")
+        pc.save({"format": pc.CLIENT_FORMAT, "ca": os.path.join(gateway["cdir"], "ca.pem"),
+                 "cert": os.path.join(gateway["cdir"], "client.pem"), "key": os.path.join(gateway["cdir"], "client.key"),
+                 "gateways": [["server0", "127.0.0.1:%d" % port], ["server1", gateway["addr"]],
+                              ["server2", gateway["addr"]]]}, client_json)
+        with sc.ShareClient(client_json, timeout_s=10) as victim:
+            with pytest.raises(grpc.RpcError) as e:
+                victim.calls[0]["Info"](b"{}", timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
+
+
+def test_the_ca_key_stays_out_of_the_service_directories(tmp_path):
+    cdir, offline = str(tmp_path / "run" / "certs"), str(tmp_path / "offline")
+    certs.init_local(cdir)
+    assert not [f for f in os.listdir(cdir) if f.startswith("ca") and f.endswith(".key")]
+    certs.init_local(str(tmp_path / "run2" / "certs"), ca_key_dir=offline)
+    assert os.path.isfile(os.path.join(offline, "ca.key"))
+    assert not os.path.exists(str(tmp_path / "run2" / "certs" / "ca.key"))
+    # issuing later needs the offline key, and a gateway certificate is server-only, a client's client-only
+    cpath, _ = certs.issue(str(tmp_path / "more"), "alice", "client", ca_dir=offline)
+    from cryptography import x509
+    eku = certs.load_cert(cpath).extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]
+    san = certs.load_cert(cpath).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["alice.client.privtrain"]
+
+
+# ------------------------------------------------------------------------------------------------ item 3
+def _frame(rid, n):
+    a = ring.random_ring((n, D))
+    return ring.pack({"kind": "predict", "request_id": rid}, {"a": a, "b": ring.random_ring((n, D))})
+
+
+def _worker(gw, answer=True):
+    w = FakeWorker(gw["socket"], answer)
+    w.start()
+    deadline = time.monotonic() + 10
+    ch, calls = _stub(gw, "client")
+    while not _info(calls)["model_loaded"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ch.close()
+    return w
+
+
+def _refusal(fn):
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+    return e.value.details()
+
+
+@pytest.mark.parametrize("gateway", [{"rate_limit": {"rows_per_second": 1, "burst_rows": 100,
+                                                     "min_rows_per_request": 10},
+                                      "query_budget": {"rows_per_day": 10 ** 6}}], indirect=True)
+def test_attack_one_large_request_costs_its_rows_against_the_rate_limit(gateway):
+    w = _worker(gateway)
+    ch, calls = _stub(gateway, "client")
+    calls["Predict"](_frame("big-1", 100), timeout=10)               # 100 rows: the whole burst
+    details = _refusal(lambda: calls["Predict"](_frame("big-2", 100), timeout=10))
+    assert "rate limit of 1 rows/s" in details, details               # (it was one token per request)
+    ch2, other = _stub(gateway, "client2")                            # another certificate has its own bucket
+    other["Predict"](_frame("other-1", 100), timeout=10)
+    w.stop.set(), ch.close(), ch2.close()
+
+
+@pytest.mark.parametrize("gateway", [{"query_budget": {"rows_per_day": 250}}], indirect=True)
+def test_attack_the_daily_query_budget_counts_rows_and_is_recorded(gateway):
+    w = _worker(gateway)
+    ch, calls = _stub(gateway, "client")
+    for i in range(2):
+        calls["Predict"](_frame("q-%d" % i, 100), timeout=10)        # 200 of 250 rows
+    details = _refusal(lambda: calls["Predict"](_frame("q-2", 100), timeout=10))
+    assert "used 200 of its 250 rows for today" in details, details
+    assert _info(calls)["rows_used_today"] == 200
+    calls["Predict"](_frame("q-3", 1), timeout=10)                     # what is left can still be spent
+    ledger = json.load(open(os.path.join(gateway["cfg"]["parties"]["server0"]["dir"], "budget.json")))
+    assert [e["rows"] for e in ledger.values() if e["name"] == "client"] == [201]
+    ch2, other = _stub(gateway, "client2")
+    other["Predict"](_frame("o-1", 100), timeout=10)
+    w.stop.set(), ch.close(), ch2.close()
+
+
+@pytest.mark.parametrize("gateway", [{"in_flight": {"requests": 2, "bytes": 10000}}], indirect=True)
+def test_attack_one_certificate_cannot_pile_up_requests_or_share_bytes(gateway):
+    w = _worker(gateway, answer=False)        # nothing completes: submissions stay in flight (shares in memory)
+    ch, calls = _stub(gateway, "client")
+    calls["Submit"](_frame("f-1", 100), timeout=10)                   # 6400 bytes of shares
+    assert "bytes of shares in flight" in _refusal(lambda: calls["Submit"](_frame("f-2", 100), timeout=10))
+    calls["Submit"](_frame("f-3", 1), timeout=10)
+    assert "2 request(s) in flight" in _refusal(lambda: calls["Submit"](_frame("f-4", 1), timeout=10))
+    ch2, other = _stub(gateway, "client2")                             # others are admitted meanwhile
+    other["Submit"](_frame("o-1", 1), timeout=10)
+    w.stop.set(), ch.close(), ch2.close()
+
+
+def test_the_driver_serves_certificates_in_turn():
+    """One client's queue of batches must not starve another's (issue 19 item 3: the victim's latency went from
+    44 ms to 1,868 ms behind a noisy client): the driver runs the pending requests round-robin over certificates."""
+    from encrypted_serving.driver import Driver
+    cfg = {"request_timeout_s": 5, "tf": {n: "127.0.0.1:1" for n in pc.PARTY_NAMES + (pc.DRIVER,)}}
+    d = Driver(cfg)
+    d.pending = {}
+    for i in range(6):                                     # the noisy client's six batches arrive first
+        d.pending["noisy-%d" % i] = {"first": float(i), "parts": {0: {"owner": "aaaa"}}}
+    d.pending["victim-0"] = {"first": 10.0, "parts": {0: {"owner": "bbbb"}}}
+    order = [rid for rid, _ in d._in_turn()]
+    assert order.index("victim-0") <= 1, order             # (it was served after all six: insertion order)
+    assert [r for r in order if r.startswith("noisy")] == ["noisy-%d" % i for i in range(6)]
+
+
+@pytest.mark.parametrize("gateway", [{"threads": {"workers": 4, "reserve": 2},
+                                      "in_flight": {"requests": 5, "bytes": 1 << 20}}], indirect=True)
+def test_attack_waiting_calls_cannot_occupy_the_whole_thread_pool(gateway):
+    """16 Predict calls used to hold all 16 gateway threads for 31 s (Info and Submit of everyone else queued):
+    now calls waiting for results may use all threads but a reserve, and the rest answer at once."""
+    w = _worker(gateway, answer=False)                     # nothing completes: every Predict waits
+    ch, calls = _stub(gateway, "client")
+    pending = [calls["Predict"].future(_frame("w-%d" % i, 1), timeout=30) for i in range(2)]
+    deadline = time.monotonic() + 10
+    while len(w.seen) < 2:                                 # both are waiting inside the gateway
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ch2, other = _stub(gateway, "client2")
+    assert "is busy" in _refusal(lambda: other["Predict"](_frame("w-x", 1), timeout=10))
+    t0 = time.monotonic()
+    other["Submit"](_frame("s-1", 1), timeout=10)          # the reserve still answers, promptly
+    assert _info(other)["party"] == "server0" and time.monotonic() - t0 < 5
+    for f in pending:
+        f.cancel()
+    w.stop.set(), ch.close(), ch2.close()
