@@ -12,7 +12,8 @@ Rounds (one ``Client`` per sampled client, one ``Server``; the server only relay
 2. MaskedInputCollection: y_i = x_i + PRG(b_i) + sum_{j>i} PRG(s_ij) - sum_{j<i} PRG(s_ij) (mod 2^bits) over
    the neighbours j whose shares reached i; s_ij = HKDF(X25519(s_sk_i, s_pk_j)). Pairwise masks cancel in the sum.
 3. ConsistencyCheck: the server announces the set U3 of clients whose y arrived; each client signs U3.
-4. Unmasking: each client checks at least ``threshold`` valid neighbour signatures on the SAME U3, then (once)
+4. Unmasking: each client checks ``threshold`` valid signatures (its own and its neighbours') on the SAME U3, then
+   (once)
    reveals, per neighbour j, the share of b_j if j is in U3, else the share of s_sk_j, never both. The server
    removes the self masks of U3 and the dropped clients' pairwise masks and obtains sum_{i in U3} x_i.
 
@@ -287,7 +288,9 @@ class Client:
                 raise ProtocolAbort(f"client {self.cid}: client {j} did not sign the U3 this client saw (the "
                                     "server showed different lists)") from None
             valid.add(j)
-        self._need(valid, "signed U3")
+        if len((valid & self._nbrs) | {self.cid}) < self.params.threshold:   # its own signature counts
+            raise ProtocolAbort(f"client {self.cid}: {len(valid & self._nbrs) + 1} clients (itself included) signed "
+                                f"U3, threshold {self.params.threshold}")
         resp = Unmasking(self.cid, {j: self._held_b[j] for j in self._held_b if j in self._u3},
                          {j: self._held_s[j] for j in self._held_s if j not in self._u3})
         self.bytes_sent += resp.nbytes()
