@@ -24,6 +24,7 @@ from typing import Sequence
 import dp_accounting
 import numpy as np
 
+from federated.secagg import ddp
 from federated.secagg.ddp import DDGParams
 
 
@@ -68,3 +69,15 @@ def training_event(params: DDGParams, rounds: int, replace: bool) -> dp_accounti
     if rounds <= 0:
         return dp_accounting.NoOpDpEvent()
     return dp_accounting.SelfComposedDpEvent(round_event(params, replace), int(rounds))
+
+
+def planned_event(noise_multiplier: float, min_clients: int, rounds: int, replace: bool) -> dp_accounting.DpEvent:
+    """What ``rounds`` rounds of the federated path release, fixed before the model is built: integer scale
+    ``ddp.INT_CLIP``, the norm bound at ``ddp.MAX_DIM`` coordinates (it grows with the dimension, so this bounds
+    every smaller model), local noise ``noise_multiplier * INT_CLIP / sqrt(min_clients)``."""
+    if rounds <= 0:
+        return dp_accounting.NoOpDpEvent()
+    local = float(noise_multiplier) * ddp.INT_CLIP / math.sqrt(min_clients)
+    worst = DDGParams(ddp.MAX_DIM, 1.0, ddp.prg.MAX_BITS, 1.0 / ddp.INT_CLIP, local, int(min_clients),
+                      int(min_clients))
+    return training_event(worst, rounds, replace)

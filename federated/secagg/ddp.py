@@ -125,6 +125,32 @@ class DDGParams:
                          int(max_clients), float(beta))
 
 
+# The integer scale of the federated path: a clipped update's norm C maps to INT_CLIP integer units (gamma =
+# C / INT_CLIP), whatever the model's size, so the accounting (norm bound, noise in integer units) is fixed before
+# the model is built: the planned event bounds every model of up to MAX_DIM parameters (padded). The ring size is
+# then chosen per model so that the sum does not wrap (it changes communication, not privacy).
+INT_CLIP = 2.0 ** 16
+MAX_DIM = 2 ** 24
+
+
+def for_scale(dim: int, clip: float, noise_multiplier: float, min_clients: int, max_clients: int,
+              int_clip: float = INT_CLIP, tail: float = DEFAULT_TAIL, beta: float = DEFAULT_BETA) -> DDGParams:
+    """Parameters with gamma = clip / int_clip and the smallest ring (<= 2^62) whose sum of ``max_clients``
+    updates stays within ``tail`` standard deviations of each coordinate."""
+    if not 1 <= min_clients <= max_clients:
+        raise ValueError(f"min_clients must be in 1..max_clients, got {min_clients} and {max_clients}")
+    if padded(dim) > MAX_DIM:
+        raise ValueError(f"a model of {dim} parameters exceeds the {MAX_DIM} that secure aggregation's accounting "
+                         "covers; use a smaller model")
+    dp = padded(dim)
+    gamma = float(clip) / int_clip
+    local = float(noise_multiplier) * int_clip / math.sqrt(min_clients)
+    spread = tail * math.sqrt((max_clients * int_clip) ** 2 / dp + max_clients * local ** 2) + max_clients + 1
+    bits = max(8, int(math.ceil(math.log2(spread))) + 1)
+    prg.check_bits(bits)
+    return DDGParams(int(dim), float(clip), bits, gamma, local, int(min_clients), int(max_clients), float(beta))
+
+
 def _signs(seed: bytes, n: int) -> np.ndarray:
     bits = prg.expand(hashlib.sha256(b"rotation" + seed).digest(), n, 1)
     return 1.0 - 2.0 * bits.astype(np.float64)

@@ -80,6 +80,7 @@ class Params:
     dim: int                    # vector length d
     bits: int                   # ring Z_{2^bits}
     degree: Optional[int] = None  # SecAgg+ neighbourhood size k (even); None: every other client (SecAgg)
+    min_inputs: int = 1         # the fewest inputs a released sum may hold (distributed DP's noise floor)
 
     def __post_init__(self):
         prg.check_bits(self.bits)
@@ -115,8 +116,10 @@ class Params:
         return sorted(out)
 
     @staticmethod
-    def new(clients: Sequence[int], threshold: int, dim: int, bits: int, degree: Optional[int] = None) -> "Params":
-        return Params(secrets.token_bytes(32), tuple(clients), int(threshold), int(dim), int(bits), degree)
+    def new(clients: Sequence[int], threshold: int, dim: int, bits: int, degree: Optional[int] = None,
+            min_inputs: int = 1) -> "Params":
+        return Params(secrets.token_bytes(32), tuple(clients), int(threshold), int(dim), int(bits), degree,
+                      int(min_inputs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +269,9 @@ class Client:
         self.bytes_received += 4 * len(u3)
         if self.cid not in u3:
             raise ProtocolAbort(f"client {self.cid}: not in the server's list of masked inputs")
+        if len(u3) < self.params.min_inputs:
+            raise ProtocolAbort(f"client {self.cid}: the sum would hold {len(u3)} inputs, fewer than the "
+                                f"{self.params.min_inputs} whose noise the privacy guarantee assumes")
         self._need(u3 & set(self._held_s), "in U3")
         self._u3 = u3
         self.bytes_sent += 64
@@ -335,6 +341,9 @@ class Server:
         self.masked = {i: np.asarray(y, np.uint64) for i, y in masked.items() if i in self.u2}
         self.u3 = sorted(self.masked)
         self._need(self.u3, "masked inputs")
+        if len(self.u3) < self.params.min_inputs:
+            raise ProtocolAbort(f"server: {len(self.u3)} masked inputs, fewer than the {self.params.min_inputs} a "
+                                "released sum needs: the round is aborted and nothing is released")
         return list(self.u3)
 
     def collect_signatures(self, sigs: Mapping[int, bytes]) -> Dict[int, bytes]:

@@ -114,3 +114,17 @@ def test_the_pld_accountant_refuses_the_zcdp_event_naming_rdp():
     par = ddp.DDGParams.for_noise(100, 1.0, 1.0, 10, 10)
     with pytest.raises(accountants.UnsupportedRelationError, match="--accountant rdp"):
         accountants.check_supported("pld", accounting.training_event(par, 3, True), events.ADD_OR_REMOVE_ONE)
+
+
+def test_the_planned_event_bounds_every_smaller_model():
+    """The plan fixes the event before the model exists (at MAX_DIM coordinates); the encoder of any smaller
+    model has a smaller norm bound, so its round's zCDP is no larger."""
+    planned = accounting.planned_event(1.3, 60, 1, replace=True)
+    for dim in (10, 7000, 100_000):
+        par = ddp.for_scale(dim, clip=0.7, noise_multiplier=1.3, min_clients=60, max_clients=120)
+        assert par.norm_bound <= ddp.rounded_norm_bound(ddp.INT_CLIP, ddp.MAX_DIM, par.beta)
+        actual = accounting.round_event(par, replace=True)
+        assert actual.rho <= planned.event.rho and actual.xi <= planned.event.xi
+        # and the decoded sum carries DP-FedAvg's noise, in a ring that fits
+        assert math.isclose(par.central_stddev, 1.3 * 0.7)
+        assert par.bits <= prg.MAX_BITS

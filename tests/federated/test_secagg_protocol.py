@@ -251,3 +251,21 @@ def test_shamir_threshold_shares_reconstruct_and_fewer_are_uniform():
     for s in (0, 2 ** 256):
         tops = np.array([shamir.share(s, 3, [1, 2, 3])[1] >> 513 for _ in range(4000)])
         assert stats.chisquare(np.bincount(tops, minlength=256)).pvalue > 1e-4
+
+
+def test_clients_refuse_to_unmask_a_sum_of_fewer_inputs_than_the_noise_floor():
+    """Distributed DP needs at least min_inputs noise shares in a released sum: a server that drops clients
+    from U3 to release a smaller (less noisy) sum is refused by the clients themselves."""
+    ids = list(range(1, 9))
+    params = P.Params.new(ids, 5, 8, BITS, min_inputs=7)
+    ident = P.Identities.generate(ids)
+    clients = {i: P.Client(i, ident.keys[i], ident.directory, params) for i in ids}
+    server = P.Server(params)
+    adverts = server.collect_adverts([c.advertise() for c in clients.values()])
+    routes = server.route_shares({i: c.share_keys(adverts) for i, c in clients.items()})
+    for i, c in clients.items():
+        c.masked_input(np.zeros(8, np.uint64), routes[i])
+    with pytest.raises(P.ProtocolAbort, match="fewer than the 7"):
+        clients[1].consistency(ids[:6])
+    with pytest.raises(P.ProtocolAbort, match="fewer than the 7"):
+        P.run_round(params, {i: np.zeros(8, np.uint64) for i in ids}, ident, drop={2: {7, 8}})
