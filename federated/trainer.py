@@ -54,7 +54,7 @@ _CONFIG_FIELDS = ("clients", "clients_per_round", "rounds", "local_epochs", "cli
                   "client_optimizer", "server_optimizer", "client_lr", "server_lr", "dp_noise_multiplier",
                   "dp_clip", "adaptive_clipping", "sampling", "dropout_rate", "eval_every", "checkpoint_every",
                   "resume", "seed", "max_concurrent_computation_calls", "plot", "client_loop", "workers",
-                  "worker_processes", "noise_cohort_size", "noise_population")
+                  "worker_processes", "noise_cohort_size", "noise_population", "secure_aggregation")
 DEFAULTS: Dict[str, Any] = {k: getattr(FederatedConfig(), k) for k in _CONFIG_FIELDS}
 
 
@@ -228,6 +228,10 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
         "server_optimizer": a["server_optimizer"], "client_lr": float(a["client_lr"]),
         "server_lr": float(a["server_lr"]), "dropout_rate": float(a["dropout_rate"]), "seed": int(a["seed"])}
     internal: Dict[str, Any] = {"args": a, "clients": clients, "clients_per_round": per_round, "rounds": rounds}
+    if a.get("secure_aggregation"):   # SecAgg+ with distributed DP: its own event and threat model
+        from federated.secagg.plan import plan_secure
+
+        return plan_secure(inputs, a, part, public, internal, z)
     if z is None or z == 0.0:
         if z == 0.0:
             public.update({"strategy": "dp-fedavg aggregator without noise", "dp_clip": clip,
@@ -387,6 +391,10 @@ class FederatedTrainer:
         def released(r: int) -> dp_accounting.DpEvent:
             if not private:
                 return dp_accounting.NonPrivateDpEvent()
+            if internal.get("secagg"):
+                from federated.secagg.plan import released_event
+
+                return released_event(internal, r)
             return training_event(z, r, clients, per_round, cfg.sampling, mode)
 
         progress: Dict[str, int] = {}
@@ -400,6 +408,7 @@ class FederatedTrainer:
         # resuming charges them twice, which only over-states the spend).
         public = {"strategy": "dp-fedavg" if private else ("dp-fedavg aggregator without noise" if z == 0.0
                                                            else "fedavg (weighted)"),
+                  **({"strategy": context.plan.public["strategy"]} if internal.get("secagg") else {}),
                   "client_loop": cfg.client_loop}
         private_details.update({"history": res.history, "shards": res.shards, "final": res.final,
                                 "resumed_from_round": res.resumed_from_round, "files": res.files,
