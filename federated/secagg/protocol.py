@@ -167,6 +167,7 @@ class Client:
         self._b = secrets.token_bytes(32)
         self._step = 0
         self._adverts: Dict[int, Advert] = {}
+        self._channels: Dict[int, ChaCha20Poly1305] = {}
         self._held_b: Dict[int, int] = {}   # shares other clients gave me
         self._held_s: Dict[int, int] = {}
         self._u3: Optional[Set[int]] = None
@@ -185,8 +186,10 @@ class Client:
             raise ProtocolAbort(f"client {self.cid}: {got} neighbours {what}, threshold {self.params.threshold}")
 
     def _channel(self, j: int) -> ChaCha20Poly1305:
-        shared = self._c.exchange(x25519.X25519PublicKey.from_public_bytes(self._adverts[j].c_pk))
-        return ChaCha20Poly1305(_kdf(shared, self.params.session, b"channel"))
+        if j not in self._channels:   # one key agreement per pair, for both directions (distinct nonces)
+            shared = self._c.exchange(x25519.X25519PublicKey.from_public_bytes(self._adverts[j].c_pk))
+            self._channels[j] = ChaCha20Poly1305(_kdf(shared, self.params.session, b"channel"))
+        return self._channels[j]
 
     def _mask_seed(self, j: int) -> bytes:
         shared = self._s.exchange(x25519.X25519PublicKey.from_public_bytes(self._adverts[j].s_pk))
@@ -284,8 +287,12 @@ class Client:
         self._advance(4)
         msg = _u3_message(self.params.session, self._u3)
         valid = set()
+        self.bytes_received += 68 * len(signatures)
         for j, sig in signatures.items():
-            self.bytes_received += 68
+            if len(valid) + 1 >= self.params.threshold:
+                break   # enough neighbours (with itself) agree on U3; the rest are not needed
+            if j == self.cid or j not in self._nbrs:
+                continue
             if j not in self._u3 or j not in self._directory:
                 raise ProtocolAbort(f"client {self.cid}: signature of {j}, who is not in U3")
             try:
@@ -294,9 +301,9 @@ class Client:
                 raise ProtocolAbort(f"client {self.cid}: client {j} did not sign the U3 this client saw (the "
                                     "server showed different lists)") from None
             valid.add(j)
-        if len((valid & self._nbrs) | {self.cid}) < self.params.threshold:   # its own signature counts
-            raise ProtocolAbort(f"client {self.cid}: {len(valid & self._nbrs) + 1} clients (itself included) signed "
-                                f"U3, threshold {self.params.threshold}")
+        if len(valid) + 1 < self.params.threshold:   # its own signature counts
+            raise ProtocolAbort(f"client {self.cid}: {len(valid) + 1} clients (itself included) signed U3, "
+                                f"threshold {self.params.threshold}")
         resp = Unmasking(self.cid, {j: self._held_b[j] for j in self._held_b if j in self._u3},
                          {j: self._held_s[j] for j in self._held_s if j not in self._u3})
         self.bytes_sent += resp.nbytes()
