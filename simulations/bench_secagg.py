@@ -69,6 +69,9 @@ def speed(data, rounds: int):
             row["aggregation_s"] = statistics.median(x["aggregation_seconds"] for x in h)
             row["client_train_s"] = statistics.median(x["client_train_seconds"] for x in h)
             row["bytes_per_client"] = statistics.median(x["bytes_per_client"] for x in h)
+            crit = [x["aggregation_critical_path_seconds"] for x in h if x["aggregation_critical_path_seconds"]]
+            if crit:   # clients on their own devices: per step the slowest client, plus the server
+                row["aggregation_critical_path_s"] = statistics.median(crit)
         out[name] = row
         print(f"{name}: {row}", flush=True)
     return out

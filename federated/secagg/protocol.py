@@ -26,9 +26,11 @@ shares of anything: Shamir hides the secret. The round aborts when fewer than ``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import secrets
 import struct
+import time
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
 import numpy as np
@@ -422,6 +424,8 @@ class RoundResult:
     u3: List[int]              # whose inputs are in the sum
     bytes_per_client: float    # mean bytes sent + received by a client that finished
     server: Server
+    critical_path_seconds: float = 0.0   # per step the slowest client, plus the server: the latency with
+    #                                      clients on their own devices (the simulation runs them one by one)
 
 
 def run_round(params: Params, inputs: Mapping[int, np.ndarray], identities: Identities,
@@ -437,16 +441,36 @@ def run_round(params: Params, inputs: Mapping[int, np.ndarray], identities: Iden
         gone.update(drop.get(r, ()))
         return [i for i in params.clients if i not in gone]
 
-    adverts = server.collect_adverts([clients[i].advertise() for i in alive(0)])
-    sent = {i: clients[i].share_keys(adverts) for i in alive(1)}
-    routes = server.route_shares(sent)
-    masked = {i: clients[i].masked_input(inputs[i], routes.get(i, {})) for i in alive(2) if i in server.u2}
-    u3 = server.collect_masked(masked)
-    sigs = {i: clients[i].consistency(u3) for i in alive(3) if i in u3}
-    shown = server.collect_signatures(sigs)
-    responses = [clients[i].unmask({j: s for j, s in shown.items() if j in clients[i]._nbrs})
-                 for i in alive(4) if i in shown]
-    total = server.unmask(responses)
+    path = [0.0]
+
+    def step(calls):
+        """{i: thunk} -> {i: result}; adds the slowest client's seconds to the critical path."""
+        out, slowest = {}, 0.0
+        for i, call in calls.items():
+            t = time.perf_counter()
+            out[i] = call()
+            slowest = max(slowest, time.perf_counter() - t)
+        path[0] += slowest
+        return out
+
+    def serve(call, *args):
+        t = time.perf_counter()
+        out = call(*args)
+        path[0] += time.perf_counter() - t
+        return out
+
+    adverts = serve(server.collect_adverts, list(step({i: clients[i].advertise for i in alive(0)}).values()))
+    sent = step({i: functools.partial(clients[i].share_keys, adverts) for i in alive(1)})
+    routes = serve(server.route_shares, sent)
+    masked = step({i: functools.partial(clients[i].masked_input, inputs[i], routes.get(i, {}))
+                   for i in alive(2) if i in server.u2})
+    u3 = serve(server.collect_masked, masked)
+    sigs = step({i: functools.partial(clients[i].consistency, u3) for i in alive(3) if i in u3})
+    shown = serve(server.collect_signatures, sigs)
+    responses = step({i: functools.partial(clients[i].unmask, {j: s for j, s in shown.items()
+                                                              if j in clients[i]._nbrs})
+                      for i in alive(4) if i in shown})
+    total = serve(server.unmask, list(responses.values()))
     done = [clients[i] for i in alive(4) if i in shown]
     per = float(np.mean([c.bytes_sent + c.bytes_received for c in done])) if done else 0.0
-    return RoundResult(total, u3, per, server)
+    return RoundResult(total, u3, per, server, path[0])

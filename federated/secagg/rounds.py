@@ -126,6 +126,7 @@ class Aggregate:
     total: Optional[np.ndarray]     # the decoded noisy sum, None when the round aborted
     bytes_per_client: float
     aborted: Optional[str] = None
+    critical_path_seconds: Optional[float] = None   # clients in parallel (encoding + protocol) + server
 
 
 def secure_sum(updates: Mapping[int, np.ndarray], dropped, dim: int, cfg, floor: int, identities) -> Aggregate:
@@ -136,13 +137,21 @@ def secure_sum(updates: Mapping[int, np.ndarray], dropped, dim: int, cfg, floor:
     noise = float(cfg.dp_noise_multiplier or 0.0)
     par = ddp.for_scale(dim, cfg.dp_clip, noise, floor, n)
     params = protocol_params(n, par.dim_padded, par.bits, floor)
-    inputs = {i: ddp.encode(u, par, params.session) for i, u in updates.items() if i not in dropped}
+    inputs, slowest = {}, 0.0
+    for i, u in updates.items():
+        if i not in dropped:
+            t = time.perf_counter()
+            inputs[i] = ddp.encode(u, par, params.session)
+            slowest = max(slowest, time.perf_counter() - t)
     inputs.update({i: np.zeros(par.dim_padded, np.uint64) for i in dropped})   # never sent
     try:
         res = protocol.run_round(params, inputs, identities, drop={2: set(dropped)})
     except protocol.ProtocolAbort as e:
         return Aggregate(None, 0.0, str(e))
-    return Aggregate(ddp.decode(res.total, par, params.session), res.bytes_per_client)
+    t = time.perf_counter()
+    total = ddp.decode(res.total, par, params.session)
+    return Aggregate(total, res.bytes_per_client, None,
+                     slowest + res.critical_path_seconds + time.perf_counter() - t)
 
 
 def central_sum(updates: Mapping[int, np.ndarray], dropped, dim: int, cfg) -> Aggregate:
@@ -233,7 +242,8 @@ def run_secure(train_features, train_labels, eval_features, eval_labels, build_m
                                "train_loss": loss_sum / examples if examples else None,
                                "train_accuracy": correct / examples if examples else None,
                                "aborted": agg.aborted, "client_train_seconds": train_s,
-                               "aggregation_seconds": agg_s, "bytes_per_client": agg.bytes_per_client}
+                               "aggregation_seconds": agg_s, "bytes_per_client": agg.bytes_per_client,
+                               "aggregation_critical_path_seconds": agg.critical_path_seconds}
         rec["round_seconds"] = time.perf_counter() - t_round
         if eval_model is not None and (rnd % cfg.eval_every == 0 or rnd == cfg.rounds):
             local.assign(keras_model.trainable_variables, global_flat)
