@@ -8,8 +8,10 @@ side gets amplification by sampling and "equal epsilon" is the same mechanism st
 the platform's MLP. Three parts, each measured in this one process:
 
 1. seconds per round (median of rounds 2..R) for: the platform's DP-FedAvg (TFF, central Gaussian), the secure
-   path with the central Gaussian instead of SecAgg (same local-SGD clients: isolates the aggregation's cost), and
-   the secure path (SecAgg+ with distributed DP); the aggregation's own seconds;
+   path with the central Gaussian instead of SecAgg (same local-SGD clients: isolates the aggregation's cost),
+   the secure path (SecAgg+ with distributed DP) with the clients in this process and in 2 client processes; the
+   aggregation's own seconds, and its critical path (per protocol step the slowest client, plus the server: the
+   latency when every client computes on its own device);
 2. bytes per client: the SecAgg+ messages a client sends and receives (keys, encrypted shares, the masked vector
    at the ring's bits per coordinate, signatures, unmasking shares) vs a float32 update upload;
 3. held-out accuracy after ``--accuracy-rounds`` rounds at equal epsilon (``--eps``, RDP accountant, delta
@@ -59,10 +61,11 @@ def _run(data, secure: bool, rounds: int, central_loop: bool = False, eval_every
 
 def speed(data, rounds: int):
     out = {}
-    for name, secure, central in (("dp-fedavg (TFF, central)", False, False),
-                                  ("same clients, central Gaussian", True, True),
-                                  ("secure aggregation (SecAgg+, DDG)", True, False)):
-        res, _ = _run(data, secure, rounds, central_loop=central, dp_noise_multiplier=1.0)
+    for name, secure, central, procs in (("dp-fedavg (TFF, central)", False, False, 0),
+                                         ("same clients, central Gaussian", True, True, 0),
+                                         ("secure aggregation (SecAgg+, DDG)", True, False, 0),
+                                         ("secure aggregation, 2 client processes", True, False, 2)):
+        res, _ = _run(data, secure, rounds, central_loop=central, dp_noise_multiplier=1.0, worker_processes=procs)
         h = res.history[1:] or res.history
         row = {"round_s": statistics.median(x["round_seconds"] for x in h)}
         if secure:

@@ -428,14 +428,46 @@ class RoundResult:
     #                                      clients on their own devices (the simulation runs them one by one)
 
 
-def run_round(params: Params, inputs: Mapping[int, np.ndarray], identities: Identities,
+class LocalClients:
+    """The round's clients as objects in this process (the long-term keys in ``identities``)."""
+
+    def __init__(self, identities: Identities):
+        self.identities = identities
+        self.clients: Dict[int, Client] = {}
+
+    @property
+    def directory(self) -> Dict[int, ed25519.Ed25519PublicKey]:
+        return self.identities.directory
+
+    def start(self, params: Params) -> None:
+        directory = self.directory
+        self.clients = {i: Client(i, self.identities.keys[i], directory, params) for i in params.clients}
+
+    def call(self, method: str, args: Mapping[int, tuple]):
+        """``{i: args}`` -> (``{i: client i's method(*args)}``, the slowest client's seconds)."""
+        out, slowest = {}, 0.0
+        for i, a in args.items():
+            t = time.perf_counter()
+            out[i] = getattr(self.clients[i], method)(*a)
+            slowest = max(slowest, time.perf_counter() - t)
+        return out, slowest
+
+    def bytes_per_client(self, ids) -> float:
+        return float(np.mean([self.clients[i].bytes_sent + self.clients[i].bytes_received for i in ids]))
+
+
+def run_round(params: Params, inputs: Mapping[int, np.ndarray], clients,
               drop: Optional[Mapping[int, Iterable[int]]] = None) -> RoundResult:
-    """Runs the five rounds in one process. ``drop[r]``: clients that go silent from round r (0..4) on."""
+    """Runs the five rounds; ``clients``: ``Identities`` (clients as objects here), ``LocalClients`` or
+    ``processes.ProcessClients`` (clients in their own processes). ``drop[r]``: clients that go silent from round
+    r (0..4) on. The server object only ever holds protocol messages, masked vectors and the sum."""
+    if isinstance(clients, Identities):
+        clients = LocalClients(clients)
     drop = {r: set(v) for r, v in (drop or {}).items()}
     gone: Set[int] = set()
-    directory = identities.directory
-    clients = {i: Client(i, identities.keys[i], directory, params) for i in params.clients}
+    clients.start(params)
     server = Server(params)
+    nbrs = {i: set(params.neighbours(i)) for i in params.clients}
 
     def alive(r):
         gone.update(drop.get(r, ()))
@@ -443,14 +475,11 @@ def run_round(params: Params, inputs: Mapping[int, np.ndarray], identities: Iden
 
     path = [0.0]
 
-    def step(calls):
-        """{i: thunk} -> {i: result}; adds the slowest client's seconds to the critical path."""
-        out, slowest = {}, 0.0
-        for i, call in calls.items():
-            t = time.perf_counter()
-            out[i] = call()
-            slowest = max(slowest, time.perf_counter() - t)
-        path[0] += slowest
+    def step(method, args):
+        t = time.perf_counter()
+        out, slowest = clients.call(method, args)
+        # in-process: the slowest client; in processes: the step's wall time (clients run concurrently)
+        path[0] += slowest if slowest is not None else time.perf_counter() - t
         return out
 
     def serve(call, *args):
@@ -459,18 +488,16 @@ def run_round(params: Params, inputs: Mapping[int, np.ndarray], identities: Iden
         path[0] += time.perf_counter() - t
         return out
 
-    adverts = serve(server.collect_adverts, list(step({i: clients[i].advertise for i in alive(0)}).values()))
-    sent = step({i: functools.partial(clients[i].share_keys, adverts) for i in alive(1)})
+    adverts = serve(server.collect_adverts, list(step("advertise", {i: () for i in alive(0)}).values()))
+    sent = step("share_keys", {i: (adverts,) for i in alive(1)})
     routes = serve(server.route_shares, sent)
-    masked = step({i: functools.partial(clients[i].masked_input, inputs[i], routes.get(i, {}))
-                   for i in alive(2) if i in server.u2})
+    masked = step("masked_input", {i: (inputs[i], routes.get(i, {})) for i in alive(2) if i in server.u2})
     u3 = serve(server.collect_masked, masked)
-    sigs = step({i: functools.partial(clients[i].consistency, u3) for i in alive(3) if i in u3})
+    sigs = step("consistency", {i: (u3,) for i in alive(3) if i in u3})
     shown = serve(server.collect_signatures, sigs)
-    responses = step({i: functools.partial(clients[i].unmask, {j: s for j, s in shown.items()
-                                                              if j in clients[i]._nbrs})
-                      for i in alive(4) if i in shown})
+    responses = step("unmask", {i: ({j: s for j, s in shown.items() if j in nbrs[i]},)
+                                for i in alive(4) if i in shown})
     total = serve(server.unmask, list(responses.values()))
-    done = [clients[i] for i in alive(4) if i in shown]
-    per = float(np.mean([c.bytes_sent + c.bytes_received for c in done])) if done else 0.0
+    done = [i for i in alive(4) if i in shown]
+    per = clients.bytes_per_client(done) if done else 0.0
     return RoundResult(total, u3, per, server, path[0])

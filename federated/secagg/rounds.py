@@ -40,8 +40,9 @@ def min_clients(clients_per_round: int, dropout_rate: float, sampling: str) -> i
     return max(2, int(math.floor(POISSON_FLOOR * survivors)))
 
 
-def protocol_params(n: int, dim: int, bits: int, floor: int) -> protocol.Params:
-    ids = list(range(1, n + 1))
+def protocol_params(ids, dim: int, bits: int, floor: int) -> protocol.Params:
+    ids = list(ids)
+    n = len(ids)
     degree = None if n <= SMALL_COHORT else DEGREE
     k = n - 1 if degree is None else degree
     return protocol.Params.new(ids, k // 2 + 1, dim, bits, degree, min_inputs=floor)
@@ -55,8 +56,8 @@ def check_config(cfg) -> None:
     if cfg.adaptive_clipping:
         raise ValueError("--secure-aggregation uses a fixed clip norm: drop --adaptive-clipping")
     if cfg.workers:
-        raise ValueError("--secure-aggregation runs its clients in this process (or --worker-processes), not on TFF "
-                         "workers: drop --workers")
+        raise ValueError("--secure-aggregation runs its clients in this process or in --worker-processes N client "
+                         "processes, not on TFF workers: drop --workers")
     if cfg.checkpoint_every:
         raise ValueError("--secure-aggregation does not write checkpoints yet: drop --checkpoint-every")
     if cfg.noise_cohort_size is not None:
@@ -129,14 +130,15 @@ class Aggregate:
     critical_path_seconds: Optional[float] = None   # clients in parallel (encoding + protocol) + server
 
 
-def secure_sum(updates: Mapping[int, np.ndarray], dropped, dim: int, cfg, floor: int, identities) -> Aggregate:
-    """SecAgg+ over the cohort ``updates`` ({protocol id: update}); ``dropped`` go silent after ShareKeys."""
+def secure_sum(updates: Mapping[int, np.ndarray], dropped, dim: int, cfg, floor: int, clients) -> Aggregate:
+    """SecAgg+ over the cohort ``updates`` ({protocol id: update}); ``dropped`` go silent after ShareKeys.
+    ``clients``: ``protocol.LocalClients`` / ``Identities`` or ``processes.ProcessClients``."""
     n = len(updates)
     if n < floor:
         return Aggregate(None, 0.0, f"{n} clients sampled, fewer than the {floor} the noise floor needs")
     noise = float(cfg.dp_noise_multiplier or 0.0)
     par = ddp.for_scale(dim, cfg.dp_clip, noise, floor, n)
-    params = protocol_params(n, par.dim_padded, par.bits, floor)
+    params = protocol_params(sorted(updates), par.dim_padded, par.bits, floor)
     inputs, slowest = {}, 0.0
     for i, u in updates.items():
         if i not in dropped:
@@ -145,7 +147,7 @@ def secure_sum(updates: Mapping[int, np.ndarray], dropped, dim: int, cfg, floor:
             slowest = max(slowest, time.perf_counter() - t)
     inputs.update({i: np.zeros(par.dim_padded, np.uint64) for i in dropped})   # never sent
     try:
-        res = protocol.run_round(params, inputs, identities, drop={2: set(dropped)})
+        res = protocol.run_round(params, inputs, clients, drop={2: set(dropped)})
     except protocol.ProtocolAbort as e:
         return Aggregate(None, 0.0, str(e))
     t = time.perf_counter()
@@ -169,8 +171,6 @@ def run_secure(train_features, train_labels, eval_features, eval_labels, build_m
                output_dir: Optional[str] = None, log: Callable[[str], None] = print, on_round=None,
                shards: Optional[List[np.ndarray]] = None, progress: Optional[Dict[str, int]] = None,
                aggregation: str = "secagg"):
-    import tensorflow as tf
-
     from federated import engine
     from federated import partition as partition_lib
 
@@ -189,13 +189,37 @@ def run_secure(train_features, train_labels, eval_features, eval_labels, build_m
         raise ValueError(f"clients_per_round must be in 1..{n_clients} (the number of clients), got {m}")
     private = cfg.dp_noise_multiplier is not None
     floor = min_clients(m, cfg.dropout_rate, cfg.sampling)
+    rng = np.random.default_rng(secrets.randbits(128)) if private else np.random.default_rng([cfg.seed, 2])
     t0 = time.perf_counter()
     local = LocalTrainer(build_model, features, labels.reshape(-1, 1), shards, cfg.client_batch_size,
                          cfg.local_epochs, cfg.client_lr)
     keras_model = build_model()
     global_flat = local.flat(keras_model.trainable_variables)
-    identities = protocol.Identities.generate(range(1, n_clients + 1))   # the clients' long-term keys (PKI)
+    # the clients' long-term keys (the PKI), protocol id = client index + 1; in client processes with
+    # --worker-processes N (the keys never leave them)
+    if cfg.worker_processes:
+        from federated.secagg.processes import ProcessClients
+
+        clients = ProcessClients(range(1, n_clients + 1), cfg.worker_processes)
+    else:
+        clients = protocol.LocalClients(protocol.Identities.generate(range(1, n_clients + 1)))
     build_s = time.perf_counter() - t0
+    try:
+        return _rounds(cfg, local, keras_model, global_flat, clients, build_s, shards, labels, spec, floor, rng,
+                       eval_features, eval_labels, output_dir, log, on_round, progress, aggregation)
+    finally:
+        if hasattr(clients, "close"):
+            clients.close()
+
+
+def _rounds(cfg, local, keras_model, global_flat, clients, build_s, shards, labels, spec, floor, rng,
+            eval_features, eval_labels, output_dir, log, on_round, progress, aggregation):
+    import tensorflow as tf
+
+    from federated import engine
+    from federated import partition as partition_lib
+
+    n_clients, m = len(shards), cfg.clients_per_round
     eval_model = None
     if eval_features is not None and eval_labels is not None and cfg.eval_every > 0:
         eval_model = keras_model
@@ -203,7 +227,6 @@ def run_secure(train_features, train_labels, eval_features, eval_labels, build_m
                            metrics=[tf.keras.metrics.BinaryAccuracy(threshold=0.0, name="accuracy")])
         eval_x = engine._as_model_dtypes(eval_features)
         eval_y = np.asarray(eval_labels, np.float32).reshape(-1, 1)
-    rng = np.random.default_rng(secrets.randbits(128)) if private else np.random.default_rng([cfg.seed, 2])
     q = m / n_clients
     log(f"[federated] {'secure aggregation (SecAgg+, distributed discrete Gaussian)' if aggregation == 'secagg' else 'central DP aggregate'}: "
         f"{cfg.rounds} rounds, {m} of {n_clients} clients per round ({cfg.sampling}), noise floor {floor} clients")
@@ -218,7 +241,7 @@ def run_secure(train_features, train_labels, eval_features, eval_labels, build_m
         n_drop = int(round(cfg.dropout_rate * len(sampled)))
         dropped_c = set(rng.choice(sampled, size=n_drop, replace=False).tolist()) if n_drop else set()
         round_seed = int(rng.integers(0, 2 ** 31 - 1))
-        ids = {int(c): k + 1 for k, c in enumerate(sampled)}   # protocol ids 1..n of this round's cohort
+        ids = {int(c): int(c) + 1 for c in sampled}   # protocol id = client index + 1
         updates, loss_sum, correct, examples = {}, 0.0, 0.0, 0
         t_train = time.perf_counter()
         for c, i in ids.items():
@@ -232,7 +255,7 @@ def run_secure(train_features, train_labels, eval_features, eval_labels, build_m
         dropped = {ids[c] for c in dropped_c}
         progress["rounds_started"] += 1
         t_agg = time.perf_counter()
-        agg = (secure_sum(updates, dropped, local.dim, cfg, floor, identities) if aggregation == "secagg"
+        agg = (secure_sum(updates, dropped, local.dim, cfg, floor, clients) if aggregation == "secagg"
                else central_sum(updates, dropped, local.dim, cfg))
         agg_s = time.perf_counter() - t_agg
         if agg.total is not None:

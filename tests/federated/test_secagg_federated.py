@@ -94,3 +94,25 @@ def test_cli_flag_reaches_the_secure_path(tmp_path, ledger_path, capsys):
                "--dp-noise-multiplier", "2", "--secure-aggregation"])
     err = capsys.readouterr().err
     assert rc == 2 and "pass --accountant rdp" in err and err.count("\n") == 1
+
+
+def test_worker_processes_run_the_clients_in_their_own_processes_and_stop_them(adult, ledger_path, monkeypatch):
+    import psutil
+
+    from federated.secagg import processes
+
+    started = []
+    real_init = processes.ProcessClients.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        started.extend(self.pids())
+
+    monkeypatch.setattr(processes.ProcessClients, "__init__", init)
+    cfg = SimulationConfig(**SMALL, rounds=2, sampling="fixed", dp_noise_multiplier=1.0, eval_every=0,
+                           worker_processes=2, privacy={"accountant": "rdp"})
+    res = simulate(cfg, data=adult, log=quiet)
+    assert len(started) == 2
+    assert [h["aborted"] for h in res.history] == [None, None] and res.history[-1]["bytes_per_client"] > 0
+    for pid in started:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -269,3 +269,26 @@ def test_clients_refuse_to_unmask_a_sum_of_fewer_inputs_than_the_noise_floor():
         clients[1].consistency(ids[:6])
     with pytest.raises(P.ProtocolAbort, match="fewer than the 7"):
         P.run_round(params, {i: np.zeros(8, np.uint64) for i in ids}, ident, drop={2: {7, 8}})
+
+
+def test_clients_in_their_own_processes_give_the_exact_sum_and_are_stopped():
+    """--worker-processes: the clients' long-term keys are made in 2 client processes (only public keys leave
+    them), the sum with dropouts is exact, and the processes are gone after the context manager."""
+    import psutil
+
+    from federated.secagg.processes import ProcessClients
+
+    ids = list(range(1, 10))
+    x = _inputs(ids, 64)
+    with ProcessClients(ids, processes=2) as pool:
+        pids = pool.pids()
+        assert len(pids) == 2 and all(psutil.pid_exists(p) for p in pids)
+        for _ in range(2):   # two rounds on the same processes
+            params = P.Params.new(ids, 5, 64, BITS)
+            res = P.run_round(params, x, pool, drop={2: {4}})
+            np.testing.assert_array_equal(res.total, _sum(x, [i for i in ids if i != 4]))
+        assert res.bytes_per_client > 0
+        with pytest.raises(P.ProtocolAbort, match="threshold"):
+            P.run_round(P.Params.new(ids, 5, 64, BITS), x, pool, drop={2: {1, 2, 3, 4, 5}})
+    for p in pids:
+        assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
