@@ -91,6 +91,22 @@ def test_server_view_of_a_masked_input_is_uniform():
     assert _uniform_p(weak) < 1e-12
 
 
+def test_server_view_of_the_encrypted_shares_is_uniform():
+    """The share messages the server relays (ChaCha20-Poly1305 ciphertexts of Shamir shares) look uniform: a
+    chi-square test over all their bytes, while the same test rejects the plaintext shares' byte layout."""
+    ids, params, ident = _setup(40, 21, 8)
+    clients = {i: P.Client(i, ident.keys[i], ident.directory, params) for i in ids}
+    server = P.Server(params)
+    adverts = server.collect_adverts([c.advertise() for c in clients.values()])
+    sent = {i: c.share_keys(adverts) for i, c in clients.items()}
+    blob = np.frombuffer(b"".join(ct for per in sent.values() for ct in per.values()), np.uint8)
+    assert blob.size > 200_000
+    assert stats.chisquare(np.bincount(blob, minlength=256)).pvalue > 1e-4
+    plain = np.frombuffer(b"".join(P._id(1) + P._id(2) + (5).to_bytes(P.SHARE_BYTES, "big") * 2
+                                   for _ in range(1000)), np.uint8)
+    assert stats.chisquare(np.bincount(plain, minlength=256)).pvalue < 1e-12
+
+
 def test_a_server_claiming_a_client_dropped_after_its_input_cannot_unmask_it():
     """The server receives y_v, then announces U3 without v to everyone: the clients reveal v's mask key shares
     (v 'dropped'), never its self-mask seed, so y_v with every pairwise mask removed is still uniform."""
