@@ -76,9 +76,13 @@ class ProcessClients:
         return [p.pid for p in self.procs]
 
     def _answer(self, p):
+        return self._check(_recv(p.stdout))
+
+    @staticmethod
+    def _check(frame):
         from federated.secagg.protocol import ProtocolAbort
 
-        kind, value = _recv(p.stdout)
+        kind, value = frame
         if kind == "abort":
             raise ProtocolAbort(value)
         if kind == "error":
@@ -97,9 +101,10 @@ class ProcessClients:
             parts.setdefault(self.owner[i], {})[i] = a
         for k, part in parts.items():   # every process works at once
             _send(self.procs[k].stdin, ("call", method, part))
+        frames = [_recv(self.procs[k].stdout) for k in parts]   # read every answer before raising one
         out = {}
-        for k in parts:
-            out.update(self._answer(self.procs[k]))
+        for f in frames:
+            out.update(self._check(f))
         return out, None
 
     def bytes_per_client(self, ids) -> float:

@@ -306,5 +306,12 @@ def test_clients_in_their_own_processes_give_the_exact_sum_and_are_stopped():
         assert res.bytes_per_client > 0
         with pytest.raises(P.ProtocolAbort, match="threshold"):
             P.run_round(P.Params.new(ids, 5, 64, BITS), x, pool, drop={2: {1, 2, 3, 4, 5}})
+        # a client's abort in one process while the other answers leaves the pipes in step
+        pool.start(P.Params.new(ids, 5, 64, BITS))
+        pool.call("advertise", {1: (), 2: ()})
+        with pytest.raises(P.ProtocolAbort, match="client 1: step 0 requested at step 1"):
+            pool.call("advertise", {1: (), 4: ()})   # client 1 (process 0) refuses, client 4 (process 1) answers
+        res = P.run_round(P.Params.new(ids, 5, 64, BITS), x, pool)
+        np.testing.assert_array_equal(res.total, _sum(x, ids))
     for p in pids:
         assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
