@@ -38,6 +38,8 @@ bench: setup  ## benchmarks, each comparison measured side by side in one run; r
 	$(PLATFORM_PY) simulations/bench_conv_clipping.py --batches 256 2048 --ablation \
 	  --json bench-results/conv-clipping.json | tee bench-results/conv-clipping.txt
 	$(PLATFORM_PY) simulations/bench_federated_scale.py --json bench-results/federated-scale.json
+	$(PLATFORM_PY) simulations/bench_secagg.py --rounds 4 --accuracy-rounds 20 --seeds 0 1 2 --eps 3 \
+	  --json bench-results/secagg.json | tee bench-results/secagg.txt
 	$(PLATFORM_PY) simulations/bench_serving.py --json bench-results/serving.json
 	$(PLATFORM_PY) simulations/bench_encrypted.py --json bench-results/encrypted.json
 	nice -n 10 $(PLATFORM_PY) simulations/bench_study.py --output bench-results --epsilons 0.5,1,2,4,8 --seeds 3 \

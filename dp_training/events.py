@@ -180,6 +180,8 @@ def describe(event: dp_accounting.DpEvent) -> str:
         return " + ".join(describe(e) for e in event.events)
     if isinstance(event, ReplaceAdjacencyDpEvent):
         return f"ReplaceOneElement[{describe(event.event)}]"
+    if isinstance(event, dp_accounting.ZCDpEvent):   # e.g. the distributed discrete Gaussian (federated.secagg)
+        return f"zCDP(ρ={event.rho:.4g}" + (f", ξ={event.xi:.3g})" if event.xi else ")")
     return type(event).__name__
 
 

@@ -75,6 +75,10 @@ def add_federated_arguments(parser: argparse.ArgumentParser) -> None:
                    help="simulation setting (DP only): calibrate the noise for a deployment cohort of C clients per "
                         "round while simulating --clients-per-round K <= C; every output is labelled, and the "
                         "stated deployment epsilon does not cover the simulated data")
+    g.add_argument("--secure-aggregation", action="store_true",
+                   help="SecAgg+ with distributed DP: each client quantises its clipped update, adds its share of "
+                        "discrete Gaussian noise and masks it; the server learns only each round's noisy sum "
+                        "(accounted with --accountant rdp; see docs/federated.md, Secure aggregation)")
     g.add_argument("--noise-population", type=int, default=None, metavar="P",
                    help="the deployment's client population for --noise-cohort-size (default: --clients)")
 
@@ -92,7 +96,7 @@ def config_kwargs(ns: argparse.Namespace) -> Dict[str, Any]:
     keys = ["clients", "clients_per_round", "rounds", "local_epochs", "client_batch_size", "partition",
             "client_optimizer", "server_optimizer", "client_lr", "server_lr", "dp_noise_multiplier", "dp_clip",
             "adaptive_clipping", "sampling", "dropout_rate", "eval_every", "checkpoint_every", "resume", "seed",
-            "workers", "worker_processes", "noise_cohort_size", "noise_population"]
+            "workers", "worker_processes", "noise_cohort_size", "noise_population", "secure_aggregation"]
     return {k: getattr(ns, k) for k in keys if hasattr(ns, k)}
 
 

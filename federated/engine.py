@@ -56,6 +56,7 @@ class FederatedConfig:
     worker_processes: int = 0  # start this many local TFF workers for the run (and stop them afterwards)
     noise_cohort_size: Optional[int] = None  # simulation setting: noise calibrated for this cohort (trainer plans it)
     noise_population: Optional[int] = None  # ... drawn from this population (default: clients)
+    secure_aggregation: bool = False  # SecAgg+ with distributed DP (federated/secagg): the server sees only sums
 
     def strategy(self, clients_per_round: Optional[float] = None) -> FedAvg:
         common = dict(client_optimizer=self.client_optimizer, server_optimizer=self.server_optimizer,
@@ -267,6 +268,11 @@ def run_federated(train_features: Mapping[str, np.ndarray], train_labels: np.nda
 
     progress = progress if progress is not None else {}
     progress.setdefault("rounds_started", 0)
+    if config.secure_aggregation:   # its own round loop: clients encode and mask, the server only sums
+        from federated.secagg.rounds import run_secure
+
+        return run_secure(train_features, train_labels, eval_features, eval_labels, build_model, config,
+                          output_dir=output_dir, log=log, on_round=on_round, shards=shards, progress=progress)
     addresses = parse_addresses(config.workers)
     if config.worker_processes < 0:
         raise ValueError(f"worker_processes must be >= 0, got {config.worker_processes}")

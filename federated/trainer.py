@@ -55,7 +55,7 @@ _CONFIG_FIELDS = ("clients", "clients_per_round", "rounds", "local_epochs", "cli
                   "client_optimizer", "server_optimizer", "client_lr", "server_lr", "dp_noise_multiplier",
                   "dp_clip", "adaptive_clipping", "sampling", "dropout_rate", "eval_every", "checkpoint_every",
                   "resume", "seed", "max_concurrent_computation_calls", "plot", "client_loop", "workers",
-                  "worker_processes", "noise_cohort_size", "noise_population")
+                  "worker_processes", "noise_cohort_size", "noise_population", "secure_aggregation")
 DEFAULTS: Dict[str, Any] = {k: getattr(FederatedConfig(), k) for k in _CONFIG_FIELDS}
 
 
@@ -107,7 +107,7 @@ _INTS = {"clients": 1, "clients_per_round": 1, "rounds": 1, "local_epochs": 1, "
          "eval_every": 0, "checkpoint_every": 0, "seed": None, "max_concurrent_computation_calls": -1,
          "worker_processes": 0}
 _OPTIONAL_INTS = {"noise_cohort_size": 1, "noise_population": 1}
-_BOOLS = ("adaptive_clipping", "resume", "plot")
+_BOOLS = ("adaptive_clipping", "resume", "plot", "secure_aggregation")
 
 
 def parse_noise(value) -> Union[None, str, float]:
@@ -161,6 +161,7 @@ class FederatedKindConfig(KindConfig):
     worker_processes: int = DEFAULTS["worker_processes"]
     noise_cohort_size: Optional[int] = DEFAULTS["noise_cohort_size"]
     noise_population: Optional[int] = DEFAULTS["noise_population"]
+    secure_aggregation: bool = DEFAULTS["secure_aggregation"]
 
     def __post_init__(self):
         k = self.kind
@@ -285,6 +286,10 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
         "server_optimizer": a["server_optimizer"], "client_lr": float(a["client_lr"]),
         "server_lr": float(a["server_lr"]), "dropout_rate": float(a["dropout_rate"]), "seed": int(a["seed"])}
     internal: Dict[str, Any] = {"args": a, "clients": clients, "clients_per_round": per_round, "rounds": rounds}
+    if config.secure_aggregation:   # SecAgg+ with distributed DP: its own event and threat model
+        from federated.secagg.plan import plan_secure
+
+        return plan_secure(inputs, a, part, public, internal, z)
     if not config.private:
         if z == 0.0:
             public.update({"strategy": "dp-fedavg aggregator without noise", "dp_clip": clip,
@@ -475,6 +480,10 @@ class FederatedTrainer(TrainerKind):
         def released(r: int) -> dp_accounting.DpEvent:
             if not private:
                 return dp_accounting.NonPrivateDpEvent()
+            if internal.get("secagg"):
+                from federated.secagg.plan import released_event
+
+                return released_event(internal, r)
             return training_event(z, r, clients, per_round, cfg.sampling, mode)
 
         progress: Dict[str, int] = {}
@@ -488,6 +497,7 @@ class FederatedTrainer(TrainerKind):
         # resuming charges them twice, which only over-states the spend).
         public = {"strategy": "dp-fedavg" if private else ("dp-fedavg aggregator without noise" if z == 0.0
                                                            else "fedavg (weighted)"),
+                  **({"strategy": context.plan.public["strategy"]} if internal.get("secagg") else {}),
                   "client_loop": cfg.client_loop}
         private_details.update({"history": res.history, "shards": res.shards, "final": res.final,
                                 "resumed_from_round": res.resumed_from_round, "files": res.files,

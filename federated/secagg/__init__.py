@@ -1,0 +1,13 @@
+"""Secure aggregation (SecAgg+) with distributed DP for federated rounds: the server learns only the noisy sum.
+
+| module | job |
+|---|---|
+| ``shamir``   | t-of-n Shamir secret sharing over the prime field GF(2^521 - 1) |
+| ``prg``      | ChaCha20 keystream -> uniform vectors in Z_{2^bits} (pairwise and self masks) |
+| ``protocol`` | the SecAgg+ client and server state machines (Bell et al. 2020; Bonawitz et al. 2017 rounds) |
+| ``ddp``      | the distributed discrete Gaussian encoder: rotation, scaling, conditional rounding, noise, modulus |
+| ``accounting`` | the distributed discrete Gaussian RDP bound (Kairouz et al. 2021) and an exact check |
+
+Everything here is TF-free plain Python/numpy on the ``cryptography`` package (X25519, Ed25519, HKDF-SHA256,
+ChaCha20, ChaCha20-Poly1305). Threat model: ``docs/federated.md`` ("Secure aggregation").
+"""
