@@ -1,0 +1,152 @@
+"""DP-FedAvg's noise and client sampling come from OS entropy, never from the run's seed (issue 17 items 7, 5):
+two runs with the same seed (and the same TF global seed, which fixes TensorFlow's process RNG) add different
+noise; a resumed private run samples fresh clients after its checkpoint; checkpoints hold no sampling state and
+no noise key; the key never appears in anything the run writes."""
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from federated import dp_noise
+from federated import engine as engine_mod
+from federated.engine import FederatedConfig, run_federated
+from tests.dp_training.synthetic import make_data
+from tests.secret_scan import find
+
+tf = pytest.importorskip("tensorflow")
+
+
+def quiet(_msg):
+    pass
+
+
+def _build(hidden=64):
+    def build():
+        num = tf.keras.Input(shape=(4,), name="num", dtype=tf.float32)
+        cat = tf.keras.Input(shape=(1,), name="cat", dtype=tf.int64)
+        x = tf.keras.layers.Concatenate()([num, tf.keras.layers.CategoryEncoding(5, output_mode="one_hot")(cat)])
+        x = tf.keras.layers.Dense(hidden, activation="relu", kernel_initializer=tf.keras.initializers.GlorotUniform(1))(x)
+        out = tf.keras.layers.Dense(1, kernel_initializer=tf.keras.initializers.GlorotUniform(2))(x)
+        return tf.keras.Model(inputs={"num": num, "cat": cat}, outputs=out)
+    return build
+
+
+def _weights(model):
+    return np.concatenate([np.ravel(w) for w in model.get_weights()])
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return make_data(400, seed=11)
+
+
+def test_same_seed_runs_add_different_noise_and_nothing_else_differs(rows, no_workers_after):
+    """Every client in the one round (fixed sampling of all of them, one local batch each): the only randomness
+    left is the aggregate noise. Old code: with TensorFlow's global seed set (what a 32-bit process seed gives),
+    two runs added identical noise."""
+    x, y = rows
+    k, z, clip = 8, 1.0, 0.5
+    base = dict(clients=k, clients_per_round=k, rounds=1, partition="iid", sampling="fixed", client_lr=0.1,
+                client_batch_size=400, dp_clip=clip, plot=False, eval_every=0, seed=4)
+    noiseless = [run_federated(x, y, None, None, _build(), FederatedConfig(**base, dp_noise_multiplier=0.0),
+                               log=quiet, model_key=("noise-test",)) for _ in range(2)]
+    np.testing.assert_allclose(_weights(noiseless[0].model), _weights(noiseless[1].model), atol=1e-6)
+    noisy = []
+    try:
+        for _ in range(2):
+            tf.random.set_seed(5)   # the same seed for both runs, set before the process is traced
+            noisy.append(run_federated(x, y, None, None, _build(), FederatedConfig(**base, dp_noise_multiplier=z),
+                                       log=quiet))
+    finally:
+        tf.random.set_seed(None)
+    diff = _weights(noisy[0].model) - _weights(noisy[1].model)
+    assert np.abs(diff).max() > 1e-3, "two runs with the same seeds added the same noise"
+    # the difference is two independent noise draws: std sqrt(2) z C / K per weight
+    assert float(np.std(diff)) == pytest.approx(np.sqrt(2) * z * clip / k, rel=0.15)
+
+
+def test_adaptive_clipping_draws_both_gaussians_from_keys(rows, no_workers_after):
+    from federated.runtime import tff_runtime
+    from federated.strategies import DPFedAvg
+
+    x, y = rows
+    cfg = FederatedConfig(clients=20, clients_per_round=20, rounds=1, partition="iid", sampling="fixed",
+                          adaptive_clipping=True, dp_noise_multiplier=1.0, dp_clip=0.5, plot=False, eval_every=0)
+    res = run_federated(x, y, None, None, _build(), cfg, log=quiet)
+    assert np.all(np.isfinite(_weights(res.model))) and res.history[0]["participants"] == 20
+    with tff_runtime(0):
+        process = DPFedAvg(noise_multiplier=1.0, clip=0.5, adaptive_clipping=True,
+                           clients_per_round=20.0).build_process(lambda: _model_fn(x))
+        state = process.initialize()
+        assert dp_noise.count_noise_keys(state) == 2   # the clipped sum and the quantile estimator's count
+        data = [engine_mod.ClientDatasets(engine_mod._as_model_dtypes(x), y, [np.arange(20)], 32, 1).client(0, 0)]
+        # a round without an injected key yields NaN, which TFF's finalizer rejects: never predictable noise
+        out = process.next(state, data)
+        assert int(out.metrics["finalizer"]["update_non_finite"]) == 1
+        out = process.next(dp_noise.with_fresh_noise_keys(state), data)
+        assert int(out.metrics["finalizer"]["update_non_finite"]) == 0
+        assert dp_noise.count_noise_keys(out.state) == 2
+        assert all(not np.any(k) for k in _key_values(out.state))   # returned with the keys zeroed
+
+
+def _key_values(state):
+    got = []
+    dp_noise._replace_keys(state, lambda leaf: got.append(np.asarray(leaf)) or leaf, [])
+    return got
+
+
+def _model_fn(x):
+    element_spec = engine_mod._element_spec(engine_mod._as_model_dtypes(x))
+    import tensorflow_federated as tff
+    return tff.learning.models.from_keras_model(_build()(), loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+                                                input_spec=element_spec)
+
+
+def test_resumed_private_run_samples_fresh_clients_and_stores_no_secret(rows, tmp_path, monkeypatch,
+                                                                        no_workers_after):
+    """Old code: the checkpoint held the sampling RNG state and the resumed run re-used the clients the first run
+    had sampled after the checkpoint, while the ledger composed both as independent rounds."""
+    x, y = rows
+    sampled, keys, logs = [], [], []
+    real_for_round, real_key = engine_mod.ClientDatasets.for_round, dp_noise.fresh_key_block
+
+    def spy_round(self, client_ids, round_seed):
+        sampled.append(sorted(int(c) for c in client_ids))
+        return real_for_round(self, client_ids, round_seed)
+
+    def spy_key():
+        keys.append(real_key())
+        return keys[-1]
+
+    monkeypatch.setattr(engine_mod.ClientDatasets, "for_round", spy_round)
+    monkeypatch.setattr(dp_noise, "fresh_key_block", spy_key)
+    out = str(tmp_path / "run")
+    cfg = FederatedConfig(clients=20, clients_per_round=5, rounds=4, checkpoint_every=2, partition="iid",
+                          dp_noise_multiplier=1.0, dp_clip=0.5, client_batch_size=16, eval_every=0, seed=0)
+    run_federated(x, y, x, y, _build(16), cfg, output_dir=out, log=logs.append, model_key=("resume-test",))
+    first = list(sampled)
+    assert len(first) == 4 and len(keys) == 4
+    for f in glob.glob(os.path.join(out, "checkpoints", "round_00004.*")):
+        os.remove(f)            # as if the run had crashed after round 2's checkpoint (and released rounds 3, 4)
+    del sampled[:]
+    res = run_federated(x, y, x, y, _build(16), cfg, output_dir=out, log=logs.append, model_key=("resume-test",))
+    assert res.resumed_from_round == 2 and len(sampled) == 2
+    assert sampled != first[2:], "the resumed rounds re-used the clients the first run sampled after the checkpoint"
+    for meta in glob.glob(os.path.join(out, "checkpoints", "*.json")):
+        with open(meta, encoding="utf-8") as f:
+            assert "rng_state" not in json.load(f)
+    assert len(keys) == 6 and len({k.tobytes() for k in keys}) == 6
+    assert find(keys, out, logs) == []
+    assert sorted(os.listdir(out)) == ["accuracy.png", "checkpoints", "metrics.csv", "metrics.json"]
+
+
+def test_non_private_checkpoint_keeps_its_sampling_state(rows, tmp_path, no_workers_after):
+    x, y = rows
+    out = str(tmp_path / "run")
+    cfg = FederatedConfig(clients=20, clients_per_round=5, rounds=1, checkpoint_every=1, partition="iid",
+                          eval_every=0, plot=False)
+    run_federated(x, y, None, None, _build(16), cfg, output_dir=out, log=quiet)
+    with open(os.path.join(out, "checkpoints", "round_00001.json"), encoding="utf-8") as f:
+        assert "rng_state" in json.load(f)   # reproducible from the public seed: nothing secret to hide
