@@ -44,8 +44,7 @@ def rows():
 
 def test_same_seed_runs_add_different_noise_and_nothing_else_differs(rows, no_workers_after):
     """Every client in the one round (fixed sampling of all of them, one local batch each): the only randomness
-    left is the aggregate noise. Old code: with TensorFlow's global seed set (what a 32-bit process seed gives),
-    two runs added identical noise."""
+    left is the aggregate noise, and it differs between two runs with the same seeds (also TensorFlow's)."""
     x, y = rows
     k, z, clip = 8, 1.0, 0.5
     base = dict(clients=k, clients_per_round=k, rounds=1, partition="iid", sampling="fixed", client_lr=0.1,
@@ -65,6 +64,35 @@ def test_same_seed_runs_add_different_noise_and_nothing_else_differs(rows, no_wo
     assert np.abs(diff).max() > 1e-3, "two runs with the same seeds added the same noise"
     # the difference is two independent noise draws: std sqrt(2) z C / K per weight
     assert float(np.std(diff)) == pytest.approx(np.sqrt(2) * z * clip / k, rel=0.15)
+
+
+def test_dp_fedavg_noise_is_a_function_of_the_injected_key_only(rows, no_workers_after):
+    """Client learning rate 0: every clipped update is zero and one round moves the weights by the noise alone.
+    The same key block gives the same noise (nothing of TensorFlow's process RNG, 32-bit seeded, enters it), a
+    fresh block other noise of std z C / K. Old code: no key; the noise came from the TFF worker's process RNG."""
+    from federated.runtime import tff_runtime
+    from federated.strategies import DPFedAvg
+
+    x, y = rows
+    z, clip, k = 1.0, 0.5, 4.0
+    with tff_runtime(0):
+        process = DPFedAvg(noise_multiplier=z, clip=clip, clients_per_round=k, client_lr=0.0).build_process(
+            lambda: _model_fn(x))
+        state = process.initialize()
+        assert dp_noise.count_noise_keys(state) == 1
+        data = [engine_mod.ClientDatasets(engine_mod._as_model_dtypes(x), y, [np.arange(40)], 32, 1).client(0, 0)]
+        before = _flat(process.get_model_weights(state))
+        block = dp_noise.fresh_key_block()
+        keyed = dp_noise._replace_keys(state, lambda _: block, [])
+        a, b = (_flat(process.get_model_weights(process.next(keyed, data).state)) - before for _ in range(2))
+        c = _flat(process.get_model_weights(process.next(dp_noise.with_fresh_noise_keys(state), data).state)) - before
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+    assert float(np.std(c)) == pytest.approx(z * clip / k, rel=0.15)
+
+
+def _flat(weights):
+    return np.concatenate([np.ravel(w) for w in weights.trainable])
 
 
 def test_adaptive_clipping_draws_both_gaussians_from_keys(rows, no_workers_after):
@@ -127,7 +155,7 @@ def test_resumed_private_run_samples_fresh_clients_and_stores_no_secret(rows, tm
                           dp_noise_multiplier=1.0, dp_clip=0.5, client_batch_size=16, eval_every=0, seed=0)
     run_federated(x, y, x, y, _build(16), cfg, output_dir=out, log=logs.append, model_key=("resume-test",))
     first = list(sampled)
-    assert len(first) == 4 and len(keys) == 4
+    assert len(first) == 4
     for f in glob.glob(os.path.join(out, "checkpoints", "round_00004.*")):
         os.remove(f)            # as if the run had crashed after round 2's checkpoint (and released rounds 3, 4)
     del sampled[:]
@@ -137,7 +165,7 @@ def test_resumed_private_run_samples_fresh_clients_and_stores_no_secret(rows, tm
     for meta in glob.glob(os.path.join(out, "checkpoints", "*.json")):
         with open(meta, encoding="utf-8") as f:
             assert "rng_state" not in json.load(f)
-    assert len(keys) == 6 and len({k.tobytes() for k in keys}) == 6
+    assert len(keys) == 6 and len({k.tobytes() for k in keys}) == 6   # one fresh block per round
     assert find(keys, out, logs) == []
     assert sorted(os.listdir(out)) == ["accuracy.png", "checkpoints", "metrics.csv", "metrics.json"]
 
