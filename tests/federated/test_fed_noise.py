@@ -178,3 +178,46 @@ def test_non_private_checkpoint_keeps_its_sampling_state(rows, tmp_path, no_work
     run_federated(x, y, None, None, _build(16), cfg, output_dir=out, log=quiet)
     with open(os.path.join(out, "checkpoints", "round_00001.json"), encoding="utf-8") as f:
         assert "rng_state" in json.load(f)   # reproducible from the public seed: nothing secret to hide
+
+
+def test_crashed_then_resumed_private_run_charges_every_released_round(adult, tmp_path, ledger_path, monkeypatch,
+                                                                        no_workers_after):
+    """Through the privacy protocol: a run crashes after round 4 (checkpoint at round 2) and is charged its 4
+    released rounds; the resumed run re-runs rounds 3-5 with freshly sampled clients (old code: the crashed run's
+    clients again) and is charged all 5 rounds its model embodies. Rounds 1-2 are charged twice (over-stated,
+    never under-stated), rounds 3-4 of both runs each once, as the independent releases they now are."""
+    import dp_accounting
+
+    from dp_training import events as ev
+    from dp_training.ledger import Ledger
+    from federated import SimulationConfig, simulate
+
+    sampled = []
+    real_for_round = engine_mod.ClientDatasets.for_round
+
+    def spy_round(self, client_ids, round_seed):
+        sampled.append(sorted(int(c) for c in client_ids))
+        return real_for_round(self, client_ids, round_seed)
+
+    def crash(msg):
+        if msg.startswith("[federated] round 4/"):
+            raise RuntimeError("crash injected after round 4")
+
+    monkeypatch.setattr(engine_mod.ClientDatasets, "for_round", spy_round)
+    cfg = SimulationConfig(clients=20, clients_per_round=4, rounds=5, train_sample=1500, client_batch_size=32,
+                           client_lr=0.1, plot=False, eval_every=0, checkpoint_every=2, dp_noise_multiplier=1.0,
+                           output_dir=str(tmp_path / "run"))
+    with pytest.raises(RuntimeError, match="crash injected"):
+        simulate(cfg, data=adult, log=crash)
+    crashed = list(sampled)
+    resumed = simulate(cfg, data=adult, log=quiet)
+    assert resumed.resumed_from_round == 2 and len(sampled) == 4 + 3
+    assert sampled[4:6] != crashed[2:4], "the re-run rounds 3-4 sampled the crashed run's clients again"
+    runs = Ledger(ledger_path).history("uci-adult-1994-census")[0]["runs"]
+    assert [r["status"] for r in runs] == ["failed", "completed"]
+
+    def rounds(run):
+        return ev.from_json(run["released_event"]).events[1] == ev.ReplaceAdjacencyDpEvent(
+            dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.2, dp_accounting.GaussianDpEvent(
+                1.0)), {"failed": 4, "completed": 5}[run["status"]]))
+    assert all(rounds(r) for r in runs)
