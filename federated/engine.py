@@ -364,8 +364,8 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
             _PROCESS_CACHE.clear()  # keep one: they hold graphs
             _PROCESS_CACHE[cache_key] = process
     state = process.initialize()
-    # deterministic initial weights: the model builder's initializers are seeded. No global TF seed is set: it
-    # would fix the op seeds of graphs traced afterwards, the DP aggregator's noise included.
+    # deterministic initial weights: the model builder's initializers are seeded. No global TF seed is needed (the
+    # DP aggregator's noise never comes from TensorFlow's samplers: federated.dp_noise).
     keras_model = build_model()
     state = process.set_model_weights(state, tff.learning.models.ModelWeights.from_model(keras_model))
     build_s = time.perf_counter() - t0
