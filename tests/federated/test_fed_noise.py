@@ -180,6 +180,7 @@ def test_non_private_checkpoint_keeps_its_sampling_state(rows, tmp_path, no_work
         assert "rng_state" in json.load(f)   # reproducible from the public seed: nothing secret to hide
 
 
+@pytest.mark.slow
 def test_crashed_then_resumed_private_run_charges_every_released_round(adult, tmp_path, ledger_path, monkeypatch,
                                                                         no_workers_after):
     """Through the privacy protocol: a run crashes after round 4 (checkpoint at round 2) and is charged its 4
