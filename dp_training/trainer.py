@@ -67,7 +67,7 @@ DEFAULTS: Dict[str, Any] = {
     "momentum": 0.9,
     "sampling": "poisson",
     "dp_path": "auto",               # auto | fast_gradient_clipping | vectorized_optimizer
-    "seed": None,                    # tests only: reproducible initial weights and batches (never the noise)
+    "seed": None,                    # tests only: reproducible batches (never the noise)
     "mia": True,
     "mia_max_rows": 10000,
 }
@@ -216,7 +216,7 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
                 "steps_per_epoch": steps_per_epoch, "noise_multiplier": sigma, "l2_norm_clip": float(clip),
                 "learning_rate": float(lr)}
     notes = ()
-    if a["seed"] is not None:  # tests and benchmarks: the batches and the noise are reproducible from the seed
+    if a["seed"] is not None:  # tests and benchmarks: the batches are reproducible from the seed
         notes = ("a seed was given: the batches are reproducible from it (the noise is not: it is keyed from OS "
                  "entropy); the guarantee holds only while the seed stays secret (it is not published)",)
     return TrainingPlan(event=event, private=True, mechanism=mechanism, public=public, internal=internal,
@@ -318,7 +318,6 @@ class _DPStepper:
         # Every path clips with its own code but draws its noise here: Philox streams keyed from `secrets`
         # (dp_training.secure_noise), never TensorFlow's process RNG (32-bit seeded, or the public seed).
         noise = secure_noise.GaussianNoise()
-        self._noise = noise
         label_spec = tf.TensorSpec([None, 1], tf.float32)
         if path == "fused_dense":
             # Per-example gradients of a Dense chain are outer products a_i (x) d_i (layer input, gradient at the
@@ -562,7 +561,7 @@ class DPSGDTrainer:
             return accounting.dp_event(plan["noise_multiplier"], plan["sampling_rate"], steps, a["sampling"])
 
         try:
-            if a["seed"] is not None:  # initial weights and batches; the DP noise never comes from the seed
+            if a["seed"] is not None:  # TensorFlow's seeded ops and the batches; the DP noise never comes from it
                 tf.random.set_seed(int(a["seed"]))
             rng = np.random.default_rng(a["seed"])
             x_train = _as_inputs(context.train_features)
