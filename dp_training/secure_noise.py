@@ -12,6 +12,10 @@ from generators keyed with ``secrets`` (the OS CSPRNG), as in Opacus' ``secure_m
   independent 64-bit keys (256 bits), not one; summing four draws is also Opacus' mitigation of the
   floating-point attack on a single Gaussian draw (Holohan & Braghin 2021) — a mitigation, not a proof.
 
+Philox is TensorFlow's counter-based generator, not a designed CSPRNG (Opacus uses AES-CTR via torchcsprng):
+what this module guarantees is that the secret is 768 bits from the OS CSPRNG, in memory only, and that
+neither TensorFlow's process sampler nor any seed a run is given enters the noise.
+
 The key block lives only in process memory: it is never logged, returned in results, written to checkpoints,
 ``privacy.json``, private details or ML Metadata. A run's ``seed`` (tests, benchmarks) never reaches it: two
 runs with the same seed draw different noise.
