@@ -27,7 +27,8 @@ def _build(hidden=64):
         num = tf.keras.Input(shape=(4,), name="num", dtype=tf.float32)
         cat = tf.keras.Input(shape=(1,), name="cat", dtype=tf.int64)
         x = tf.keras.layers.Concatenate()([num, tf.keras.layers.CategoryEncoding(5, output_mode="one_hot")(cat)])
-        x = tf.keras.layers.Dense(hidden, activation="relu", kernel_initializer=tf.keras.initializers.GlorotUniform(1))(x)
+        x = tf.keras.layers.Dense(hidden, activation="relu",
+                                  kernel_initializer=tf.keras.initializers.GlorotUniform(1))(x)
         out = tf.keras.layers.Dense(1, kernel_initializer=tf.keras.initializers.GlorotUniform(2))(x)
         return tf.keras.Model(inputs={"num": num, "cat": cat}, outputs=out)
     return build
