@@ -35,8 +35,12 @@ What the accounting assumes, and how the trainer makes it true
 * The epsilon returned is computed from the steps actually run.
 
 Not covered by the guarantee, so kept in the private details (the workdir), never published: the
-membership-inference AUC (computed on raw training rows), timings, losses, empty-batch counts. Caveat:
-floating-point / PRNG effects of ``tf.random.normal`` (not a cryptographic sampler).
+membership-inference AUC (computed on raw training rows), timings, losses, empty-batch counts.
+
+The noise: every path clips with its own code (fused, TF Privacy's fast clipping, TF Privacy's vectorized
+optimizer with its noise set to 0) and adds noise drawn by ``dp_training.secure_noise.GaussianNoise``: four
+Philox streams keyed with 768 bits from ``secrets`` (Opacus' secure_mode), held in process memory only, never
+from TensorFlow's process RNG nor from ``seed``. Caveat: floating-point effects of sampling a Gaussian.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional
 
 import numpy as np
 
-from dp_training import accounting, calibration, events
+from dp_training import accounting, calibration, events, secure_noise
 from dp_training.contract import (ArgumentError, KindConfig, PlanInputs, TrainerContext, TrainerKind, TrainingInterrupted,
                                   TrainingOutcome, TrainingPlan, parse_bool, parse_choice, parse_number, parse_whole)
 
@@ -65,7 +69,7 @@ DEFAULTS: Dict[str, Any] = {
     "momentum": 0.9,
     "sampling": "poisson",
     "dp_path": "auto",               # auto | fast_gradient_clipping | vectorized_optimizer
-    "seed": None,                    # for tests only: makes batches and noise reproducible
+    "seed": None,                    # tests only: reproducible batches (never the noise)
     "mia": True,
     "mia_max_rows": 10000,
 }
@@ -260,9 +264,9 @@ def plan_training(inputs: PlanInputs) -> TrainingPlan:
                 "steps_per_epoch": steps_per_epoch, "noise_multiplier": sigma, "l2_norm_clip": float(clip),
                 "learning_rate": float(lr)}
     notes = ()
-    if a["seed"] is not None:  # tests and benchmarks: the batches and the noise are reproducible from the seed
-        notes = ("a seed was given: the Poisson batches and the noise are reproducible from it; the guarantee holds "
-                 "only while the seed stays secret (it is not published)",)
+    if a["seed"] is not None:  # tests and benchmarks: the batches are reproducible from the seed
+        notes = ("a seed was given: the batches are reproducible from it (the noise is not: it is keyed from OS "
+                 "entropy); the guarantee holds only while the seed stays secret (it is not published)",)
     return TrainingPlan(event=event, private=config.private, mechanism=mechanism, public=public, internal=internal,
                         notes=notes)
 
@@ -359,6 +363,9 @@ class _DPStepper:
         mom = float(plan["args"]["momentum"] or 0.0)
         self.expected_batch = float(plan["sampling_rate"] * plan["num_rows"])
         self.sigma, self.clip = sigma, clip
+        # Every path clips with its own code but draws its noise here: Philox streams keyed from `secrets`
+        # (dp_training.secure_noise), never TensorFlow's process RNG (32-bit seeded, or the public seed).
+        noise = secure_noise.GaussianNoise()
         label_spec = tf.TensorSpec([None, 1], tf.float32)
         if path == "fused_dense":
             # Per-example gradients of a Dense chain are outer products a_i (x) d_i (layer input, gradient at the
@@ -394,7 +401,7 @@ class _DPStepper:
                 for ai, di in zip(inputs, deltas):
                     cd = di * factor
                     grads += [tf.matmul(ai, cd, transpose_a=True), tf.reduce_sum(cd, axis=0)]
-                noisy = [(g + tf.random.normal(tf.shape(g), stddev=std)) / expected for g in grads]
+                noisy = [(g + z) / expected for g, z in zip(grads, noise.like(grads, std))]
                 self.optimizer.apply_gradients(zip(noisy, variables))
                 return {"loss": tf.reduce_mean(per_example)}
 
@@ -402,44 +409,59 @@ class _DPStepper:
             self._noise_scale = 1.0 / self.expected_batch
             self._variables = variables
         elif path == "fast_gradient_clipping":
+            from tensorflow_privacy.privacy.fast_gradient_clipping import clip_grads
             from tensorflow_privacy.privacy.keras_models import dp_keras_model
             from dp_training import conv_clipping
+            registry = conv_clipping.make_layer_registry()
+            # TF Privacy's DPModel with noise 0 is only the clipping model (its train_step would draw the noise
+            # with tf.random.normal): the step below clips with TF Privacy's fast (ghost) clipping and adds ours.
             self.train_model = dp_keras_model.DPModel(
-                l2_norm_clip=clip, noise_multiplier=sigma,
-                layer_registry=conv_clipping.make_layer_registry(), use_xla=False,
+                l2_norm_clip=clip, noise_multiplier=0.0, layer_registry=registry, use_xla=False,
                 inputs=base_model.inputs, outputs=base_model.outputs)
             if not self.train_model._enable_fast_peg_computation:  # pylint: disable=protected-access
                 raise RuntimeError("TF Privacy's DPModel did not enable fast gradient clipping.")
-            # SUM reduction: TF Privacy adds N(0, (sigma C)^2) to the *sum* of clipped gradients;
-            # the 1 / (expected batch size) normalisation is folded into the learning rate.
+            # SUM reduction: the clipped gradients are the *sum* over the batch, N(0, (sigma C)^2) is added to
+            # it; the 1 / (expected batch size) normalisation is folded into the learning rate.
             self.optimizer = tf.keras.optimizers.SGD(learning_rate=lr / self.expected_batch,
                                                      momentum=mom)
             loss_cls = (tf.keras.losses.BinaryCrossentropy if num_outputs(base_model) == 1
                         else tf.keras.losses.SparseCategoricalCrossentropy)
-            self.train_model.compile(
-                optimizer=self.optimizer,
-                loss=loss_cls(from_logits=True, reduction=tf.keras.losses.Reduction.SUM))
-            self._step = tf.function(lambda x, y: self.train_model.train_step((x, y)),
-                                     input_signature=[feature_specs, label_spec])
+            sum_loss = loss_cls(from_logits=True, reduction=tf.keras.losses.Reduction.SUM)
+            self.train_model.compile(optimizer=self.optimizer, loss=sum_loss)
+            dp_model, opt, std = self.train_model, self.optimizer, sigma * clip
+
+            def fgc_step(x, y):
+                clipped, _, clipped_loss = clip_grads.compute_clipped_gradients_and_outputs(
+                    input_model=dp_model, l2_norm_clip=clip, layer_registry=registry, x_batch=x, y_batch=y,
+                    clipping_loss=sum_loss)
+                clipped = list(clipped)
+                opt.apply_gradients(zip([g + z for g, z in zip(clipped, noise.like(clipped, std))],
+                                        dp_model.trainable_variables))
+                return {"loss": clipped_loss}
+
+            self._step = tf.function(fgc_step, input_signature=[feature_specs, label_spec])
             self._noise_scale = 1.0  # the optimizer's lr already divides by the expected batch
         else:
             from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras_vectorized as dpv
             self.train_model = base_model
+            # noise 0: TF Privacy's optimizer only clips (its own noise would be tf.random.normal); ours is added
             self.optimizer = dpv.VectorizedDPKerasSGDOptimizer(
-                l2_norm_clip=clip, noise_multiplier=sigma, num_microbatches=None,
+                l2_norm_clip=clip, noise_multiplier=0.0, num_microbatches=None,
                 learning_rate=lr, momentum=mom)
-            model, opt, expected = base_model, self.optimizer, self.expected_batch
+            model, opt, expected, std = base_model, self.optimizer, self.expected_batch, sigma * clip
 
             def vec_step(x, y):
                 with tf.GradientTape() as tape:
                     logits = model(x, training=True)
                     per_example = per_example_loss(tf, logits, y)
-                # TF Privacy: (sum of clipped grads + N(0, (sigma C)^2)) / B_t ...
+                # TF Privacy: (sum of clipped grads) / B_t ...
                 gv = opt._compute_gradients(  # pylint: disable=protected-access
                     per_example, model.trainable_variables, tape=tape)
-                # ... rescaled to (sum + noise) / (q n): divide by the expected batch size.
+                # ... rescaled to (sum + N(0, (sigma C)^2)) / (q n): divide by the expected batch size.
                 b = tf.cast(tf.shape(y)[0], tf.float32)
-                opt.apply_gradients([(g * (b / expected), v) for g, v in gv])
+                grads = [g * b for g, _ in gv]
+                noisy = [(g + z) / expected for g, z in zip(grads, noise.like(grads, std))]
+                opt.apply_gradients([(g, v) for g, (_, v) in zip(noisy, gv)])
                 return {"loss": tf.reduce_mean(per_example)}
 
             self._step = tf.function(vec_step, input_signature=[feature_specs, label_spec])
@@ -451,7 +473,7 @@ class _DPStepper:
         optimizer = self.optimizer
 
         def noise_step():
-            grads = [tf.random.normal(tf.shape(v), stddev=std) * noise_scale for v in variables]
+            grads = [z * noise_scale for z in noise.like(variables, std)]
             optimizer.apply_gradients(zip(grads, variables))
             return tf.constant(0.0)
 
@@ -607,7 +629,7 @@ class DPSGDTrainer(TrainerKind):
                                        per_epoch=None if a["sampling"] == "poisson" else plan["steps_per_epoch"])
 
         try:
-            if a["seed"] is not None:
+            if a["seed"] is not None:  # TensorFlow's seeded ops and the batches; the DP noise never comes from it
                 tf.random.set_seed(int(a["seed"]))
             rng = np.random.default_rng(a["seed"])
             x_train = _as_inputs(context.train_features)

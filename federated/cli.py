@@ -64,7 +64,7 @@ def add_federated_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
     g.add_argument("--seed", type=int, default=d.seed,
                    help="public seed: the partition hash key (and client sampling of non-private runs; private "
-                        "runs sample clients from OS entropy)")
+                        "runs sample clients, also on resume, and key their noise from OS entropy)")
     g.add_argument("--workers", type=_workers, default=None, metavar="HOST:PORT,...",
                    help="run each round's clients split across these TFF workers (started with privtrain "
                         "federated-worker --port PORT)")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from federated import partition as partition_lib
+from federated import dp_noise, partition as partition_lib
 from federated.strategies import DPFedAvg, FedAvg
 
 
@@ -188,9 +188,14 @@ def _ckpt_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
-def save_checkpoint(output_dir: str, round_num: int, state, rng: np.random.Generator,
+def save_checkpoint(output_dir: str, round_num: int, state, rng: Optional[np.random.Generator],
                     history: List[Dict[str, Any]], fingerprint: str, config: Dict[str, Any]) -> str:
+    """``rng``: the sampling generator of a non-private run (restored on resume: reproducible); None for a DP
+    run, whose sampling state is secret and never stored (a resumed run draws afresh)."""
     import tensorflow as tf
+    from federated.dp_noise import without_noise_keys
+
+    state = without_noise_keys(state)  # the aggregator already zeroes its key after use; never store one
 
     d = _ckpt_dir(output_dir)
     os.makedirs(d, exist_ok=True)
@@ -198,8 +203,10 @@ def save_checkpoint(output_dir: str, round_num: int, state, rng: np.random.Gener
     arrays = {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
     base = os.path.join(d, f"round_{round_num:05d}")
     np.savez(base + ".npz.tmp.npz", **arrays)
-    meta = {"round": round_num, "num_leaves": len(leaves), "rng_state": rng.bit_generator.state,
-            "history": history, "shards_fingerprint": fingerprint, "config": config}
+    meta = {"round": round_num, "num_leaves": len(leaves), "history": history, "shards_fingerprint": fingerprint,
+            "config": config}
+    if rng is not None:
+        meta["rng_state"] = rng.bit_generator.state
     with open(base + ".json.tmp", "w", encoding="utf-8") as f:
         json.dump(meta, f, default=_json_default)
     os.replace(base + ".npz.tmp.npz", base + ".npz")
@@ -363,8 +370,8 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
             _PROCESS_CACHE.clear()  # keep one: they hold graphs
             _PROCESS_CACHE[cache_key] = process
     state = process.initialize()
-    # deterministic initial weights: the model builder's initializers are seeded. No global TF seed is set: it
-    # would fix the op seeds of graphs traced afterwards, the DP aggregator's noise included.
+    # deterministic initial weights: the model builder's initializers are seeded. No global TF seed is needed (the
+    # DP aggregator's noise never comes from TensorFlow's samplers: federated.dp_noise).
     keras_model = build_model()
     state = process.set_model_weights(state, tff.learning.models.ModelWeights.from_model(keras_model))
     build_s = time.perf_counter() - t0
@@ -377,9 +384,10 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
         eval_x = _as_model_dtypes(eval_features)
         eval_y = np.asarray(eval_labels, np.float32).reshape(-1, 1)
 
-    # Which clients a round samples must stay secret for the amplification the accounting assumes: a private run
-    # draws it from OS entropy (the public seed only keys the partition); a resumed run restores the state from
-    # its private checkpoint. Non-private runs stay reproducible from the seed.
+    # Which clients a round samples must stay secret and fresh for the amplification the accounting assumes: a
+    # private run draws it from OS entropy (the public seed only keys the partition), also when it resumes: its
+    # checkpoints hold no sampling state, so the rounds after a checkpoint never re-use the clients of the
+    # rounds an earlier (crashed) run released after it. Non-private runs stay reproducible from the seed.
     rng = (np.random.default_rng(secrets.randbits(128)) if dp else np.random.default_rng([cfg.seed, 2]))
     history: List[Dict[str, Any]] = []
     start = 0
@@ -400,13 +408,17 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
             raise ValueError(f"checkpoint {ckpt} is at round {meta['round']}, past the {cfg.rounds} rounds of this "
                              "run; use a fresh --output or --no-resume")
         state, meta = load_checkpoint(ckpt, state)
-        rng.bit_generator.state = meta["rng_state"]
+        if not dp:
+            rng.bit_generator.state = meta["rng_state"]
         history = meta["history"]
         start = int(meta["round"])
         progress["resumed_from_round"] = start
         log(f"[federated] resumed from checkpoint {ckpt} (round {start})")
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
+    if dp and not dp_noise.count_noise_keys(state):
+        raise RuntimeError("the DP aggregator has no noise key in its state: DP-FedAvg must use federated.dp_noise's "
+                           "queries (its noise is keyed per round from OS entropy)")
 
     data = ClientDatasets(features, labels, shards, cfg.client_batch_size, cfg.local_epochs)
     q = m / n_clients
@@ -435,7 +447,10 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
             # DP-FedAvg runs every round, also with nobody left (a noise-only update): skipping it would
             # reveal that every sampled client was empty, which depends on the data.
             progress["rounds_started"] += 1
-            out = process.next(state, data.for_round(active, round_seed))
+            # DP: a fresh key block (OS entropy) for this round's noise, handed straight to TFF and never kept;
+            # the aggregator returns its state with the key zeroed.
+            out = process.next(dp_noise.with_fresh_noise_keys(state) if dp else state,
+                               data.for_round(active, round_seed))
             state = out.state
             train = out.metrics["client_work"]["train"]
             rec["train_loss"] = _finite(train.get("loss")) if len(active) else None
@@ -459,7 +474,7 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
         if on_round is not None:
             on_round(rec)
         if output_dir and cfg.checkpoint_every > 0 and (rnd % cfg.checkpoint_every == 0 or rnd == cfg.rounds):
-            save_checkpoint(output_dir, rnd, state, rng, history, fingerprint, cfg_dict)
+            save_checkpoint(output_dir, rnd, state, None if dp else rng, history, fingerprint, cfg_dict)
 
     process.get_model_weights(state).assign_weights_to(keras_model)
     rounds_run = max(cfg.rounds, start)

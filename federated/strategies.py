@@ -63,7 +63,8 @@ class DPFedAvg(FedAvg):
 
     Each sampled client's model update is clipped to L2 norm ``clip`` (or an adaptively estimated
     norm, Andrew et al. 2021, with ``adaptive_clipping``), summed, Gaussian noise with stddev
-    ``noise_multiplier * clip`` added, and divided by the expected number of clients per round.
+    ``noise_multiplier * clip`` added (keyed per round from OS entropy: ``federated.dp_noise``), and divided
+    by the expected number of clients per round.
     With adaptive clipping ``noise_multiplier`` is TFF's *effective total* multiplier (the privately
     estimated clipping quantile is included), so the accounting is unchanged.
     """
@@ -76,13 +77,14 @@ class DPFedAvg(FedAvg):
     name = "dp-fedavg"
 
     def aggregator(self):
-        import tensorflow_federated as tff
+        """TFF's ``DifferentiallyPrivateFactory.gaussian_fixed`` / ``gaussian_adaptive`` queries, with the Gaussian
+        keyed per round from OS entropy (``federated.dp_noise``; the round loop injects the keys)."""
+        from federated import dp_noise
 
-        dpf = tff.aggregators.DifferentiallyPrivateFactory
         if self.adaptive_clipping:
-            return dpf.gaussian_adaptive(self.noise_multiplier, float(self.clients_per_round),
-                                         initial_l2_norm_clip=self.clip)
-        return dpf.gaussian_fixed(self.noise_multiplier, float(self.clients_per_round), self.clip)
+            return dp_noise.gaussian_adaptive(self.noise_multiplier, float(self.clients_per_round),
+                                              initial_l2_norm_clip=self.clip)
+        return dp_noise.gaussian_fixed(self.noise_multiplier, float(self.clients_per_round), self.clip)
 
     def build_process(self, model_fn: Callable[[], Any]):
         import tensorflow_federated as tff
