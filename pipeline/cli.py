@@ -224,9 +224,17 @@ def _cmd_serve(args) -> int:
     from serving.errors import ServingConfigError
     from serving.server import server_from_args
 
+    from pipeline.private_files import OpenDirectoryError, check_private_dir
+
     workdir = os.path.abspath(args.workdir)
     serving_dir = RunConfig(workdir=workdir).serving_dir
     encrypted = None
+    try:
+        for directory, what in ((workdir, "workdir"), (serving_dir, "serving directory")):
+            check_private_dir(directory, what)   # the pushed models' plaintext weights
+    except OpenDirectoryError as e:
+        print(f"privtrain serve: {e}", file=sys.stderr)
+        return 2
     try:
         server = server_from_args(args, serving_dir)
         server.start()
@@ -466,8 +474,10 @@ COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "privacy": _cmd_privacy, "budg
 
 
 def main(argv=None) -> int:
+    from pipeline.private_files import private_umask
     from pipeline.quiet import quiet_libraries
 
+    private_umask()  # workdirs, serving directories and every file written: owner only (0700 / 0600)
     quiet_libraries()
     args = build_parser().parse_args(argv)
     return COMMANDS[args.command](args)
