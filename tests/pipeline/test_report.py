@@ -56,7 +56,7 @@ def test_reports_are_written_beside_each_pushed_version(two_runs):
         # lineage
         lin = r["lineage"]
         assert lin["trainer"]["kind"] == "dp_sgd" and re.fullmatch(r"[0-9a-f]{16}", lin["code_version"])
-        assert lin["schema"]["file"] == "schema.pbtxt" and lin["validation"]["result"] == "passed"
+        assert lin["schema"]["file"] == "schema.pbtxt" and lin["validation"]["result"] == "passed (public splits: eval)"
         assert lin["transform"]["preprocessing_fn"] == "pipeline.transform.preprocessing_fn"
         # evaluation: small slices suppressed, none shown under the minimum size
         ev = r["evaluation"]

@@ -223,3 +223,36 @@ def test_an_anomaly_of_the_public_eval_split_still_stops_the_run(clean, tmp_path
     data = _neighbour(clean, str(tmp_path / "d"), EVAL, [_with(_first_line(clean, EVAL), AGE, "91")])
     outcome = _validator_outcome(data, str(tmp_path / "work"))
     assert "[eval] feature 'age'" in outcome and "Nothing was trained or pushed" in outcome, outcome
+
+
+# -- ingestion: a private split's column types are declared, never decided by one row ----------------------------
+def _ingest(data_dir, split_pattern, out_dir):
+    import glob
+
+    import apache_beam as beam
+    import tensorflow as tf
+    from tfx.types import standard_component_specs
+
+    from dp_training.dataset import load_dataset
+    from pipeline.ingest import _DelimitedToExample, spec_to_custom_config
+
+    props = {standard_component_specs.CUSTOM_CONFIG_KEY: spec_to_custom_config(load_dataset(data_dir)),
+             standard_component_specs.INPUT_BASE_KEY: data_dir}
+    with beam.Pipeline() as p:
+        _ = (p | _DelimitedToExample(props, split_pattern)
+             | beam.Map(lambda e: e.SerializeToString())
+             | beam.io.WriteToTFRecord(os.path.join(out_dir, "examples")))
+    return [tf.train.Example.FromString(r.numpy())
+            for r in tf.data.TFRecordDataset(sorted(glob.glob(os.path.join(out_dir, "examples*"))))]
+
+
+def test_one_private_row_never_changes_a_columns_type_at_ingestion(clean, tmp_path):
+    row = _first_line(clean)
+    neighbour = _neighbour(clean, str(tmp_path / "n"), TRAIN,
+                           [ONE_ROW["age_not_a_number"](row), ONE_ROW["too_few_fields"](row)])
+    examples = _ingest(neighbour, TRAIN, str(tmp_path / "out"))
+    assert len(examples) == 201                      # the damaged line dropped, the text age kept as missing
+    kinds = {e.features.feature["age"].WhichOneof("kind") for e in examples}
+    assert kinds == {"int64_list", None}, kinds     # the reference schema's INT, never text
+    assert sum(1 for e in examples if "age" not in e.features.feature
+               or not e.features.feature["age"].int64_list.value) == 1
