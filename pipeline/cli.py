@@ -51,8 +51,8 @@ def _add_run_flags(p) -> None:
     priv.add_argument("--min-slice-size", type=int, default=None,
                       help="evaluation slices with fewer rows are suppressed in summaries and reports (default 30)")
     p.add_argument("--hidden-units", type=int, nargs="+", default=None, metavar="N",
-                   help="hidden layer widths of the MLP (default 64 64; at epsilon 1 one layer of 32 did better on "
-                        "Adult's validation split, docs/dp_training.md)")
+                   help="hidden layer widths of the MLP (default 64 64, a conventional size fixed before any "
+                        "measurement; never chosen on a data set's rows, docs/dp_training.md)")
     p.add_argument("--no-cache", action="store_true", help="re-run every component")
     p.add_argument("--validate-only", action="store_true",
                    help="run only the data gate (ingestion, statistics, schema/range/drift/skew validation); "
