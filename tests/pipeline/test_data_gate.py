@@ -239,3 +239,7 @@ def test_all_harmless_variants_and_private_row_damage_at_once_run_to_a_pushed_mo
     with open(os.path.join(summary["pushed_path"], "report.json")) as f:
         validation = json.load(f)["lineage"]["validation"]
     assert validation["result"] == "passed (public splits: eval)", validation
+    # issue 17.8: the whole workdir, pushed model included, is the owner's only (dirs 0700, files 0600)
+    opened = [path for root, _, files in os.walk(workdir) for path in [root] + [os.path.join(root, f) for f in files]
+              if os.lstat(path).st_mode & 0o077]
+    assert not opened, opened[:5]

@@ -53,12 +53,11 @@ def test_another_user_cannot_read_a_runs_private_rows(open_parent, tmp_path):
     result = run_cli("run", "--validate-only", "--trainer", "standard", "--data", data, "--workdir", workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     examples = glob.glob(os.path.join(workdir, "pipeline_root", "ExampleGen", "examples", "*", "Split-train", "*"))
-    private = examples + [os.path.join(workdir, "metadata.sqlite"),
-                          os.path.join(workdir, "private", "data_checks.json")]
+    private = examples + [os.path.join(workdir, "metadata.sqlite")]
     assert examples and all(os.path.isfile(p) for p in private), private
-    for path in private:
+    for path in private + glob.glob(os.path.join(workdir, "private", "*")):
         attempt = _read_as_nobody(path)
-        assert attempt.returncode != 0 and attempt.stdout == b"", path
+        assert attempt.returncode != 0 and attempt.stdout == b"", f"user nobody read {path}"
         assert b"Permission denied" in attempt.stderr
     # every directory is 0700 and every file 0600 (or tighter): nothing is open to group or others
     for root, dirs, files in os.walk(workdir):
