@@ -628,8 +628,12 @@ def read_images(spec: DatasetSpec, split: str, files: Optional[Sequence[str]] = 
     bad = np.flatnonzero(labels >= k)
     if bad.size and row_local is not None:
         row_local["label outside the classes"] = row_local.get("label outside the classes", 0) + int(bad.size)
-        keep = labels < k
-        images, labels = images[keep], labels[keep]
+        if spec.privacy is not None and spec.privacy.relation == "replace_one":  # the count is public: replace
+            images, labels = images.copy(), labels.copy()
+            images[bad], labels[bad] = 0, 0     # the public placeholder example: a blank image of class 0
+        else:
+            keep = labels < k
+            images, labels = images[keep], labels[keep]
     elif bad.size:
         raise IdxError(f"{lname}: example {int(bad[0])} has label {int(labels[bad[0]])}, outside the {k} classes "
                        "declared in dataset.json (labels are 0..{})".format(k - 1))

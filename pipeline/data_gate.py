@@ -79,9 +79,11 @@ def iter_raw_rows(spec: DatasetSpec, path: str, data: bytes, private: bool = Fal
     """The cleaned rows of one raw file's bytes (the gate's one reading rule).
 
     ``private=False`` (a public split): a damaged line raises :class:`IngestionError` naming file and line.
-    ``private=True``: a damaged line is skipped (row-local; one row never stops the run) and counted in
-    ``dropped`` by reason (:data:`DROP_REASONS`), a private tally; ``first`` receives the first such line's
-    message (for the data owner's error when no line of a split can be read)."""
+    ``private=True``: a damaged line never stops the run (row-local) and is counted in ``dropped`` by reason
+    (:data:`DROP_REASONS`), a private tally; ``first`` receives the first such line's message (for the data
+    owner's error when no line of a split can be read). Under ``add_or_remove_one`` the line is dropped (a
+    removal); under ``replace_one``, where the row count is public, it becomes the public placeholder row
+    (:func:`placeholder_row`: every feature missing, label 0), so the count never depends on a row's content."""
     name = os.path.basename(path)
     dropped = Counter() if dropped is None else dropped
     if data.startswith(codecs.BOM_UTF8):  # a UTF-8 byte-order mark (Windows editors write one): harmless
@@ -96,9 +98,36 @@ def iter_raw_rows(spec: DatasetSpec, path: str, data: bytes, private: bool = Fal
             dropped[e.reason] += 1
             if first is not None and not first:
                 first.append(e.message)
+            if keeps_row_count(spec):
+                yield placeholder_row(spec)
             continue
         if row is not None:
             yield row
+
+
+def keeps_row_count(spec: DatasetSpec) -> bool:
+    """Under ``replace_one`` the number of rows is public: a damaged row is replaced, never dropped."""
+    return spec.privacy is not None and spec.privacy.relation == "replace_one"
+
+
+def placeholder_row(spec: DatasetSpec) -> List[str]:
+    """The public row that stands for a damaged one under ``replace_one``: every feature missing, label 0."""
+    return ["0" if c.kind == "label" else "" for c in spec.columns]
+
+
+def readable_rows(spec: DatasetSpec, split: str) -> int:
+    """The number of rows of ``split`` as ingestion reads them (a private split row by row), e.g. the public
+    exact count under ``replace_one`` (damaged rows are placeholders there, so it counts every data line)."""
+    private = is_private_split(spec, split)
+    if spec.is_image:
+        from dp_training.dataset import read_images
+
+        return int(len(read_images(spec, split, row_local={} if private else None).labels))
+    n = 0
+    for path in spec.split_files(split):
+        with open(path, "rb") as f:
+            n += sum(1 for _ in iter_raw_rows(spec, path, f.read(), private=private))
+    return n
 
 
 class _DamagedLine(Exception):

@@ -41,9 +41,9 @@ def preflight_at_export(config: RunConfig, spec) -> str:
 
     exact = None
     if spec.require_privacy().relation == "replace_one":
-        from dp_training.dataset import read_rows
+        from pipeline.data_gate import readable_rows
 
-        exact = read_rows(spec, "train").num_rows
+        exact = readable_rows(spec, "train")   # as ingestion reads them: one damaged row never changes it
     plan = plan_run(spec, config.trainer, get_trainer(config.trainer), config.trainer_args, config.privacy_args(),
                     [numeric_key(c) for c in spec.numeric_features], exact_rows=exact)
     if plan.private:

@@ -177,9 +177,9 @@ def preflight(config: RunConfig, spec) -> None:
 
     exact = None
     if spec.require_privacy().relation == "replace_one":  # the count is public under this relation
-        from dp_training.dataset import read_rows
+        from pipeline.data_gate import readable_rows
 
-        exact = read_rows(spec, "train").num_rows
+        exact = readable_rows(spec, "train")   # as ingestion reads them: one damaged row never changes it
     trainer_args, keys = config.trainer_args, [numeric_key(c) for c in spec.numeric_features]
     if spec.is_image:  # the image Trainer's own args and DP release (pipeline/image_pipeline.py): plan the same
         from dp_training.images import image_trainer_args, uses_scattering

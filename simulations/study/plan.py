@@ -102,9 +102,9 @@ def plan_study(spec: StudySpec, points: Sequence[Point], ledger=None,
         raise StudyError(f"data: {e}") from None
     exact = None
     if source.relation == "replace_one":
-        from dp_training.dataset import read_rows
+        from pipeline.data_gate import readable_rows
 
-        exact = read_rows(dataset, "train").num_rows
+        exact = readable_rows(dataset, "train")   # as ingestion reads them (damaged rows are placeholders)
     numeric = [numeric_key(c) for c in dataset.numeric_features]
     plans: Dict[str, Any] = {}
     by_config: Dict[tuple, Any] = {}

@@ -256,3 +256,26 @@ def test_one_private_row_never_changes_a_columns_type_at_ingestion(clean, tmp_pa
     assert kinds == {"int64_list", None}, kinds     # the reference schema's INT, never text
     assert sum(1 for e in examples if "age" not in e.features.feature
                or not e.features.feature["age"].int64_list.value) == 1
+
+
+def test_under_replace_one_a_damaged_row_is_replaced_so_the_public_count_never_moves(clean, tmp_path):
+    """Under replace_one the training row count is public (it sets the sampling rate): a damaged row becomes the
+    public placeholder row instead of being dropped, so a neighbour that replaces a good row by a damaged one has
+    the same count."""
+    from dp_training.dataset import load_dataset
+    from pipeline.data_gate import check_raw_data, readable_rows
+
+    def replace_one(directory):
+        path = os.path.join(directory, "dataset.json")
+        with open(path) as f:
+            desc = json.load(f)
+        desc["privacy"]["relation"] = "replace_one"
+        with open(path, "w") as f:
+            json.dump(desc, f)
+        return directory
+
+    good = replace_one(_neighbour(clean, str(tmp_path / "good"), TRAIN, [(_first_line(clean) + "\n").encode()]))
+    for damage in ("unknown_label", "too_few_fields", "nul_byte"):
+        bad = replace_one(_neighbour(clean, str(tmp_path / damage), TRAIN, [ONE_ROW[damage](_first_line(clean))]))
+        assert readable_rows(load_dataset(bad), "train") == readable_rows(load_dataset(good), "train") == 201
+        assert check_raw_data(load_dataset(bad))["train"]["rows"] == 201
