@@ -230,8 +230,7 @@ def _cmd_serve(args) -> int:
     serving_dir = RunConfig(workdir=workdir).serving_dir
     encrypted = None
     try:
-        for directory, what in ((workdir, "workdir"), (serving_dir, "serving directory")):
-            check_private_dir(directory, what)   # the pushed models' plaintext weights
+        check_private_dir(workdir)   # it holds the pushed models' plaintext weights (0700 protects all below)
     except OpenDirectoryError as e:
         print(f"privtrain serve: {e}", file=sys.stderr)
         return 2
