@@ -6,7 +6,8 @@ What stops a run depends on whether a split is private (docs/privacy_model.md, "
 - A **public** split (declared in ``privacy.public_splits``, or every split of a ``public_benchmark``) is read
   strictly: a damaged line stops the run with one line naming the file, the line and the problem (a header line
   inside the data, bytes that are not UTF-8 text, a NUL byte, a wrong number of fields, an unknown label value).
-- A **private** split (the training rows) is read **row by row**: a damaged line is dropped and counted, never
+- A **private** split (the training rows) is read **row by row**: a damaged line is dropped (under
+  ``replace_one``, where the row count is public, replaced by a public placeholder row) and counted, never
   a reason to stop, so adding or removing one row can never flip whether anything is published. The counts
   are private (``<workdir>/private/data_checks.json``, mode 0600), never printed or published.
 - Both stop on file-level problems that no single row decides: the data-set description, a split pattern that
