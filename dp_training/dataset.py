@@ -594,10 +594,16 @@ def _is_gzip(path: str) -> bool:
         return f.read(2) == _GZIP_MAGIC
 
 
-def read_images(spec: DatasetSpec, split: str, files: Optional[Sequence[str]] = None) -> ImageRows:
+def read_images(spec: DatasetSpec, split: str, files: Optional[Sequence[str]] = None,
+                row_local: Optional[Dict[str, int]] = None) -> ImageRows:
     """Reads and checks one split of an image data set (``files``: the split's files, default its pattern's
     matches): both files' IDX headers, the images' shape against the declared one, the two counts, and every
-    label against the declared classes. Raises :class:`IdxError` naming the file; no row is dropped silently."""
+    label against the declared classes. Raises :class:`IdxError` naming the file.
+
+    ``row_local`` (a private split; a dict that counts, e.g. a Counter): per-example problems never raise, so one
+    example never stops a run: an example whose label is outside the classes is dropped, pixels outside the
+    declared range are clipped to it; the counts go to ``row_local`` (private). File-level problems still
+    raise."""
     import numpy as np
 
     if spec.image is None:
@@ -620,12 +626,23 @@ def read_images(spec: DatasetSpec, split: str, files: Optional[Sequence[str]] = 
         raise IdxError(f"{iname}: the {split} split has no images")
     k = len(spec.classes)
     bad = np.flatnonzero(labels >= k)
-    if bad.size:
+    if bad.size and row_local is not None:
+        row_local["label outside the classes"] = row_local.get("label outside the classes", 0) + int(bad.size)
+        if spec.privacy is not None and spec.privacy.relation == "replace_one":  # the count is public: replace
+            images, labels = images.copy(), labels.copy()
+            images[bad], labels[bad] = 0, 0     # the public placeholder example: a blank image of class 0
+        else:
+            keep = labels < k
+            images, labels = images[keep], labels[keep]
+    elif bad.size:
         raise IdxError(f"{lname}: example {int(bad[0])} has label {int(labels[bad[0]])}, outside the {k} classes "
                        "declared in dataset.json (labels are 0..{})".format(k - 1))
     low, high = spec.image.pixel_min, spec.image.pixel_max
     if low > 0 or high < 255:
         out = np.flatnonzero((images < low).any(axis=(1, 2, 3)) | (images > high).any(axis=(1, 2, 3)))
-        if out.size:
+        if out.size and row_local is not None:
+            row_local["pixels clipped"] = row_local.get("pixels clipped", 0) + int(out.size)
+            images = np.clip(images, low, high).astype(images.dtype)
+        elif out.size:
             raise IdxError(f"{iname}: image {int(out[0])} has pixels outside the declared range [{low}, {high}]")
     return ImageRows(images, labels.astype(np.int64), (images_path, labels_path))

@@ -153,6 +153,8 @@ MIN_VARIANCE = 1e-6
 # these multiples of its released mean. ScatterNet features are non-negative with a standard deviation of the
 # order of their mean (0.64-1.32 times it on Fashion-MNIST's training split), while the noisy second moment of a
 # channel with a small variance can be off by a factor of ten at epsilon 0.3; the clamp bounds that error.
+# NOT applied by default (issue 17.10): the range was read off the training split, a data-dependent choice outside
+# the guarantee; kept only for experiments that state it (dp_training/images.py, docs/image_data.md).
 STD_TO_MEAN = (0.7, 1.4)
 
 

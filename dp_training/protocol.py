@@ -153,7 +153,11 @@ def not_covered(spec: DatasetSpec, extra: Tuple[str, ...] = (), eval_note: str =
     """What a run publishes outside the guarantee, by declaration (stated in privacy.json and the summary)."""
     source = spec.require_privacy()
     items = ["the public data-set description (dataset.json) and the reference schema's domains and ranges",
-             "the run's hyper-parameters and the public planning size", *extra]
+             "the run's hyper-parameters and the public planning size",
+             "whether the run published at all: only public inputs, file-level problems, a public split's checks "
+             "and a training split with no readable row can stop a run; one private row never does (it is "
+             "clipped, mapped out-of-vocabulary or dropped; docs/privacy_model.md, which checks can stop a run)",
+             *extra]
     if source.is_public_split("eval"):
         items.append("evaluation metrics: computed on the eval split, which the data set declares public")
     else:

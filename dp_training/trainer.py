@@ -60,12 +60,13 @@ from dp_training.contract import (ArgumentError, KindConfig, PlanInputs, Trainer
 DEFAULT_TARGET_EPSILON = 3.0
 DEFAULTS: Dict[str, Any] = {
     "noise_multiplier": None,        # None: calibrate to the run's target epsilon
-    # Chosen on a validation split of Adult's training file at epsilon 3 (simulations/bench_dp.py tune /
-    # validate, docs/dp_training.md): clip 0.5, expected batch 2048, 40 epochs, SGD lr 1.0 with momentum 0.9.
-    "l2_norm_clip": 0.5,
+    # Published, data-independent defaults (issue 17.10): Tramer & Boneh 2021's DP-SGD recipe (ftramer/
+    # Handcrafted-DP README: end-to-end models, batch 2048, lr 4, momentum 0.9, clip 0.1, 40 epochs; the same as
+    # dp_training.images.IMAGE_DEFAULTS["cnn"]), never chosen on a data set's rows (docs/dp_training.md).
+    "l2_norm_clip": 0.1,
     "batch_size": None,              # None: 2048, or a tenth of the public planning size when that is smaller
     "epochs": 40,
-    "learning_rate": 1.0,
+    "learning_rate": 4.0,
     "momentum": 0.9,
     "sampling": "poisson",
     "dp_path": "auto",               # auto | fast_gradient_clipping | vectorized_optimizer

@@ -113,17 +113,33 @@ def _lineage(store, model, trainer_execution) -> Dict[str, Any]:
             continue
         for execution in store.get_executions_by_context(context.id):
             if types.get(execution.type_id, "").endswith("ExampleValidator"):
-                props = custom_properties(execution)
-                comparators = _json_prop(props, "comparators")
-                ok = _state(execution) in ("COMPLETE", "CACHED")
-                validation = {
-                    "result": "passed" if ok else "failed",
-                    "checks": ["every split against the reference schema (types, presence, domains, ranges)"]
-                    + [f"{kind} {feature} {stat} <= {t:g}" for kind, by in sorted(comparators.items())
-                       for feature, stats in sorted(by.items()) for stat, t in sorted(stats.items())],
-                    "state": _state(execution)}
+                validation = _validation(custom_properties(execution), _state(execution))
     out["validation"] = validation
     return out
+
+
+def _validation(props: Dict[str, Any], state: str) -> Dict[str, Any]:
+    """The data gate's published part: its decision over the PUBLIC splits only (a private split never stops a
+    run and its anomalies stay private; docs/privacy_model.md, "Which checks can stop a run")."""
+    raw = props.get("public_splits")
+    public = _json_prop(props, "public_splits") if isinstance(raw, str) and raw else None
+    if not isinstance(public, list):   # a run recorded before the gate was row-local: it decided on private rows
+        return {"result": "not published (this run's validation decided on private rows)",
+                "checks": [], "state": "not published"}
+    comparators = _json_prop(props, "comparators") or {}
+    both_public = {"train", "eval"} <= set(public)
+    ok = state in ("COMPLETE", "CACHED")
+    return {
+        "result": (("passed" if ok else "failed") + f" (public splits: {', '.join(public)})") if public
+        else "no public split to validate",
+        "checks": ([f"the public splits ({', '.join(public)}) against the reference schema (types, presence, "
+                    "domains, ranges)"] if public else [])
+        + [f"{kind} {feature} {stat} <= {t:g}" for kind, by in sorted(comparators.items()) if both_public
+           for feature, stats in sorted(by.items()) for stat, t in sorted(stats.items())],
+        "private_splits": "handled row by row by the public transform (values clipped to the public ranges, "
+                          "unknown categories out-of-vocabulary, damaged lines dropped); never a reason to stop a "
+                          "run, their counts stay private in the workdir",
+        "state": state}
 
 
 def _ledger_state(source_id: str, guarantee, ledger_path: Optional[str]) -> Dict[str, Any]:

@@ -1,11 +1,22 @@
 """The data gate's structural half: every line of every split file read with one rule, before anything runs
 (``check_raw_data``, called by the CLI and the runner) and inside ExampleGen (``iter_raw_rows``).
 
-A damaged file stops the run with one line naming the file, the line and the problem: an empty split, a header
-line inside the data, bytes that are not UTF-8 text, a NUL byte, a wrong number of fields, an unknown label
-value. Harmless variants are read exactly as the clean file: Windows (CRLF) or old Mac (CR) line endings, blank
+What stops a run depends on whether a split is private (docs/privacy_model.md, "Which checks can stop a run"):
+
+- A **public** split (declared in ``privacy.public_splits``, or every split of a ``public_benchmark``) is read
+  strictly: a damaged line stops the run with one line naming the file, the line and the problem (a header line
+  inside the data, bytes that are not UTF-8 text, a NUL byte, a wrong number of fields, an unknown label value).
+- A **private** split (the training rows) is read **row by row**: a damaged line is dropped (under
+  ``replace_one``, where the row count is public, replaced by a public placeholder row) and counted, never
+  a reason to stop, so adding or removing one row can never flip whether anything is published. The counts
+  are private (``<workdir>/private/data_checks.json``, mode 0600), never printed or published.
+- Both stop on file-level problems that no single row decides: the data-set description, a split pattern that
+  matches no file, an unreadable file, and a split with **no** readable row (the only data-dependent stop: it
+  tells the empty data set from its one-row neighbours, nothing else).
+
+Harmless variants are read exactly as the clean file: Windows (CRLF) or old Mac (CR) line endings, blank
 lines, a UTF-8 byte-order mark, spaces around cells. Types, ranges, vocabularies, drift and skew are the gate's
-second half: TFDV in ``pipeline/validation.py``.
+second half: TFDV in ``pipeline/validation.py`` (again strict on public splits only).
 
 This module imports neither TensorFlow nor TFX, so a damaged file is refused in about a second.
 """
@@ -16,7 +27,8 @@ import csv
 import json
 import math
 import os
-from typing import Dict, Iterable, List
+from collections import Counter
+from typing import Dict, Iterable, List, Optional
 
 from dp_training.dataset import DESCRIPTION_FILE, DatasetError, DatasetSpec, RowError, parse_row
 
@@ -26,6 +38,7 @@ class IngestionError(DatasetError):
 
 
 NOTHING_RUN = "Nothing was trained or pushed."
+INT, FLOAT, STRING = "INT", "FLOAT", "STRING"
 # dataset.json's "validation" section (checked by TFDV in pipeline/validation.py): comparator -> the splits compared
 COMPARATORS = {"drift": "eval vs train", "skew": "train vs eval (as serving data)"}
 STATISTICS = ("infinity_norm", "jensen_shannon_divergence")
@@ -47,41 +60,116 @@ def _looks_like_header(spec: DatasetSpec, cells: List[str]) -> bool:
     return hits >= max(2, len(spec.columns) // 2)
 
 
-def iter_raw_rows(spec: DatasetSpec, path: str, data: bytes) -> Iterable[List[str]]:
-    """The cleaned rows of one raw file's bytes (the gate's one reading rule; raises :class:`IngestionError`)."""
+def is_private_split(spec: DatasetSpec, split: str) -> bool:
+    """A split whose rows are private: every split unless the data set declares it public."""
+    return spec.privacy is None or not spec.privacy.is_public_split(split)
+
+
+def split_of_pattern(spec: DatasetSpec, pattern: str) -> Optional[str]:
+    """The split whose file pattern is ``pattern`` (ExampleGen knows a split by its pattern)."""
+    return next((split for split, p in spec.splits.items() if p == pattern), None)
+
+
+# What a private split's line can be dropped for (the keys of the private tallies)
+DROP_REASONS = ("NUL byte", "not UTF-8", "cannot be split into fields", "header-like line",
+                "wrong number of fields or unknown label")
+
+
+def iter_raw_rows(spec: DatasetSpec, path: str, data: bytes, private: bool = False,
+                  dropped: Optional[Counter] = None, first: Optional[List[str]] = None) -> Iterable[List[str]]:
+    """The cleaned rows of one raw file's bytes (the gate's one reading rule).
+
+    ``private=False`` (a public split): a damaged line raises :class:`IngestionError` naming file and line.
+    ``private=True``: a damaged line never stops the run (row-local) and is counted in ``dropped`` by reason
+    (:data:`DROP_REASONS`), a private tally; ``first`` receives the first such line's message (for the data
+    owner's error when no line of a split can be read). Under ``add_or_remove_one`` the line is dropped (a
+    removal); under ``replace_one``, where the row count is public, it becomes the public placeholder row
+    (:func:`placeholder_row`: every feature missing, label 0), so the count never depends on a row's content."""
     name = os.path.basename(path)
+    dropped = Counter() if dropped is None else dropped
     if data.startswith(codecs.BOM_UTF8):  # a UTF-8 byte-order mark (Windows editors write one): harmless
         data = data[len(codecs.BOM_UTF8):]
     for lineno, raw in enumerate(data.splitlines(), start=1):  # \n, \r\n and \r all end a line
         where = f"{name} line {lineno}"
-        if b"\x00" in raw:
-            raise IngestionError(f"{where}: contains a NUL byte (a binary or UTF-16 file?); save it as UTF-8 "
-                                 f"text. {NOTHING_RUN}")
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise IngestionError(f"{where}: byte {e.start + 1} (0x{raw[e.start]:02x}) is not UTF-8 text; save the "
-                                 f"file as UTF-8. {NOTHING_RUN}") from None
-        if not text.strip():
+            row = _read_line(spec, raw, where)
+        except _DamagedLine as e:
+            if not private:
+                raise IngestionError(f"{e.message}. {NOTHING_RUN}") from None
+            dropped[e.reason] += 1
+            if first is not None and not first:
+                first.append(e.message)
+            if keeps_row_count(spec):
+                yield placeholder_row(spec)
             continue
-        try:
-            cells = next(csv.reader([text], delimiter=spec.delimiter))
-        except csv.Error as e:
-            raise IngestionError(f"{where}: cannot be split into fields ({e}). {NOTHING_RUN}") from None
-        if _looks_like_header(spec, cells):
-            raise IngestionError(
-                f"{where}: is a header line (column names) inside the data; dataset.json describes files without "
-                f"a header: delete the line. {NOTHING_RUN}")
-        try:
-            yield clean_row(spec, cells, where)
-        except IngestionError as e:
-            raise IngestionError(f"{e}. {NOTHING_RUN}") from None
+        if row is not None:
+            yield row
 
 
-def check_raw_data(spec: DatasetSpec) -> Dict[str, str]:
+def keeps_row_count(spec: DatasetSpec) -> bool:
+    """Under ``replace_one`` the number of rows is public: a damaged row is replaced, never dropped."""
+    return spec.privacy is not None and spec.privacy.relation == "replace_one"
+
+
+def placeholder_row(spec: DatasetSpec) -> List[str]:
+    """The public row that stands for a damaged one under ``replace_one``: every feature missing, label 0."""
+    return ["0" if c.kind == "label" else "" for c in spec.columns]
+
+
+def readable_rows(spec: DatasetSpec, split: str) -> int:
+    """The number of rows of ``split`` as ingestion reads them (a private split row by row), e.g. the public
+    exact count under ``replace_one`` (damaged rows are placeholders there, so it counts every data line)."""
+    private = is_private_split(spec, split)
+    if spec.is_image:
+        from dp_training.dataset import read_images
+
+        return int(len(read_images(spec, split, row_local={} if private else None).labels))
+    n = 0
+    for path in spec.split_files(split):
+        with open(path, "rb") as f:
+            n += sum(1 for _ in iter_raw_rows(spec, path, f.read(), private=private))
+    return n
+
+
+class _DamagedLine(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def _read_line(spec: DatasetSpec, raw: bytes, where: str) -> Optional[List[str]]:
+    """One line's cleaned cells, None for a blank line; raises :class:`_DamagedLine`."""
+    if b"\x00" in raw:
+        raise _DamagedLine(DROP_REASONS[0], f"{where}: contains a NUL byte (a binary or UTF-16 file?); save it "
+                                            "as UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _DamagedLine(DROP_REASONS[1], f"{where}: byte {e.start + 1} (0x{raw[e.start]:02x}) is not UTF-8 "
+                                            "text; save the file as UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        cells = next(csv.reader([text], delimiter=spec.delimiter))
+    except csv.Error as e:
+        raise _DamagedLine(DROP_REASONS[2], f"{where}: cannot be split into fields ({e})") from None
+    if _looks_like_header(spec, cells):
+        raise _DamagedLine(DROP_REASONS[3], f"{where}: is a header line (column names) inside the data; "
+                                            "dataset.json describes files without a header: delete the line")
+    try:
+        return parse_row(spec, cells, where)
+    except RowError as e:
+        raise _DamagedLine(DROP_REASONS[4], str(e)) from None
+
+
+def check_raw_data(spec: DatasetSpec) -> Dict[str, Dict]:
     """The data gate's structural half, before anything runs: reads every file of every split with the
-    ingestion's rule. Raises :class:`IngestionError` (one line: file, line, problem, fix) on the first problem;
-    an empty split is one too. Returns {split: "ok"}."""
+    ingestion's rule. Raises :class:`IngestionError` (one line: file, line, problem, fix) on a file-level
+    problem, on the first damaged line of a public split, and on a split without a readable row.
+
+    Returns ``{split: tally}``, PRIVATE (it counts a private split's rows): ``{"private": bool, "rows": n,
+    "dropped": {reason: count}, "unparsed_numeric_cells": {column: count}}``; the runner writes it to the
+    workdir's private directory, nothing prints or publishes it."""
     load_comparators(spec)  # a bad "validation" section is refused here too
     if spec.is_image:  # IDX files: headers, shapes, counts, labels (dp_training.dataset.read_images)
         return check_image_files(spec)
@@ -91,31 +179,104 @@ def check_raw_data(spec: DatasetSpec) -> Dict[str, str]:
         if not files:
             raise IngestionError(f"the {split} split's pattern {spec.splits[split]!r} matches no file in "
                                  f"{spec.directory}. {NOTHING_RUN}")
-        rows = 0
+        private = is_private_split(spec, split)
+        rows, dropped, unparsed, first = 0, Counter(), Counter(), []
+        numeric = [i for i, c in enumerate(spec.columns) if c.kind == "numeric"]
+        types = declared_types(spec)
         for path in files:
-            with open(path, "rb") as f:
-                data = f.read()
-            for _ in iter_raw_rows(spec, path, data):
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise IngestionError(f"{os.path.basename(path)}: cannot be read ({e.strerror}). {NOTHING_RUN}") \
+                    from None
+            for row in iter_raw_rows(spec, path, data, private=private, dropped=dropped, first=first):
                 rows += 1
+                for i in numeric:
+                    if row[i] and as_declared(row[i], types[i]) is None:
+                        unparsed[spec.columns[i].name] += 1
         if rows == 0:
             names = ", ".join(os.path.basename(p) for p in files)
-            raise IngestionError(f"{names} line 1: the {split} split has no data rows (the file is empty or "
-                                 f"blank); put the {split} rows in it. {NOTHING_RUN}")
-        out[split] = "ok"
+            # the owner's diagnostic (not covered, like every error message): the first damaged line
+            why = ("the file is empty or blank" if not first
+                   else f"no line of it can be read as dataset.json describes; the first: {first[0]}")
+            raise IngestionError(f"{names} line 1: the {split} split has no data rows ({why}); put the {split} "
+                                 f"rows in it. {NOTHING_RUN}")
+        out[split] = {"private": private, "rows": rows, "dropped": dict(dropped),
+                      "unparsed_numeric_cells": dict(unparsed)}
     return out
 
 
-def check_image_files(spec: DatasetSpec) -> Dict[str, str]:
-    """The structural gate of an image data set: every split's two IDX files read and checked."""
+def declared_types(spec: DatasetSpec) -> List[str]:
+    """Each column's type from the reference schema (public): INT/FLOAT for numerics (FLOAT without a schema
+    entry), STRING for categoricals, INT for the label. Never from the rows."""
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    features = {}
+    if spec.schema_path:
+        with open(spec.schema_path) as handle:
+            schema = text_format.Parse(handle.read(), schema_pb2.Schema())
+        features = {feature.name: feature.type for feature in schema.feature}
+    out = []
+    for column in spec.columns:
+        if column.kind == "label":
+            out.append(INT)
+        elif column.kind == "numeric":
+            out.append(INT if features.get(column.name) == schema_pb2.INT else FLOAT)
+        else:
+            out.append(STRING)
+    return out
+
+
+def as_declared(cell: str, t: str):
+    """The cell as the declared numeric type, or None (a missing value) when it is not such a number."""
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    if t == FLOAT:
+        return value
+    if not value.is_integer():
+        return None
+    return int(min(max(value, -2.0 ** 62), 2.0 ** 62))  # an int64 (Transform clips to the public range anyway)
+
+
+
+PRIVATE_CHECKS_DIR = "private"
+PRIVATE_CHECKS_FILE = "data_checks.json"
+
+
+def write_private_checks(workdir: str, tally: Dict[str, Dict]) -> str:
+    """Writes the gate's tallies to ``<workdir>/private/data_checks.json`` (directory 0700, file 0600): the
+    data owner's diagnostics of the private rows, inside the trust boundary, never published."""
+    from pipeline.private_files import private_dir, write_private_text
+
+    path = os.path.join(private_dir(os.path.join(workdir, PRIVATE_CHECKS_DIR)), PRIVATE_CHECKS_FILE)
+    write_private_text(path, json.dumps({
+        "what": "row-local handling of the data gate (private: counts of the private rows; never published)",
+        "structural": tally}, indent=1, sort_keys=True))
+    return path
+
+
+def check_image_files(spec: DatasetSpec) -> Dict[str, Dict]:
+    """The structural gate of an image data set: every split's two IDX files read and checked (file-level
+    problems stop the run; on a private split an example with a label outside the classes is dropped and
+    pixels outside the declared range are clipped, counted privately)."""
     from dp_training.dataset import read_images
 
     out = {}
     for split in sorted(spec.splits):
+        private = is_private_split(spec, split)
+        tally: Counter = Counter()
         try:
-            read_images(spec, split)
+            rows = read_images(spec, split, row_local=tally if private else None)
         except DatasetError as e:
             raise IngestionError(f"{e}. {NOTHING_RUN}") from None
-        out[split] = "ok"
+        if len(rows.labels) == 0:
+            raise IngestionError(f"the {split} split has no example with a label among the declared classes. "
+                                 f"{NOTHING_RUN}")
+        out[split] = {"private": private, "rows": int(len(rows.labels)), "dropped": dict(tally)}
     return out
 
 

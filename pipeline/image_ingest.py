@@ -18,7 +18,7 @@ from tfx.components.example_gen.base_example_gen_executor import BaseExampleGenE
 from tfx.types import standard_component_specs
 
 from dp_training.dataset import read_images
-from pipeline.data_gate import IngestionError
+from pipeline.data_gate import IngestionError, is_private_split
 from pipeline.ingest import spec_from_exec_properties
 
 
@@ -27,7 +27,8 @@ def _examples(split_pattern: str, input_base: str, spec):
     if not files:
         raise IngestionError(f"split pattern {split_pattern} matches no file in {input_base}")
     split = next((s for s, p in spec.splits.items() if p == split_pattern), split_pattern)
-    rows = read_images(spec, split, files)
+    # a private split: an example with a label outside the classes is dropped, pixels clipped (row-local)
+    rows = read_images(spec, split, files, row_local={} if is_private_split(spec, split) else None)
     image_key, label_key = spec.columns[0].name, spec.label_feature
     flat = rows.images.reshape(len(rows.images), -1)
     for pixels, label in zip(flat, rows.labels):

@@ -1,7 +1,10 @@
 """Ingestion: a TFX FileBasedExampleGen executor for header-less delimited files described by ``dataset.json``.
 
-Per split, like TFX's CsvExampleGen, each column's type is inferred from its values (INT, FLOAT or STRING),
-so a numeric column that holds text arrives as strings and ExampleValidator reports the type anomaly.
+A public split's column types are inferred from its values like TFX's CsvExampleGen does (INT, FLOAT or
+STRING), so a numeric column that holds text arrives as strings and ExampleValidator stops the run on the type
+anomaly. A private split's types are the reference schema's (declared, public): one row can never change a
+column's type; a numeric cell that does not parse as the declared type becomes a missing value (row-local; the
+data gate counts such cells privately), and damaged lines are dropped (``pipeline/data_gate.py``).
 The missing-value token (``?`` for Adult) becomes an absent feature, and the label column is mapped to a
 0/1 int64 feature after stripping its suffix (Adult's test labels end with ``.``).
 
@@ -22,9 +25,10 @@ from tfx.types import standard_component_specs
 from tfx.utils import proto_utils
 
 from dp_training.dataset import DatasetSpec
-from pipeline.data_gate import IngestionError, check_raw_data, clean_row, iter_raw_rows  # noqa: F401
+from pipeline.data_gate import (IngestionError, check_raw_data, clean_row, is_private_split,  # noqa: F401
+                                iter_raw_rows, split_of_pattern)
+from pipeline.data_gate import FLOAT, INT, STRING, as_declared, declared_types  # noqa: F401
 
-INT, FLOAT, STRING = "INT", "FLOAT", "STRING"
 
 
 def spec_to_custom_config(spec: DatasetSpec) -> example_gen_pb2.CustomConfig:
@@ -89,12 +93,19 @@ class _InferColumnTypes(beam.CombineFn):
         return acc
 
 
-def _to_example(row: List[str], types: List[str], spec: DatasetSpec) -> tf.train.Example:
+def _to_example(row: List[str], types: List[str], spec: DatasetSpec, declared: bool = False) -> tf.train.Example:
+    """``declared``: ``types`` are the declared ones (a private split): an unparsable numeric cell -> missing."""
     feature = {}
     for column, cell, t in zip(spec.columns, row, types):
         name = spec.label_feature if column.kind == "label" else column.name
+        if declared and cell and column.kind == "numeric":
+            value = as_declared(cell, t)
+            cell = "" if value is None else cell
         if not cell:
             feature[name] = tf.train.Feature()
+        elif declared and column.kind == "numeric":
+            feature[name] = (tf.train.Feature(int64_list=tf.train.Int64List(value=[value])) if t == INT
+                             else tf.train.Feature(float_list=tf.train.FloatList(value=[value])))
         elif column.kind == "label" or t == INT:
             feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(cell)]))
         elif t == FLOAT:
@@ -104,10 +115,10 @@ def _to_example(row: List[str], types: List[str], spec: DatasetSpec) -> tf.train
     return tf.train.Example(features=tf.train.Features(feature=feature))
 
 
-def _read_rows(path: str, spec: DatasetSpec) -> Iterable[List[str]]:
+def _read_rows(path: str, spec: DatasetSpec, private: bool) -> Iterable[List[str]]:
     with tf.io.gfile.GFile(path, "rb") as f:
         data = f.read()
-    yield from iter_raw_rows(spec, path, data)
+    yield from iter_raw_rows(spec, path, data, private=private)  # a private split: damaged lines dropped
 
 
 @beam.ptransform_fn
@@ -119,9 +130,13 @@ def _DelimitedToExample(pipeline: beam.Pipeline, exec_properties: Dict[str, Any]
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
         raise IngestionError(f"split pattern {pattern} matches no file")
+    split = split_of_pattern(spec, split_pattern)
+    private = split is None or is_private_split(spec, split)
     rows = (pipeline
             | "Files" >> beam.Create(files)
-            | "ReadRows" >> beam.FlatMap(_read_rows, spec=spec))
+            | "ReadRows" >> beam.FlatMap(_read_rows, spec=spec, private=private))
+    if private:  # types declared by the reference schema: no row decides a column's type
+        return rows | "ToExample" >> beam.Map(_to_example, types=declared_types(spec), spec=spec, declared=True)
     types = rows | "InferTypes" >> beam.CombineGlobally(_InferColumnTypes(len(spec.columns)))
     return rows | "ToExample" >> beam.Map(_to_example, types=beam.pvalue.AsSingleton(types), spec=spec)
 

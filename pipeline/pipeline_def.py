@@ -18,7 +18,7 @@ from dp_training.dataset import DatasetSpec
 from pipeline.image_ingest import IdxExampleGenExecutor
 from pipeline.ingest import DelimitedExampleGenExecutor, spec_to_custom_config
 from pipeline.trainer_executor import PrivacyRecordingTrainerExecutor
-from pipeline.validation import StrictExampleValidator, load_comparators
+from pipeline.validation import StrictExampleValidator, load_comparators, public_splits
 
 
 def pipeline_name(spec: DatasetSpec, trainer: str) -> str:
@@ -100,8 +100,11 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec, name: str = None) -> t
         schema = reference.outputs["schema"]
     else:
         schema = schema_gen.outputs["schema"]
+    # Only a public split's anomalies stop the run; a private split's rows are handled row by row by the
+    # Transform (clipped, out-of-vocabulary), so one row never decides whether anything is published.
     validator = StrictExampleValidator(statistics=statistics_gen.outputs["statistics"], schema=schema,
-                                       comparators=load_comparators(spec))  # drift/skew limits of dataset.json
+                                       comparators=load_comparators(spec),  # drift/skew limits of dataset.json
+                                       public_splits=public_splits(spec))
     if config.validate_only:  # the data gate alone: nothing is trained, nothing is pushed
         return tfx.dsl.Pipeline(
             pipeline_name=name, pipeline_root=config.pipeline_root,
@@ -113,7 +116,7 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec, name: str = None) -> t
         examples=example_gen.outputs["examples"], schema=schema,
         preprocessing_fn="pipeline.transform.preprocessing_fn",
         custom_config={"dataset": spec.to_json_dict(), "code_version": version})
-    # Transform must not start on data that failed validation.
+    # Transform must not start on data whose public splits failed validation.
     transform.add_upstream_node(validator)
     trainer = tfx.components.Trainer(
         run_fn="pipeline.trainer_executor.run_fn",

@@ -278,8 +278,9 @@ def render_html(r: Dict[str, Any]) -> str:
                     f"arguments {_e(lin['trainer'].get('arguments'))}"),
         ("code version", _e(lin.get("code_version")))]))
     parts.append(_cover("Public by declaration: the data-set description, the reference schema, the code and the "
-                        "hyper-parameters. The validation result is the gate's decision only (the statistics and "
-                        "anomalies stay private in the workdir)."))
+                        "hyper-parameters. The validation result is the gate's decision on the public splits only "
+                        "(a private split never stops a run; statistics and anomalies stay private in the "
+                        "workdir)."))
 
     # 7. serving
     parts.append("<h2 id=serving>Serving versions</h2>")

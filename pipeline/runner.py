@@ -130,12 +130,19 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
     from tfx.orchestration.local import local_dag_runner
     from tfx.orchestration.portable import launcher
 
+    from pipeline.private_files import private_dir, private_umask
+
+    private_umask()  # every file this run writes (and its executors, Beam workers, children): 0600 / dirs 0700
     spec = load_dataset(config.data_dir)
     spec.require_privacy()
-    from pipeline.data_gate import check_raw_data
+    from pipeline.data_gate import check_raw_data, write_private_checks
 
-    check_raw_data(spec)  # the data gate's structural half: one line naming file, line and problem
-    os.makedirs(config.workdir, exist_ok=True)
+    # the data gate's structural half: file-level problems and a public split's damaged line stop the run (one
+    # line naming file, line and problem); a private split's damaged lines are dropped and counted privately
+    tally = check_raw_data(spec)
+    for directory in {config.workdir, config.store_dir or config.workdir}:
+        private_dir(directory)  # 0700; an existing one open to other users is refused (chmod 700 fix)
+    write_private_checks(config.workdir, tally)
     if not config.validate_only:  # nothing is trained or charged when only the data gate runs
         preflight(config, spec)
     pipeline = create_pipeline(config, spec)
@@ -167,9 +174,14 @@ def run_plan(config: RunConfig, spec, privacy_args=None):
     from dp_training.planner import PlanOptions, plan_for
     from pipeline.trainers import get_trainer
 
+    exact = None
+    if spec.require_privacy().relation == "replace_one":  # the count is public under this relation
+        from pipeline.data_gate import readable_rows
+
+        exact = readable_rows(spec, "train")   # as ingestion reads them: one damaged row never changes it
     return plan_for(spec, get_trainer(config.trainer), config.trainer_args,
                     config.privacy_args() if privacy_args is None else privacy_args,
-                    PlanOptions(image_model=config.image_model))
+                    PlanOptions(image_model=config.image_model, exact_rows=exact))
 
 
 def preflight(config: RunConfig, spec) -> None:

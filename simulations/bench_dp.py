@@ -14,8 +14,9 @@ Epsilon is the guarantee's: preprocessing + training, add/remove-one row, n priv
 ``public_row_estimate`` = 30,000), delta 1e-5. Train = adult.data (32,561 rows), test = adult.test (16,281).
 
 Hyper-parameters are never chosen on the test split: ``tune`` splits adult.data into 80 % train / 20 %
-validation (seeded) and reports validation accuracy; the defaults of the dp_sgd kind come from that. (Tuning on
-the private data is itself not covered by epsilon; a deployment would tune on public data.)
+validation (seeded) and reports validation accuracy. Tuning on the private data is itself not covered by epsilon,
+so the dp_sgd kind's defaults do NOT come from it (issue 17.10): they are Tramer & Boneh 2021's published recipe
+(``dp_training/trainer.py``); ``validate`` is a sanity check of those defaults on the validation split.
 """
 from __future__ import annotations
 
@@ -263,7 +264,7 @@ def main(argv=None):
         results["tune"] = bench_tune(spec, train, test, a.eps)
     if a.what in ("speed", "all"):
         results["speed"] = bench_speed(spec, train, test, epochs=a.epochs or 6, batch=a.batch or 2048)
-    if a.what == "validate":  # one setting on the validation split (for choosing defaults)
+    if a.what == "validate":  # one setting on the validation split (a sanity check, never the defaults' source)
         tr, va = validation_split(train)
         results["validate"] = bench_utility(spec, tr, va, a.eps, a.seeds, args)
     if a.what in ("utility", "all"):

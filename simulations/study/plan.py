@@ -91,7 +91,7 @@ def plan_study(spec: StudySpec, points: Sequence[Point], ledger=None,
     the ledger, composed with what it already holds. Raises StudyError for a grid the privacy layer refuses,
     and the ledger's errors for a study it would refuse."""
     from dp_training.dataset import DatasetError, load_dataset
-    from dp_training.planner import PlanOptions, exact_rows, plan_for
+    from dp_training.planner import PlanOptions, plan_for
     from dp_training.protocol import PlanError, check_combined, combine_plans
     from pipeline.config import RunConfig
     from pipeline.trainers import get_trainer
@@ -102,7 +102,12 @@ def plan_study(spec: StudySpec, points: Sequence[Point], ledger=None,
     except DatasetError as e:
         raise StudyError(f"data: {e}") from None
     # the points run as pipeline runs with RunConfig's image model (simulations/study/runner.py): plan the same
-    options = PlanOptions(image_model=RunConfig().image_model, exact_rows=exact_rows(dataset))
+    exact = None
+    if source.relation == "replace_one":
+        from pipeline.data_gate import readable_rows
+
+        exact = readable_rows(dataset, "train")   # as ingestion reads them (damaged rows are placeholders)
+    options = PlanOptions(image_model=RunConfig().image_model, exact_rows=exact)
     plans: Dict[str, Any] = {}
     by_config: Dict[tuple, Any] = {}
     for point in points:

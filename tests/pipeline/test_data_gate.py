@@ -3,7 +3,9 @@
 Damaged: each stops the run with exit code 2 or 1 and one clear line naming the file and line (or the feature,
 split and statistic), no Python or Beam traceback, nothing trained or pushed. Structural damage is refused by
 the gate's first half before TFX starts (seconds); range and drift violations by TFDV at ExampleValidator, so
-those runs stop after validation.
+those runs stop after validation. Row-level damage stops a run only on the PUBLIC eval split: on the private
+train split it is handled row by row (tests/pipeline/test_row_local_gate.py), except a train split with no
+readable row at all (``empty_train``, ``semicolons``).
 Harmless: each passes the gate (``run --validate-only``: ingestion, statistics, validation) and ingests
 exactly the clean sample's rows; one variant combining all four also runs to a pushed model.
 """
@@ -84,34 +86,37 @@ DAMAGED = {
                     "gate"),
     "blank_eval": (lambda f, d: b"\n\n  \n" if f == EVAL else d, None, ["adult.test", "eval split has no data rows"],
                    "gate"),
-    "header_first_line": (lambda f, d: (HEADER + "\n").encode() + d if f == TRAIN else d, None,
-                          ["adult.data line 1", "header line"], "gate"),
+    "header_first_line": (lambda f, d: (HEADER + "\n").encode() + d if f == EVAL else d, None,
+                          ["adult.test line 1", "header line"], "gate"),
     "header_inside": (_edit_line(EVAL, 49, lambda line: HEADER + "\n" + line), None,
                       ["adult.test line 50", "header line"], "gate"),
-    "unknown_label": (_edit_line(TRAIN, 9, lambda line: _set_field(line, 14, "maybe")), None,
-                      ["adult.data line 10", "label column 'income'", "'maybe'"], "gate"),
+    "unknown_label": (_edit_line(EVAL, 9, lambda line: _set_field(line, 14, "maybe")), None,
+                      ["adult.test line 10", "label column 'income'", "'maybe'"], "gate"),
     "missing_label": (_edit_line(EVAL, 19, lambda line: _set_field(line, 14, "?")), None,
                       ["adult.test line 20", "label column 'income'"], "gate"),
-    "too_few_fields": (_edit_line(TRAIN, 99, lambda line: ", ".join(line.split(", ")[:13]) + "\n"), None,
-                       ["adult.data line 100", "expected 15 fields", "found 13"], "gate"),
+    "too_few_fields": (_edit_line(EVAL, 99, lambda line: ", ".join(line.split(", ")[:13]) + "\n"), None,
+                       ["adult.test line 100", "expected 15 fields", "found 13"], "gate"),
     "too_many_fields": (_edit_line(EVAL, 4, lambda line: line.rstrip("\n") + ", extra\n"), None,
                         ["adult.test line 5", "expected 15 fields", "found 16"], "gate"),
     "semicolons": (_every_row(TRAIN, lambda i, line: line.replace(", ", ";")), None,
-                   ["adult.data line 1", "expected 15 fields", "found 1"], "gate"),
-    "truncated_file": (lambda f, d: d[: d.rindex(b",", 0, len(d) - 40)] if f == TRAIN else d, None,
-                       ["adult.data line 200", "expected 15 fields"], "gate"),
-    "latin1_bytes": (lambda f, d: d.replace(b"United-States", "Österreich".encode("latin-1"), 1) if f == TRAIN
-                     else d, None, ["adult.data line 1", "not UTF-8"], "gate"),
+                   ["adult.data line 1", "train split has no data rows", "expected 15 fields", "found 1"],
+                   "gate"),
+    "truncated_file": (lambda f, d: d[: d.rindex(b",", 0, len(d) - 40)] if f == EVAL else d, None,
+                       ["adult.test line 100", "expected 15 fields"], "gate"),
+    "latin1_bytes": (lambda f, d: d.replace(b"United-States", "Österreich".encode("latin-1"), 1) if f == EVAL
+                     else d, None, ["adult.test line 1", "not UTF-8"], "gate"),
     "utf16_file": (lambda f, d: d.decode().encode("utf-16") if f == EVAL else d, None,
                    ["adult.test line 1", "NUL byte"], "gate"),
     "bad_drift_config": (lambda f, d: d, lambda desc: desc.update(validation={"drift": {"sex": {"l2": 0.1}}}),
                          ["dataset.json", "unknown statistic 'l2'", "infinity_norm"], "gate"),
-    "age_out_of_range": (_every_row(TRAIN, lambda i, line: _set_field(line, 0, "150") if i % 7 == 0 else line),
-                         None, ["[train] feature 'age'", "range"], "validation"),
-    "eval_drift": (_every_row(EVAL, lambda i, line: _set_field(line, 9, "Female")),
-                   lambda desc: desc.update(validation={"drift": {"sex": {"infinity_norm": 0.1}}}),
-                   ["[eval vs train] feature 'sex'", "drift (infinity_norm)", "above the threshold 0.1"],
-                   "validation"),
+    "age_out_of_range": (_every_row(EVAL, lambda i, line: _set_field(line, 0, "150") if i % 7 == 0 else line),
+                         None, ["[eval] feature 'age'", "range"], "validation"),
+    # drift compares eval with train: it can stop a run only when both are public (a public benchmark)
+    "eval_drift_public_benchmark": (
+        _every_row(EVAL, lambda i, line: _set_field(line, 9, "Female")),
+        lambda desc: (desc.update(validation={"drift": {"sex": {"infinity_norm": 0.1}}}),
+                      desc["privacy"].update(public_benchmark=True)),
+        ["[eval vs train] feature 'sex'", "drift (infinity_norm)", "above the threshold 0.1"], "validation"),
 }
 
 
@@ -195,9 +200,24 @@ def test_a_harmless_variant_passes_the_gate_and_ingests_the_clean_rows(name, cle
     assert clean_ingested["train"][0] == 200 and clean_ingested["eval"][0] == 100
 
 
-def test_all_harmless_variants_at_once_run_to_a_pushed_model(clean, clean_ingested, tmp_path):
+def _private_row_damage(f, d):
+    """Row-level damage on the PRIVATE train split (issue 17.2): values out of the public range, an unknown
+    category and a non-numeric age in three rows, three damaged lines added. None may stop the run; the rows are
+    handled one by one (clipped, out-of-vocabulary, missing; the damaged lines dropped)."""
+    if f != TRAIN:
+        return d
+    lines = _lines(d)
+    lines[2] = _set_field(lines[2], 0, "91")
+    lines[4] = _set_field(lines[4], 13, "Atlantis")
+    lines[6] = _set_field(lines[6], 0, "thirty-nine")
+    lines[10:10] = [HEADER + "\n", _set_field(lines[1], 14, "maybe"), ", ".join(lines[3].split(", ")[:13]) + "\n"]
+    return "".join(lines).encode()
+
+
+def test_all_harmless_variants_and_private_row_damage_at_once_run_to_a_pushed_model(clean, clean_ingested,
+                                                                                      tmp_path):
     def everything(f, d):
-        return _bom(f, _crlf(f, _trailing_blank_lines(f, _extra_spaces(f, d))))
+        return _bom(f, _crlf(f, _trailing_blank_lines(f, _extra_spaces(f, _private_row_damage(f, d)))))
 
     data = _variant(clean, tmp_path, "all_harmless", everything)
     workdir = str(tmp_path / "work")
@@ -209,3 +229,17 @@ def test_all_harmless_variants_at_once_run_to_a_pushed_model(clean, clean_ingest
     assert "blessed" in summary["blessing_reason"] and "0.5" in summary["blessing_reason"]
     assert _ingested(workdir) == clean_ingested  # same counts, same types (a BOM would make 'age' text)
     assert clean_ingested["train"][0] == 200 and clean_ingested["eval"][0] == 100
+    # the private rows' handling is counted in private files only; the report publishes the public gate only
+    with open(os.path.join(workdir, "private", "data_checks.json")) as f:
+        structural = json.load(f)["structural"]["train"]
+    assert sum(structural["dropped"].values()) == 3 and structural["unparsed_numeric_cells"] == {"age": 1}
+    findings = glob.glob(os.path.join(workdir, "pipeline_root", "StrictExampleValidator", "anomalies", "*",
+                                      "private_checks.json"))
+    assert findings and "[train] feature 'age'" in open(findings[0]).read()
+    with open(os.path.join(summary["pushed_path"], "report.json")) as f:
+        validation = json.load(f)["lineage"]["validation"]
+    assert validation["result"] == "passed (public splits: eval)", validation
+    # issue 17.8: the whole workdir, pushed model included, is the owner's only (dirs 0700, files 0600)
+    opened = [path for root, _, files in os.walk(workdir) for path in [root] + [os.path.join(root, f) for f in files]
+              if os.lstat(path).st_mode & 0o077]
+    assert not opened, opened[:5]

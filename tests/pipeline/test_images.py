@@ -80,8 +80,6 @@ def _damaged():
     good = idx_bytes(images)
     wrong_magic = bytearray(good)
     wrong_magic[2] = 0x0D   # float, not unsigned byte
-    bad_labels = labels.copy()
-    bad_labels[7] = 10
     gz = _gz(good)
     return {
         "wrong magic number": ("train-images-idx3-ubyte.gz", _gz(bytes(wrong_magic)),
@@ -91,8 +89,6 @@ def _damaged():
         "count mismatch": ("train-labels-idx1-ubyte.gz", _gz(idx_bytes(labels[:-1])), "1999 labels"),
         "wrong shape": ("train-images-idx3-ubyte.gz", _gz(idx_bytes(images[:, :, :27])),
                         "images are 28x27x1"),
-        "label outside the classes": ("train-labels-idx1-ubyte.gz", _gz(idx_bytes(bad_labels)),
-                                      "example 7 has label 10"),
         "labels file missing": ("train-labels-idx1-ubyte.gz", None, "exactly one IDX images file and one IDX labels"),
     }
 
@@ -112,6 +108,30 @@ def test_a_damaged_idx_file_stops_the_gate_naming_the_file(tmp_path, case):
     message = str(e.value)
     assert expected in message and "Nothing was trained or pushed" in message
     assert ("train-" in message) and "\n" not in message
+
+
+def test_a_label_outside_the_classes_is_row_local_on_the_private_split_and_stops_on_the_public_one(tmp_path):
+    """Issue 17.2: one private example never flips the gate (it is dropped, counted privately); the public eval
+    split is still checked strictly."""
+    from dp_training.dataset import load_dataset
+    from pipeline.data_gate import IngestionError, check_raw_data
+
+    images, labels = _train_images()
+    clean = check_raw_data(load_dataset(make_image_sample(str(tmp_path / "clean"), train=TRAIN, eval_=50)))
+    neighbour = make_image_sample(str(tmp_path / "neighbour"), train=TRAIN, eval_=50, files={
+        "train-images-idx3-ubyte.gz": _gz(idx_bytes(np.concatenate([images, images[:1]]))),
+        "train-labels-idx1-ubyte.gz": _gz(idx_bytes(np.concatenate([labels, [10]])))})
+    tally = check_raw_data(load_dataset(neighbour))
+    assert tally["train"]["rows"] == clean["train"]["rows"] == TRAIN
+    assert tally["train"]["dropped"] == {"label outside the classes": 1}
+    eval_images, eval_labels = _package_split("t10k")
+    bad = eval_labels[:50].copy()
+    bad[7] = 10
+    public = make_image_sample(str(tmp_path / "public"), train=TRAIN, eval_=50,
+                               files={"t10k-labels-idx1-ubyte.gz": _gz(idx_bytes(bad))})
+    with pytest.raises(IngestionError) as e:
+        check_raw_data(load_dataset(public))
+    assert "example 7 has label 10" in str(e.value) and "t10k-" in str(e.value)
 
 
 def test_the_cli_refuses_a_damaged_idx_file_in_one_line_and_trains_nothing(tmp_path):
