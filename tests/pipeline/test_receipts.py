@@ -103,6 +103,7 @@ def forged(tmp_path, monkeypatch):
     spec = load_dataset(data)
     workdir = str(tmp_path / "work")
     guarantee, fn_args = _record_run(spec, workdir, {"target_epsilon": 0.8, "budget_epsilon": 1.0})
+    os.chmod(workdir, 0o700)   # as privtrain creates workdirs (an open one is refused before the ledger is read)
     led = Ledger(ledger_path)
     assert guarantee.ledger["seq"] == 3      # 1: the budget the run created, 2: its reservation, 3: its finish
     intact = run_cli("budget", "verify", "--workdir", workdir)
