@@ -228,6 +228,9 @@ def run(args) -> int:
     except DatasetError as e:
         print(f"privtrain: {e}", file=sys.stderr)
         return 2
+    replayed, digest = _identical_run(args, spec)
+    if replayed is not None:
+        return 0
     from pipeline.runner import PipelineRunError, format_summary, run_pipeline
 
     try:
@@ -248,4 +251,29 @@ def run(args) -> int:
         print(f"\nprivtrain: the run failed: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary.to_json(), indent=1) if args.json else format_summary(summary))
+    if digest is not None:
+        from pipeline import run_memo
+
+        run_memo.record(config.workdir, config.metadata_path, digest, summary.to_json(), format_summary(summary))
     return 0
+
+
+def _identical_run(args, spec):
+    """(the last run's record, when this run is identical to it; the run's fingerprint, None with --no-cache or
+    --validate-only). An identical re-run prints the recorded summary without starting TFX
+    (pipeline/run_memo.py)."""
+    if args.no_cache or args.validate_only:
+        return None, None
+    from pipeline import run_memo
+    from pipeline.config import RunConfig
+
+    workdir = os.path.abspath(args.workdir)
+    metadata_path = RunConfig(workdir=workdir).metadata_path
+    digest = run_memo.fingerprint(vars(args), spec)
+    doc = run_memo.identical_run(workdir, metadata_path, digest)
+    if doc is None:
+        run_memo.forget(workdir)   # this run changes the store: the old record no longer describes its head
+        return None, digest
+    print(run_memo.replay_note(doc), file=sys.stderr)
+    print(json.dumps(doc["summary"], indent=1) if args.json else doc["text"])
+    return doc, digest
