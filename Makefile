@@ -27,6 +27,7 @@ test-slow: setup  ## long tests: full-data runs and other slow checks
 bench: setup  ## benchmarks, each comparison measured side by side in one run; results under bench-results/
 	mkdir -p bench-results
 	$(PLATFORM_PY) simulations/bench_pipeline.py --output bench-results
+	$(PLATFORM_PY) simulations/bench_rerun.py --json bench-results/rerun.json
 	nice -n 10 $(PLATFORM_PY) simulations/bench_beam.py --output bench-results
 	$(PLATFORM_PY) simulations/bench_dp.py speed --epochs 6 | tee bench-results/dp-speed.txt
 	$(PLATFORM_PY) simulations/bench_dp.py utility --eps 1 --seeds 0 1 2 --clip 1 --batch 2048 --epochs 20 --lr 1 \

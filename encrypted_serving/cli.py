@@ -1,5 +1,5 @@
 """The encrypted-serving part of privtrain's CLI (platform env; no TF import): flags and commands that
-pipeline/cli.py wires in, kept here so that the pipeline's CLI changes only by a few lines.
+privtrain_cli/serve.py and predict.py wire in, kept here so that the pipeline's CLI changes only by a few lines.
 
     privtrain serve --encrypted [--encrypted-output logit|label] [--isolation netns|none]
                     [--also-plaintext (needs --tls-cert/--tls-key or --auth-token-file)]

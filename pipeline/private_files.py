@@ -2,7 +2,7 @@
 
 A workdir holds private rows (ExampleGen's tf.Examples, Transform outputs, the ScatterNet cache), statistics,
 anomalies, checkpoints and the pushed model's plaintext weights. Every privtrain process that writes sets the
-umask to 077 at its start (:func:`private_umask`: ``pipeline.cli.main`` and ``pipeline.runner.run_pipeline``;
+umask to 077 at its start (:func:`private_umask`: ``privtrain_cli.main.main`` and ``pipeline.runner.run_pipeline``;
 Beam's DirectRunner, TFX executors and subprocesses inherit it), so every file it creates is 0600 and every
 directory 0700. The workdir itself is created 0700 (:func:`private_dir`); an existing one that other users can
 read or enter is refused with one line naming the ``chmod 700`` fix (:class:`OpenDirectoryError`).

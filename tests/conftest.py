@@ -65,9 +65,9 @@ def make_adult_sample(directory: str, train_rows: int, eval_rows: int, mutate=No
 
 
 def run_cli(*args, timeout=1200, env=None):
-    """Runs ``python -m pipeline.cli ARGS`` in the platform environment (this interpreter)."""
+    """Runs ``python -m privtrain_cli ARGS`` in the platform environment (this interpreter)."""
     full_env = dict(os.environ, PYTHONPATH=PROJECT_ROOT, TF_CPP_MIN_LOG_LEVEL="3", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=PROJECT_ROOT, env=full_env,
+    return subprocess.run([sys.executable, "-m", "privtrain_cli", *args], cwd=PROJECT_ROOT, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,4 +1,4 @@
-"""``privtrain study``: the command-line form of :class:`simulations.Study` (pipeline/cli.py delegates here)."""
+"""``privtrain study``: the command-line form of :class:`simulations.Study` (privtrain_cli/study.py delegates here)."""
 from __future__ import annotations
 
 import os

@@ -129,15 +129,16 @@ def test_configs_are_typed_and_frozen():
 
 
 def _run_config(argv):
-    from pipeline.cli import _run_config, build_parser
+    from privtrain_cli.main import build_parser
+    from privtrain_cli.run import run_config
 
-    return _run_config(build_parser().parse_args(["run", *argv]))
+    return run_config(build_parser(["run"]).parse_args(["run", *argv]))
 
 
 def test_the_shared_sampling_flag_is_each_kinds_own(tmp_path):
     """``--sampling`` is declared once for every kind (not with the first kind's choices and help); each kind's
     config takes its own values, and a value another kind owns is one clear error naming the flag."""
-    from pipeline.cli import build_parser
+    from privtrain_cli.main import build_parser
 
     common = ["--workdir", str(tmp_path)]
     assert _run_config(["--trainer", "dp_sgd", "--sampling", "fixed", *common]).trainer_args["sampling"] == "shuffle"
@@ -146,7 +147,7 @@ def test_the_shared_sampling_flag_is_each_kinds_own(tmp_path):
     assert FederatedKindConfig.parse(fed).sampling == "poisson"
     with pytest.raises(ArgumentError, match="sampling must be one of poisson, fixed"):
         _run_config(["--trainer", "federated", "--sampling", "shuffle", *common])
-    run = next(a for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions
+    run = next(a for a in build_parser(["run"])._subparsers._group_actions[0].choices["run"]._actions
                if "--sampling" in a.option_strings)
     assert "federated" in run.help and "dp_sgd" in run.help
 

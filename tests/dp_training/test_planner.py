@@ -42,9 +42,10 @@ class CaptureLedger:
 
 
 def _cli_config(argv):
-    from pipeline.cli import _run_config, build_parser
+    from privtrain_cli.main import build_parser
+    from privtrain_cli.run import run_config
 
-    return _run_config(build_parser().parse_args(["run", *argv]))
+    return run_config(build_parser(["run"]).parse_args(["run", *argv]))
 
 
 def _planned_by_the_runner(config):

@@ -90,7 +90,7 @@ def _probe(port, instance):
 
 def _start(args, wd):
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--workdir", wd, "--rest-port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "privtrain_cli", "serve", "--workdir", wd, "--rest-port", "0",
                              "--grpc-port", "0"] + args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     return proc

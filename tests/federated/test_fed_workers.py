@@ -115,7 +115,7 @@ def _free_port():
 def test_federated_worker_command_serves_a_cli_simulation_and_stops_cleanly(tmp_path, ledger_path, adult_sample):
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=PROJECT_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "federated-worker", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "privtrain_cli", "federated-worker", "--port", str(port)],
                             cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

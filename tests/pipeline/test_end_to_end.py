@@ -120,11 +120,27 @@ def test_preprocessing_description_reproduces_the_transform_graph(standard_run):
     np.testing.assert_allclose(expected_logits, logits, atol=1e-4)
 
 
-def test_second_run_with_unchanged_inputs_reuses_cached_components(standard_run, adult_sample):
+def test_identical_rerun_replays_and_a_changed_one_reuses_cached_components(standard_run, adult_sample):
+    from pipeline import run_memo
+
     workdir, first, _ = standard_run
-    result = run_cli("run", "--trainer", "standard", "--data", adult_sample, "--workdir", workdir, "--json",
-                     "--allow-non-private")
-    assert result.returncode == 0, result.stderr[-3000:]
-    states = {c["component"]: c["state"] for c in json.loads(result.stdout)["components"]}
+    serving = os.path.join(workdir, "serving")
+    versions = lambda: sorted(p for _, dirs, _ in os.walk(serving) for p in dirs if p.isdigit())  # noqa: E731
+    head, pushed = run_memo.store_head(os.path.join(workdir, "metadata.sqlite")), versions()
+    args = ("run", "--trainer", "standard", "--data", adult_sample, "--workdir", workdir, "--allow-non-private")
+    # Identical: the recorded summary, nothing started, written or pushed (pipeline/run_memo.py).
+    again = run_cli(*args, "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "identical to the run that finished" in again.stderr
+    assert json.loads(again.stdout) == first
+    assert run_memo.store_head(os.path.join(workdir, "metadata.sqlite")) == head and versions() == pushed
+    text = run_cli(*args)   # the text form of the same record
+    assert text.returncode == 0 and "identical to the run" in text.stderr and "blessed: yes" in text.stdout
+    # A changed gate re-runs the Evaluator and the Pusher only: everything upstream comes from TFX's cache.
+    changed = run_cli(*args, "--json", "--min-auc", "0.79")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "identical to the run" not in changed.stderr
+    states = {c["component"]: c["state"] for c in json.loads(changed.stdout)["components"]}
     for component in ("ExampleGen", "StatisticsGen", "SchemaGen", "Transform", "Trainer"):
         assert states[component] == "CACHED", states
+    assert run_memo.store_head(os.path.join(workdir, "metadata.sqlite")) != head

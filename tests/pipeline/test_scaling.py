@@ -48,7 +48,7 @@ def test_beam_options_are_passed_through_after_the_defaults():
 
 
 def test_cli_refuses_a_bad_beam_arg_before_anything_runs(tmp_path, capsys):
-    from pipeline.cli import main
+    from privtrain_cli.main import main
 
     sample = make_adult_sample(str(tmp_path / "data"), 50, 20)
     workdir = tmp_path / "work"
@@ -70,7 +70,7 @@ def test_multi_processing_run_starts_beam_workers_and_passes(tmp_path):
     """--validate-only keeps it short: ExampleGen and StatisticsGen run on Beam in multi-processing mode."""
     sample = make_adult_sample(str(tmp_path / "data"), 400, 200)
     env = dict(os.environ, PYTHONPATH=PROJECT_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--validate-only", "--data", sample,
+    proc = subprocess.Popen([sys.executable, "-m", "privtrain_cli", "run", "--validate-only", "--data", sample,
                              "--workdir", str(tmp_path / "work"), "--json",
                              "--beam-arg=--direct_running_mode=multi_processing",
                              "--beam-arg=--direct_num_workers=2"],
@@ -127,7 +127,7 @@ def _run_args(**kw):
 
 
 def test_tf_config_comes_from_the_environment_and_dp_sgd_refuses_replicas(monkeypatch, tmp_path):
-    from pipeline.scale_cli import run_options
+    from privtrain_cli.run import run_options
 
     cluster = {"cluster": {"chief": ["localhost:2222"], "worker": ["127.0.0.1:2223"]},
                "task": {"type": "worker", "index": 0}}

@@ -238,7 +238,7 @@ def test_privtrain_serve_port_in_use_has_one_prefix(tmp_path, model_templates):
     sock.listen()
     try:
         env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-        r = subprocess.run([sys.executable, "-m", "pipeline.cli", "serve", "--workdir", str(tmp_path),
+        r = subprocess.run([sys.executable, "-m", "privtrain_cli", "serve", "--workdir", str(tmp_path),
                             "--rest-port", str(sock.getsockname()[1]), "--grpc-port", "0"],
                            capture_output=True, text=True, env=env, timeout=120)
     finally:

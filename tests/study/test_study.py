@@ -51,7 +51,7 @@ def study(tmp_path_factory, sample):
     """The study, interrupted (SIGINT) once its first point is recorded, then resumed with the Python API."""
     base = tmp_path_factory.mktemp("study")
     output, workdir = str(base / "out"), str(base / "work")
-    args = [sys.executable, "-m", "pipeline.cli", "study", "--data", sample, "--output", output, "--workdir", workdir,
+    args = [sys.executable, "-m", "privtrain_cli", "study", "--data", sample, "--output", output, "--workdir", workdir,
             *GRID]
     env = dict(os.environ, PYTHONPATH=PROJECT_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     log = open(base / "first.log", "w+")

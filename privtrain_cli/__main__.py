@@ -1,0 +1,5 @@
+import sys
+
+from privtrain_cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""The import layers (README 'Layout'), checked on the source by AST, and the command line's lazy imports.
+
+Each package may import only the packages of lower layers (function-level imports included): a cycle between
+packages, or a library layer reaching up into the pipeline or the command line, fails here."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Lower number = lower layer. A package imports its own layer's package and lower layers only; packages that
+# share a layer do not import each other.
+LAYERS = {
+    "dp_training": 0,          # the privacy layer and the shared core (data sets, transform, models)
+    "federated": 1, "serving": 1, "encrypted_serving": 1,
+    "pipeline": 2,             # TFX only
+    "simulations": 3,          # studies and benchmarks
+    "privtrain_cli": 4,        # the command line
+}
+
+
+def _imports(path):
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module.split(".")[0]
+
+
+def _violations():
+    found = []
+    for package, layer in LAYERS.items():
+        for root, _, files in os.walk(os.path.join(ROOT, package)):
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(root, name)
+                for line, target in _imports(path):
+                    if target in LAYERS and target != package and LAYERS[target] >= layer:
+                        found.append(f"{os.path.relpath(path, ROOT)}:{line} imports {target} "
+                                     f"(layer {LAYERS[target]} >= {package}'s {layer})")
+    return found
+
+
+def test_packages_import_only_lower_layers():
+    assert _violations() == []
+
+
+def test_the_layer_check_catches_an_upward_import(tmp_path, monkeypatch):
+    # The checker itself: a dp_training module importing the pipeline is reported.
+    bad = tmp_path / "dp_training"
+    bad.mkdir()
+    (bad / "m.py").write_text("def f():\n    from pipeline import runner\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    assert any("imports pipeline" in v for v in _violations())
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["budget", "--help"], ["report", "--help"], ["budget"],
+                                  ["privacy", "report", "--help"], ["predict", "--help"]])
+def test_light_commands_do_not_import_tensorflow(argv, tmp_path):
+    code = ("import sys\nfrom privtrain_cli.main import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = sorted(m for m in ('tensorflow', 'tfx', 'tensorflow_federated', 'apache_beam') "
+            "if m in sys.modules)\n"
+            "print('HEAVY=' + ','.join(heavy))\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, PRIVTRAIN_LEDGER=str(tmp_path / "ledger.sqlite"))
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=str(tmp_path), env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert "HEAVY=\n" in r.stdout, (r.stdout[-500:], r.stderr[-2000:])
+
+
+def test_every_command_parses_its_own_flags():
+    # The lazy table lists every command; each command module adds the parser of the name it is listed under.
+    from privtrain_cli.main import COMMANDS, build_parser
+
+    parser = build_parser([], full=True)
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([name, "--help"])
+        assert e.value.code == 0
