@@ -197,10 +197,13 @@ def _add_predict_parser(sub) -> None:
 
 def _cmd_predict(args) -> int:
     from dp_training.dataset import DatasetError
-    from pipeline.predict import PredictError, format_predictions, latest_pushed_model, predict_plain
+    from encrypted_serving.preprocessing import PreprocessingError
+    from pipeline.predict import (PredictError, check_input_file, format_predictions, latest_pushed_model,
+                                  predict_plain)
 
     workdir = os.path.abspath(args.workdir)
     try:
+        check_input_file(args.input, args.limit)
         version_dir = latest_pushed_model(RunConfig(workdir=workdir).serving_dir, args.model_name)
         if args.encrypted:
             from encrypted_serving import cli as encrypted_cli
@@ -212,7 +215,7 @@ def _cmd_predict(args) -> int:
                 raise PredictError(str(e)) from e
         else:
             result = predict_plain(version_dir, args.input, args.limit)
-    except (PredictError, FileNotFoundError, DatasetError) as e:
+    except (PredictError, FileNotFoundError, DatasetError, PreprocessingError) as e:
         print(f"privtrain predict: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result) if args.json else format_predictions(result))
@@ -355,6 +358,12 @@ def _cmd_budget(args) -> int:
     try:
         ledger = ledger_mod.Ledger(args.budget_ledger or getattr(args, "ledger", None))
         source, privacy = _budget_source(args)
+        if (args.source is not None and args.action == "show" and args.set_epsilon is None
+                and source not in ledger.sources()):
+            known = ", ".join(ledger.sources()) or "none yet"
+            raise ValueError(f"no data source {source!r} in the ledger {ledger.path} (its sources: {known}); "
+                             "check the id, or pass --data DIR to use the id its dataset.json declares (a source "
+                             "appears with its first run or with --set-epsilon)")
         if args.action == "verify":
             anchors = []
             for a in args.anchor:
@@ -465,9 +474,26 @@ COMMANDS = {"run": _cmd_run, "serve": _cmd_serve, "privacy": _cmd_privacy, "budg
             "federated-worker": lambda args: __import__("federated.workers").workers.run_worker(args)}
 
 
+def _command_of(argv) -> str:
+    """The sub-command in ``argv`` (skipping the global ``--ledger PATH``), before anything is parsed."""
+    it = iter(argv)
+    for a in it:
+        if a == "--ledger":
+            next(it, None)
+        elif not a.startswith("-"):
+            return a
+    return ""
+
+
 def main(argv=None) -> int:
     from pipeline.quiet import quiet_libraries
 
+    if _command_of(sys.argv[1:] if argv is None else argv) == "serve":
+        # Before anything imports TensorFlow (building the parser does): the server's memory figures
+        # need TensorFlow's oneDNN allocator off, as `python -m serving.server` has it (docs/serving.md).
+        from serving.server import prefer_returning_allocator
+
+        prefer_returning_allocator(lambda m: None)
     quiet_libraries()
     args = build_parser().parse_args(argv)
     return COMMANDS[args.command](args)

@@ -53,12 +53,25 @@ def _to_bytes(v) -> bytes:
         except UnicodeEncodeError:
             raise invalid_argument("JSON Parse error: The surrogate pair in string is invalid.") from None
     if _is_b64(v):
-        try:
-            return base64.b64decode(v["b64"], validate=False)
-        except (ValueError, TypeError):
-            raise invalid_argument(f"Unable to base64 decode: {v['b64']!r}") from None
+        return _b64decode(v["b64"])
     raise invalid_argument(f"JSON Value: {json.dumps(v)} Type: {_json_type(v)} "
                            "is not of expected type: string")
+
+
+def _b64decode(text) -> bytes:
+    """Standard base64 (padding optional, as absl::Base64Unescape); anything else is a 400, never a
+    silently emptied value."""
+    if not isinstance(text, str):
+        raise invalid_argument(f"JSON Value: {json.dumps(text)} Type: {_json_type(text)} is not of expected "
+                               "type: string (in a {\"b64\": ...} object)")
+    t = text.strip()
+    t += "=" * (-len(t) % 4)
+    try:
+        return base64.b64decode(t, validate=True)
+    except (ValueError, TypeError):
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise invalid_argument(f"Unable to base64 decode: {shown!r} is not standard base64 "
+                               "(A-Z a-z 0-9 + /, '=' padding)") from None
 
 
 def _string_array(value) -> np.ndarray:
@@ -178,6 +191,16 @@ def _check_elements(n: int, what: str, max_elements: Optional[int]) -> None:
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# A number that may not fit a double (RapidJSON: "Number too big to be stored in double"): an exponent
+# of 3+ digits, or 300+ digits in a row. Only bodies holding one are parsed again, strictly.
+_HUGE_NUMBER = re.compile(rb"[0-9.][eE]\+?0*[0-9]{3}|[0-9]{300}")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if math.isinf(v):
+        raise invalid_argument(f"JSON Parse error: Number too big to be stored in double: {text[:40]}")
+    return v
 
 
 def _has_lone_surrogate(doc) -> bool:
@@ -211,6 +234,8 @@ def parse_json_body(body: bytes) -> dict:
     # rejects it): look only when the body holds a surrogate escape at all.
     if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(doc):
         raise invalid_argument("JSON Parse error: The surrogate pair in string is invalid.")
+    if _HUGE_NUMBER.search(body):
+        json.loads(body, parse_float=_finite_float)   # raises on 1e400 (which json.loads makes inf)
     if not isinstance(doc, dict):
         raise invalid_argument("JSON Value is not an object")
     return doc

@@ -15,6 +15,7 @@ from . import codec
 from .core import (InferenceCore, check_input_dtypes, check_input_names, model_metadata_response,
                    model_status_response)
 from .errors import PortInUseError, ServingError, invalid_argument
+from .memory import TRIM_BYTES, Trimmer
 from .observe import Observer, client_host
 from .options import ServerOptions, TokenChecker
 
@@ -79,6 +80,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.repo = core.repo
         self.options = options or ServerOptions()
         self.observer = observer
+        self.trimmer = Trimmer()
+        self.trim_executor = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="privtrain-grpc-trim")
 
     @_guard
     def Predict(self, request, context):  # noqa: N802
@@ -91,7 +94,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             check_input_dtypes(sig, {k: v.dtype for k, v in request.inputs.items()})
             o = self.options
             sizes = [codec.tensor_proto_extent(v, k, o.max_tensor_elements) for k, v in request.inputs.items()]
-            codec.check_request_totals(sum(n for n, _ in sizes), sum(b for _, b in sizes), len(sizes),
+            decoded = sum(b for _, b in sizes)
+            codec.check_request_totals(sum(n for n, _ in sizes), decoded, len(sizes),
                                        o.max_request_elements, o.max_request_bytes)
             inputs = {k: codec.tensor_proto_to_array(v, k, o.max_tensor_elements, o.max_message_bytes)
                       for k, v in request.inputs.items()}
@@ -100,6 +104,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             _fill_spec(resp.model_spec, s, sig.name)
         for k, v in out.items():
             codec.array_to_tensor_proto(v, resp.outputs[k])
+        if decoded > TRIM_BYTES:      # give a large request's memory back (as the REST server does)
+            del inputs, out
+            self.trimmer.schedule(self.trim_executor)
         return resp
 
     @_guard
@@ -204,8 +211,8 @@ class GrpcServer:
                 ("grpc.max_send_message_length", o.max_message_bytes),
                 ("grpc.server_handshake_timeout_ms", int(o.handshake_timeout_s * 1000)),
             ])
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(core, o, observer), self._server)
+        self._predictions = PredictionServicer(core, o, observer)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(self._predictions, self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(core, observer), self._server)
         addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
@@ -225,3 +232,4 @@ class GrpcServer:
         """Refuse new calls, let in-flight ones finish (``grace`` s, default the drain timeout)."""
         self._server.stop(self.options.drain_timeout_s if grace is None else grace).wait()
         self._executor.shutdown(wait=True)
+        self._predictions.trim_executor.shutdown(wait=True)

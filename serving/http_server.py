@@ -23,8 +23,6 @@ its delegate API lets this server answer over-size or unauthenticated requests b
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import json
 import re
@@ -35,6 +33,7 @@ from typing import Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
 from .errors import PortInUseError, ServingError
+from .memory import TRIM_BYTES as _TRIM_BYTES, Trimmer
 from .observe import Observer, rest_verb
 from .options import METRICS_PATH, ServerOptions, TokenChecker
 from .rest import RestApi, Route, is_api_path
@@ -43,7 +42,6 @@ _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"
             405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large", 429: "Too Many Requests",
             500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
             504: "Gateway Timeout", 499: "Client Closed Request"}
-_TRIM_BYTES = 1 << 20          # trim the C heap after requests / responses larger than this
 _INLINE_BYTES = 64 << 10  # bodies up to this size may be handled on the event loop (larger: worker threads)
 _INLINE_COST_S = 0.002    # ... when their route has been answering faster than this
 _MODEL_IN_PATH = re.compile(r"/v1/models/([^/:]+)", re.I)
@@ -70,37 +68,6 @@ def _timed_compute(api: RestApi, route: Route, body: bytes) -> Tuple[int, bytes,
     t0 = time.perf_counter()
     status, data = _compute(api, route, body)
     return status, data, time.perf_counter() - t0
-
-
-class _Trimmer:
-    """``malloc_trim(0)`` on a worker thread, at most one pending at a time (no-op without glibc)."""
-
-    def __init__(self):
-        self._fn = None
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            self._fn = libc.malloc_trim
-            self._fn.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            pass
-        self._pending = False
-
-    def schedule(self, executor) -> None:
-        if self._fn is None or self._pending:
-            return
-        self._pending = True
-        try:
-            executor.submit(self._run)
-        except RuntimeError:      # executor shut down
-            self._pending = False
-
-    def _run(self) -> None:
-        try:
-            import gc
-            gc.collect()
-            self._fn(0)
-        finally:
-            self._pending = False
 
 
 class _Request:
@@ -422,7 +389,7 @@ class HttpServer:
             raise
         self.port = self._sockets[0].getsockname()[1]
         self.executor = ThreadPoolExecutor(max_workers=options.rest_workers, thread_name_prefix="privtrain-rest")
-        self.trimmer = _Trimmer()
+        self.trimmer = Trimmer()
         self.active = 0          # requests received (headers in) and not yet answered
         self.computing = 0       # requests being computed or queued for it
         self.draining = False

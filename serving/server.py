@@ -192,8 +192,12 @@ class ModelServer:
         sec = ", ".join(x for x in ("TLS" if self.options.tls else "",
                                     "mutual TLS" if self.options.tls_client_ca else "",
                                     "bearer-token auth" if self.options.auth else "") if x) or "plaintext"
+        from .options import METRICS_PATH
+
+        metrics = (f", metrics {scheme}://{self.host}:{self.rest_port}{METRICS_PATH}"
+                   if self.options.metrics and self._rest is not None else "")
         self.log(f"{PREFIX}models {loaded}; REST {scheme}://{self.host}:{self.rest_port}/v1/models/<name>, "
-                 f"gRPC {self.host}:{self.grpc_port} ({sec})")
+                 f"gRPC {self.host}:{self.grpc_port}{metrics} ({sec})")
 
     def stop(self, drain_timeout_s: Optional[float] = None) -> None:
         """Stop everything this server started (idempotent). Both APIs stop accepting at once and get
