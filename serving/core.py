@@ -7,6 +7,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .batcher import Batcher
+from .deadline import Watchdog
 from .errors import invalid_argument
 from .repository import ModelRepository, Servable, Signature
 
@@ -52,6 +53,12 @@ class InferenceCore:
         self.batcher = batcher
         self.async_batcher = async_batcher
         self.timeout_s = timeout_s
+        self.watchdog = Watchdog() if timeout_s else None
+
+    def stop(self) -> None:
+        """End the timeout watchdog's thread."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
 
     def _timeout(self, timeout_s: Optional[float]) -> Optional[float]:
         if timeout_s is None:
@@ -60,7 +67,7 @@ class InferenceCore:
 
     def _fn(self, sig: Signature, timeout_s: Optional[float] = None):
         t = self._timeout(timeout_s)
-        return functools.partial(sig, timeout_s=t) if t else sig
+        return functools.partial(sig, timeout_s=t, watchdog=self.watchdog) if t and self.watchdog else sig
 
     # ---- predict -----------------------------------------------------------------------
     @staticmethod

@@ -6,7 +6,7 @@ TensorFlow's eager runtime cancels a function call through a ``CancellationManag
 ``tensorflow.python.eager.cancellation.context()``, a process-wide global meant for one caller at a time.
 The server computes on several threads, so :func:`cancellable` installs a per-thread lookup (falling
 back to TensorFlow's own global, so its own uses keep working) and one watchdog thread fires the
-cancellations at their deadlines (no thread per request).
+cancellations at their deadlines (no thread per request); the server owns it and stops it.
 """
 from __future__ import annotations
 
@@ -51,20 +51,30 @@ def _install() -> bool:
         return True
 
 
-class _Watchdog:
-    """One daemon thread that calls ``start_cancel()`` on managers whose deadline has passed."""
+class Watchdog:
+    """One thread (started on first use, ended by :meth:`stop`) that calls ``start_cancel()`` on
+    managers whose deadline has passed."""
 
     def __init__(self):
         self._heap = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._thread: Optional[threading.Thread] = None
+        self._stopped = False
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            t, self._thread = self._thread, None
+            self._cond.notify_all()
+        if t is not None:
+            t.join()
 
     def add(self, deadline: float, cm) -> list:
         entry = [deadline, next(self._seq), cm]
         with self._cond:
             heapq.heappush(self._heap, entry)
-            if self._thread is None:
+            if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(target=self._run, name="privtrain-deadline", daemon=True)
                 self._thread.start()
             self._cond.notify()
@@ -77,6 +87,8 @@ class _Watchdog:
     def _run(self) -> None:
         while True:
             with self._cond:
+                if self._stopped:
+                    return
                 while self._heap and self._heap[0][2] is None:
                     heapq.heappop(self._heap)
                 if not self._heap:
@@ -93,9 +105,6 @@ class _Watchdog:
                 cm.start_cancel()
 
 
-_watchdog = _Watchdog()
-
-
 def timeout_error(timeout_s: float) -> ServingError:
     return ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
                         f"Request timed out: the model computation ran longer than {timeout_s:g} s and was "
@@ -104,10 +113,11 @@ def timeout_error(timeout_s: float) -> ServingError:
 
 
 @contextmanager
-def cancellable(timeout_s: Optional[float]) -> Iterator[Optional[object]]:
-    """TensorFlow function calls made in this block on this thread are cancelled after ``timeout_s``.
-    Yields the CancellationManager (None without a timeout); ``cm.is_cancelled`` tells afterwards."""
-    if not timeout_s or timeout_s <= 0 or not _install():
+def cancellable(timeout_s: Optional[float], watchdog: Optional[Watchdog]) -> Iterator[Optional[object]]:
+    """TensorFlow function calls made in this block on this thread are cancelled after ``timeout_s``
+    (by ``watchdog``). Yields the CancellationManager (None without a timeout); ``cm.is_cancelled``
+    tells afterwards."""
+    if not timeout_s or timeout_s <= 0 or watchdog is None or not _install():
         yield None
         return
     from tensorflow.python.eager.cancellation import CancellationManager
@@ -115,9 +125,9 @@ def cancellable(timeout_s: Optional[float]) -> Iterator[Optional[object]]:
     cm = CancellationManager()
     previous = getattr(_local, "cm", None)
     _local.cm = cm
-    entry = _watchdog.add(time.monotonic() + timeout_s, cm)
+    entry = watchdog.add(time.monotonic() + timeout_s, cm)
     try:
         yield cm
     finally:
-        _watchdog.remove(entry)
+        watchdog.remove(entry)
         _local.cm = previous

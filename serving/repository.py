@@ -125,15 +125,16 @@ class Signature:
                 raise invalid_argument(f"input '{k}': shape {list(v.shape)} is not compatible with the "
                                        f"signature's {['?' if d < 0 else d for d in dims]}")
 
-    def __call__(self, inputs: Mapping[str, np.ndarray], timeout_s: Optional[float] = None
-                 ) -> Dict[str, np.ndarray]:
-        """Run the signature; a call running longer than ``timeout_s`` is cancelled (DEADLINE_EXCEEDED)."""
+    def __call__(self, inputs: Mapping[str, np.ndarray], timeout_s: Optional[float] = None,
+                 watchdog=None) -> Dict[str, np.ndarray]:
+        """Run the signature; a call running longer than ``timeout_s`` is cancelled by ``watchdog``
+        (a :class:`serving.deadline.Watchdog`) and fails with DEADLINE_EXCEEDED."""
         from .deadline import cancellable, timeout_error
 
         tf = self._tf
         feed = {k: tf.constant(v, dtype=self.inputs[k]) for k, v in inputs.items()}
         try:
-            with cancellable(timeout_s) as cm:
+            with cancellable(timeout_s, watchdog) as cm:
                 try:
                     if self._flat_order is not None and set(feed) == set(self._flat_order):
                         self._check_shapes(inputs)

@@ -215,6 +215,8 @@ class ModelServer:
             t.join()
         if self.repo is not None:
             self.repo.stop()
+        if self.core is not None:
+            self.core.stop()
         if self.observer is not None:
             self.observer.close()
         self._started = False
