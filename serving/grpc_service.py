@@ -48,6 +48,8 @@ def _guard(fn):
     def wrapper(self, request, context):
         t0 = time.perf_counter()
         code, message = grpc.StatusCode.OK, None
+        if self.observer is not None:
+            self.observer.grpc_call(1)
         try:
             return fn(self, request, context)
         except ServingError as e:
@@ -55,6 +57,8 @@ def _guard(fn):
         except Exception as e:  # noqa: BLE001
             code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
         finally:
+            if self.observer is not None:
+                self.observer.grpc_call(-1)
             _record(self.observer, fn.__name__, verb, request, context, code, t0)
         context.abort(code, message)
     wrapper.__name__ = fn.__name__

@@ -397,6 +397,7 @@ class HttpServer:
         self.per_client = {}     # client address -> open connections
         self.conn_info = {}      # stream -> [client address, first request's headers received]
         self.observer = observer if observer is not None else Observer(metrics=False)
+        self.observer.rest_in_flight(lambda: self.computing)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
         self._thread: Optional[threading.Thread] = None

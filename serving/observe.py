@@ -100,6 +100,15 @@ class Observer:
                      "bytes_in": bytes_in, "bytes_out": bytes_out, "ms": round(seconds * 1000, 3)}
             self._log.info(json.dumps(entry))
 
+    def rest_in_flight(self, fn: Callable[[], float]) -> None:
+        """The REST server's count of requests being computed, read at scrape time."""
+        if self.registry is not None:
+            self.in_flight.labels("rest").set_function(fn)
+
+    def grpc_call(self, delta: int) -> None:
+        if self.registry is not None:
+            self.in_flight.labels("grpc").inc(delta)
+
     def refused_connection(self, reason: str) -> None:
         if self.registry is not None:
             self.refused.labels(reason).inc()

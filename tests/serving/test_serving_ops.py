@@ -77,6 +77,8 @@ def test_prometheus_metrics_count_both_apis_and_need_the_token(make_serving_dir,
     assert _sample(text, name, api="grpc", verb="predict", code="UNAUTHENTICATED") == 1
     assert _sample(text, "privtrain_serving_request_latency_seconds_count", api="rest", verb="predict") == 5
     assert _sample(text, "privtrain_serving_model_versions", model="adult", state="AVAILABLE") == 1
+    assert _sample(text, "privtrain_serving_requests_in_flight", api="rest") == 0    # all answered
+    assert _sample(text, "privtrain_serving_rest_connections") >= 1                 # the scrape's own
     assert "made-up-name" not in text
 
 
