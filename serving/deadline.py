@@ -77,7 +77,8 @@ class Watchdog:
             if self._thread is None and not self._stopped:
                 self._thread = threading.Thread(target=self._run, name="privtrain-deadline", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if self._heap[0] is entry:    # earlier than what the thread sleeps for (rare: one timeout for all)
+                self._cond.notify()
         return entry
 
     @staticmethod

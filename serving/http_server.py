@@ -281,12 +281,16 @@ class _Request:
             return
         self.observed = True
         srv = self.server
-        path = urlsplit(self.start_line.path).path
-        verb = "metrics" if path == METRICS_PATH else rest_verb(path)
-        model = None
-        m = _MODEL_IN_PATH.match(path)
-        if m:
-            model = unquote(m.group(1))
+        raw = self.start_line.path
+        known = srv.path_info.get(raw)
+        if known is None:
+            path = urlsplit(raw).path
+            verb = "metrics" if path == METRICS_PATH else rest_verb(path)
+            m = _MODEL_IN_PATH.match(path)
+            known = (path, verb, unquote(m.group(1)) if m else None)
+            if len(srv.path_info) < 1024:    # clients choose paths: a bounded cache of the common ones
+                srv.path_info[raw] = known
+        path, verb, model = known
         srv.observer.record("rest", verb, model, status, time.perf_counter() - self.t0,
                             client=getattr(self.conn.context, "remote_ip", "") or "",
                             method=self.start_line.method, path=path, bytes_in=self.size, bytes_out=bytes_out)
@@ -395,6 +399,7 @@ class HttpServer:
         self.draining = False
         self.cost_s = {}         # (method, path) -> recent seconds per small request (EWMA)
         self.per_client = {}     # client address -> open connections
+        self.path_info = {}      # request path -> (path, verb, model) for metrics and the access log
         self.conn_info = {}      # stream -> [client address, first request's headers received]
         self.observer = observer if observer is not None else Observer(metrics=False)
         self.observer.rest_in_flight(lambda: self.computing)

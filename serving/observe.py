@@ -70,6 +70,7 @@ class Observer:
             self.in_flight = Gauge("privtrain_serving_requests_in_flight", "Requests being computed", ["api"],
                                    registry=r)
             r.register(_ModelCollector(repo_fn))
+        self._children = {}      # (api, verb, model, code) -> (counter child, histogram child): labels() is slow
         self._log = None
         if access_log:
             log = logging.Logger("privtrain.serving.access")   # not in the global hierarchy: one per server
@@ -92,8 +93,12 @@ class Observer:
         code = str(code)
         model = self.model_label(model)
         if self.registry is not None:
-            self.requests.labels(api, verb, model, code).inc()
-            self.latency.labels(api, verb).observe(seconds)
+            key = (api, verb, model, code)
+            children = self._children.get(key)
+            if children is None:      # bounded: verbs, served model names and codes are finite sets
+                children = self._children[key] = (self.requests.labels(*key), self.latency.labels(api, verb))
+            children[0].inc()
+            children[1].observe(seconds)
         if self._log is not None:
             entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z", "api": api,
                      "client": client, "method": method, "path": path[:200], "model": model, "status": code,
