@@ -7,8 +7,12 @@ What it guarantees (each has a regression test in tests/serving/test_serving_htt
     non-numeric Content-Length is answered 400 and its connection closed (no request smuggling);
   * limits: body (``max_body_bytes``, Content-Length or chunked: 413), request line + headers
     (``max_header_bytes``), time to receive headers, and again the body, and keep-alive idleness
-    (``read_timeout_s``), open connections (``max_connections``: 503), requests being computed
-    (``max_concurrent_requests``: 429). Connections cost no thread.
+    (``read_timeout_s``), open connections (``max_connections``: 503) and per client address
+    (``max_connections_per_client``: 503), a new connection's TLS handshake and first request's headers
+    (``handshake_timeout_s``: closed, so idle sockets cannot hold every slot), requests being computed
+    (``max_concurrent_requests``: 429). Connections cost no thread. HEAD is answered as GET, bodiless.
+  * operations: Prometheus metrics at ``/monitoring/prometheus/metrics`` and the access log
+    (:mod:`serving.observe`), both per request, never with bodies or tokens;
   * auth: with tokens, every request needs ``Authorization: Bearer <token>`` (401 otherwise, checked
     before the body is read); TLS and mutual TLS through an ``ssl.SSLContext``;
   * drain: ``stop()`` stops accepting, lets requests already received finish (their responses are
