@@ -1,7 +1,8 @@
 """The HTTP server carrying TF Serving's REST API: Tornado's HTTP/1.1 server on an asyncio event loop
 in one thread, predictions computed on a small thread pool (or by the AsyncBatcher).
 
-What it guarantees (each has a regression test in tests/serving/test_serving_http.py):
+What it guarantees (each has a regression test in tests/serving/: test_serving_http.py, test_serving_limits.py,
+test_serving_ops.py):
   * framing: ``Transfer-Encoding: chunked`` bodies are read as bodies (never as a next request);
     a request with both Content-Length and Transfer-Encoding, another transfer coding, or a
     non-numeric Content-Length is answered 400 and its connection closed (no request smuggling);
