@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from typing import Any, Dict, List, Optional
 
 from ml_metadata.proto import metadata_store_pb2
@@ -235,6 +236,8 @@ def collect(workdir: str, model_name: Optional[str] = None, version: Optional[st
         serving.append(entry)
     return {
         "format": FORMAT, "model_name": model_name, "version": version, "model_id": model.id,
+        # when this report was made (to the minute; the ledger and serving sections are as of then)
+        "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "dataset": guarantee.dataset, "source_id": guarantee.source_id,
         "privacy": {"guarantee": guarantee.to_json(), "statement": guarantee.statement(),
                     "privacy_json_matches_metadata": consistent},
@@ -257,7 +260,8 @@ def format_text(report: Dict[str, Any]) -> str:
     b = report["blessing"]
     led = report["ledger"]
     lines = [f"audit report: model {report['model_name']} version {report['version']} (data source "
-             f"{report['source_id']!r})", "", f"privacy: {report['privacy']['statement']}"]
+             f"{report['source_id']!r}); generated {report.get('generated', '-')}, code version "
+             f"{report['lineage'].get('code_version')}", "", f"privacy: {report['privacy']['statement']}"]
     lines += [f"  not covered: {item}" for item in g.get("not_covered", [])]
     audit = report.get("audit")
     lines.append(f"empirical audit: epsilon lower bound {audit['epsilon_lower_bound']:.3g}" if audit and isinstance(

@@ -33,6 +33,19 @@ def latest_pushed_model(serving_dir: str, model_name: Optional[str] = None) -> s
     return os.path.join(model_dir, str(versions[0]))
 
 
+def check_input_file(path: str, limit: Optional[int] = None) -> None:
+    """One line naming the problem, before any model is loaded."""
+    if limit is not None and limit < 1:
+        raise PredictError(f"--limit must be a positive number of rows, not {limit}")
+    if not os.path.exists(path):
+        raise PredictError(f"input file {path} does not exist; pass --input FILE with raw rows in the data "
+                           "set's format (e.g. data/adult/adult.test)")
+    if not os.path.isfile(path):
+        raise PredictError(f"--input {path} is not a file; pass a file of raw rows in the data set's format")
+    if not os.access(path, os.R_OK):
+        raise PredictError(f"input file {path} is not readable (check its permissions)")
+
+
 def dataset_description(version_dir: str) -> dict:
     with open(os.path.join(version_dir, "assets.extra", DATASET_FILE)) as f:
         return json.load(f)
@@ -56,13 +69,23 @@ def predict_plain(version_dir: str, input_file: str, limit: Optional[int] = None
             continue
         values = [row.get(column["name"]) for row in rows]
         if column["kind"] == "numeric":
-            features[column["name"]] = tf.constant([np.nan if v is None else float(v) for v in values], tf.float32)
+            features[column["name"]] = tf.constant(_numbers(values, column["name"], input_file), tf.float32)
         else:
             features[column["name"]] = tf.constant(["" if v is None else v for v in values])
     model = tf.saved_model.load(version_dir)
     out = model.signatures["predict_raw"](**features)
     return {"model": version_dir, "probabilities": out["probabilities"].numpy().tolist(),
             "logits": out["logits"].numpy().tolist(), "labels": labels}
+
+
+def _numbers(values, name: str, input_file: str) -> List[float]:
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(np.nan if v is None else float(v))
+        except ValueError:
+            raise PredictError(f"{input_file}: row {i + 1}: column {name!r} is numeric, not {v[:40]!r}") from None
+    return out
 
 
 def format_predictions(result: Dict[str, object], show: int = 20) -> str:

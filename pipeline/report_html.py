@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +34,28 @@ def _num(x: Any, spec: str = ".4g") -> str:
     if isinstance(x, (int, float)):
         return "inf" if isinstance(x, float) and math.isinf(x) else format(x, spec)
     return _e(x)
+
+
+def _value(x: Any) -> str:
+    """A parameter value as a reviewer reads it: ``epochs=3, l2_norm_clip=1.0`` for a mapping, ``64, 32`` for a
+    list, never a Python repr (``{'epochs': 3}``)."""
+    if isinstance(x, dict):
+        return ", ".join(f"{k}={_value(v)}" for k, v in sorted(x.items())) or "none"
+    if isinstance(x, (list, tuple)):
+        return ", ".join(_value(v) for v in x) or "none"
+    if isinstance(x, bool) or x is None:
+        return {True: "yes", False: "no", None: "-"}[x]
+    if isinstance(x, float):
+        return _num(x, "g")
+    return str(x) if isinstance(x, (int, str)) else json.dumps(x, default=str)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _this_run(led: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    return next((x for x in led.get("runs", []) if x.get("this_model")), None)
 
 
 def _table(header: List[str], rows: List[List[str]], numeric_from: int = 1) -> str:
@@ -97,7 +120,7 @@ def plot_ledger(ledger: Dict[str, Any]) -> Optional[str]:
     if not ledger.get("available") or not ledger.get("runs"):
         return None
     fig, ax = _figure()
-    labels = [f"#{r['seq']}" + (" (this)" if r["this_model"] else "") for r in ledger["runs"]]
+    labels = [f"run #{r['seq']}" + (" (this)" if r["this_model"] else "") for r in ledger["runs"]]
     values = [r["epsilon"] if isinstance(r.get("epsilon"), (int, float)) else math.nan for r in ledger["runs"]]
     colors = ["#cf222e" if r["this_model"] else "#8c959f" for r in ledger["runs"]]
     finite = [v for v in values if not math.isnan(v)]
@@ -107,11 +130,11 @@ def plot_ledger(ledger: Dict[str, Any]) -> Optional[str]:
         if math.isnan(v):
             ax.text(i, 0, "non-private\n(inf)", ha="center", va="bottom", fontsize=7)
     spent = ledger.get("spent", {}).get("epsilon")
-    if isinstance(spent, (int, float)):
+    if _finite(spent):
         ax.axhline(spent, color="#0969da", linestyle="--", label=f"composed spend {spent:.3g}")
         top = max(top, spent)
     budget = (ledger.get("budget") or {}).get("epsilon")
-    if isinstance(budget, (int, float)):
+    if _finite(budget):
         ax.axhline(budget, color="#cf222e", label=f"budget {budget:.3g}")
         top = max(top, budget)
     ax.set_ylim(0, top * 1.2)
@@ -160,6 +183,10 @@ def render_html(r: Dict[str, Any]) -> str:
     parts.append(f"<h1>Audit report: model {_e(r['model_name'])}, version {_e(r['version'])}</h1>"
                  f"<p>{badge} {private} data set <b>{_e(r['dataset'])}</b>, data source <b>{_e(r['source_id'])}</b>, "
                  f"trainer <b>{_e(g.get('trainer'))}</b></p>")
+    parts.append(f"<p class=cover>Generated {_e(r.get('generated') or 'at an unrecorded time')} from privtrain code "
+                 f"version {_e(lin.get('code_version'))}. The ledger and serving sections are as of that time (a "
+                 "report regenerated later with <code>privtrain report</code> shows their state then); everything "
+                 "else is fixed when the model is pushed.</p>")
     parts.append("<p class=cover>Everything on this page is covered by the model's privacy guarantee or public by "
                  "declaration (docs/privacy_model.md, docs/reports.md): no exact training row count, content "
                  "hashes of the data, timings or private run details.</p>")
@@ -181,7 +208,7 @@ def render_html(r: Dict[str, Any]) -> str:
     params = g.get("parameters") or {}
     if params:
         parts.append("<p>Public run parameters:</p>" + _table(
-            ["parameter", "value"], [[_e(k), _e(v)] for k, v in sorted(params.items())], numeric_from=1))
+            ["parameter", "value"], [[_e(k), _e(_value(v))] for k, v in sorted(params.items())], numeric_from=1))
     parts.append("<p>Not covered by epsilon:</p><ul>" + "".join(f"<li>{_e(i)}</li>" for i in g.get("not_covered", []))
                  + "</ul>")
     for note in g.get("notes", []):
@@ -206,9 +233,18 @@ def render_html(r: Dict[str, Any]) -> str:
     if led.get("available"):
         budget = led.get("budget")
         s = led["spent"]
+        this = _this_run(led)
+        receipt = led["receipt"].get("seq")
+        if this is not None:
+            which = (f"this model is run #{this['seq']}" + (
+                f"; its receipt, ledger entry {receipt} (the entry that finished run #{this['seq']}), matches"
+                if led["receipt"].get("head_hash") and receipt != this["seq"] else
+                "; its receipt matches" if led["receipt"].get("head_hash") else ""))
+        else:
+            which = (f"this model's receipt (ledger entry {receipt}) matches" if led["receipt"].get("head_hash")
+                     else "")
         parts.append(_kv([
-            ("ledger", "hash chain verified" + (f"; this model's receipt (entry {led['receipt']['seq']}) matches"
-                                                if led["receipt"].get("head_hash") else "")),
+            ("ledger", "hash chain verified" + (f"; {which}" if which else "")),
             ("neighbouring relation", _e(led.get("relation"))),
             ("budget", f"epsilon {_num(budget['epsilon'])}, delta {_num(budget['delta'], '.3g')} "
                        f"({_e(budget['accountant'])})" if budget else "no budget set"),
@@ -219,8 +255,21 @@ def render_html(r: Dict[str, Any]) -> str:
         img = plot_ledger(led)
         if img:
             parts.append(f"<img alt='privacy ledger plot' src='{img}'>")
-        parts.append(_table(["entry", "trainer", "private", "status", "epsilon", "charged event"],
-                            [[_e(x["seq"]) + (" (this model)" if x["this_model"] else ""), _e(x["trainer"]),
+        non_private = [x for x in led["runs"] if x.get("private") is False]
+        if not _finite(s.get("epsilon")) and s.get("epsilon") is not None and non_private:
+            own = g.get("epsilon")
+            parts.append(
+                "<p class=statement>Why the spent epsilon is infinite: "
+                + ", ".join(f"run #{_e(x['seq'])}" for x in non_private)
+                + " on this data source " + ("was" if len(non_private) == 1 else "were")
+                + " not private (trained without noise, so what it released has no finite bound), and the "
+                "ledger composes every release from the source, so the source's total is unbounded from then on. "
+                + (f"This model's own guarantee (epsilon {_num(own)}) still holds for what this model released; "
+                   "it is the source's cumulative loss that is unbounded." if _finite(own) and g.get("private")
+                   else "")
+                + "</p>")
+        parts.append(_table(["run (ledger entry)", "trainer", "private", "status", "epsilon", "charged event"],
+                            [[f"#{_e(x['seq'])}" + (" (this model)" if x["this_model"] else ""), _e(x["trainer"]),
                               _e(x["private"]), _e(x["status"]), _num(x["epsilon"]), _e(x["charged"])]
                              for x in led["runs"]], numeric_from=4))
         parts.append(_cover("Public: the ledger holds the DP events each run released; the spend and budget "
@@ -234,7 +283,8 @@ def render_html(r: Dict[str, Any]) -> str:
              if ev["covered"] == "not covered" else "computed on the eval split, which the data set declares public")
     parts.append(f"<p>{label}. Slices with fewer than {ev['min_slice_size']} rows are suppressed "
                  f"({ev['suppressed_slices']} suppressed).</p>")
-    metrics = [m for m in SHOWN_METRICS]
+    # only metrics some slice has (binary and multi-class accuracy are both titled "accuracy")
+    metrics = [m for m in SHOWN_METRICS if any(m in s["metrics"] for s in ev["slices"])]
     rows = []
     for s in ev["slices"]:
         rows.append([_e(s["slice"])] + [
@@ -274,8 +324,8 @@ def render_html(r: Dict[str, Any]) -> str:
         ("data validation", f"<b>{_e(validation.get('result'))}</b>: " + "; ".join(
             _e(c) for c in validation.get("checks", []))),
         ("transform", f"{_e(transform.get('preprocessing_fn'))}: {_e(transform.get('what'))}"),
-        ("trainer", f"{_e(lin['trainer'].get('kind'))}, hidden units {_e(lin['trainer'].get('hidden_units'))}, "
-                    f"arguments {_e(lin['trainer'].get('arguments'))}"),
+        ("trainer", f"{_e(lin['trainer'].get('kind'))}, hidden units {_e(_value(lin['trainer'].get('hidden_units')))}, "
+                    f"arguments {_e(_value(lin['trainer'].get('arguments')))}"),
         ("code version", _e(lin.get("code_version")))]))
     parts.append(_cover("Public by declaration: the data-set description, the reference schema, the code and the "
                         "hyper-parameters. The validation result is the gate's decision on the public splits only "

@@ -62,6 +62,12 @@ def run(args) -> int:
     try:
         ledger = ledger_mod.Ledger(args.budget_ledger or getattr(args, "ledger", None))
         source, privacy = _budget_source(args)
+        if (args.source is not None and args.action == "show" and args.set_epsilon is None
+                and source not in ledger.sources()):
+            known = ", ".join(ledger.sources()) or "none yet"
+            raise ValueError(f"no data source {source!r} in the ledger {ledger.path} (its sources: {known}); "
+                             "check the id, or pass --data DIR to use the id its dataset.json declares (a source "
+                             "appears with its first run or with --set-epsilon)")
         if args.action == "verify":
             anchors = []
             for a in args.anchor:

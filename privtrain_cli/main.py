@@ -65,6 +65,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pipeline.private_files import private_umask
 
     private_umask()  # workdirs, serving directories and every file written: owner only (0700 / 0600)
+    if _selected(argv) == "serve":
+        # Before anything imports TensorFlow (the serve parser does): the server's memory figures need
+        # TensorFlow's oneDNN allocator off, as `python -m serving.server` has it (docs/serving.md).
+        from serving.server import prefer_returning_allocator
+
+        prefer_returning_allocator(lambda m: None)
     args = build_parser(argv).parse_args(argv)
     from pipeline.quiet import quiet_libraries
 

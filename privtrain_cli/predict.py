@@ -22,11 +22,14 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from dp_training.dataset import DatasetError
+    from encrypted_serving.preprocessing import PreprocessingError
     from pipeline.config import RunConfig
-    from pipeline.predict import PredictError, format_predictions, latest_pushed_model, predict_plain
+    from pipeline.predict import (PredictError, check_input_file, format_predictions, latest_pushed_model,
+                                  predict_plain)
 
     workdir = os.path.abspath(args.workdir)
     try:
+        check_input_file(args.input, args.limit)
         version_dir = latest_pushed_model(RunConfig(workdir=workdir).serving_dir, args.model_name)
         if args.encrypted:
             from encrypted_serving import cli as encrypted_cli
@@ -38,7 +41,7 @@ def run(args) -> int:
                 raise PredictError(str(e)) from e
         else:
             result = predict_plain(version_dir, args.input, args.limit)
-    except (PredictError, FileNotFoundError, DatasetError) as e:
+    except (PredictError, FileNotFoundError, DatasetError, PreprocessingError) as e:
         print(f"privtrain predict: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result) if args.json else format_predictions(result))

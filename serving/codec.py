@@ -53,12 +53,25 @@ def _to_bytes(v) -> bytes:
         except UnicodeEncodeError:
             raise invalid_argument("JSON Parse error: The surrogate pair in string is invalid.") from None
     if _is_b64(v):
-        try:
-            return base64.b64decode(v["b64"], validate=False)
-        except (ValueError, TypeError):
-            raise invalid_argument(f"Unable to base64 decode: {v['b64']!r}") from None
+        return _b64decode(v["b64"])
     raise invalid_argument(f"JSON Value: {json.dumps(v)} Type: {_json_type(v)} "
                            "is not of expected type: string")
+
+
+def _b64decode(text) -> bytes:
+    """Standard base64 (padding optional, as absl::Base64Unescape); anything else is a 400, never a
+    silently emptied value."""
+    if not isinstance(text, str):
+        raise invalid_argument(f"JSON Value: {json.dumps(text)} Type: {_json_type(text)} is not of expected "
+                               "type: string (in a {\"b64\": ...} object)")
+    t = text.strip()
+    t += "=" * (-len(t) % 4)
+    try:
+        return base64.b64decode(t, validate=True)
+    except (ValueError, TypeError):
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise invalid_argument(f"Unable to base64 decode: {shown!r} is not standard base64 "
+                               "(A-Z a-z 0-9 + /, '=' padding)") from None
 
 
 def _string_array(value) -> np.ndarray:
@@ -178,6 +191,16 @@ def _check_elements(n: int, what: str, max_elements: Optional[int]) -> None:
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# A number that may not fit a double (RapidJSON: "Number too big to be stored in double"): an exponent
+# of 3+ digits, or 300+ digits in a row. Only bodies holding one are parsed again, strictly.
+_HUGE_NUMBER = re.compile(rb"[0-9.][eE]\+?0*[0-9]{3}|[0-9]{300}")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if math.isinf(v):
+        raise invalid_argument(f"JSON Parse error: Number too big to be stored in double: {text[:40]}")
+    return v
 
 
 def _has_lone_surrogate(doc) -> bool:
@@ -211,6 +234,8 @@ def parse_json_body(body: bytes) -> dict:
     # rejects it): look only when the body holds a surrogate escape at all.
     if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(doc):
         raise invalid_argument("JSON Parse error: The surrogate pair in string is invalid.")
+    if _HUGE_NUMBER.search(body):
+        json.loads(body, parse_float=_finite_float)   # raises on 1e400 (which json.loads makes inf)
     if not isinstance(doc, dict):
         raise invalid_argument("JSON Value is not an object")
     return doc
@@ -414,15 +439,12 @@ def dtype_name(dt_enum: int) -> str:
         return f"dtype enum {dt_enum}"
 
 
-def tensor_proto_to_array(tp, name: str = "input", max_elements: Optional[int] = None,
-                          max_bytes: Optional[int] = None) -> np.ndarray:
-    """A request TensorProto as a numpy array, checked *before* anything is allocated: the declared
-    shape (at most ``max_elements`` elements), and the values actually sent (``tensor_content`` of
-    exactly the declared size, or at most as many typed values as elements; fewer are padded with
-    the last one as TensorFlow does, as long as the padded tensor stays within ``max_bytes``).
-    The caller has already checked that the dtype is the signature's."""
-    import tensorflow as tf
+STRING_ELEMENT_BYTES = 32   # a decoded string element beyond its bytes: TF's string header + numpy's pointer
 
+
+def _declared_elements(tp, name: str, max_elements: Optional[int]) -> Tuple[List[int], int]:
+    """The declared shape of a request TensorProto and its element count, checked against the
+    per-tensor limit without multiplying out a huge shape."""
     if tp.tensor_shape.unknown_rank:
         raise invalid_argument(f"tensor parsing error: {name}: the shape must be known")
     dims = [d.size for d in tp.tensor_shape.dim]
@@ -438,6 +460,66 @@ def tensor_proto_to_array(tp, name: str = "input", max_elements: Optional[int] =
             raise invalid_argument(
                 f"{name}: shape {dims} declares {n} elements, more than the server allows per tensor "
                 f"({max_elements}, privtrain serve --max-tensor-elements)")
+    return dims, n
+
+
+def tensor_proto_extent(tp, name: str = "input", max_elements: Optional[int] = None) -> Tuple[int, int]:
+    """(elements, bytes once decoded) of a request TensorProto, from its declared shape and the values
+    sent, without allocating: numbers take their dtype's size, strings their bytes (a padded string
+    counted once per element it fills) plus ``STRING_ELEMENT_BYTES`` each."""
+    _, n = _declared_elements(tp, name, max_elements)
+    if tp.dtype == 7:  # DT_STRING
+        vals = tp.string_val
+        k = len(vals)
+        sent = tp.ByteSize()          # the values' bytes, plus a few bytes of framing each
+        pad = (n - k) * len(vals[-1]) if 0 < k < n else 0
+        return n, sent + pad + n * STRING_ELEMENT_BYTES
+    import tensorflow as tf
+
+    try:
+        itemsize = np.dtype(tf.dtypes.as_dtype(tp.dtype).as_numpy_dtype).itemsize
+    except TypeError:
+        raise invalid_argument(f"tensor parsing error: {name}: unsupported dtype enum {tp.dtype}") from None
+    return n, n * itemsize
+
+
+def check_request_totals(elements: int, nbytes: int, n_inputs: int, max_elements: Optional[int],
+                         max_bytes: Optional[int]) -> None:
+    """All input tensors of one request together: at most ``max_elements`` elements and ``max_bytes``
+    decoded bytes (``--max-request-elements`` / ``--max-request-mb``)."""
+    if max_elements is not None and elements > max_elements:
+        raise invalid_argument(
+            f"the request's {n_inputs} input tensors declare {elements} elements together, more than the "
+            f"server allows per request ({max_elements}, privtrain serve --max-request-elements); "
+            "send smaller batches")
+    if max_bytes is not None and nbytes > max_bytes:
+        raise invalid_argument(
+            f"the request's {n_inputs} input tensors would take {nbytes / (1 << 20):.1f} MiB once decoded, "
+            f"more than the server allows per request ({max_bytes / (1 << 20):g} MiB, privtrain serve "
+            "--max-request-mb); send smaller batches")
+
+
+def check_array_totals(arrays: Mapping[str, np.ndarray], max_elements: Optional[int],
+                       max_bytes: Optional[int]) -> None:
+    """:func:`check_request_totals` for decoded inputs (REST, whose size the body limit already bounds)."""
+    if max_elements is None and max_bytes is None:
+        return
+    elements = sum(a.size for a in arrays.values())
+    nbytes = sum(a.nbytes if a.dtype != object else
+                 a.size * STRING_ELEMENT_BYTES + sum(len(x) for x in a.reshape(-1)) for a in arrays.values())
+    check_request_totals(elements, nbytes, len(arrays), max_elements, max_bytes)
+
+
+def tensor_proto_to_array(tp, name: str = "input", max_elements: Optional[int] = None,
+                          max_bytes: Optional[int] = None) -> np.ndarray:
+    """A request TensorProto as a numpy array, checked *before* anything is allocated: the declared
+    shape (at most ``max_elements`` elements), and the values actually sent (``tensor_content`` of
+    exactly the declared size, or at most as many typed values as elements; fewer are padded with
+    the last one as TensorFlow does, as long as the padded tensor stays within ``max_bytes``).
+    The caller has already checked that the dtype is the signature's (and the request's totals)."""
+    import tensorflow as tf
+
+    dims, n = _declared_elements(tp, name, max_elements)
     field = _VAL_FIELD.get(tp.dtype)
     if tp.dtype == 7:  # DT_STRING
         vals = tp.string_val

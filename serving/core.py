@@ -1,11 +1,13 @@
 """Inference operations shared by the REST and gRPC front ends (TF Serving semantics)."""
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .batcher import Batcher
+from .deadline import Watchdog
 from .errors import invalid_argument
 from .repository import ModelRepository, Servable, Signature
 
@@ -42,10 +44,30 @@ def check_input_dtypes(sig: Signature, sent_dtypes: Mapping[str, int]) -> None:
 
 
 class InferenceCore:
-    def __init__(self, repo: ModelRepository, batcher: Optional[Batcher] = None, async_batcher=None):
+    """``timeout_s``: longest a model computation may run (cancelled then: DEADLINE_EXCEEDED); a call may
+    pass a shorter one (a gRPC client's deadline)."""
+
+    def __init__(self, repo: ModelRepository, batcher: Optional[Batcher] = None, async_batcher=None,
+                 timeout_s: Optional[float] = None):
         self.repo = repo
         self.batcher = batcher
         self.async_batcher = async_batcher
+        self.timeout_s = timeout_s
+        self.watchdog = Watchdog() if timeout_s else None
+
+    def stop(self) -> None:
+        """End the timeout watchdog's thread."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
+    def _timeout(self, timeout_s: Optional[float]) -> Optional[float]:
+        if timeout_s is None:
+            return self.timeout_s
+        return timeout_s if self.timeout_s is None else min(timeout_s, self.timeout_s)
+
+    def _fn(self, sig: Signature, timeout_s: Optional[float] = None):
+        t = self._timeout(timeout_s)
+        return functools.partial(sig, timeout_s=t, watchdog=self.watchdog) if t and self.watchdog else sig
 
     # ---- predict -----------------------------------------------------------------------
     @staticmethod
@@ -58,12 +80,13 @@ class InferenceCore:
                     f"in the set {{{_join(sig.outputs)}}}.")
 
     def predict(self, servable: Servable, sig: Signature, inputs: Mapping[str, np.ndarray],
-                output_filter: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+                output_filter: Sequence[str] = (), timeout_s: Optional[float] = None) -> Dict[str, np.ndarray]:
         self._check(sig, inputs, output_filter)
+        fn = self._fn(sig, timeout_s)
         if self.batcher is not None:
-            out = self.batcher.run((servable.name, servable.version, sig.name), sig, inputs)
+            out = self.batcher.run((servable.name, servable.version, sig.name), fn, inputs)
         else:
-            out = sig(inputs)
+            out = fn(inputs)
         if output_filter:
             out = {k: v for k, v in out.items() if k in set(output_filter)}
         return out
@@ -72,7 +95,7 @@ class InferenceCore:
                        callback) -> None:
         """The REST server's path when batching is on (on its event loop): ``callback(out, error)``."""
         self._check(sig, inputs, ())
-        self.async_batcher.submit((servable.name, servable.version, sig.name), sig, inputs, callback)
+        self.async_batcher.submit((servable.name, servable.version, sig.name), self._fn(sig), inputs, callback)
 
     # ---- classify / regress --------------------------------------------------------------
     @staticmethod
@@ -119,10 +142,10 @@ class InferenceCore:
         arr[:] = examples
         return arr
 
-    def classify(self, servable: Servable, signature_name: str,
-                 examples: List[bytes]) -> Tuple[str, List[List[Tuple[str, float]]]]:
+    def classify(self, servable: Servable, signature_name: str, examples: List[bytes],
+                 timeout_s: Optional[float] = None) -> Tuple[str, List[List[Tuple[str, float]]]]:
         sig = self.classification_signature(servable, signature_name)
-        out = sig({"inputs": self._examples_array(examples)})
+        out = self._fn(sig, timeout_s)({"inputs": self._examples_array(examples)})
         n = len(examples)
         classes, scores = out.get("classes"), out.get("scores")
         for what, t in (("classes", classes), ("scores", scores)):
@@ -146,10 +169,10 @@ class InferenceCore:
             result.append(row)
         return sig.name, result
 
-    def regress(self, servable: Servable, signature_name: str,
-                examples: List[bytes]) -> Tuple[str, List[float]]:
+    def regress(self, servable: Servable, signature_name: str, examples: List[bytes],
+                timeout_s: Optional[float] = None) -> Tuple[str, List[float]]:
         sig = self.regression_signature(servable, signature_name)
-        out = sig({"inputs": self._examples_array(examples)})["outputs"]
+        out = self._fn(sig, timeout_s)({"inputs": self._examples_array(examples)})["outputs"]
         n = len(examples)
         if not (out.ndim == 1 or (out.ndim == 2 and out.shape[1] == 1)) or out.shape[0] != n:
             raise invalid_argument("Expected output Tensor shape to be either [batch_size] or "

@@ -1,14 +1,19 @@
 """The HTTP server carrying TF Serving's REST API: Tornado's HTTP/1.1 server on an asyncio event loop
 in one thread, predictions computed on a small thread pool (or by the AsyncBatcher).
 
-What it guarantees (each has a regression test in tests/serving/test_serving_http.py):
+What it guarantees (each has a regression test in tests/serving/: test_serving_http.py, test_serving_limits.py,
+test_serving_ops.py):
   * framing: ``Transfer-Encoding: chunked`` bodies are read as bodies (never as a next request);
     a request with both Content-Length and Transfer-Encoding, another transfer coding, or a
     non-numeric Content-Length is answered 400 and its connection closed (no request smuggling);
   * limits: body (``max_body_bytes``, Content-Length or chunked: 413), request line + headers
     (``max_header_bytes``), time to receive headers, and again the body, and keep-alive idleness
-    (``read_timeout_s``), open connections (``max_connections``: 503), requests being computed
-    (``max_concurrent_requests``: 429). Connections cost no thread.
+    (``read_timeout_s``), open connections (``max_connections``: 503) and per client address
+    (``max_connections_per_client``: 503), a new connection's TLS handshake and first request's headers
+    (``handshake_timeout_s``: closed, so idle sockets cannot hold every slot), requests being computed
+    (``max_concurrent_requests``: 429). Connections cost no thread. HEAD is answered as GET, bodiless.
+  * operations: Prometheus metrics at ``/monitoring/prometheus/metrics`` and the access log
+    (:mod:`serving.observe`), both per request, never with bodies or tokens;
   * auth: with tokens, every request needs ``Authorization: Bearer <token>`` (401 otherwise, checked
     before the body is read); TLS and mutual TLS through an ``ssl.SSLContext``;
   * drain: ``stop()`` stops accepting, lets requests already received finish (their responses are
@@ -23,27 +28,28 @@ its delegate API lets this server answer over-size or unauthenticated requests b
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import json
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import PortInUseError, ServingError
-from .options import ServerOptions, TokenChecker
+from .memory import TRIM_BYTES as _TRIM_BYTES, Trimmer
+from .observe import Observer, rest_verb
+from .options import METRICS_PATH, ServerOptions, TokenChecker
 from .rest import RestApi, Route, is_api_path
 
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-            409: "Conflict", 413: "Payload Too Large", 429: "Too Many Requests",
+            405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large", 429: "Too Many Requests",
             500: "Internal Server Error", 501: "Not Implemented", 503: "Service Unavailable",
             504: "Gateway Timeout", 499: "Client Closed Request"}
-_TRIM_BYTES = 1 << 20          # trim the C heap after requests / responses larger than this
 _INLINE_BYTES = 64 << 10  # bodies up to this size may be handled on the event loop (larger: worker threads)
 _INLINE_COST_S = 0.002    # ... when their route has been answering faster than this
+_MODEL_IN_PATH = re.compile(r"/v1/models/([^/:]+)", re.I)
 
 
 def _error_body(message: str) -> bytes:
@@ -69,37 +75,6 @@ def _timed_compute(api: RestApi, route: Route, body: bytes) -> Tuple[int, bytes,
     return status, data, time.perf_counter() - t0
 
 
-class _Trimmer:
-    """``malloc_trim(0)`` on a worker thread, at most one pending at a time (no-op without glibc)."""
-
-    def __init__(self):
-        self._fn = None
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            self._fn = libc.malloc_trim
-            self._fn.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            pass
-        self._pending = False
-
-    def schedule(self, executor) -> None:
-        if self._fn is None or self._pending:
-            return
-        self._pending = True
-        try:
-            executor.submit(self._run)
-        except RuntimeError:      # executor shut down
-            self._pending = False
-
-    def _run(self) -> None:
-        try:
-            import gc
-            gc.collect()
-            self._fn(0)
-        finally:
-            self._pending = False
-
-
 class _Request:
     """One HTTP request (tornado ``HTTPMessageDelegate``)."""
 
@@ -111,11 +86,15 @@ class _Request:
         self.counted = False
         self.rejected = False
         self.closed = False
+        self.t0 = time.perf_counter()
+        self.observed = False
 
     # -- tornado callbacks --
     def headers_received(self, start_line, headers):
         srv = self.server
         self.start_line, self.headers = start_line, headers
+        self.t0 = time.perf_counter()
+        srv.greeted(self.conn.stream)
         srv.active += 1
         self.counted = True
         cl = headers.get("Content-Length")
@@ -220,8 +199,10 @@ class _Request:
         try:
             body = b"".join(self.chunks)
             self.chunks = []
-            method, path = self.start_line.method, urlsplit(self.start_line.path).path
-            if not is_api_path(path):
+            method, path = _routing_method(self.start_line.method), urlsplit(self.start_line.path).path
+            if path == METRICS_PATH and self.server.observer.registry is not None:
+                status, data, ctype = self.server.metrics_response(method)
+            elif not is_api_path(path):
                 status, data, ctype = 404, b"", "text/plain"
             else:
                 try:
@@ -282,9 +263,12 @@ class _Request:
                extra=None):
         from tornado.httputil import HTTPHeaders, ResponseStartLine
 
+        self._observe(status, len(data))
         if self.closed:
             return None
         headers = HTTPHeaders({"Content-Type": content_type, "Content-Length": str(len(data))})
+        if self.start_line is not None and self.start_line.method == "HEAD":
+            data = b""     # the headers a GET would get, no body (RFC 9110 9.3.2)
         if extra:
             headers.update(extra)
         if close or self.server.draining:
@@ -295,6 +279,26 @@ class _Request:
                                       headers, data)
         self.conn.finish()
         return fut
+
+    def _observe(self, status: int, bytes_out: int) -> None:
+        """Metrics and the access-log line, once per request."""
+        if self.observed or self.start_line is None:
+            return
+        self.observed = True
+        srv = self.server
+        raw = self.start_line.path
+        known = srv.path_info.get(raw)
+        if known is None:
+            path = urlsplit(raw).path
+            verb = "metrics" if path == METRICS_PATH else rest_verb(path)
+            m = _MODEL_IN_PATH.match(path)
+            known = (path, verb, unquote(m.group(1)) if m else None)
+            if len(srv.path_info) < 1024:    # clients choose paths: a bounded cache of the common ones
+                srv.path_info[raw] = known
+        path, verb, model = known
+        srv.observer.record("rest", verb, model, status, time.perf_counter() - self.t0,
+                            client=getattr(self.conn.context, "remote_ip", "") or "",
+                            method=self.start_line.method, path=path, bytes_in=self.size, bytes_out=bytes_out)
 
     async def _process(self) -> None:
         srv = self.server
@@ -318,8 +322,10 @@ class _Request:
 
     async def _respond(self, body: bytes) -> Tuple[int, bytes, str]:
         srv = self.server
-        method = self.start_line.method
+        method = _routing_method(self.start_line.method)
         path = urlsplit(self.start_line.path).path
+        if path == METRICS_PATH and srv.observer.registry is not None:
+            return srv.metrics_response(method)
         if not is_api_path(path):
             return 404, b"", "text/plain"
         try:
@@ -347,12 +353,13 @@ class _Request:
 
 
 async def _refuse_connection(stream, response: bytes) -> None:
-    """Answer a connection over the limit, read (and drop) its request for up to a second so that
-    the close does not reset it before the client has read the answer, then close."""
+    """Answer a connection over a limit, read (and drop) its request so that the close does not reset
+    it before the client has read the answer, then close: one second in all (a TLS client that never
+    finishes its handshake, or a client that reads nothing, cannot keep it longer)."""
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1.0
     try:
-        await stream.write(response)
-        deadline = loop.time() + 1.0
+        await asyncio.wait_for(stream.write(response), 1.0)
         while not stream.closed() and loop.time() < deadline:
             await asyncio.wait_for(stream.read_bytes(65536, partial=True), deadline - loop.time())
     except Exception:  # noqa: BLE001 - closed by the client, or the second is up
@@ -360,12 +367,22 @@ async def _refuse_connection(stream, response: bytes) -> None:
     stream.close()
 
 
+def _refusal(message: str) -> bytes:
+    msg = _error_body(message)
+    return (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(msg)}\r\nConnection: close\r\n\r\n").encode() + msg
+
+
+def _routing_method(method: str) -> str:
+    return "GET" if method == "HEAD" else method
+
+
 class HttpServer:
     """Binds in the constructor (a taken port fails fast); ``start()`` begins serving on its own
     event-loop thread; ``stop()`` drains and joins it."""
 
     def __init__(self, host: str, port: int, api: RestApi, options: ServerOptions, *, batching: bool = False,
-                 batcher_args: Optional[dict] = None):
+                 batcher_args: Optional[dict] = None, observer: Optional[Observer] = None):
         from tornado.netutil import bind_sockets
 
         self.api, self.options = api, options
@@ -381,11 +398,16 @@ class HttpServer:
             raise
         self.port = self._sockets[0].getsockname()[1]
         self.executor = ThreadPoolExecutor(max_workers=options.rest_workers, thread_name_prefix="privtrain-rest")
-        self.trimmer = _Trimmer()
+        self.trimmer = Trimmer()
         self.active = 0          # requests received (headers in) and not yet answered
         self.computing = 0       # requests being computed or queued for it
         self.draining = False
         self.cost_s = {}         # (method, path) -> recent seconds per small request (EWMA)
+        self.per_client = {}     # client address -> open connections
+        self.path_info = {}      # request path -> (path, verb, model) for metrics and the access log
+        self.conn_info = {}      # stream -> [client address, first request's headers received]
+        self.observer = observer if observer is not None else Observer(metrics=False)
+        self.observer.rest_in_flight(lambda: self.computing)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._server = None
         self._thread: Optional[threading.Thread] = None
@@ -395,6 +417,35 @@ class HttpServer:
     @property
     def async_batcher(self):
         return getattr(self.api.core, "async_batcher", None)
+
+    # ---- connections (event-loop thread) ---------------------------------------------------------
+    def greeted(self, stream) -> None:
+        info = self.conn_info.get(stream)
+        if info is not None:
+            info[1] = True
+
+    def _close_if_silent(self, stream) -> None:
+        info = self.conn_info.get(stream)
+        if info is not None and not info[1] and not stream.closed():
+            self.observer.refused_connection("handshake_timeout")
+            stream.close()
+
+    def _forget(self, stream) -> None:
+        info = self.conn_info.pop(stream, None)
+        if info is None:
+            return
+        n = self.per_client.get(info[0], 1) - 1
+        if n > 0:
+            self.per_client[info[0]] = n
+        else:
+            self.per_client.pop(info[0], None)
+        if self.observer.registry is not None:
+            self.observer.connections.dec()
+
+    def metrics_response(self, method: str) -> Tuple[int, bytes, str]:
+        if method != "GET":
+            return 405, _error_body(f"{METRICS_PATH} answers GET only"), "application/json"
+        return 200, self.observer.exposition(), "text/plain; version=0.0.4; charset=utf-8"
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"privtrain-rest-loop-{self.port}", daemon=True)
@@ -418,14 +469,31 @@ class HttpServer:
 
             class _Server(HTTPServer):
                 def handle_stream(self, stream, address):
-                    if len(self._connections) >= outer.options.max_connections:
-                        msg = _error_body(f"Too many connections ({outer.options.max_connections}, privtrain "
-                                          "serve --max-connections); retry later")
-                        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                f"Content-Length: {len(msg)}\r\nConnection: close\r\n\r\n").encode()
-                        asyncio.ensure_future(_refuse_connection(stream, head + msg))
+                    o = outer.options
+                    ip = address[0] if isinstance(address, tuple) and address else str(address)
+                    if len(self._connections) >= o.max_connections:
+                        outer.observer.refused_connection("max_connections")
+                        asyncio.ensure_future(_refuse_connection(stream, _refusal(
+                            f"Too many connections ({o.max_connections}, privtrain serve --max-connections); "
+                            "retry later")))
                         return
+                    if outer.per_client.get(ip, 0) >= o.max_connections_per_client:
+                        outer.observer.refused_connection("max_connections_per_client")
+                        asyncio.ensure_future(_refuse_connection(stream, _refusal(
+                            f"Too many connections from {ip} ({o.max_connections_per_client}, privtrain serve "
+                            "--max-connections-per-client); close idle ones or retry later")))
+                        return
+                    outer.per_client[ip] = outer.per_client.get(ip, 0) + 1
+                    outer.conn_info[stream] = [ip, False]
+                    if outer.observer.registry is not None:
+                        outer.observer.connections.inc()
                     super().handle_stream(stream, address)
+                    # TLS handshake and the first request's headers within handshake_timeout_s
+                    loop.call_later(o.handshake_timeout_s, outer._close_if_silent, stream)
+
+                def on_close(self, server_conn):
+                    super().on_close(server_conn)
+                    outer._forget(server_conn.stream)
 
             if self.batching:
                 from .batcher import AsyncBatcher

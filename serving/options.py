@@ -18,6 +18,7 @@ from typing import List, Optional
 from .errors import InsecureBindError, ServingConfigError
 
 MiB = 1024 * 1024
+METRICS_PATH = "/monitoring/prometheus/metrics"   # TF Serving's default Prometheus path
 
 
 @dataclasses.dataclass
@@ -33,7 +34,23 @@ class ServerOptions:
       are answered 429 (RESOURCE_EXHAUSTED). gRPC: ``maximum_concurrent_rpcs`` (RESOURCE_EXHAUSTED).
     max_tensor_elements: most elements one input tensor may declare (gRPC shape / REST values)
       [16,777,216 = the float32 values of a 64 MiB message]; more: INVALID_ARGUMENT.
+    max_request_elements: most elements all input tensors of one request may declare together
+      [16,777,216]; more: INVALID_ARGUMENT, before anything is allocated.
+    max_request_bytes: most bytes all input tensors of one request may take once decoded (numbers:
+      their size; strings: their bytes plus ``STRING_ELEMENT_BYTES`` each) [256 MiB]; more:
+      INVALID_ARGUMENT, before anything is allocated (a few values padded to a huge shape).
     max_message_bytes: gRPC message limit, and what a tensor may expand to [64 MiB].
+    request_timeout_s: longest one request's model computation may run (TF Serving's
+      ``--rest_api_timeout_in_ms``; gRPC: also the client's deadline if shorter) [30 s]; then the
+      computation is cancelled and the request answered DEADLINE_EXCEEDED (REST 504).
+    handshake_timeout_s: time a new connection has to finish its TLS handshake and send its first
+      request's headers [5 s]; then it is closed (idle connections cannot fill the server). gRPC:
+      its handshake timeout.
+    max_connections_per_client: open REST connections from one client address [64]; more are
+      refused (503 without TLS; closed with TLS).
+    metrics: serve Prometheus metrics at ``METRICS_PATH`` on the REST port (same TLS and token).
+    access_log: file to append one JSON line per REST request / gRPC call to (``-``: stderr);
+      None: no access log.
     rest_workers / grpc_workers: threads computing predictions [4 / 8].
     drain_timeout_s: on stop / SIGTERM, how long in-flight requests may take to finish [10 s].
     tls_cert / tls_key: PEM files; both or neither. tls_client_ca: PEM CA bundle; clients must
@@ -48,7 +65,12 @@ class ServerOptions:
     max_connections: int = 512
     max_concurrent_requests: int = 128
     max_tensor_elements: int = 16 * MiB
+    max_request_elements: int = 16 * MiB
+    max_request_bytes: int = 256 * MiB
     max_message_bytes: int = 64 * MiB
+    request_timeout_s: float = 30.0
+    handshake_timeout_s: float = 5.0
+    max_connections_per_client: int = 64
     rest_workers: int = 4
     grpc_workers: int = 8
     drain_timeout_s: float = 10.0
@@ -56,18 +78,26 @@ class ServerOptions:
     tls_key: Optional[str] = None
     tls_client_ca: Optional[str] = None
     auth_token_file: Optional[str] = None
+    metrics: bool = True
+    access_log: Optional[str] = None
 
     # ---- checks ------------------------------------------------------------------------------
     def validate(self) -> None:
         for name, flag in (("max_body_bytes", "--max-body-mb"), ("max_header_bytes", None),
                            ("max_connections", "--max-connections"),
                            ("max_concurrent_requests", "--max-concurrent-requests"),
-                           ("max_tensor_elements", "--max-tensor-elements"), ("max_message_bytes", None),
+                           ("max_tensor_elements", "--max-tensor-elements"),
+                           ("max_request_elements", "--max-request-elements"),
+                           ("max_request_bytes", "--max-request-mb"),
+                           ("max_connections_per_client", "--max-connections-per-client"),
+                           ("max_message_bytes", None),
                            ("rest_workers", None), ("grpc_workers", None)):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ServingConfigError(f"{flag or name} must be a positive integer, not {v!r}")
-        for name, flag in (("read_timeout_s", "--read-timeout"), ("drain_timeout_s", "--drain-timeout")):
+        for name, flag in (("read_timeout_s", "--read-timeout"), ("drain_timeout_s", "--drain-timeout"),
+                           ("request_timeout_s", "--request-timeout"),
+                           ("handshake_timeout_s", "--handshake-timeout")):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v <= 0:
                 raise ServingConfigError(f"{flag} must be a positive number of seconds, not {v!r}")
@@ -81,6 +111,13 @@ class ServerOptions:
                            ("--auth-token-file", self.auth_token_file)):
             if path:
                 _read_file(flag, path)
+        if self.access_log and self.access_log != "-":
+            try:
+                with open(self.access_log, "a"):
+                    pass
+            except OSError as e:
+                raise ServingConfigError(f"cannot append to --access-log {self.access_log}: "
+                                         f"{e.strerror or e} (pass a writable file, or '-' for stderr)") from None
 
     @property
     def tls(self) -> bool:
@@ -175,6 +212,15 @@ def _ssl_reason(e: BaseException) -> str:
     return getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
 
 
+def check_port(flag: str, port) -> None:
+    """A port is 0 (pick a free one) to 65535; None disables that API."""
+    if port is None:
+        return
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ServingConfigError(f"{flag} must be a port number from 0 to 65535 (0 picks a free one), "
+                                 f"not {port!r}")
+
+
 # ---- bind address ------------------------------------------------------------------------------
 def is_loopback(host: str) -> bool:
     """True when every address ``host`` resolves to is a loopback address."""
@@ -214,6 +260,18 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="largest REST request body in MiB (default %(default)g)")
     g.add_argument("--max-tensor-elements", type=int, default=d.max_tensor_elements,
                    help="most elements one input tensor may have (default %(default)d)")
+    g.add_argument("--max-request-elements", type=int, default=d.max_request_elements,
+                   help="most elements all input tensors of one request may have together (default %(default)d)")
+    g.add_argument("--max-request-mb", type=float, default=d.max_request_bytes / MiB,
+                   help="most MiB all input tensors of one request may take once decoded (default %(default)g)")
+    g.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
+                   help="seconds one request's model computation may run before it is cancelled "
+                        "(DEADLINE_EXCEEDED, REST 504; default %(default)g)")
+    g.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout_s,
+                   help="seconds a new connection has to finish TLS and send its first request's headers "
+                        "(default %(default)g)")
+    g.add_argument("--max-connections-per-client", type=int, default=d.max_connections_per_client,
+                   help="open REST connections from one client address (default %(default)d)")
     g.add_argument("--read-timeout", type=float, default=d.read_timeout_s,
                    help="seconds to receive a request's headers, and its body; also the keep-alive idle limit "
                         "(default %(default)g)")
@@ -223,12 +281,23 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="requests computed or queued at once, per API (default %(default)d)")
     g.add_argument("--drain-timeout", type=float, default=d.drain_timeout_s,
                    help="seconds in-flight requests get to finish on SIGTERM (default %(default)g)")
+    g = p.add_argument_group("operations")
+    g.add_argument("--no-metrics", dest="metrics", action="store_false",
+                   help=f"do not serve Prometheus metrics at {METRICS_PATH} on the REST port")
+    g.add_argument("--access-log", default=None, metavar="FILE",
+                   help="append one JSON line per request to FILE ('-': stderr); no bodies, no tokens")
 
 
 def options_from_args(a: argparse.Namespace) -> ServerOptions:
-    if not a.max_body_mb or a.max_body_mb <= 0:
-        raise ServingConfigError(f"--max-body-mb must be a positive number, not {a.max_body_mb!r}")
+    for flag, v in (("--max-body-mb", a.max_body_mb), ("--max-request-mb", a.max_request_mb)):
+        if not v or v <= 0:
+            raise ServingConfigError(f"{flag} must be a positive number, not {v!r}")
     o = ServerOptions(max_body_bytes=int(a.max_body_mb * MiB), max_tensor_elements=a.max_tensor_elements,
+                      max_request_elements=a.max_request_elements,
+                      max_request_bytes=int(a.max_request_mb * MiB), request_timeout_s=a.request_timeout,
+                      handshake_timeout_s=a.handshake_timeout,
+                      max_connections_per_client=a.max_connections_per_client,
+                      metrics=a.metrics, access_log=a.access_log,
                       read_timeout_s=a.read_timeout, max_connections=a.max_connections,
                       max_concurrent_requests=a.max_concurrent_requests, drain_timeout_s=a.drain_timeout,
                       tls_cert=a.tls_cert, tls_key=a.tls_key, tls_client_ca=a.tls_client_ca,

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
+import grpc
 import numpy as np
 
 from .errors import ServingError, invalid_argument, not_found
@@ -124,15 +125,26 @@ class Signature:
                 raise invalid_argument(f"input '{k}': shape {list(v.shape)} is not compatible with the "
                                        f"signature's {['?' if d < 0 else d for d in dims]}")
 
-    def __call__(self, inputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def __call__(self, inputs: Mapping[str, np.ndarray], timeout_s: Optional[float] = None,
+                 watchdog=None) -> Dict[str, np.ndarray]:
+        """Run the signature; a call running longer than ``timeout_s`` is cancelled by ``watchdog``
+        (a :class:`serving.deadline.Watchdog`) and fails with DEADLINE_EXCEEDED."""
+        from .deadline import cancellable, timeout_error
+
         tf = self._tf
         feed = {k: tf.constant(v, dtype=self.inputs[k]) for k, v in inputs.items()}
         try:
-            if self._flat_order is not None and set(feed) == set(self._flat_order):
-                self._check_shapes(inputs)
-                out = self.fn._call_flat([feed[k] for k in self._flat_order], self.fn.captured_inputs)
-            else:
-                out = self.fn(**feed)
+            with cancellable(timeout_s, watchdog) as cm:
+                try:
+                    if self._flat_order is not None and set(feed) == set(self._flat_order):
+                        self._check_shapes(inputs)
+                        out = self.fn._call_flat([feed[k] for k in self._flat_order], self.fn.captured_inputs)
+                    else:
+                        out = self.fn(**feed)
+                except tf.errors.CancelledError:
+                    if cm is not None and cm.is_cancelled:
+                        raise timeout_error(timeout_s) from None
+                    raise
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
             msg = getattr(e, "message", None) or str(e)
             raise invalid_argument(msg.strip()) from None
@@ -191,7 +203,8 @@ class Servable:
         if sig is None:
             if rest:  # http_rest_api_handler.cc GetInfoMap
                 raise invalid_argument(f'Serving signature name: "{name}" not found in signature def')
-            raise invalid_argument(f'Serving signature key "{name}" not found.')
+            # predict_util.cc: FailedPrecondition (REST answers 400 either way)
+            raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{name}" not found.')
         return sig
 
     def unload(self) -> None:
@@ -397,6 +410,14 @@ class ModelRepository:
             s.refs -= 1
             if s.refs == 0 and s.state == UNLOADING:
                 s.unload()
+
+    def model_names_known(self) -> List[str]:
+        """Every model name that has had a version (loaded or not), for status and metrics."""
+        with self._lock:
+            return sorted(self._history)
+
+    def knows(self, name: str) -> bool:
+        return name in self._history
 
     def model_names_loaded(self) -> List[str]:
         with self._lock:

@@ -49,10 +49,18 @@ def is_api_path(path: str) -> bool:
 class RestApi:
     """Maps (method, path, body) to (http status, JSON-able body), raising ServingError on failure."""
 
-    def __init__(self, core: InferenceCore, max_elements: Optional[int] = None):
+    def __init__(self, core: InferenceCore, max_elements: Optional[int] = None,
+                 max_request_elements: Optional[int] = None, max_request_bytes: Optional[int] = None):
         self.core = core
         self.repo = core.repo
         self.max_elements = max_elements
+        self.max_request_elements = max_request_elements
+        self.max_request_bytes = max_request_bytes
+
+    def _inputs(self, doc: dict, sig):
+        inputs, fmt = codec.predict_request_from_json(doc, sig.np_inputs, self.max_elements)
+        codec.check_array_totals(inputs, self.max_request_elements, self.max_request_bytes)
+        return inputs, fmt
 
     def route(self, method: str, path: str) -> Route:
         malformed = invalid_argument(f"Malformed request: {method} {path}")
@@ -104,7 +112,7 @@ class RestApi:
         s = self.repo.acquire(r.name, r.version, r.label)
         try:
             sig = s.signature(sig_name, rest=True)
-            inputs, fmt = codec.predict_request_from_json(doc, sig.np_inputs, self.max_elements)
+            inputs, fmt = self._inputs(doc, sig)
         except BaseException:
             self.repo.release(s)
             raise
@@ -132,7 +140,7 @@ class RestApi:
         sig_name = codec.signature_name_of(doc)
         with self.repo.handle(name, version, label) as s:
             sig = s.signature(sig_name, rest=True)
-            inputs, fmt = codec.predict_request_from_json(doc, sig.np_inputs, self.max_elements)
+            inputs, fmt = self._inputs(doc, sig)
             out = self.core.predict(s, sig, inputs)
         return codec.predict_response_to_json(out, fmt)
 

@@ -22,7 +22,7 @@ import threading
 from typing import Callable, List, Optional, Union
 
 from .errors import PortInUseError, ServingConfigError
-from .options import ServerOptions, add_server_flags, check_bind_allowed, options_from_args
+from .options import ServerOptions, add_server_flags, check_bind_allowed, check_port, options_from_args
 
 DEFAULT_REST_PORT = 8501
 DEFAULT_GRPC_PORT = 8500
@@ -107,6 +107,7 @@ class ModelServer:
         self.log = log
         self.repo = None
         self.core = None
+        self.observer = None
         self.batcher = None
         self._rest = None
         self._grpc = None
@@ -122,6 +123,8 @@ class ModelServer:
         if self.backend == "tfserving":
             raise ServingConfigError(TFSERVING_REFUSED)
         self.options.validate()
+        check_port("--rest-port", self._req_rest)
+        check_port("--grpc-port", self._req_grpc)
         check_bind_allowed(self.host, self.options)
         if not os.path.isdir(self.serving_dir):
             raise ServingConfigError(
@@ -155,16 +158,21 @@ class ModelServer:
         batch_args = self.batching if isinstance(self.batching, dict) else {}
         if self.batching:
             self.batcher = Batcher(**batch_args)
-        self.core = InferenceCore(self.repo, self.batcher)
+        self.core = InferenceCore(self.repo, self.batcher, timeout_s=self.options.request_timeout_s)
+        from .observe import Observer
+
+        self.observer = Observer(self.options.metrics, self.options.access_log, repo_fn=lambda: self.repo)
         # Bind both ports before loading models, so a taken port fails in milliseconds.
         if self._req_rest is not None:
             self._rest = HttpServer(self.host, self._req_rest,
-                                    RestApi(self.core, self.options.max_tensor_elements), self.options,
-                                    batching=bool(self.batching), batcher_args=batch_args)
+                                    RestApi(self.core, self.options.max_tensor_elements,
+                                            self.options.max_request_elements, self.options.max_request_bytes),
+                                    self.options,
+                                    batching=bool(self.batching), batcher_args=batch_args, observer=self.observer)
             self.rest_port = self._rest.port
         if self._req_grpc is not None:
             _check_port_free("gRPC", self.host, self._req_grpc, "--grpc-port")
-            self._grpc = GrpcServer(self.host, self._req_grpc, self.core, self.options)
+            self._grpc = GrpcServer(self.host, self._req_grpc, self.core, self.options, self.observer)
             self.grpc_port = self._grpc.port
         self.repo.load_initial()
         # TensorFlow and the loaded models are millions of long-lived Python objects: out of the garbage
@@ -184,8 +192,12 @@ class ModelServer:
         sec = ", ".join(x for x in ("TLS" if self.options.tls else "",
                                     "mutual TLS" if self.options.tls_client_ca else "",
                                     "bearer-token auth" if self.options.auth else "") if x) or "plaintext"
+        from .options import METRICS_PATH
+
+        metrics = (f", metrics {scheme}://{self.host}:{self.rest_port}{METRICS_PATH}"
+                   if self.options.metrics and self._rest is not None else "")
         self.log(f"{PREFIX}models {loaded}; REST {scheme}://{self.host}:{self.rest_port}/v1/models/<name>, "
-                 f"gRPC {self.host}:{self.grpc_port} ({sec})")
+                 f"gRPC {self.host}:{self.grpc_port}{metrics} ({sec})")
 
     def stop(self, drain_timeout_s: Optional[float] = None) -> None:
         """Stop everything this server started (idempotent). Both APIs stop accepting at once and get
@@ -203,6 +215,10 @@ class ModelServer:
             t.join()
         if self.repo is not None:
             self.repo.stop()
+        if self.core is not None:
+            self.core.stop()
+        if self.observer is not None:
+            self.observer.close()
         self._started = False
         self._stopped.set()
 

@@ -2,6 +2,8 @@
 directories built from them, and a server factory that always stops what it started."""
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 
 import pytest
@@ -51,3 +53,54 @@ def start_server():
     finally:
         for s in started:
             s.stop()
+
+
+def _cert(subject, issuer_name, issuer_key, key, *, ca=False, server=False):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    b = (x509.CertificateBuilder()
+         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+         .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if server:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                            critical=False)
+        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    elif not ca:
+        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    d = tmp_path_factory.mktemp("pki")
+    out = {}
+
+    def write(name, cert, key):
+        (d / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (d / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+        out[name] = (str(d / f"{name}.pem"), str(d / f"{name}.key"))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("privtrain test CA", "privtrain test CA", ca_key, ca_key, ca=True)
+    write("ca", ca, ca_key)
+    for name, server in (("server", True), ("client", False)):
+        k = ec.generate_private_key(ec.SECP256R1())
+        write(name, _cert(name, "privtrain test CA", ca_key, k, server=server), k)
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    k = ec.generate_private_key(ec.SECP256R1())
+    write("stranger", _cert("stranger", "someone else", other_key, k), k)
+    out["dir"] = d
+    return out

@@ -92,7 +92,7 @@ def test_padding_may_not_blow_up_a_small_message(tmp_path, model_templates, star
 
     push_version(tmp_path, model_templates, "adult", 1, "a")
     s = start_server(str(tmp_path), rest_port=None, poll_interval_s=0, max_tensor_elements=10 ** 9,
-                     max_message_bytes=1 << 20)
+                     max_request_elements=10 ** 9, max_request_bytes=1 << 40, max_message_bytes=1 << 20)
     with grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}") as ch:
         req = request()
         t = req.inputs["examples"]

@@ -229,10 +229,10 @@ def test_connection_and_request_limits(make_serving_dir, start_server, monkeypat
     release, entered = threading.Event(), threading.Event()
     original = Signature.__call__
 
-    def held(self, inputs):
+    def held(self, inputs, **kw):
         entered.set()
         release.wait(60)
-        return original(self, inputs)
+        return original(self, inputs, **kw)
 
     monkeypatch.setattr(Signature, "__call__", held)
     first = {}

@@ -400,3 +400,17 @@ def test_jobs_two_workers_share_the_cached_upstream(sample, tmp_path):
     for point in ("dp_sgd_eps=1_rep=1", "dp_sgd_eps=1_rep=2"):
         log = open(os.path.join(work, "logs", point + ".log")).read()
         assert log.count("cached result reused") >= 5 and "Trainer finished" in log
+
+
+def test_study_accepts_simulation_config_names(tmp_path):
+    """``Study(data_dir=..., output_dir=...)`` is ``Study(data=..., output=...)`` (SimulationConfig's names)."""
+    from simulations import Study
+    from simulations.study.spec import StudyError
+
+    out = str(tmp_path / "out")
+    adult = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data", "adult")
+    a = Study(data=adult, output=out, trainers="dp_sgd", epsilons=[1], seeds=1).spec
+    b = Study(data_dir=adult, output_dir=out, trainers="dp_sgd", epsilons=[1], seeds=1).spec
+    assert a == b and b.output == out and b.data.endswith("adult")
+    with pytest.raises(StudyError, match="data= or data_dir="):
+        Study(data=adult, data_dir="elsewhere", output=out)
