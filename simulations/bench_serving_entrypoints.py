@@ -17,7 +17,7 @@ export_demo_model(os.path.join(work, "serving", "adult", "1"))
 env = dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="3")
 env.pop("TF_ENABLE_ONEDNN_OPTS", None)
 if mode == "cli":
-    cmd = [sys.executable, "-m", "pipeline.cli", "serve", "--workdir", work, "--rest-port", "0", "--grpc-port", "0"]
+    cmd = [sys.executable, "-m", "privtrain_cli", "serve", "--workdir", work, "--rest-port", "0", "--grpc-port", "0"]
 else:
     cmd = [sys.executable, "-m", "serving.server", "--serving-dir", work + "/serving", "--rest-port", "0", "--grpc-port", "0",
            "--poll-interval", "0"]

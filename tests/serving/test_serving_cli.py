@@ -23,7 +23,7 @@ def _env():
 
 
 def _cli(*args, timeout=180):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "privtrain_cli", *args], capture_output=True, text=True,
                           env=_env(), timeout=timeout, cwd=ROOT)
 
 
@@ -39,7 +39,7 @@ def test_privtrain_serve_turns_onednn_off_like_the_module(tmp_path, model_templa
     """The CLI imports TensorFlow while building its parser; `serve` now sets TF_ENABLE_ONEDNN_OPTS=0
     first, so the server does not report that large requests' memory stays in oneDNN's pool."""
     push_version(tmp_path / "serving", model_templates, "adult", 1, "a")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--workdir", str(tmp_path),
+    proc = subprocess.Popen([sys.executable, "-m", "privtrain_cli", "serve", "--workdir", str(tmp_path),
                              "--rest-port", "0", "--grpc-port", "0"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
     lines = []
