@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import dp_accounting
 from dp_accounting import mechanism_calibration
 
-from dp_training import accountants, accounting, events
+from dp_training import accountants, sgd_events as accounting, events
 
 DEFAULT_MIN_NOISE = 0.3
 DEFAULT_MAX_NOISE = 100.0

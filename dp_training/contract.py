@@ -26,7 +26,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optio
 import dp_accounting
 import numpy as np
 
-from dp_training.dataset import PrivacyDeclaration
+from core.dataset import PrivacyDeclaration
 
 
 @dataclasses.dataclass(frozen=True)

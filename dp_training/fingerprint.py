@@ -1,6 +1,6 @@
 """A digest of a data set's training content, for the ledger's copy check (``docs/ledger.md``).
 
-``content_digest(spec)`` reads the training split with the one data-set reader (``dp_training.dataset``) and
+``content_digest(spec)`` reads the training split with the one data-set reader (``core.dataset``) and
 returns SHA-256 over the *sorted multiset* of per-row digests: a row is its parsed cells (``parse_row``:
 stripped, missing token and label spelling normalised) for tabular data, its label and pixel bytes for image
 data. The same rows in another order, in other files, with other whitespace, line endings or a byte-order mark
@@ -16,7 +16,7 @@ import hashlib
 import json
 from typing import Optional
 
-from dp_training.dataset import DatasetSpec, iter_file_rows, read_images
+from core.dataset import DatasetSpec, iter_file_rows, read_images
 
 DOMAIN = b"privtrain-training-content/1"
 

@@ -1,6 +1,6 @@
 """The platform's one model builder (every trainer kind gets it through ``TrainerContext.build_model``).
 
-Scaled numerics (``dp_training.features``: public ranges -> [0, 1]) standardised with the DP normalisation
+Scaled numerics (``core.features``: public ranges -> [0, 1]) standardised with the DP normalisation
 (fixed Normalization layers, no trainable weights) + one-hot categoricals over the public domains ->
 Concatenate -> Dense(ReLU)... -> one logit. Only Dense layers carry trainable weights, which is what DP-SGD's
 fast gradient clipping, TFF and TF-Encrypted need.
@@ -11,8 +11,8 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import tensorflow as tf
 
-from dp_training.dataset import DatasetSpec
-from dp_training.features import NUM_OOV_BUCKETS, categorical_key, numeric_key
+from core.dataset import DatasetSpec
+from core.features import NUM_OOV_BUCKETS, categorical_key, numeric_key
 from dp_training.preprocessing import NormalizationStats
 
 

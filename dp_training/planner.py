@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from dp_training.dataset import DatasetSpec
+from core.dataset import DatasetSpec
 from dp_training.protocol import PlanError, RunPlan, plan_run
 
 
@@ -64,7 +64,7 @@ class Tabular(Modality):
     name = "tabular"
 
     def preprocessing(self, spec: DatasetSpec, options: PlanOptions) -> Preprocessing:
-        from dp_training.features import numeric_key
+        from core.features import numeric_key
 
         keys = options.numeric_keys
         if keys is None:
@@ -108,7 +108,7 @@ def exact_rows(spec: DatasetSpec) -> Optional[int]:
     """The training split's row count where the relation makes it public (replace_one), else None."""
     if spec.require_privacy().relation != "replace_one":
         return None
-    from dp_training.dataset import read_rows
+    from core.dataset import read_rows
 
     return int(read_rows(spec, "train").num_rows)
 

@@ -23,7 +23,7 @@ import dp_accounting
 
 from dp_training import accountants, events as ev
 from dp_training.contract import PlanInputs, TrainingOutcome, TrainingPlan
-from dp_training.dataset import DatasetSpec, PrivacyDeclaration
+from core.dataset import DatasetSpec, PrivacyDeclaration
 from dp_training.guarantee import Guarantee, Mechanism
 from dp_training.preprocessing import NormalizationPlan, plan_normalization
 
@@ -441,7 +441,7 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
                          numeric_keys: Optional[Sequence[str]] = None, preprocessing=None,
                          model_builder=None, plan_options=None) -> PrivateRunResult:
     """The whole protocol for one run on model inputs already transformed with the public transform
-    (``dp_training.features``): plan -> reserve -> DP normalisation -> train -> finish -> guarantee.
+    (``core.features``): plan -> reserve -> DP normalisation -> train -> finish -> guarantee.
 
     Used by the pipeline's Trainer executor and by code that trains without TFX (benchmarks, studies,
     the federated simulator): the same plan, ledger rules and guarantee everywhere. ``numeric_keys``: the
@@ -534,7 +534,7 @@ def _insert_canaries(spec: DatasetSpec, train_x, train_y, m: int):
     import numpy as np
 
     from dp_training import audit
-    from dp_training.features import categorical_key, numeric_key
+    from core.features import categorical_key, numeric_key
     from dp_training.model import bucket_sizes
 
     buckets = bucket_sizes(spec)

@@ -30,7 +30,7 @@ What the accounting assumes, and how the trainer makes it true
   ``B_t / (q n)``, exactly undoing it.
 * ``sampling="shuffle"``: each epoch is a fresh permutation cut into ``n // batch_size`` batches of
   exactly ``batch_size`` rows (the remainder is dropped); accounted with no amplification (one
-  Gaussian release per epoch), see ``dp_training.accounting``. Only under replace-one (n public, so
+  Gaussian release per epoch), see ``dp_training.sgd_events``. Only under replace-one (n public, so
   the batch layout is the same for neighbours; the sensitivity is 2C, which the accountant applies).
 * The epsilon returned is computed from the steps actually run.
 
@@ -53,7 +53,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional
 
 import numpy as np
 
-from dp_training import accounting, calibration, events, secure_noise
+from dp_training import sgd_events as accounting, calibration, events, secure_noise
 from dp_training.contract import (ArgumentError, KindConfig, PlanInputs, TrainerContext, TrainerKind, TrainingInterrupted,
                                   TrainingOutcome, TrainingPlan, parse_bool, parse_choice, parse_number, parse_whole)
 

@@ -1,8 +1,8 @@
 """Raw rows -> model inputs for pipeline-free federated runs, with the platform's one reader and transform.
 
-``load_tabular(dir)`` reads ``dataset.json`` (``dp_training.dataset.load_dataset``), every row of both splits
-with the ingestion's row rule (``dp_training.dataset.read_rows``: malformed rows stop the load with file and
-line, none is dropped), and applies the public transform (``dp_training.features.transform_columns``: public
+``load_tabular(dir)`` reads ``dataset.json`` (``core.dataset.load_dataset``), every row of both splits
+with the ingestion's row rule (``core.dataset.read_rows``: malformed rows stop the load with file and
+line, none is dropped), and applies the public transform (``core.features.transform_columns``: public
 domains and ranges, nothing estimated from the rows). The model is ``dp_training.model.build_model``, with the
 DP normalisation released by the privacy protocol (``federated.simulate``).
 """
@@ -13,8 +13,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from dp_training.dataset import DatasetSpec, load_dataset, read_rows
-from dp_training.features import transform_columns
+from core.dataset import DatasetSpec, load_dataset, read_rows
+from core.features import transform_columns
 
 
 @dataclasses.dataclass

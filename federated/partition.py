@@ -21,7 +21,7 @@ between clients), for non-private runs only:
 * ``dirichlet:ALPHA``: label skew by cutting each label's permuted rows by Dirichlet proportions; empty
   shards are refilled with one row from the largest shard.
 
-A row's "content" is its model input (the public transform of the raw row, ``dp_training.features``) and its
+A row's "content" is its model input (the public transform of the raw row, ``core.features``) and its
 label: a deterministic function of the row alone.
 """
 from __future__ import annotations
@@ -178,8 +178,8 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random
 
 # ------------------------------------------------------------------------------------------- dispatch
 def column_feature(features: Mapping[str, np.ndarray], name: str) -> str:
-    """The model input of raw column ``name`` (``dp_training.features`` naming: NAME_id / NAME_z)."""
-    from dp_training.features import categorical_key, numeric_key
+    """The model input of raw column ``name`` (``core.features`` naming: NAME_id / NAME_z)."""
+    from core.features import categorical_key, numeric_key
 
     for key in (categorical_key(name), numeric_key(name), name):
         if key in features:

@@ -52,7 +52,7 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print, da
     ``data`` (a :class:`federated.data.TabularData` of the same ``data_dir``) skips loading, e.g. to reuse one
     load across runs. ``ledger``: a ``dp_training.ledger.Ledger`` (default: ``privacy["ledger"]`` or the default
     ledger path)."""
-    from dp_training.features import numeric_key
+    from core.features import numeric_key
     from dp_training.protocol import not_covered, planning_rows, run_private_training
     from federated.data import load_tabular
     from federated.trainer import FederatedTrainer, resolve_partition_clients

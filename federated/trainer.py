@@ -80,7 +80,7 @@ def trainer_args(namespace: argparse.Namespace) -> Dict[str, Any]:
         args["dp_noise_multiplier"] = AUTO
     data = getattr(namespace, "data", None)
     if data and str(args.get("partition", "")).startswith("column:"):
-        from dp_training.dataset import load_dataset
+        from core.dataset import load_dataset
 
         args = resolve_partition_clients(load_dataset(data), args)
     return args
@@ -398,7 +398,7 @@ def _model_key(model, element_keys) -> str:
 
 
 def _one_hot_tokens(model, column: str) -> Optional[int]:
-    from dp_training.features import categorical_key
+    from core.features import categorical_key
 
     try:
         return int(model.get_layer(f"{categorical_key(column)}_one_hot").get_config()["num_tokens"])

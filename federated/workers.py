@@ -123,14 +123,14 @@ def start_local_workers(n: int, max_concurrent: int = -1, log=None) -> List[subp
 
     TFF's ``worker_binary`` listens on every interface and runs whatever computation a client sends (it has no
     bind address and no authentication), and a worker holds its clients' rows. The workers therefore run in
-    one private network namespace (``dp_training/netns.py``) whose only interface is its own loopback; each is
+    one private network namespace (``core/netns.py``) whose only interface is its own loopback; each is
     reached through a Unix socket in a 0700 directory (``federated/unix_forward.py`` inside the namespace), so
     ``proc.address`` is ``unix:/tmp/privtrain-fed-.../worker-I.sock`` and no other user, host or container can
     connect. Where no namespace can be made, workers listen on ``localhost:PORT`` and ``log`` gets a warning
     that their ports are open. On any failure the ones already started are stopped."""
     import tempfile
 
-    from dp_training.netns import PrivateNetwork
+    from core.netns import PrivateNetwork
 
     if n < 1:
         raise ValueError(f"--worker-processes must be >= 1, got {n}")

@@ -11,7 +11,7 @@ DEFAULT_DATA_DIR = os.path.join(PROJECT_ROOT, "data", "adult")
 DEFAULT_WORKDIR = os.path.join(os.getcwd(), "privtrain-work")
 # Code whose changes change Transform's or the Trainer's output (part of their cache keys).
 TRAINING_CODE = ("pipeline/transform.py", "pipeline/model.py", "pipeline/image_pipeline.py",
-                 "pipeline/trainer_executor.py", "pipeline/trainers", "dp_training", "federated")
+                 "pipeline/trainer_executor.py", "pipeline/trainers", "dp_training", "core", "federated")
 
 
 @dataclasses.dataclass(frozen=True)

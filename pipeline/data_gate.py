@@ -30,7 +30,7 @@ import os
 from collections import Counter
 from typing import Dict, Iterable, List, Optional
 
-from dp_training.dataset import DESCRIPTION_FILE, DatasetError, DatasetSpec, RowError, parse_row
+from core.dataset import DESCRIPTION_FILE, DatasetError, DatasetSpec, RowError, parse_row
 
 
 class IngestionError(DatasetError):
@@ -45,7 +45,7 @@ STATISTICS = ("infinity_norm", "jensen_shannon_divergence")
 
 
 def clean_row(spec: DatasetSpec, cells: List[str], where: str) -> List[str]:
-    """Strips cells, maps the missing token to '' and the label to '0'/'1' (``dp_training.dataset.parse_row``,
+    """Strips cells, maps the missing token to '' and the label to '0'/'1' (``core.dataset.parse_row``,
     the platform's one row parser)."""
     try:
         return parse_row(spec, cells, where)
@@ -121,7 +121,7 @@ def readable_rows(spec: DatasetSpec, split: str) -> int:
     exact count under ``replace_one`` (damaged rows are placeholders there, so it counts every data line)."""
     private = is_private_split(spec, split)
     if spec.is_image:
-        from dp_training.dataset import read_images
+        from core.dataset import read_images
 
         return int(len(read_images(spec, split, row_local={} if private else None).labels))
     n = 0
@@ -171,7 +171,7 @@ def check_raw_data(spec: DatasetSpec) -> Dict[str, Dict]:
     "dropped": {reason: count}, "unparsed_numeric_cells": {column: count}}``; the runner writes it to the
     workdir's private directory, nothing prints or publishes it."""
     load_comparators(spec)  # a bad "validation" section is refused here too
-    if spec.is_image:  # IDX files: headers, shapes, counts, labels (dp_training.dataset.read_images)
+    if spec.is_image:  # IDX files: headers, shapes, counts, labels (core.dataset.read_images)
         return check_image_files(spec)
     out = {}
     for split in sorted(spec.splits):
@@ -263,7 +263,7 @@ def check_image_files(spec: DatasetSpec) -> Dict[str, Dict]:
     """The structural gate of an image data set: every split's two IDX files read and checked (file-level
     problems stop the run; on a private split an example with a label outside the classes is dropped and
     pixels outside the declared range are clipped, counted privately)."""
-    from dp_training.dataset import read_images
+    from core.dataset import read_images
 
     out = {}
     for split in sorted(spec.splits):

@@ -64,7 +64,7 @@ def _require_ledger(config: RunConfig, explicit_ledger) -> None:
 def export(orchestrator: str, config: RunConfig, output: str, image: str = "privtrain:latest",
            explicit_ledger=None) -> str:
     """Writes the compiled pipeline to ``output``; returns the lines to print."""
-    from dp_training.dataset import load_dataset
+    from core.dataset import load_dataset
 
     import dataclasses
 
@@ -136,7 +136,7 @@ PRIVTRAIN_ROOT = os.environ.get("PRIVTRAIN_ROOT", {root!r})
 if PRIVTRAIN_ROOT not in sys.path:
     sys.path.insert(0, PRIVTRAIN_ROOT)
 
-from dp_training.dataset import load_dataset  # noqa: E402
+from core.dataset import load_dataset  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.pipeline_def import create_pipeline  # noqa: E402
 

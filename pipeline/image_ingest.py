@@ -2,7 +2,7 @@
 IDX files.
 
 Each split's pattern matches one IDX images file and one IDX labels file (gzip'd or not); both are read and
-checked by the platform's one reader (``dp_training.dataset.read_images``: magic number, dimensions, counts,
+checked by the platform's one reader (``core.dataset.read_images``: magic number, dimensions, counts,
 labels within the declared classes; errors name the file). Every image becomes a ``tf.Example`` with the raw
 pixels as an int64 list (``height * width * channels`` values, row-major) and the label as one int64 class id,
 so StatisticsGen/ExampleValidator see the pixel range, the shape (value count) and the label domain.
@@ -17,7 +17,7 @@ import tensorflow as tf
 from tfx.components.example_gen.base_example_gen_executor import BaseExampleGenExecutor
 from tfx.types import standard_component_specs
 
-from dp_training.dataset import read_images
+from core.dataset import read_images
 from pipeline.data_gate import IngestionError, is_private_split
 from pipeline.ingest import spec_from_exec_properties
 

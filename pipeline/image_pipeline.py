@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_analysis as tfma
 
-from dp_training.dataset import DatasetSpec
+from core.dataset import DatasetSpec
 
 PIXELS_FEATURE = "pixels"
 PREPROCESSING_FILE = "preprocessing.json"
@@ -163,7 +163,7 @@ def export_image_model(model, spec: DatasetSpec, model_name: str, serving_model_
 def predict_images(version_dir: str, dataset: Dict, input_file: str, limit: Optional[int] = None) -> Dict:
     """``privtrain predict --input FILE`` for an image model: FILE is an IDX images file (gzip'd or not) of the
     model's shape; a labels file beside it is not needed. Returns class probabilities per image."""
-    from dp_training.dataset import read_idx
+    from core.dataset import read_idx
 
     spec = DatasetSpec.from_json_dict({**dataset, "directory": os.path.dirname(os.path.abspath(input_file))})
     images = read_idx(input_file)
@@ -171,7 +171,7 @@ def predict_images(version_dir: str, dataset: Dict, input_file: str, limit: Opti
     if images.ndim == 3 and c == 1:
         images = images[..., None]
     if images.shape[1:] != (h, w, c):
-        from dp_training.dataset import IdxError
+        from core.dataset import IdxError
         raise IdxError(f"{os.path.basename(input_file)}: images are {'x'.join(map(str, images.shape[1:]))}, the "
                        f"model takes {h}x{w}x{c}")
     if limit:

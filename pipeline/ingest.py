@@ -24,7 +24,7 @@ from tfx.proto import example_gen_pb2
 from tfx.types import standard_component_specs
 from tfx.utils import proto_utils
 
-from dp_training.dataset import DatasetSpec
+from core.dataset import DatasetSpec
 from pipeline.data_gate import (IngestionError, check_raw_data, clean_row, is_private_split,  # noqa: F401
                                 iter_raw_rows, split_of_pattern)
 from pipeline.data_gate import FLOAT, INT, STRING, as_declared, declared_types  # noqa: F401

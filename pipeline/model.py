@@ -20,9 +20,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from dp_training.dataset import DatasetSpec
+from core.dataset import DatasetSpec
 from dp_training.preprocessing import NormalizationStats
-from dp_training.features import NUM_OOV_BUCKETS, categorical_key, numeric_key
+from core.features import NUM_OOV_BUCKETS, categorical_key, numeric_key
 from dp_training.model import bucket_sizes, build_model  # noqa: F401  (re-exported for the pipeline)
 
 PREPROCESSING_FILE = "preprocessing.json"

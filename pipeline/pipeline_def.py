@@ -14,7 +14,7 @@ from tfx.proto import example_gen_pb2
 
 from pipeline.beam_options import beam_pipeline_args
 from pipeline.config import RunConfig, code_version
-from dp_training.dataset import DatasetSpec
+from core.dataset import DatasetSpec
 from pipeline.image_ingest import IdxExampleGenExecutor
 from pipeline.ingest import DelimitedExampleGenExecutor, spec_to_custom_config
 from pipeline.trainer_executor import PrivacyRecordingTrainerExecutor

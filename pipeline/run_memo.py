@@ -50,7 +50,7 @@ def _code_hash() -> str:
 
 
 def _data_files(spec) -> Iterable[str]:
-    from dp_training.dataset import DESCRIPTION_FILE
+    from core.dataset import DESCRIPTION_FILE
 
     yield os.path.join(spec.directory, DESCRIPTION_FILE)
     if spec.schema_path:

@@ -11,7 +11,7 @@ import time
 from typing import Dict, List, Optional
 
 from pipeline.config import RunConfig
-from dp_training.dataset import load_dataset
+from core.dataset import load_dataset
 from pipeline.metadata import (ComponentRecord, components_of_run, custom_properties, load_slice_metrics, open_store,
                                run_context_ids)
 from pipeline.pipeline_def import create_pipeline

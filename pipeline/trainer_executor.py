@@ -28,7 +28,7 @@ from tfx.components.trainer.fn_args_utils import FnArgs
 from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import path_utils
 
-from dp_training.dataset import DatasetSpec
+from core.dataset import DatasetSpec
 from dp_training.guarantee import Guarantee
 from dp_training.protocol import not_covered, run_private_training
 from pipeline.model import export_serving_model

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from dp_training.dataset import CategoricalDomain, DatasetSpec
-from dp_training.features import categorical_key, numeric_key
+from core.dataset import CategoricalDomain, DatasetSpec
+from core.features import categorical_key, numeric_key
 
 
 def _squeeze_dense(x: tf.Tensor) -> tf.Tensor:

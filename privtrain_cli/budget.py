@@ -43,7 +43,7 @@ def _budget_source(args):
         return args.source, {}
     if args.data is None:
         return None, {}
-    from dp_training.dataset import DESCRIPTION_FILE, DatasetError, load_dataset
+    from core.dataset import DESCRIPTION_FILE, DatasetError, load_dataset
 
     spec = load_dataset(args.data)
     path = os.path.join(spec.directory, DESCRIPTION_FILE)

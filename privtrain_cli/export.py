@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     """``privtrain export``: builds the run's configuration as `privtrain run` does, then compiles it."""
-    from dp_training.dataset import DatasetError
+    from core.dataset import DatasetError
     from dp_training.ledger import LedgerError
     from pipeline.export import ExportError, export
 

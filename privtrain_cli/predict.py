@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from dp_training.dataset import DatasetError
+    from core.dataset import DatasetError
     from encrypted_serving.preprocessing import PreprocessingError
     from pipeline.config import RunConfig
     from pipeline.predict import (PredictError, check_input_file, format_predictions, latest_pushed_model,

@@ -172,7 +172,7 @@ def run_options(args) -> Dict[str, Any]:
 
 def check_image_run(spec, args) -> None:
     """Refuses flag combinations an image data set cannot run with (one line, nothing trained)."""
-    from dp_training.dataset import DatasetError
+    from core.dataset import DatasetError
 
     if not spec.is_image:
         raise DatasetError(f"--model {args.model} is for image data sets; {spec.name} is tabular (drop --model, its "
@@ -209,7 +209,7 @@ def run_config(args):
     get_trainer(args.trainer).config(trainer_args)   # parsed and validated once: a bad flag is one line here
     image = {}
     if getattr(args, "data", None):
-        from dp_training.dataset import load_dataset
+        from core.dataset import load_dataset
 
         if load_dataset(args.data).is_image:  # the model's published defaults under the flags given
             trainer_args, image = image_run_options(args, trainer_args)
@@ -227,7 +227,7 @@ def run_config(args):
 
 
 def run(args) -> int:
-    from dp_training.dataset import DatasetError, load_dataset
+    from core.dataset import DatasetError, load_dataset
 
     try:
         spec = load_dataset(args.data)

@@ -7,8 +7,8 @@ honest relation, DP vs non-private epoch time, and the empirical audit's lower b
     PYTHONPATH=. python simulations/bench_dp.py audit   [--canaries 1000]
     PYTHONPATH=. python simulations/bench_dp.py all
 
-Every private run here is the pipeline's own path minus TFX: the one reader (``dp_training.dataset.read_rows``),
-the public transform (``dp_training.features``), and ``dp_training.protocol.run_private_training`` (plan from
+Every private run here is the pipeline's own path minus TFX: the one reader (``core.dataset.read_rows``),
+the public transform (``core.features``), and ``dp_training.protocol.run_private_training`` (plan from
 the public planning size, DP normalisation composed with DP-SGD, ledger, guarantee) with a throw-away ledger.
 Epsilon is the guarantee's: preprocessing + training, add/remove-one row, n private (q, steps and delta from
 ``public_row_estimate`` = 30,000), delta 1e-5. Train = adult.data (32,561 rows), test = adult.test (16,281).
@@ -38,8 +38,8 @@ DELTA = 1e-5
 
 
 def load(data_dir=os.path.join(REPO, "data", "adult")):
-    from dp_training.dataset import load_dataset, read_rows
-    from dp_training.features import transform_columns
+    from core.dataset import load_dataset, read_rows
+    from core.features import transform_columns
 
     spec = load_dataset(data_dir)
     out = []
@@ -87,7 +87,7 @@ def non_private(spec, train, test, epochs=20, batch=256, seed=0):
     import tensorflow as tf
     from dp_training.model import bucket_sizes, build_model
     from dp_training.preprocessing import NormalizationPlan, release_normalization
-    from dp_training.features import numeric_key
+    from core.features import numeric_key
 
     tf.random.set_seed(seed)
     keys = tuple(numeric_key(c) for c in spec.numeric_features)

@@ -7,7 +7,7 @@ epsilons and seeds, DP vs non-private seconds per epoch of one model side by sid
     PYTHONPATH=. python simulations/bench_images.py speed   [--model scatternet_linear] [--epochs 2]
     PYTHONPATH=. python simulations/bench_images.py pipeline [--workdir DIR]     # privtrain run, timed
 
-Every private run is the pipeline Trainer's own path minus TFX: the one reader (``dp_training.dataset
+Every private run is the pipeline Trainer's own path minus TFX: the one reader (``core.dataset
 .read_images``), the public pixel scaling, cached ScatterNet features, and ``dp_training.images
 .run_image_training`` -> ``dp_training.protocol.run_private_training`` (plan from the public planning size
 60,000, the DP per-channel normalisation composed with DP-SGD, a throw-away ledger, the guarantee). Epsilon is
@@ -40,7 +40,7 @@ DATA = os.path.join(REPO, "data", "fashion_mnist")
 
 
 def load(data_dir: str = DATA):
-    from dp_training.dataset import load_dataset, read_images
+    from core.dataset import load_dataset, read_images
     from dp_training.images import scaled_pixels
 
     spec = load_dataset(data_dir)

@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Lower number = lower layer. A package imports its own layer's package and lower layers only; packages that
 # share a layer do not import each other.
 LAYERS = {
-    "dp_training": 0,          # the privacy layer and the shared core (data sets, transform, models)
+    "core": -1,                # the shared core: data-set reader, public transform, process isolation
+    "dp_training": 0,          # the privacy layer (and the DP-SGD kind, model builders)
     "federated": 1, "serving": 1, "encrypted_serving": 1,
     "pipeline": 2,             # TFX only
     "simulations": 3,          # studies and benchmarks

@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from dp_training.netns import PrivateNetwork
+from core.netns import PrivateNetwork
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")

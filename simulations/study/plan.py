@@ -13,7 +13,7 @@ from simulations.study.spec import Point, StudyError, StudySpec
 @dataclasses.dataclass
 class StudyPlan:
     spec: StudySpec
-    dataset: Any                        # dp_training.dataset.DatasetSpec
+    dataset: Any                        # core.dataset.DatasetSpec
     points: List[Point]
     plans: Dict[str, Any]               # point id -> dp_training.protocol.RunPlan
     combined: Any                       # dp_training.protocol.CombinedPlan of the points still to run
@@ -90,7 +90,7 @@ def plan_study(spec: StudySpec, points: Sequence[Point], ledger=None,
     the whole study's composed cost, and checks the points still to run (``pending`` ids; default all) against
     the ledger, composed with what it already holds. Raises StudyError for a grid the privacy layer refuses,
     and the ledger's errors for a study it would refuse."""
-    from dp_training.dataset import DatasetError, load_dataset
+    from core.dataset import DatasetError, load_dataset
     from dp_training.planner import PlanOptions, plan_for
     from dp_training.protocol import PlanError, check_combined, combine_plans
     from pipeline.config import RunConfig

@@ -60,7 +60,7 @@ def pipeline_name(dataset_name: str) -> str:
 # One point (in this process or a worker)
 # ------------------------------------------------------------------------------------------------
 def run_point(spec: StudySpec, point: Point, store_dir: Optional[str] = None) -> Dict[str, Any]:
-    from dp_training.dataset import DatasetError, load_dataset
+    from core.dataset import DatasetError, load_dataset
     from dp_training.ledger import LedgerError
     from dp_training.protocol import DEFAULT_MIN_SLICE_SIZE
     from pipeline.config import RunConfig

@@ -5,7 +5,7 @@ import dp_accounting
 import numpy as np
 
 from dp_training.contract import PlanInputs, TrainerContext
-from dp_training.dataset import PrivacyDeclaration
+from core.dataset import PrivacyDeclaration
 
 
 def make_data(n: int, seed: int = 0):

@@ -1,4 +1,4 @@
-"""dp_training.accounting against independent computations."""
+"""dp_training.sgd_events against independent computations."""
 import math
 import re
 import sys
@@ -7,8 +7,8 @@ import dp_accounting
 import pytest
 from scipy import optimize, stats
 
-from dp_training import accounting
-from dp_training.accounting import compute_epsilon, dp_event
+from dp_training import sgd_events as accounting
+from dp_training.sgd_events import compute_epsilon, dp_event
 
 # TF Privacy's own statement, the independent reference. (Imported normally: TF Privacy's
 # ``sys.skip_tf_privacy_import`` switch would leave a half-initialised package for every later test.)

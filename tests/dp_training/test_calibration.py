@@ -1,7 +1,7 @@
 """Noise calibration for a target epsilon."""
 import pytest
 
-from dp_training.accounting import compute_epsilon
+from dp_training.sgd_events import compute_epsilon
 from dp_training.calibration import CalibrationError, calibrate_noise_multiplier
 
 

@@ -11,8 +11,8 @@ import pytest
 
 from dp_training import events as ev
 from dp_training.contract import ArgumentError
-from dp_training.dataset import load_dataset
-from dp_training.features import numeric_key
+from core.dataset import load_dataset
+from core.features import numeric_key
 from dp_training.protocol import plan_run
 from dp_training.trainer import DPSGDConfig, DPSGDTrainer
 from federated.simulate import DEFAULT_DATA, SimulationConfig

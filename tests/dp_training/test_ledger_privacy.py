@@ -13,7 +13,7 @@ import pytest
 
 from dp_training import events as ev
 from dp_training import ledger as ledger_mod
-from dp_training.dataset import load_dataset
+from core.dataset import load_dataset
 from dp_training.fingerprint import content_digest
 from dp_training.ledger import (BudgetRequest, KnownContentError, Ledger, LedgerTamperedError)
 from tests.conftest import make_adult_sample

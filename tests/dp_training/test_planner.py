@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from dp_training import events as ev
-from dp_training.dataset import load_dataset, read_rows
-from dp_training.features import transform_columns
+from core.dataset import load_dataset, read_rows
+from core.features import transform_columns
 from dp_training.protocol import run_private_training
 from pipeline.config import PROJECT_ROOT
 

@@ -12,8 +12,8 @@ import pytest
 
 from dp_training import accountants, events
 from dp_training.contract import TrainingInterrupted
-from dp_training.dataset import load_dataset, read_rows
-from dp_training.features import transform_columns
+from core.dataset import load_dataset, read_rows
+from core.features import transform_columns
 from dp_training.ledger import Ledger
 from dp_training.protocol import PlanError, run_private_training
 from dp_training.trainer import DPSGDTrainer

@@ -47,7 +47,7 @@ def test_shuffle_accounts_every_epoch_that_runs(n, batch, epochs):
 
 
 def test_an_interrupted_shuffle_run_reports_the_epochs_it_started():
-    from dp_training import accounting
+    from dp_training import sgd_events as accounting
 
     # 100 rows, batch 30: 3 steps per epoch; 4 steps have started a second epoch
     assert accounting.dp_event(2.0, 0.3, 4, "shuffle", per_epoch=3).count == 2

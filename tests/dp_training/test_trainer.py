@@ -8,7 +8,7 @@ import dp_accounting
 
 from tests.dp_training.synthetic import build_model, make_context, make_data, plan_inputs
 
-from dp_training import accounting  # noqa: E402
+from dp_training import sgd_events as accounting  # noqa: E402
 from dp_training import trainer as trainer_mod  # noqa: E402
 from dp_training.contract import TrainingInterrupted  # noqa: E402
 from dp_training.trainer import DPSGDTrainer, add_arguments, plan_training, trainer_args  # noqa

@@ -110,7 +110,7 @@ def test_permutation_dirichlet_disjoint_nonempty():
 
 
 def test_column_partition_one_client_per_public_value(adult):
-    from dp_training.features import categorical_key
+    from core.features import categorical_key
 
     key = categorical_key("native-country")
     domain = adult.spec.public_domains()["native-country"].values

@@ -8,8 +8,8 @@ import pytest
 
 from dp_training import accountants, events as ev
 from dp_training.contract import PlanInputs
-from dp_training.dataset import PrivacyDeclaration, load_dataset
-from dp_training.features import numeric_key
+from core.dataset import PrivacyDeclaration, load_dataset
+from core.features import numeric_key
 from dp_training.protocol import plan_run
 from federated import cli, trainer
 from federated.simulate import DEFAULT_DATA

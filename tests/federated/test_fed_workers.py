@@ -182,7 +182,7 @@ def test_ten_thousand_client_population_loads_cohorts_lazily_and_labels_the_nois
 
 
 def test_noise_cohort_plan_calibrates_the_deployment_and_refuses_misuse(adult):
-    from dp_training.features import numeric_key
+    from core.features import numeric_key
     from dp_training.protocol import deployment_epsilon, plan_run
     from federated.trainer import FederatedTrainer
 
@@ -254,7 +254,7 @@ def test_attack_local_workers_cannot_be_reached_from_outside_their_namespace(no_
     import socket
     import stat
 
-    from dp_training.netns import PrivateNetwork
+    from core.netns import PrivateNetwork
 
     with PrivateNetwork() as net:
         if not net.isolated:

@@ -166,8 +166,8 @@ def test_airflow_dag_file_builds_the_same_pipeline(sample, tmp_path):
 def test_an_exported_run_never_creates_a_ledger_and_refuses_a_swapped_one(sample, tmp_path):
     """Attack: the exported Trainer runs where the shared ledger volume is not mounted (or another file sits at
     its path). Without the export's guards it would start a fresh ledger with a fresh budget and train."""
-    from dp_training.dataset import load_dataset
-    from dp_training.features import numeric_key
+    from core.dataset import load_dataset
+    from core.features import numeric_key
     from dp_training.ledger import Ledger, LedgerTamperedError
     from dp_training.protocol import PlanError, RunProtocol, plan_run
     from pipeline.trainers import get_trainer

@@ -31,7 +31,7 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 @functools.lru_cache(maxsize=None)
 def _package_split(prefix: str):
-    from dp_training.dataset import read_idx
+    from core.dataset import read_idx
 
     return (read_idx(os.path.join(PACKAGE_DIR, f"{prefix}-images-idx3-ubyte.gz")),
             read_idx(os.path.join(PACKAGE_DIR, f"{prefix}-labels-idx1-ubyte.gz")))
@@ -98,7 +98,7 @@ DAMAGED = list(_damaged()) if os.path.isdir(PACKAGE_DIR) else []
 
 @pytest.mark.parametrize("case", DAMAGED)
 def test_a_damaged_idx_file_stops_the_gate_naming_the_file(tmp_path, case):
-    from dp_training.dataset import load_dataset
+    from core.dataset import load_dataset
     from pipeline.data_gate import IngestionError, check_raw_data
 
     name, data, expected = _damaged()[case]
@@ -113,7 +113,7 @@ def test_a_damaged_idx_file_stops_the_gate_naming_the_file(tmp_path, case):
 def test_a_label_outside_the_classes_is_row_local_on_the_private_split_and_stops_on_the_public_one(tmp_path):
     """Issue 17.2: one private example never flips the gate (it is dropped, counted privately); the public eval
     split is still checked strictly."""
-    from dp_training.dataset import load_dataset
+    from core.dataset import load_dataset
     from pipeline.data_gate import IngestionError, check_raw_data
 
     images, labels = _train_images()
@@ -147,7 +147,7 @@ def test_the_cli_refuses_a_damaged_idx_file_in_one_line_and_trains_nothing(tmp_p
 
 
 def test_a_missing_package_directory_says_how_to_install_it(tmp_path):
-    from dp_training.dataset import DatasetError, load_dataset
+    from core.dataset import DatasetError, load_dataset
 
     directory = str(tmp_path / "data")
     os.makedirs(directory)
@@ -162,7 +162,7 @@ def test_a_missing_package_directory_says_how_to_install_it(tmp_path):
 
 
 def test_the_vendored_description_reads_the_packaged_files():
-    from dp_training.dataset import load_dataset, read_images
+    from core.dataset import load_dataset, read_images
 
     spec = load_dataset(FMNIST)
     assert spec.is_image and spec.num_classes == 10 and spec.raw_directory == PACKAGE_DIR

@@ -11,8 +11,8 @@ import types
 import pytest
 
 from dp_training.contract import TrainingOutcome
-from dp_training.dataset import load_dataset
-from dp_training.features import numeric_key
+from core.dataset import load_dataset
+from core.features import numeric_key
 from dp_training.fingerprint import content_digest
 from dp_training.ledger import BudgetExceededError, Ledger, LedgerTamperedError
 from dp_training.protocol import RunProtocol, plan_run

@@ -179,7 +179,7 @@ def test_blessing_reasons_and_undefined_metrics():
 def test_thresholds_are_read_back_from_the_recorded_eval_config():
     from google.protobuf import json_format
 
-    from dp_training.dataset import load_dataset
+    from core.dataset import load_dataset
     from pipeline.config import DEFAULT_DATA_DIR, RunConfig
     from pipeline.evaluation import _thresholds
     from pipeline.pipeline_def import eval_config

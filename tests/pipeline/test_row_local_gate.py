@@ -63,7 +63,7 @@ ONE_ROW = {
 
 def _gate_outcome(directory):
     """'publishable' or the refusal's message."""
-    from dp_training.dataset import load_dataset
+    from core.dataset import load_dataset
     from pipeline.data_gate import IngestionError, check_raw_data
 
     try:
@@ -89,7 +89,7 @@ def test_the_same_damage_on_the_public_eval_split_still_stops_the_run(damage, cl
 
 
 def test_damaged_private_lines_are_counted_privately_and_an_unreadable_split_stops(clean, tmp_path):
-    from dp_training.dataset import load_dataset
+    from core.dataset import load_dataset
     from pipeline.data_gate import IngestionError, check_raw_data, write_private_checks
 
     row = _first_line(clean)
@@ -121,7 +121,7 @@ def _examples(path):
     """tf.Examples of a sample file's readable rows, typed as the reference schema declares (INT numerics)."""
     import tensorflow as tf
 
-    from dp_training.dataset import load_dataset, parse_row
+    from core.dataset import load_dataset, parse_row
 
     spec = load_dataset(os.path.dirname(path))
     out = []
@@ -233,7 +233,7 @@ def _ingest(data_dir, split_pattern, out_dir):
     import tensorflow as tf
     from tfx.types import standard_component_specs
 
-    from dp_training.dataset import load_dataset
+    from core.dataset import load_dataset
     from pipeline.ingest import _DelimitedToExample, spec_to_custom_config
 
     props = {standard_component_specs.CUSTOM_CONFIG_KEY: spec_to_custom_config(load_dataset(data_dir)),
@@ -262,7 +262,7 @@ def test_under_replace_one_a_damaged_row_is_replaced_so_the_public_count_never_m
     """Under replace_one the training row count is public (it sets the sampling rate): a damaged row becomes the
     public placeholder row instead of being dropped, so a neighbour that replaces a good row by a damaged one has
     the same count."""
-    from dp_training.dataset import load_dataset
+    from core.dataset import load_dataset
     from pipeline.data_gate import check_raw_data, readable_rows
 
     def replace_one(directory):

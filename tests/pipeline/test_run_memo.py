@@ -18,7 +18,7 @@ def _store(path, executions):
 
 
 def _setup(tmp_path):
-    from dp_training.dataset import load_dataset
+    from core.dataset import load_dataset
 
     data = make_adult_sample(str(tmp_path / "data"), train_rows=50, eval_rows=20)
     workdir = tmp_path / "work"

@@ -182,7 +182,7 @@ def test_attack_a_process_outside_cannot_reach_a_training_tasks_port():
     """TF's task servers listen on every interface and run whatever a client sends. Inside the private network
     namespace a server bound to 0.0.0.0 is reachable by its peers but not by any other process of this machine
     (without the namespace the same connection succeeds: the attack works)."""
-    from dp_training.netns import PrivateNetwork
+    from core.netns import PrivateNetwork
 
     server = ("import socket, sys, time; s = socket.socket(); s.bind(('0.0.0.0', 0)); s.listen(); "
               "print(s.getsockname()[1], flush=True); "
@@ -230,7 +230,7 @@ def test_two_worker_standard_run_trains_and_pushes(two_worker_run):
     assert parameters["strategy"] == "MultiWorkerMirroredStrategy"
     assert parameters["workers"] == 2 and parameters["replicas"] == 2
     assert "MultiWorkerMirroredStrategy over 2 local worker processes" in result.stderr
-    from dp_training.netns import PrivateNetwork
+    from core.netns import PrivateNetwork
     with PrivateNetwork() as net:
         isolated = net.isolated
     assert ("in a private network namespace" in result.stderr) is isolated

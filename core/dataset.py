@@ -407,7 +407,7 @@ def iter_file_rows(spec: DatasetSpec, path: str, opener=open):
 @dataclasses.dataclass
 class RawRows:
     """A split's rows by column: numerics as float64 with NaN for missing, categoricals as strings with "" for
-    missing (what ``dp_training.features.transform_columns`` takes), labels as float32 0/1."""
+    missing (what ``core.features.transform_columns`` takes), labels as float32 0/1."""
 
     columns: Dict[str, object]
     labels: object
