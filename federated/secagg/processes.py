@@ -2,43 +2,37 @@
 
 ``ProcessClients(ids, processes=N)`` starts N Python processes (``python -m federated.secagg.processes``, no TF),
 each hosting a share of the clients: it generates their long-term Ed25519 keys itself (only the public halves
-leave it) and, per round, runs their side of the protocol. The driver passes protocol messages (pickled frames
-over the child's stdin/stdout: processes this module started itself) and the clients' encoded inputs; the server
-object in the driver process sees the same messages as in-process. The processes are always stopped (context
+leave it) and, per round, runs their side of the protocol. Each process gets the run configuration it trusts (the
+``protocol.Policy``: degree, threshold rule, noise floor) on its command line at start, and checks every round's
+parameters against it. The driver passes protocol messages and the clients' encoded inputs as data-only frames
+(``wire``: tagged JSON, never pickle, validated on receipt) over the child's stdin/stdout; the server object in
+the driver process sees the same messages as in-process. The processes are always stopped (context
 manager: on exit, on an exception, and at interpreter exit).
 """
 from __future__ import annotations
 
 import atexit
+import dataclasses
+import json
 import os
-import pickle
-import struct
 import subprocess
 import sys
 import time
-from typing import Dict, Iterable, List, Mapping
+from typing import Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
+from federated.secagg.wire import WireError, recv as _recv, send as _send
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _send(stream, obj) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(struct.pack(">Q", len(data)) + data)
-    stream.flush()
-
-
-def _recv(stream):
-    head = stream.read(8)
-    if len(head) < 8:
-        raise EOFError("secure aggregation client process closed its pipe")
-    (n,) = struct.unpack(">Q", head)
-    return pickle.loads(stream.read(n))
+METHODS = ("advertise", "reveal", "share_keys", "masked_input", "consistency", "unmask")
 
 
 class ProcessClients:
-    def __init__(self, ids: Iterable[int], processes: int):
+    def __init__(self, ids: Iterable[int], processes: int, policy=None):
+        from federated.secagg.protocol import Policy
+
+        policy = policy or Policy()
         ids = sorted(int(i) for i in ids)
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
@@ -48,7 +42,8 @@ class ProcessClients:
         atexit.register(self.close)
         try:
             for _ in range(processes):
-                self.procs.append(subprocess.Popen([sys.executable, "-m", "federated.secagg.processes"],
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "federated.secagg.processes",
+                                                    json.dumps(dataclasses.asdict(policy))],
                                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                                    cwd=_ROOT))
             from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -143,11 +138,13 @@ class ProcessClients:
         self.close()
 
 
-def _serve() -> None:   # the client process
+def _serve(policy_json: str) -> None:   # the client process
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from federated.secagg.protocol import Client, ProtocolAbort
+    from federated.secagg.protocol import Client, Params, Policy, ProtocolAbort
+
+    policy = Policy(**json.loads(policy_json))   # the trusted run configuration, from the command line
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr   # nothing but frames on the pipe
@@ -159,11 +156,16 @@ def _serve() -> None:   # the client process
             msg = _recv(stdin)
         except EOFError:
             return
+        except WireError as e:   # answered, never executed; the pipe stays in step (the length was read)
+            _send(stdout, ("abort", f"client process: refused a frame: {e}"))
+            continue
         try:
+            if not isinstance(msg, list) or not msg or not isinstance(msg[0], str):
+                raise ProtocolAbort("client process: a frame must be a list starting with a command name")
             if msg[0] == "stop":
                 return
             if msg[0] == "keys":
-                keys = {i: ed25519.Ed25519PrivateKey.generate() for i in msg[1]}
+                keys = {int(i): ed25519.Ed25519PrivateKey.generate() for i in msg[1]}
                 out = {i: k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
                        for i, k in keys.items()}
                 _send(stdout, ("ok", out))
@@ -172,10 +174,18 @@ def _serve() -> None:   # the client process
                 _send(stdout, ("ok", None))
             elif msg[0] == "start":
                 params = msg[1]
-                clients = {i: Client(i, keys[i], directory, params) for i in params.clients if i in keys}
+                if not isinstance(params, Params):
+                    raise ProtocolAbort("client process: round parameters expected")
+                try:
+                    policy.check(params)
+                except ValueError as e:
+                    raise ProtocolAbort(f"client process: refused the round parameters: {e}") from None
+                clients = {i: Client(i, keys[i], directory, params, policy) for i in params.clients if i in keys}
                 _send(stdout, ("ok", None))
             elif msg[0] == "call":
                 _, method, part = msg
+                if method not in METHODS or not isinstance(part, dict):
+                    raise ProtocolAbort(f"client process: unknown protocol step {method!r}")
                 _send(stdout, ("ok", {i: getattr(clients[i], method)(*a) for i, a in part.items()}))
             elif msg[0] == "bytes":
                 _send(stdout, ("ok", {i: clients[i].bytes_sent + clients[i].bytes_received for i in msg[1]}))
@@ -186,4 +196,4 @@ def _serve() -> None:   # the client process
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(sys.argv[1] if len(sys.argv) > 1 else "{}")

@@ -40,12 +40,14 @@ def min_clients(clients_per_round: int, dropout_rate: float, sampling: str) -> i
     return max(2, int(math.floor(POISSON_FLOOR * survivors)))
 
 
+def policy(floor: int) -> protocol.Policy:
+    """The run configuration every client gets at start (not from the server): the graph degree, a majority
+    threshold and the noise floor it accepts in a round's parameters."""
+    return protocol.Policy(min_inputs=int(floor), small_cohort=SMALL_COHORT, degree=DEGREE)
+
+
 def protocol_params(ids, dim: int, bits: int, floor: int) -> protocol.Params:
-    ids = list(ids)
-    n = len(ids)
-    degree = None if n <= SMALL_COHORT else DEGREE
-    k = n - 1 if degree is None else degree
-    return protocol.Params.new(ids, k // 2 + 1, dim, bits, degree, min_inputs=floor)
+    return policy(floor).params(list(ids), dim, bits)
 
 
 def check_config(cfg) -> None:
@@ -143,7 +145,7 @@ def secure_sum(updates: Mapping[int, np.ndarray], dropped, dim: int, cfg, floor:
     for i, u in updates.items():
         if i not in dropped:
             t = time.perf_counter()
-            inputs[i] = ddp.encode(u, par, params.session)
+            inputs[i] = ddp.encode(u, par, params.digest)
             slowest = max(slowest, time.perf_counter() - t)
     inputs.update({i: np.zeros(par.dim_padded, np.uint64) for i in dropped})   # never sent
     try:
@@ -151,7 +153,7 @@ def secure_sum(updates: Mapping[int, np.ndarray], dropped, dim: int, cfg, floor:
     except protocol.ProtocolAbort as e:
         return Aggregate(None, 0.0, str(e))
     t = time.perf_counter()
-    total = ddp.decode(res.total, par, params.session)
+    total = ddp.decode(res.total, par, params.digest)
     return Aggregate(total, res.bytes_per_client, None,
                      slowest + res.critical_path_seconds + time.perf_counter() - t)
 
@@ -200,9 +202,9 @@ def run_secure(train_features, train_labels, eval_features, eval_labels, build_m
     if cfg.worker_processes:
         from federated.secagg.processes import ProcessClients
 
-        clients = ProcessClients(range(1, n_clients + 1), cfg.worker_processes)
+        clients = ProcessClients(range(1, n_clients + 1), cfg.worker_processes, policy(floor))
     else:
-        clients = protocol.LocalClients(protocol.Identities.generate(range(1, n_clients + 1)))
+        clients = protocol.LocalClients(protocol.Identities.generate(range(1, n_clients + 1)), policy(floor))
     build_s = time.perf_counter() - t0
     try:
         return _rounds(cfg, local, keras_model, global_flat, clients, build_s, shards, labels, spec, floor, rng,

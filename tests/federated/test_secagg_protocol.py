@@ -30,6 +30,13 @@ def _uniform_p(y: np.ndarray, bits: int = BITS) -> float:
                stats.chisquare(np.bincount(low, minlength=64)).pvalue)
 
 
+def _keys(clients, server):
+    """AdvertiseKeys (advert, then reveal) and ShareKeys through the server: (adverts, routed shares)."""
+    adverts = server.collect_adverts([c.advertise() for c in clients.values()])
+    reveals = server.collect_reveals({i: c.reveal(adverts) for i, c in clients.items()})
+    return adverts, server.route_shares({i: c.share_keys(reveals) for i, c in clients.items()})
+
+
 def _setup(n, t, dim, degree=None):
     ids = list(range(1, n + 1))
     return ids, P.Params.new(ids, t, dim, BITS, degree), P.Identities.generate(ids)
@@ -98,7 +105,8 @@ def test_server_view_of_the_encrypted_shares_is_uniform():
     clients = {i: P.Client(i, ident.keys[i], ident.directory, params) for i in ids}
     server = P.Server(params)
     adverts = server.collect_adverts([c.advertise() for c in clients.values()])
-    sent = {i: c.share_keys(adverts) for i, c in clients.items()}
+    reveals = server.collect_reveals({i: c.reveal(adverts) for i, c in clients.items()})
+    sent = {i: c.share_keys(reveals) for i, c in clients.items()}
     blob = np.frombuffer(b"".join(ct for per in sent.values() for ct in per.values()), np.uint8)
     assert blob.size > 200_000
     assert stats.chisquare(np.bincount(blob, minlength=256)).pvalue > 1e-4
@@ -118,8 +126,7 @@ def test_a_server_claiming_a_client_dropped_after_its_input_cannot_unmask_it():
     server = P.Server(params)
     x = {i: np.zeros(dim, np.uint64) for i in ids}
     x[v] = np.arange(dim, dtype=np.uint64)   # the victim's structured input
-    adverts = server.collect_adverts([c.advertise() for c in clients.values()])
-    routes = server.route_shares({i: c.share_keys(adverts) for i, c in clients.items()})
+    adverts, routes = _keys(clients, server)
     masked = {i: c.masked_input(x[i], routes[i]) for i, c in clients.items()}
     server.collect_masked(masked)
     lie = [i for i in ids if i != v]           # "v dropped"
@@ -136,7 +143,7 @@ def test_a_server_claiming_a_client_dropped_after_its_input_cannot_unmask_it():
     s_sk = x25519.X25519PrivateKey.from_private_bytes(shamir.to_bytes(shamir.reconstruct(s_shares, 4)))
     y = masked[v].copy()
     for j in lie:
-        seed = P._kdf(s_sk.exchange(x25519.X25519PublicKey.from_public_bytes(adverts[j].s_pk)), params.session,
+        seed = P._kdf(s_sk.exchange(x25519.X25519PublicKey.from_public_bytes(adverts[j].s_pk)), server.session,
                       b"mask")
         m = prg.expand(seed, dim, BITS)
         y = y - m if v < j else y + m
@@ -155,8 +162,7 @@ def test_an_equivocating_server_fails_the_consistency_check():
     directory = ident.directory
     clients = {i: P.Client(i, ident.keys[i], directory, params) for i in ids}
     server = P.Server(params)
-    adverts = server.collect_adverts([c.advertise() for c in clients.values()])
-    routes = server.route_shares({i: c.share_keys(adverts) for i, c in clients.items()})
+    adverts, routes = _keys(clients, server)
     for i, c in clients.items():
         c.masked_input(np.zeros(64, np.uint64), routes[i])
     group_a, group_b = [2, 3, 4, 5, 6], [7, 8, 9, 10, 11]
@@ -181,8 +187,7 @@ def test_a_client_answers_the_unmasking_request_once():
     ids, params, ident = _setup(5, 3, 8)
     clients = {i: P.Client(i, ident.keys[i], ident.directory, params) for i in ids}
     server = P.Server(params)
-    adverts = server.collect_adverts([c.advertise() for c in clients.values()])
-    routes = server.route_shares({i: c.share_keys(adverts) for i, c in clients.items()})
+    adverts, routes = _keys(clients, server)
     for i, c in clients.items():
         c.masked_input(np.zeros(8, np.uint64), routes[i])
     sigs = {i: c.consistency(ids) for i, c in clients.items()}
@@ -199,9 +204,9 @@ def test_a_server_substituting_a_clients_keys_is_detected():
     clients = {i: P.Client(i, ident.keys[i], ident.directory, params) for i in ids}
     adverts = {i: c.advertise() for i, c in clients.items()}
     fake = P._pub(x25519.X25519PrivateKey.generate())
-    adverts[2] = P.Advert(2, fake, adverts[2].s_pk, adverts[2].signature)
+    adverts[2] = P.Advert(2, fake, adverts[2].s_pk, adverts[2].commitment, adverts[2].signature)
     with pytest.raises(P.ProtocolAbort, match="invalid signature"):
-        clients[1].share_keys(adverts)
+        clients[1].reveal(adverts)
 
 
 def test_adverts_of_another_round_are_refused():
@@ -209,17 +214,16 @@ def test_adverts_of_another_round_are_refused():
     other = P.Params.new(ids, 3, 8, BITS)
     old = {i: P.Client(i, ident.keys[i], ident.directory, other).advertise() for i in ids}
     fresh = P.Client(1, ident.keys[1], ident.directory, params)
-    fresh.advertise()
+    old[1] = fresh.advertise()
     with pytest.raises(P.ProtocolAbort, match="invalid signature"):
-        fresh.share_keys(old)
+        fresh.reveal(old)
 
 
 def test_a_tampered_share_ciphertext_is_refused():
     ids, params, ident = _setup(5, 3, 8)
     clients = {i: P.Client(i, ident.keys[i], ident.directory, params) for i in ids}
     server = P.Server(params)
-    adverts = server.collect_adverts([c.advertise() for c in clients.values()])
-    routes = server.route_shares({i: c.share_keys(adverts) for i, c in clients.items()})
+    adverts, routes = _keys(clients, server)
     ct = bytearray(routes[1][2])
     ct[10] ^= 1
     routes[1][2] = bytes(ct)
@@ -237,8 +241,7 @@ def test_fewer_than_threshold_colluding_clients_learn_nothing():
     directory = ident.directory
     clients = {i: P.Client(i, ident.keys[i], directory, params) for i in ids}
     server = P.Server(params)
-    adverts = server.collect_adverts([c.advertise() for c in clients.values()])
-    routes = server.route_shares({i: c.share_keys(adverts) for i, c in clients.items()})
+    adverts, routes = _keys(clients, server)
     x = {i: np.zeros(dim, np.uint64) for i in ids}
     x[v] = np.arange(dim, dtype=np.uint64)
     y_v = clients[v].masked_input(x[v], routes[v])
@@ -277,8 +280,7 @@ def test_clients_refuse_to_unmask_a_sum_of_fewer_inputs_than_the_noise_floor():
     ident = P.Identities.generate(ids)
     clients = {i: P.Client(i, ident.keys[i], ident.directory, params) for i in ids}
     server = P.Server(params)
-    adverts = server.collect_adverts([c.advertise() for c in clients.values()])
-    routes = server.route_shares({i: c.share_keys(adverts) for i, c in clients.items()})
+    adverts, routes = _keys(clients, server)
     for i, c in clients.items():
         c.masked_input(np.zeros(8, np.uint64), routes[i])
     with pytest.raises(P.ProtocolAbort, match="fewer than the 7"):
