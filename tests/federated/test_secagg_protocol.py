@@ -317,3 +317,188 @@ def test_clients_in_their_own_processes_give_the_exact_sum_and_are_stopped():
         np.testing.assert_array_equal(res.total, _sum(x, ids))
     for p in pids:
         assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+
+
+# ------------------------------------------------------------- attacks of the security review (A1-A4)
+# Each test replays the reviewer's reproduction against the protocol as it is (the helpers below drive both the
+# round layout before the fix, without a reveal step and with a server-given session, and the current one), and
+# asserts that the attack fails; before the fix each of them succeeded.
+_OLD_API = "session" in P.Params.__dataclass_fields__
+
+
+def _params(clients, t, dim, bits, degree=None, min_inputs=1, nonce=None):
+    """Round parameters with a given nonce (the server's session before the fix)."""
+    import secrets
+    nonce = nonce or secrets.token_bytes(32)
+    if _OLD_API:
+        return P.Params(nonce, tuple(clients), t, dim, bits, degree, min_inputs)
+    return P.Params(tuple(clients), t, dim, bits, degree, min_inputs, nonce)
+
+
+def _advertise_and_share(clients, shown, share=None):
+    """AdvertiseKeys + ShareKeys as a malicious server runs them: client i sees the adverts of ``shown[i]``;
+    only ``share`` (default all) send shares. Returns (adverts, {sender: {receiver: ct}})."""
+    adverts = {i: c.advertise() for i, c in clients.items()}
+    share = list(clients) if share is None else share
+    if _OLD_API:
+        return adverts, {i: clients[i].share_keys({j: adverts[j] for j in shown[i]}) for i in share}
+    reveals = {i: c.reveal({j: adverts[j] for j in shown[i]}) for i, c in clients.items()}
+    return adverts, {i: clients[i].share_keys({j: reveals[j] for j in shown[i]}) for i in share}
+
+
+def _route(sent, ids):
+    routes = {i: {} for i in ids}
+    for i, m in sent.items():
+        for j, ct in m.items():
+            routes[j][i] = ct
+    return routes
+
+
+def _split_view_attack():
+    """Review A1: 7 honest clients, each given its own view (cohort, threshold) under one nonce. Victim 1 sees
+    neighbours {2, 3} with t = 2; clients 2, 3 see k = 3, t = 2; clients 4-7 see k = 4, t = 3. The server shows
+    U3_A = {1,2,3,4,6} to 1-3 and U3_B = {4,5,6,7} to 4-7, collects b_1's shares from 2, 3 and s_sk_2, s_sk_3's
+    from 4-7, and strips every mask from y_1. Returns "recovered" / "not recovered" or the abort message."""
+    import secrets
+
+    from cryptography.hazmat.primitives.asymmetric import x25519
+    ident = P.Identities.generate(range(1, 8))
+    nonce, dim, bits = secrets.token_bytes(32), 8, 20
+    views = {1: ((1, 2, 3), 2), 2: ((1, 2, 4, 5), 2), 3: ((1, 3, 6, 7), 2), 4: ((2, 4, 5, 6, 7), 3),
+             5: ((2, 4, 5, 6, 7), 3), 6: ((3, 4, 5, 6, 7), 3), 7: ((3, 4, 5, 6, 7), 3)}
+    try:
+        clients = {i: P.Client(i, ident.keys[i], ident.directory, _params(c, t, dim, bits, nonce=nonce))
+                   for i, (c, t) in views.items()}
+        x = {i: np.random.default_rng(i).integers(0, 2 ** bits, dim, dtype=np.uint64) for i in clients}
+        adverts, sent = _advertise_and_share(clients, {i: v[0] for i, v in views.items()})
+        routes = _route(sent, clients)
+        y = {i: clients[i].masked_input(x[i], routes[i]) for i in clients}
+        sig = {i: clients[i].consistency({1, 2, 3, 4, 6}) for i in (1, 2, 3)}
+        sig.update({i: clients[i].consistency({4, 5, 6, 7}) for i in (4, 5, 6, 7)})
+        resp = {i: clients[i].unmask({1: sig[1]}) for i in (2, 3)}
+        resp.update({i: clients[i].unmask({j: sig[j] for j in (4, 5, 6, 7) if j != i}) for i in (4, 5, 6, 7)})
+    except P.ProtocolAbort as e:
+        return str(e)
+    session = nonce if _OLD_API else clients[1].session
+    b1 = shamir.to_bytes(shamir.reconstruct({2: resp[2].b_shares[1], 3: resp[3].b_shares[1]}, 2))
+    rec = y[1] - prg.expand(b1, dim, bits)
+    for j, holders in ((2, (4, 5)), (3, (6, 7))):
+        s_j = shamir.to_bytes(shamir.reconstruct({h: resp[h].s_shares[j] for h in holders}, 2))
+        shared = x25519.X25519PrivateKey.from_private_bytes(s_j).exchange(
+            x25519.X25519PublicKey.from_public_bytes(adverts[1].s_pk))
+        rec = rec - prg.expand(P._kdf(shared, session, b"mask"), dim, bits)
+    rec &= prg.ring_mask(bits)
+    return "recovered client 1's input exactly" if np.array_equal(rec, x[1]) else "not recovered"
+
+
+def test_a_server_splitting_the_clients_views_cannot_recover_an_honest_clients_input():
+    """Review A1: every signature covers H(params), so clients given different parameters refuse each other's
+    adverts (before the fix the server recovered client 1's input exactly, from honest clients only)."""
+    outcome = _split_view_attack()
+    assert "invalid signature (forged, or signed for other round parameters)" in outcome, outcome
+
+
+@pytest.mark.parametrize("padding", ["invented ids", "clients that dropped after advertising"])
+def test_a_server_padding_u3_cannot_release_a_sum_below_the_noise_floor(padding):
+    """Review A2: 10 clients, t = 5, noise floor 9. The server keeps 6 masked inputs and shows U3 = those 6 plus
+    3 padding ids, so that every client's len(U3) >= 9 check passes. Now U3 must lie in the committed cohort, and
+    each client unmasks only after 9 members of U3 signed it (before the fix: the exact sum of 6 inputs)."""
+    ids = list(range(1, 11))
+    ident = P.Identities.generate(ids)
+    p = _params(ids, 5, 8, 20, min_inputs=9)
+    real = [1, 2, 3, 4, 5, 6]
+    pad = [1001, 1002, 1003] if padding == "invented ids" else [7, 8, 9]
+    try:
+        clients = {i: P.Client(i, ident.keys[i], ident.directory, p) for i in ids}
+        server = P.Server(p)
+        share = ids if padding == "invented ids" else [i for i in ids if i not in pad]   # 7-9 go silent
+        adverts, sent = _advertise_and_share(clients, {i: ids for i in ids}, share)
+        server.adverts = adverts
+        if not _OLD_API:
+            server.collect_reveals({i: c._r for i, c in clients.items()})
+        routes = server.route_shares(sent)
+        x = {i: np.random.default_rng(i).integers(0, 2 ** 10, 8, dtype=np.uint64) for i in ids}
+        y = {i: clients[i].masked_input(x[i], routes[i]) for i in share}
+        server.masked, server.u3 = {i: y[i] for i in real}, real   # collect_masked would refuse (6 < 9)
+        shown = set(real) | set(pad)
+        server.signatures = sigs = {i: clients[i].consistency(shown) for i in real}
+        total = server.unmask([clients[i].unmask(sigs) for i in real])
+        outcome = ("released the exact sum of 6 inputs" if np.array_equal(total, _sum(x, real) & np.uint64(2 ** 20 - 1))
+                   else "released garbage")
+    except P.ProtocolAbort as e:
+        outcome = str(e)
+    want = "not in the round's committed cohort" if padding == "invented ids" else "fewer than the 9 it needs"
+    assert want in outcome, outcome
+
+
+def test_a_server_with_sybil_clients_cannot_grind_the_neighbour_graph():
+    """Review A3: 40 clients, k = 8, t = 5; the server holds 6 Sybil identities and wants >= 5 of victim 1's 8
+    neighbours to be Sybils (then it holds t shares of b_1 and of s_sk_1). Before the fix it drew sessions until
+    the graph fitted (~2000 tries). Now the graph comes from every member's committed randomness: once the honest
+    reveals are in, the server can only change a Sybil's reveal, which no longer matches its commitment."""
+    import secrets
+    ids, k, t, victim, sybils = list(range(1, 41)), 8, 5, 1, set(range(2, 8))
+    ident = P.Identities.generate(ids)
+
+    def captured(nbrs):
+        return len(set(nbrs) & sybils) >= t
+
+    if _OLD_API:
+        for _ in range(50_000):
+            p = _params(ids, t, 8, BITS, degree=k)
+            if captured(p.neighbours(victim)):
+                break
+        c = P.Client(victim, ident.keys[victim], ident.directory, p)
+        outcome = "the victim's neighbours are Sybils" if captured(c._nbrs) else "not captured"
+    else:
+        p = _params(ids, t, 8, BITS, degree=k)
+        clients = {i: P.Client(i, ident.keys[i], ident.directory, p) for i in ids}   # Sybils' keys: the server's
+        adverts = {i: c.advertise() for i, c in clients.items()}
+        reveals = {i: c.reveal(adverts) for i, c in clients.items()}
+        for _ in range(50_000):   # the honest reveals are in: grind the Sybils' contributions
+            forged = {**reveals, **{s: secrets.token_bytes(32) for s in sybils}}
+            if captured(P.harary(ids, k, P.session_id(p.digest, adverts, forged))[victim]):
+                break
+        else:
+            pytest.fail("grinding found no graph")
+        try:
+            clients[victim].share_keys(forged)
+            outcome = "the victim's neighbours are Sybils" if captured(clients[victim]._nbrs) else "not captured"
+        except P.ProtocolAbort as e:
+            outcome = str(e)
+    assert "does not match its commitment" in outcome, outcome
+
+
+def test_a_client_process_refuses_weakened_parameters_and_pickled_frames(tmp_path):
+    """Review A4: round parameters with threshold 1 for k = 9 (set behind the constructor's back) reached a client
+    process intact through pickle, and a pickled frame ran code in it. Now frames are data-only JSON and the
+    client process rebuilds (and so re-checks) the parameters."""
+    import pickle
+    import struct
+
+    from federated.secagg.processes import ProcessClients
+    ids = list(range(1, 11))
+    weak = _params(ids, 6, 8, BITS)
+    object.__setattr__(weak, "threshold", 1)
+    mark = tmp_path / "server-ran-code-here"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return os.mkdir, (str(mark),)
+
+    with ProcessClients(ids, 1) as pool:
+        try:
+            pool.start(weak)
+            outcome = "accepted threshold 1"
+        except P.ProtocolAbort as e:
+            outcome = str(e)
+        data = pickle.dumps(Payload())
+        stdin = pool.procs[0].stdin
+        stdin.write(struct.pack(">Q", len(data)) + data)
+        stdin.flush()
+        with pytest.raises((P.ProtocolAbort, RuntimeError)) as err:
+            pool._answer(pool.procs[0])
+    assert "threshold must be in 5..9" in outcome, outcome
+    assert not mark.exists(), "a pickled frame ran code in the client process"
+    assert "not a data frame" in str(err.value)
