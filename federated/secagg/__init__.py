@@ -5,6 +5,8 @@
 | ``shamir``   | t-of-n Shamir secret sharing over the prime field GF(2^521 - 1) |
 | ``prg``      | ChaCha20 keystream -> uniform vectors in Z_{2^bits} (pairwise and self masks) |
 | ``protocol`` | the SecAgg+ client and server state machines (Bell et al. 2020; Bonawitz et al. 2017 rounds) |
+| ``processes`` | the clients in their own processes (``--worker-processes N``) |
+| ``wire``     | the data-only frames (tagged JSON, no pickle) between the driver and the client processes |
 | ``ddp``      | the distributed discrete Gaussian encoder: rotation, scaling, conditional rounding, noise, modulus |
 | ``accounting`` | the distributed discrete Gaussian RDP bound (Kairouz et al. 2021) and an exact check |
 
