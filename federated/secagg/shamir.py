@@ -36,20 +36,43 @@ def share(secret: int, threshold: int, xs: Iterable[int]) -> Dict[int, int]:
     return out
 
 
+def _weights(xs):
+    """The Lagrange denominators' inverses 1 / prod_{j != i} (x_i - x_j) of the points ``xs``."""
+    out = []
+    for i, xi in enumerate(xs):
+        den = 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                den = den * (xi - xj) % PRIME
+        out.append(pow(den, -1, PRIME))
+    return out
+
+
+def _evaluate(xs, ys, weights, x: int) -> int:
+    """f(x) of the degree-(len(xs)-1) polynomial through (xs, ys), with prefix/suffix products: O(len(xs))."""
+    diffs = [(x - xi) % PRIME for xi in xs]
+    n = len(xs)
+    prefix, suffix = [1] * (n + 1), [1] * (n + 1)
+    for i in range(n):
+        prefix[i + 1] = prefix[i] * diffs[i] % PRIME
+    for i in range(n - 1, -1, -1):
+        suffix[i] = suffix[i + 1] * diffs[i] % PRIME
+    return sum(ys[i] * weights[i] % PRIME * prefix[i] % PRIME * suffix[i + 1] for i in range(n)) % PRIME
+
+
 def reconstruct(shares: Mapping[int, int], threshold: int) -> int:
-    """f(0) from at least ``threshold`` shares ``{x: y}`` (uses the first ``threshold`` by x)."""
+    """f(0) from at least ``threshold`` shares ``{x: y}``: interpolates the first ``threshold`` by x and checks that
+    every further share lies on the same polynomial (a wrong share among more than ``threshold`` is detected)."""
     if len(shares) < threshold:
         raise ShamirError(f"{len(shares)} shares, {threshold} needed to reconstruct")
-    pts = sorted(shares.items())[:threshold]
-    secret = 0
-    for i, (xi, yi) in enumerate(pts):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(pts):
-            if i != j:
-                num = num * (-xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
-    return secret
+    pts = sorted((int(x) % PRIME, int(y) % PRIME) for x, y in shares.items())
+    xs, ys = [x for x, _ in pts[:threshold]], [y for _, y in pts[:threshold]]
+    w = _weights(xs)
+    for x, y in pts[threshold:]:
+        if _evaluate(xs, ys, w, x) != y:
+            raise ShamirError(f"inconsistent shares: the share at {x} is not on the polynomial of the others "
+                              "(a wrong or tampered share)")
+    return _evaluate(xs, ys, w, 0)
 
 
 def to_int(key: bytes) -> int:

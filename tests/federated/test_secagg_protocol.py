@@ -502,3 +502,38 @@ def test_a_client_process_refuses_weakened_parameters_and_pickled_frames(tmp_pat
     assert "threshold must be in 5..9" in outcome, outcome
     assert not mark.exists(), "a pickled frame ran code in the client process"
     assert "not a data frame" in str(err.value)
+
+
+def test_a_wrong_share_among_more_than_the_threshold_is_detected():
+    """Review A6: reconstruct used the first t shares and ignored the rest, so one wrong share gave a wrong secret
+    silently (and Server.unmask a wrong sum). Now every share beyond t is checked against the polynomial."""
+    secret = 987654321
+    sh = shamir.share(secret, 3, [1, 2, 3, 4, 5])
+    assert shamir.reconstruct(sh, 3) == secret
+    bad = dict(sh)
+    bad[2] = (bad[2] + 1) % shamir.PRIME
+    with pytest.raises(shamir.ShamirError, match="inconsistent shares"):
+        shamir.reconstruct(bad, 3)
+
+
+def test_a_client_refuses_round_parameters_outside_its_run_configuration():
+    """The run configuration a client gets at start (``rounds.policy``) fixes the degree rule, a majority
+    threshold and the noise floor: parameters that weaken any of them are refused, whoever builds them."""
+    from federated.secagg import rounds
+    ids = list(range(1, 101))
+    ident = P.Identities.generate(ids[:1])
+    policy = rounds.policy(floor=80)
+    ok = rounds.protocol_params(ids, 8, BITS, 80)
+    assert (ok.k, ok.threshold, ok.min_inputs) == (40, 21, 80)
+    P.Client(1, ident.keys[1], ident.directory, ok, policy)
+    for bad, why in ((P.Params.new(ids, 21, 8, BITS, 40, min_inputs=10), "noise floor of 10"),
+                     (P.Params.new(ids, 4, 8, BITS, 6, min_inputs=80), "degree 6"),
+                     (P.Params.new(ids, 21, 8, BITS, 40, min_inputs=80), None)):
+        if why is None:
+            P.Client(1, ident.keys[1], ident.directory, bad, policy)
+        else:
+            with pytest.raises(ValueError, match=why):
+                P.Client(1, ident.keys[1], ident.directory, bad, policy)
+    with pytest.raises(ValueError, match="needs more than 0.6 of them"):
+        P.Client(1, ident.keys[1], ident.directory, P.Params.new(ids, 21, 8, BITS, 40, 80),
+                 P.Policy(min_inputs=80, small_cohort=64, degree=40, min_threshold_fraction=0.6))
