@@ -8,6 +8,7 @@
 | ``processes`` | the clients in their own processes (``--worker-processes N``) |
 | ``wire``     | the data-only frames (tagged JSON, no pickle) between the driver and the client processes |
 | ``ddp``      | the distributed discrete Gaussian encoder: rotation, scaling, conditional rounding, noise, modulus |
+| ``dgauss``   | exact discrete Gaussian sampling (integer arithmetic) from a ChaCha20 stream |
 | ``accounting`` | the distributed discrete Gaussian RDP bound (Kairouz et al. 2021) and an exact check |
 
 Everything here is TF-free plain Python/numpy on the ``cryptography`` package (X25519, Ed25519, HKDF-SHA256,

@@ -7,7 +7,8 @@ Each client turns its clipped model update x (L2 norm <= ``clip``) into a vector
 2. scale by 1/gamma and round each coordinate randomly to a neighbouring integer (unbiased), repeating the rounding
    until the integer vector's L2 norm is at most ``norm_bound`` (conditional randomised rounding, beta);
 3. add its share of discrete Gaussian noise N_Z(0, local_stddev^2) per coordinate (Canonne, Kamath & Steinke 2020's
-   rejection sampler from the discrete Laplace, vectorised in floating point as TFF's), drawn from OS entropy;
+   rejection sampler from the discrete Laplace, in exact integer arithmetic: ``dgauss``), drawn from a ChaCha20
+   stream under a fresh 256-bit OS key (local_stddev^2 rounded up by at most 2^-20: never less noise);
 4. reduce mod 2^bits. The server's SecAgg+ sum of n such vectors is the integer sum mod 2^bits; ``gamma`` is
    chosen so that this sum's coordinates stay within (-2^(bits-1), 2^(bits-1)) except with probability about
    ``2 d' exp(-k^2/2)`` per round (k = ``tail``), i.e. the modulus does not wrap.
@@ -20,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import secrets
 from typing import Optional
 
 import numpy as np
 
-from federated.secagg import prg
+from federated.secagg import dgauss, prg
 
 DEFAULT_BITS = 20
 DEFAULT_BETA = math.exp(-0.5)
@@ -48,19 +48,10 @@ def fwht(a: np.ndarray) -> np.ndarray:
     return a.reshape(n) / math.sqrt(n)
 
 
-def discrete_gaussian(sigma: float, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``size`` samples of N_Z(0, sigma^2) (P(y) proportional to exp(-y^2 / (2 sigma^2)), y integer)."""
-    if sigma <= 0:
-        return np.zeros(size, np.int64)
-    t = math.floor(sigma) + 1
-    p = -math.expm1(-1.0 / t)
-    out = np.empty(0, np.int64)
-    while out.shape[0] < size:
-        m = 2 * (size - out.shape[0]) + 64
-        y = (rng.geometric(p, m) - rng.geometric(p, m)).astype(np.int64)   # discrete Laplace, scale t
-        accept = rng.random(m) < np.exp(-np.square(np.abs(y) - sigma ** 2 / t) / (2 * sigma ** 2))
-        out = np.concatenate([out, y[accept]])
-    return out[:size]
+def discrete_gaussian(sigma: float, size: int, stream: Optional[dgauss.Stream] = None) -> np.ndarray:
+    """``size`` samples of N_Z(0, sigma^2) (P(y) proportional to exp(-y^2 / (2 sigma^2)), y integer): exact integer
+    sampling (``dgauss``) from a ChaCha20 stream under a fresh OS key; sigma^2 rounded up by at most 2^-20."""
+    return dgauss.discrete_gaussian(sigma, size, stream)
 
 
 def rounded_norm_bound(scaled_clip: float, d: int, beta: float) -> float:
@@ -162,12 +153,13 @@ def clip_l2(x: np.ndarray, clip: float) -> np.ndarray:
     return x * min(1.0, clip / norm) if norm > 0 else x
 
 
-def encode(x: np.ndarray, params: DDGParams, rotation_seed: bytes, rng: Optional[np.random.Generator] = None,
+def encode(x: np.ndarray, params: DDGParams, rotation_seed: bytes, stream: Optional[dgauss.Stream] = None,
            max_tries: int = 1000) -> np.ndarray:
-    """Client side: clip, rotate, scale, round (conditionally), add noise, reduce mod 2^bits -> uint64."""
+    """Client side: clip, rotate, scale, round (conditionally), add noise, reduce mod 2^bits -> uint64. The
+    randomness (rounding and noise) is a ChaCha20 stream under a fresh 256-bit OS key."""
     if x.shape != (params.dim,):
         raise ValueError(f"update of length {x.shape} for dim {params.dim}")
-    rng = rng or np.random.default_rng(secrets.randbits(128))
+    stream = stream or dgauss.Stream()
     dp = params.dim_padded
     v = np.zeros(dp)
     v[:params.dim] = clip_l2(x, params.clip)
@@ -175,12 +167,12 @@ def encode(x: np.ndarray, params: DDGParams, rotation_seed: bytes, rng: Optional
     bound2 = params.norm_bound ** 2
     floor = np.floor(v)
     for _ in range(max_tries):
-        q = floor + (rng.random(dp) < (v - floor))
+        q = floor + (stream.uniform(dp) < (v - floor))
         if float(np.dot(q, q)) <= bound2:
             break
     else:
         raise RuntimeError("conditional rounding did not meet the norm bound (beta too small?)")
-    z = q.astype(np.int64) + discrete_gaussian(params.local_stddev, dp, rng)
+    z = q.astype(np.int64) + discrete_gaussian(params.local_stddev, dp, stream)
     return z.view(np.uint64) & prg.ring_mask(params.bits)
 
 
