@@ -81,9 +81,12 @@ def dumps(obj: Any) -> bytes:
 def loads(data: bytes) -> Any:
     try:
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise WireError("not a data frame (JSON expected)") from None
-    return _dec(doc)
+    try:
+        return _dec(doc)
+    except RecursionError:
+        raise WireError("data frame nested too deeply") from None
 
 
 def send(stream, obj) -> None:
