@@ -7,8 +7,8 @@ Each client turns its clipped model update x (L2 norm <= ``clip``) into a vector
 2. scale by 1/gamma and round each coordinate randomly to a neighbouring integer (unbiased), repeating the rounding
    until the integer vector's L2 norm is at most ``norm_bound`` (conditional randomised rounding, beta);
 3. add its share of discrete Gaussian noise N_Z(0, local_stddev^2) per coordinate (Canonne, Kamath & Steinke 2020's
-   rejection sampler from the discrete Laplace, in exact integer arithmetic: ``dgauss``), drawn from a ChaCha20
-   stream under a fresh 256-bit OS key (local_stddev^2 rounded up by at most 2^-20: never less noise);
+   rejection sampler from the discrete Laplace, vectorised in floating point as TFF's: ``dgauss``), drawn from a
+   ChaCha20 stream under a fresh 256-bit OS key (local_stddev^2 rounded up by at most 2^-20: never less noise);
 4. reduce mod 2^bits. The server's SecAgg+ sum of n such vectors is the integer sum mod 2^bits; ``gamma`` is
    chosen so that this sum's coordinates stay within (-2^(bits-1), 2^(bits-1)) except with probability about
    ``2 d' exp(-k^2/2)`` per round (k = ``tail``), i.e. the modulus does not wrap.
@@ -49,9 +49,10 @@ def fwht(a: np.ndarray) -> np.ndarray:
 
 
 def discrete_gaussian(sigma: float, size: int, stream: Optional[dgauss.Stream] = None) -> np.ndarray:
-    """``size`` samples of N_Z(0, sigma^2) (P(y) proportional to exp(-y^2 / (2 sigma^2)), y integer): exact integer
-    sampling (``dgauss``) from a ChaCha20 stream under a fresh OS key; sigma^2 rounded up by at most 2^-20."""
-    return dgauss.discrete_gaussian(sigma, size, stream)
+    """``size`` samples of N_Z(0, sigma^2) (P(y) proportional to exp(-y^2 / (2 sigma^2)), y integer): CKS's
+    rejection sampler vectorised in floating point (``dgauss.discrete_gaussian_fast``) on a ChaCha20 stream under a
+    fresh OS key; sigma^2 rounded up by at most 2^-20."""
+    return dgauss.discrete_gaussian_fast(sigma, size, stream)
 
 
 def rounded_norm_bound(scaled_clip: float, d: int, beta: float) -> float:

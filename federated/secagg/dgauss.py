@@ -1,5 +1,7 @@
-"""Exact discrete Gaussian sampling (Canonne, Kamath & Steinke 2020, Algorithms 1-3) in integer arithmetic, from a
-ChaCha20 keystream under a fresh 256-bit OS key."""
+"""Discrete Gaussian sampling (Canonne, Kamath & Steinke 2020) from a ChaCha20 keystream under a fresh 256-bit OS
+key (``Stream``; not numpy's PCG64): ``discrete_gaussian``, Algorithms 1-3 in exact integer arithmetic (pure
+Python, 40-70 us a sample: the reference), and ``discrete_gaussian_fast``, the same rejection sampler vectorised in
+floating point (the encoder's: about 100x faster). sigma^2 is rounded up to a multiple of 2^-20 in both."""
 from __future__ import annotations
 
 import math
@@ -102,3 +104,27 @@ def discrete_gaussian(sigma: float, size: int, s: Stream | None = None) -> np.nd
                 out[i] = y
                 break
     return out
+
+
+def _geometric(p: float, size: int, s: Stream) -> np.ndarray:
+    """P(G = k) = (1 - p)^k p, k >= 0, by inversion of stream uniforms (U in (0, 1])."""
+    u = 1.0 - s.uniform(size)
+    return np.floor(np.log(u) / math.log1p(-p)).astype(np.int64)
+
+
+def discrete_gaussian_fast(sigma: float, size: int, s: Stream | None = None) -> np.ndarray:
+    """The same rejection sampler vectorised in floating point (as TFF's), on the ChaCha20 stream: the encoder's
+    sampler (``discrete_gaussian`` above is the exact reference, about 40-70 us a sample in pure Python)."""
+    if sigma <= 0:
+        return np.zeros(size, np.int64)
+    s = s or Stream()
+    sig2 = float(sigma2_fraction(sigma))
+    t = math.isqrt(math.floor(sig2)) + 1
+    p = -math.expm1(-1.0 / t)
+    out = np.empty(0, np.int64)
+    while out.shape[0] < size:
+        m = 2 * (size - out.shape[0]) + 64
+        y = _geometric(p, m, s) - _geometric(p, m, s)   # discrete Laplace, scale t
+        accept = s.uniform(m) < np.exp(-np.square(np.abs(y) - sig2 / t) / (2 * sig2))
+        out = np.concatenate([out, y[accept]])
+    return out[:size]
