@@ -19,8 +19,9 @@ THREAT_MODEL = (
     "honest (a client colluding with the server can remove its own noise share, so c colluding clients leave "
     "the noise of the others); fewer than {half} of any client's {k} neighbours collude with the server; the "
     "clients' signing keys come from a PKI the server does not control, and the round parameters (cohort, "
-    "threshold, degree, noise floor) from the run configuration, not from the server; clients that drop before sending their "
-    "masked input add no noise, and the clients refuse to unmask a sum of fewer than {floor} inputs")
+    "threshold, degree, noise floor) from the run configuration, not from the server; clients that drop before "
+    "sending their masked input add no noise, and the clients refuse to unmask a sum of fewer than {floor} inputs "
+    "(signed by as many of its members)")
 
 
 def plan_secure(inputs: PlanInputs, a: Dict[str, Any], part, public: Dict[str, Any], internal: Dict[str, Any],

@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping
 
 import numpy as np
 
