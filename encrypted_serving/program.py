@@ -124,11 +124,13 @@ class Program:
         return name
 
     # ------------------------------------------------------------------ bridge-only programs
-    def _wait(self, since, model_loaded):
+    def _wait(self, since, model_loaded, timeout_ms):
+        # three independent bridge calls (no control edges between them): each party's long poll blocks in its
+        # gateway until a submission arrives there or timeout_ms passes
         out = []
         for i, dev in enumerate(self.devices):
             with tf.device(dev):
-                out.append(py_bridge(self.token("privtrain_wait", i), [since[i], tf.constant(200, tf.int64), model_loaded],
+                out.append(py_bridge(self.token("privtrain_wait", i), [since[i], timeout_ms, model_loaded],
                                      [tf.string])[0])
         return tf.stack(out)
 
@@ -250,11 +252,12 @@ class Program:
             r = tf.constant(rid)
         return self.load(r).numpy()
 
-    def run_wait(self, since, model_loaded: bool):
+    def run_wait(self, since, model_loaded: bool, timeout_ms: int = 200):
         with tf.device(self.driver_device):
             s = [tf.constant(int(v), tf.int64) for v in since]
             m = tf.constant(bool(model_loaded))
-        return [json.loads(x.decode()) for x in self.wait(s, m).numpy()]
+            t = tf.constant(int(timeout_ms), tf.int64)
+        return [json.loads(x.decode()) for x in self.wait(s, m, t).numpy()]
 
     def run_fail(self, rid: str, message: str):
         with tf.device(self.driver_device):
