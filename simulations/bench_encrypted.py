@@ -288,8 +288,6 @@ def main(argv=None):
     results["loadavg_end"] = os.getloadavg()
     print()
     print(table([results]))
-    print("load average start/end: %s / %s on %s CPUs" % (results["loadavg_start"], results["loadavg_end"],
-                                                           results["cpus"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
