@@ -104,7 +104,7 @@ def load_parties(path: str) -> dict:
     c.setdefault("batch_sizes", [1, c["max_batch"]])
     if not all(isinstance(n, int) and 1 <= n <= c["max_batch"] for n in c["batch_sizes"]):
         raise ConfigError("%s: batch_sizes must be integers in 1..max_batch" % path)
-    c.setdefault("merge_rows", 16)
+    c.setdefault("merge_rows", min(16, c["max_batch"]))
     if not isinstance(c["merge_rows"], int) or isinstance(c["merge_rows"], bool) or not 0 <= c["merge_rows"] <= c["max_batch"]:
         raise ConfigError("%s: merge_rows must be an integer in 0..max_batch (0 or 1: no cross-request batching)" % path)
     _limits(c, path)
