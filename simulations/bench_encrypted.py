@@ -199,6 +199,7 @@ def main(argv=None):
     ap.add_argument("--concurrent-s", type=float, default=6.0, help="seconds per concurrent-clients scenario")
     ap.add_argument("--clients", default="1,4,16", help="concurrent client counts")
     ap.add_argument("--served-only", action="store_true", help="skip the plaintext rows")
+    ap.add_argument("--keep-logs", help="copy the service's logs (driver: per-run times and merged sizes) here")
     ap.add_argument("--compare-with", help="code tree to measure first (its copy of this script), side by side")
     args = ap.parse_args(argv)
     if args.compare_with:
@@ -285,6 +286,9 @@ def main(argv=None):
                     row["max_abs_logit_err"] = max(float(np.abs(z - ref[i:i + 1]).max()) for i, z in outs)
                     results["rows"].append(row)
                     print(json.dumps(row), flush=True)
+                if args.keep_logs:
+                    import shutil
+                    shutil.copytree(os.path.join(gsvc.run_dir, "logs"), args.keep_logs, dirs_exist_ok=True)
     results["loadavg_end"] = os.getloadavg()
     print()
     print(table([results]))
