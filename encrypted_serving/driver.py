@@ -24,6 +24,8 @@ import time
 from encrypted_serving import parties as pc
 
 EXIT_FAULT = 3
+IDLE_POLL_MS = 1000      # gateways answer a long poll as soon as a submission arrives
+PARTIAL_POLL_MS = 2      # some parties hold a request the others have not reported yet
 
 
 def log(msg):
@@ -167,7 +169,12 @@ class Driver:
                 log("launcher gone, exiting")
                 return 0
             try:
-                replies = self.guarded(lambda: program.run_wait(since, model_loaded), "polling the gateways",
+                # Idle: a long poll (each gateway answers at once when a submission arrives). A request that some
+                # parties reported and others not yet: poll again without blocking on the parties that already did
+                # (with one fixed 200 ms poll, an isolated request waited for that timeout on them).
+                young = any(time.monotonic() - e["first"] < 1.0 for e in self.pending.values())
+                wait_ms = PARTIAL_POLL_MS if young else IDLE_POLL_MS     # (a share sent to one party only: not young)
+                replies = self.guarded(lambda: program.run_wait(since, model_loaded, wait_ms), "polling the gateways",
                                        self.timeout)
             except Fatal as e:
                 return self.fault(str(e))
@@ -184,6 +191,7 @@ class Driver:
                 since[i] = int(r["seq"])   # a restarted gateway starts again from 0
                 for item in r["ready"]:
                     self.pending.setdefault(item["id"], {"first": now, "parts": {}})["parts"][i] = item
+            ready = []             # complete, consistent requests, certificates in turn
             for rid, entry in self._in_turn():
                 parts = entry["parts"]
                 if len(parts) < 3:
@@ -204,7 +212,9 @@ class Driver:
                     self._fail(rid, "request %s rejected: the parties received inconsistent shares (%s)" % (
                         rid, "replicated share differs between " + ", ".join(bad) if bad else "kind/size differ"))
                     continue
-                kind, n = kinds.pop(), sizes.pop()
+                ready.append((rid, entry, kinds.pop(), sizes.pop()))
+            for group, kind, n in self._runs(ready):
+                rid = ",".join(r for r, _ in group)
                 t0 = time.monotonic()
                 try:
                     if kind == "model":
@@ -215,13 +225,45 @@ class Driver:
                         self.guarded(lambda: program.run_predict(rid, n), "predicting",
                                      self.timeout + (600 if first else 0))
                 except Fatal as e:
-                    self.pending[rid] = entry
+                    for r, entry in group:
+                        self.pending[r] = entry
                     return self.fault(str(e))
                 except Exception as e:  # noqa: BLE001
                     msg = str(e).strip().splitlines()
-                    self._fail(rid, "request %s failed: %s" % (rid, (msg[0] if msg else type(e).__name__)[:500]))
+                    for r, _ in group:
+                        self._fail(r, "request %s failed: %s" % (r, (msg[0] if msg else type(e).__name__)[:500]))
                     continue
-                log("%s %s n=%d in %.1f ms" % (kind, rid, n, 1000 * (time.monotonic() - t0)))
+                log("%s %s n=%d (%d request(s)) in %.1f ms" % (kind, rid[:60], n, len(group),
+                                                              1000 * (time.monotonic() - t0)))
+
+    def _runs(self, ready):
+        """Program runs for the ready requests, in their (certificates-in-turn) order: a model load alone; small
+        predictions merged (cross-request batching: up to `merge_rows` rows of several certificates in one run of
+        the smallest instantiated program that holds them; each request's rows go back under its own id); larger
+        ones alone. Yields ([(rid, entry)], kind, program batch size)."""
+        merge = int(self.c.get("merge_rows", 0) or 0)
+        sizes = sorted(set(self.c.get("batch_sizes", [])) | ({merge} if merge > 1 else set()))
+        group, rows = [], 0
+
+        def flush():
+            if len(group) == 1 and rows in sizes:
+                return list(group), "predict", rows
+            return list(group), "predict", next(s for s in sizes if s >= rows)
+
+        for rid, entry, kind, n in ready:
+            if kind != "predict" or merge <= 1 or n >= merge:
+                if group:                     # the order stays the certificates-in-turn order
+                    yield flush()
+                    group, rows = [], 0
+                yield [(rid, entry)], kind, n
+                continue
+            if rows + n > merge:
+                yield flush()
+                group, rows = [], 0
+            group.append((rid, entry))
+            rows += n
+        if group:
+            yield flush()
 
     def _in_turn(self):
         """Pending requests with certificates served in turn (each one's 1st request, then each one's 2nd, ...;
@@ -251,7 +293,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, lambda *_: os._exit(0))
     c = pc.load_parties(args.config)
     os.makedirs(c["driver"]["dir"], exist_ok=True)
-    code = Driver(c, args.fault_file, tuple(c["batch_sizes"])).run()
+    merge = int(c.get("merge_rows", 0) or 0)
+    code = Driver(c, args.fault_file, tuple(sorted(set(c["batch_sizes"]) | ({merge} if merge > 1 else set())))).run()
     sys.stderr.flush()
     os._exit(code)
 

@@ -412,6 +412,8 @@ class Gateway:
                 out = [{"id": r.id, "kind": r.kind, "n": r.n, "digests": r.digests, "seq": r.seq,
                         "owner": r.owner[:12]} for r in ready]
                 return ring.pack({"seq": self.seq, "ready": out})
+        if "ids" in header and op in ("take", "put"):
+            return self._backend_many(op, header, arrays)
         rid = header.get("id")
         with self.cond:
             req = self.requests.get(rid)
@@ -424,17 +426,52 @@ class Gateway:
             arrays, req.arrays = req.arrays, None     # handed over once; not kept
             return ring.pack({"ok": True}, arrays)
         if op == "put":
-            req.result = ring.pack({"request_id": rid, "party": self.party, "kind": req.kind,
-                                    "output": header.get("output")}, arrays)
-            req.state = "done"
-            if req.kind == "model":
-                self.model_loaded = True
-            req.event.set()
+            self._put(req, header.get("output"), arrays)
             return ring.pack({"ok": True})
         if op == "fail":
             self._fail(req, header.get("error", "failed"))
             return ring.pack({"ok": True})
         return ring.pack({"error": "unknown op %r" % op})
+
+    def _put(self, req, output, arrays):
+        req.result = ring.pack({"request_id": req.id, "party": self.party, "kind": req.kind, "output": output}, arrays)
+        req.state = "done"
+        if req.kind == "model":
+            self.model_loaded = True
+        req.event.set()
+
+    def _backend_many(self, op, header, arrays) -> bytes:
+        """Cross-request batching (the driver merged several clients' requests into one program run): take the
+        share pairs of all `ids` at once (rows concatenated in that order), or put each request's rows of the
+        output share back under its own id, so that each submitter fetches only its own rows."""
+        ids = header.get("ids")
+        with self.cond:
+            reqs = [self.requests.get(rid) for rid in ids] if isinstance(ids, list) else []
+        missing = [rid for rid, r in zip(ids or [], reqs) if r is None or r.kind != "predict"]
+        if not reqs or missing:
+            return ring.pack({"error": "no prediction request %r at party %s (gateway restarted or request expired)"
+                              % ((missing or [ids])[0], self.party)})
+        if op == "take":
+            with self.cond:
+                taken = [r.id for r in reqs if r.state != "submitted"]
+                if taken:
+                    return ring.pack({"error": "request %r was already taken" % taken[0]})
+                for r in reqs:
+                    r.state = "taken"
+                parts = [(r.arrays, r.n) for r in reqs]
+                for r in reqs:
+                    r.arrays = None                   # handed over once; not kept
+            return ring.pack({"ok": True, "rows": [n for _, n in parts]},
+                             {"a": np.concatenate([p["a"] for p, _ in parts]),
+                              "b": np.concatenate([p["b"] for p, _ in parts])})
+        rows, share = header.get("rows"), arrays.get("share")
+        if rows != [r.n for r in reqs] or share is None or share.shape[0] != sum(rows):
+            return ring.pack({"error": "merged output does not match the requests' rows"})
+        at = 0
+        for r, n in zip(reqs, rows):
+            self._put(r, header.get("output"), {"share": share[at:at + n].copy()})
+            at += n
+        return ring.pack({"ok": True})
 
     def _fail(self, req, message):
         req.arrays = None

@@ -19,6 +19,8 @@ parties.json (one file shared by the operators; paths relative to the file)::
      "in_flight": {"requests": 2, "bytes": 8388608},   # per certificate: requests / share bytes not yet answered
      "threads": {"workers": 64, "reserve": 8},  # gateway threads; calls waiting for results may use all but reserve
      "max_batch": 1000, "batch_sizes": [1, 1000],   # the programs the driver instantiates; clients pad
+     "merge_rows": 16,                         # cross-request batching: concurrent small requests (of any
+                                               # certificates) share one program run of up to this many rows
      "request_timeout_s": 30}
 
 client.json (what a client or the model owner holds)::
@@ -102,6 +104,9 @@ def load_parties(path: str) -> dict:
     c.setdefault("batch_sizes", [1, c["max_batch"]])
     if not all(isinstance(n, int) and 1 <= n <= c["max_batch"] for n in c["batch_sizes"]):
         raise ConfigError("%s: batch_sizes must be integers in 1..max_batch" % path)
+    c.setdefault("merge_rows", min(16, c["max_batch"]))
+    if not isinstance(c["merge_rows"], int) or isinstance(c["merge_rows"], bool) or not 0 <= c["merge_rows"] <= c["max_batch"]:
+        raise ConfigError("%s: merge_rows must be an integer in 0..max_batch (0 or 1: no cross-request batching)" % path)
     _limits(c, path)
     c.setdefault("request_timeout_s", 30)
     c["path"] = os.path.abspath(path)

@@ -124,11 +124,13 @@ class Program:
         return name
 
     # ------------------------------------------------------------------ bridge-only programs
-    def _wait(self, since, model_loaded):
+    def _wait(self, since, model_loaded, timeout_ms):
+        # three independent bridge calls (no control edges between them): each party's long poll blocks in its
+        # gateway until a submission arrives there or timeout_ms passes
         out = []
         for i, dev in enumerate(self.devices):
             with tf.device(dev):
-                out.append(py_bridge(self.token("privtrain_wait", i), [since[i], tf.constant(200, tf.int64), model_loaded],
+                out.append(py_bridge(self.token("privtrain_wait", i), [since[i], timeout_ms, model_loaded],
                                      [tf.string])[0])
         return tf.stack(out)
 
@@ -175,16 +177,23 @@ class Program:
         return [(out[j], out[j + 1]) for j in range(0, len(out), 2)]
 
     def clamp(self, x: ABY3PrivateTensor) -> ABY3PrivateTensor:
-        """min(max(x, low), high) per column, exact for any ring value (low <= 0 <= high, public):
-        p = relu(x) and q = relu(-x) = p - x come from one exact sign test (no truncation, no overflow for
-        |x| < 2**63); min(p, high) = p - relu(p - high), min(q, -low) = q - relu(q + low); result top - bottom.
-        (x = -2**63 itself, which no encoder produces, lands at `high`: still inside the box.)"""
+        """min(max(x, low), high) per column, exact for any ring value (low <= 0 <= high, public), with two sign
+        tests instead of three ReLUs (each sign test is ABY3's 64-bit carry circuit, the clamp's whole cost):
+        c = [x < 0] (boolean share); |x| = x - 2 x c; t = high where x >= 0, -low where x < 0 (public values
+        selected by c: local arithmetic); e = relu(|x| - t) is by how much x leaves the box on its side;
+        result = x - e where x >= 0, x + e where x < 0, i.e. x - e + 2 e c. No truncation; nothing overflows for
+        |x| < 2**63 - 2**21 and the wrap-arounds of x = -2**63 and -2**63 + 1 land at `low` as well (tested)."""
         prot = self.prot
-        p = prot.relu(x)
-        q = prot.sub(p, x)
-        top = prot.sub(p, prot.relu(prot.sub(p, self.high)))
-        bottom = prot.sub(q, prot.relu(prot.add(q, self.low)))
-        return prot.sub(top, bottom)
+        n, d = int(x.shape[0]), int(x.shape[1])
+        low = np.broadcast_to(np.asarray(self.low, np.float64), (n, d))
+        high = np.broadcast_to(np.asarray(self.high, np.float64), (n, d))
+        c = prot.msb(x)                                        # 1 where x < 0
+        xc = prot.mul_ab(x, c)
+        absx = prot.sub(x, prot.add(xc, xc))
+        t = prot.select(c, high, -low)                         # public per column, chosen by the private sign
+        e = prot.relu(prot.sub(absx, t))
+        ec = prot.mul_ab(e, c)
+        return prot.add(prot.sub(x, e), prot.add(ec, ec))
 
     def forward(self, x: ABY3PrivateTensor) -> ABY3PrivateTensor:
         prot, h = self.prot, self.clamp(x)
@@ -250,11 +259,12 @@ class Program:
             r = tf.constant(rid)
         return self.load(r).numpy()
 
-    def run_wait(self, since, model_loaded: bool):
+    def run_wait(self, since, model_loaded: bool, timeout_ms: int = 200):
         with tf.device(self.driver_device):
             s = [tf.constant(int(v), tf.int64) for v in since]
             m = tf.constant(bool(model_loaded))
-        return [json.loads(x.decode()) for x in self.wait(s, m).numpy()]
+            t = tf.constant(int(timeout_ms), tf.int64)
+        return [json.loads(x.decode()) for x in self.wait(s, m, t).numpy()]
 
     def run_fail(self, rid: str, message: str):
         with tf.device(self.driver_device):

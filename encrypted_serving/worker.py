@@ -90,19 +90,40 @@ def make_functions(link: GatewayLink, weight_keys, input_dim: int):
             h = {"error": str(e)}
         return np.array(json.dumps(h).encode(), dtype=object)
 
+    merged = {}     # "id1,id2,..." -> [rows per id]: how put splits a merged batch's output (same program run)
+
     def take(rid, kind, n):
         if _s(rid) == WARMUP_ID:      # the driver instantiating the program: no data involved
             z = np.zeros((int(n), input_dim), dtype=np.int64)
             return [z, z]
-        _, arrays = link.call({"op": "take", "id": _s(rid)})
         if _s(kind) == "model":
+            _, arrays = link.call({"op": "take", "id": _s(rid)})
             return [arrays[k + s] for k in weight_keys for s in ("/a", "/b")]
-        return [arrays["a"], arrays["b"]]
+        ids = _s(rid).split(",")
+        if len(ids) == 1:
+            _, arrays = link.call({"op": "take", "id": ids[0]})
+            a, b, rows = arrays["a"], arrays["b"], None
+        else:
+            # cross-request batching: several requests (each owned by its own certificate) in one program run;
+            # one gateway call takes them all, rows concatenated in the driver's order
+            h, arrays = link.call({"op": "take", "ids": ids})
+            a, b, rows = arrays["a"], arrays["b"], [int(r) for r in h["rows"]]
+            merged[_s(rid)] = rows
+        if a.shape[0] < int(n):       # padding rows: shares of zero, their outputs never leave this party
+            pad = np.zeros((int(n) - a.shape[0], input_dim), dtype=np.int64)
+            a, b = np.concatenate([a, pad]), np.concatenate([b, pad])
+        return [a, b]
 
     def put(rid, output, share):
         if _s(rid) == WARMUP_ID:
             return np.int64(1)
-        link.call({"op": "put", "id": _s(rid), "output": _s(output)}, {"share": np.asarray(share, dtype=np.int64)})
+        ids = _s(rid).split(",")
+        share = np.asarray(share, dtype=np.int64)
+        if len(ids) == 1:
+            link.call({"op": "put", "id": ids[0], "output": _s(output)}, {"share": share})
+        else:             # each request's rows go back under its own id (the gateway hands them only to its submitter)
+            rows = merged.pop(_s(rid))
+            link.call({"op": "put", "ids": ids, "rows": rows, "output": _s(output)}, {"share": share[:sum(rows)]})
         return np.int64(1)
 
     def fail(rid, message):

@@ -314,3 +314,49 @@ def test_attack_waiting_calls_cannot_occupy_the_whole_thread_pool(gateway):
     for f in pending:
         f.cancel()
     w.stop.set(), ch.close(), ch2.close()
+
+
+def test_attack_merged_requests_each_output_goes_only_to_its_own_certificate(gateway):
+    """Cross-request batching (issue 19 speed goals): the worker takes two certificates' requests in one call and
+    puts one merged output share back; each submitter gets exactly its own rows, the other certificate gets nothing
+    of it, and the rows stay charged per certificate."""
+    w = FakeWorker(gateway["socket"])                      # not started: this test drives the backend itself
+    w.call({"op": "wait", "since": 0, "timeout_ms": 1, "model_loaded": True})
+    ch, mine = _stub(gateway, "client")
+    ch2, other = _stub(gateway, "client2")
+    fa, fb = _frame("m-a", 1), _frame("m-b", 1)
+    mine["Submit"](fa, timeout=10)
+    other["Submit"](fb, timeout=10)
+    head, arrays = w.call({"op": "take", "ids": ["m-a", "m-b"]})
+    assert head["rows"] == [1, 1]                          # both pairs, concatenated in the driver's order
+    np.testing.assert_array_equal(arrays["a"], np.concatenate([ring.unpack(fa)[1]["a"], ring.unpack(fb)[1]["a"]]))
+    again, _ = w.call({"op": "take", "ids": ["m-b"]})
+    assert "already taken" in again["error"]               # handed over once, merged or not
+    head, _ = w.call({"op": "put", "ids": ["m-a", "m-b"], "rows": [1, 1], "output": "logit"},
+                     {"share": np.array([7, 9], np.int64)})
+    assert head["ok"] is True and "error" not in head
+    fetch = lambda calls, rid: calls["Fetch"](json.dumps({"request_id": rid}).encode(), timeout=10)  # noqa: E731
+    with pytest.raises(grpc.RpcError) as e:
+        fetch(other, "m-a")                                 # client2 cannot read client's row of the merged run
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert ring.unpack(fetch(mine, "m-a"))[1]["share"].tolist() == [7]
+    assert ring.unpack(fetch(other, "m-b"))[1]["share"].tolist() == [9]
+    ledger = json.load(open(os.path.join(gateway["cfg"]["parties"]["server0"]["dir"], "budget.json")))
+    assert sorted((e["name"], e["rows"]) for e in ledger.values()) == [("client", 1), ("client2", 1)]
+    ch.close(), ch2.close(), w.sock.close()
+
+
+def test_the_driver_merges_concurrent_small_requests_in_turn():
+    """Concurrent batch-1 requests of several certificates share one program run (cross-request batching), in the
+    certificates-in-turn order, up to merge_rows rows; large batches and model loads run alone."""
+    from encrypted_serving.driver import Driver
+    cfg = {"request_timeout_s": 5, "batch_sizes": [1, 100], "merge_rows": 4,
+           "tf": {n: "127.0.0.1:1" for n in pc.PARTY_NAMES + (pc.DRIVER,)}}
+    d = Driver(cfg)
+    ready = [("a%d" % i, {}, "predict", 1) for i in range(6)] + [("big", {}, "predict", 100), ("m", {}, "model", 0)]
+    runs = [([r for r, _ in g], kind, n) for g, kind, n in d._runs(ready)]
+    assert runs == [(["a0", "a1", "a2", "a3"], "predict", 4), (["a4", "a5"], "predict", 4),
+                    (["big"], "predict", 100), (["m"], "model", 0)]
+    assert [g for g, _, _ in d._runs([("one", {}, "predict", 1)])] == [[("one", {})]]   # alone: its own program
+    d.c["merge_rows"] = 0                                  # batching off: one run per request
+    assert len(list(d._runs(ready[:3]))) == 3

@@ -168,3 +168,46 @@ def test_huge_inputs_are_clamped_inside_the_mpc(program_env):
     print("huge inputs: MPC", got, "plaintext on the clamped input", want,
           "unclamped", mf.forward_logits(config, weights, x))
     np.testing.assert_allclose(got, want, atol=2e-3)
+
+
+class MergingGateway(FakeGateway):
+    """FakeGateway plus the gateway's merged take/put (`ids`): rows concatenated, output split per id."""
+
+    def call(self, header, arrays=None, timeout=None):
+        if "ids" not in header:
+            return super().call(header, arrays, timeout)
+        if header["op"] == "take":
+            parts = [self.inputs.pop(r) for r in header["ids"]]
+            return {"ok": True, "rows": [len(p["a"]) for p in parts]}, {
+                "a": np.concatenate([p["a"] for p in parts]), "b": np.concatenate([p["b"] for p in parts])}
+        at = 0
+        for rid, n in zip(header["ids"], header["rows"]):
+            self.outputs[rid] = (header["output"], arrays["share"][at:at + n].copy())
+            at += n
+        return {"ok": True}, {}
+
+
+def test_merged_requests_run_in_one_program_and_each_gets_its_own_rows(program_env):
+    """Cross-request batching: two requests (1 and 2 rows) in one run of the 4-row program, padded with zero
+    shares; each id gets exactly its own rows' output shares (nothing for the padding), matching numpy."""
+    p, config, weights, gateways, _ = program_env
+    merging = [MergingGateway(g.party) for g in gateways]
+    keys = [k for i in range(len(config["layers"])) for k in (mf.kernel_key(i), mf.bias_key(i))]
+    from tensorflow.python.ops import script_ops
+    saved = {t: script_ops._py_funcs._funcs[t] for t in list(script_ops._py_funcs._funcs) if t.startswith("privtrain_")}
+    keep = [worker.register({"%s_%d" % (t, i): f for t, f in worker.make_functions(g, keys, config["input_dim"]).items()})
+            for i, g in enumerate(merging)]
+    _load(p, merging, weights, "m-merge")
+    rng = np.random.default_rng(7)
+    xa, xb = rng.normal(size=(1, config["input_dim"])), rng.normal(size=(2, config["input_dim"]))
+    _submit(merging, "ra", [{"a": a, "b": b} for a, b in ring.share_for_parties(xa)])
+    _submit(merging, "rb", [{"a": a, "b": b} for a, b in ring.share_for_parties(xb)])
+    p.run_predict("ra,rb", 4)
+    box = bounds.box_of(config)
+    for rid, x in (("ra", xa), ("rb", xb)):
+        shares = [g.outputs[rid][1] for g in merging]
+        assert all(s.shape == (len(x),) for s in shares)
+        np.testing.assert_allclose(ring.decode(ring.combine(shares)),
+                                   mf.forward_logits(config, weights, bounds.clamp(x, *box)), atol=2e-3)
+    worker.register(saved)       # back to the module's gateways for the other tests
+    del keep
