@@ -27,7 +27,7 @@ def test_clients_gateways_and_launcher_import_no_tensorflow():
 
 
 def test_party_side_imports_nothing_of_the_platform():
-    from encrypted_serving.launcher import encrypted_python
+    from encrypted_serving.environment import encrypted_python
     mods = ["encrypted_serving.gateway", "encrypted_serving.worker", "encrypted_serving.driver",
             "encrypted_serving.program"]
     loaded = _loaded(mods, python=encrypted_python())
