@@ -16,5 +16,5 @@ xdist=()
 [ "$workers" != "0" ] && xdist=(-n "$workers" --dist loadfile)
 "$platform/bin/python" -m pytest "${xdist[@]}" "$@" || status=$?
 "$encrypted/bin/python" -m pytest "$@" tests/encrypted_serving/test_encrypted_format.py \
-  tests/encrypted_serving/test_program_local.py tests/test_transform_parity.py || { s=$?; [ $s -eq 5 ] || status=$s; }
+  tests/encrypted_serving/test_program_local.py || { s=$?; [ $s -eq 5 ] || status=$s; }
 exit $status
