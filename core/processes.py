@@ -10,8 +10,10 @@
 did not take down), resumes stopped groups before killing them, and reaps every leader. ``free_ports(n)``:
 ``n`` distinct TCP ports free right now (best effort: another process may take one before it is used).
 
-The TF-Encrypted side of encrypted serving (its own environment, which imports nothing of the platform's
-packages, core/ included: tests/encrypted_serving/test_module_separation.py) keeps its own small copies."""
+Code of the TF-Encrypted environment (encrypted_serving's gateway, worker, driver, program) may not import
+this module: that environment imports nothing of the platform's packages, core/ included
+(tests/encrypted_serving/test_module_separation.py). Its processes are started and stopped from the platform
+side (encrypted_serving/service.py), which does use it."""
 from __future__ import annotations
 
 import contextlib
