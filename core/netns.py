@@ -11,20 +11,19 @@ When the namespace cannot be made (no user namespaces, tools missing), ``Private
 the caller decides (the multi-worker trainer prints a warning that the task ports are open)."""
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
-import time
 from typing import List, Optional
+
+from core.processes import start_group, stop_group
 
 
 class PrivateNetwork:
     """``with PrivateNetwork() as net: Popen(net.prefix + argv)`` runs argv in the shared private namespace;
     ``net.prefix`` is empty (and ``net.reason`` set) when isolation is unavailable."""
 
-    def __init__(self, timeout: float = 10.0):
-        self._timeout = timeout
+    def __init__(self):
         self._holder: Optional[subprocess.Popen] = None
         self.reason: Optional[str] = None
         self.prefix: List[str] = []
@@ -34,11 +33,10 @@ class PrivateNetwork:
         if missing:
             self.reason = f"{', '.join(missing)} not found (install util-linux and iproute2)"
             return self
-        self._holder = subprocess.Popen(
+        self._holder = start_group(
             ["unshare", "--user", "--map-root-user", "--net", "sh", "-c",
              "ip link set lo up && echo up && exec sleep 2147483647"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-            start_new_session=True)
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self._holder.stdout.readline().strip()  # "up" once the loopback is up, "" if unshare failed
         if line != "up":
             err = (self._holder.stderr.read() or "").strip().splitlines()
@@ -52,17 +50,19 @@ class PrivateNetwork:
     def isolated(self) -> bool:
         return bool(self.prefix)
 
+    @property
+    def namespace_file(self) -> Optional[str]:
+        """The namespace's file (``/proc/<holder>/ns/net``): a process is inside iff its own
+        ``/proc/<pid>/ns/net`` has the same inode (how a peer's side checks it); None without isolation."""
+        return f"/proc/{self._holder.pid}/ns/net" if self.prefix else None
+
     def __exit__(self, *exc) -> None:
         holder, self._holder, self.prefix = self._holder, None, []
-        if holder is None or holder.poll() is not None:
-            return
-        try:
-            os.killpg(holder.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        deadline = time.time() + self._timeout
-        while holder.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        if holder is not None:
+            stop_group(holder, grace=0.0, first_signal=signal.SIGKILL)
+            for stream in (holder.stdout, holder.stderr):
+                if stream is not None:
+                    stream.close()
 
 
 __all__ = ["PrivateNetwork"]

@@ -98,6 +98,32 @@ def export_pushed_model(version_dir: str, out_dir: str) -> str:
     return export_keras_model(model, out_dir, preprocessing)
 
 
+def find_pushed_model(workdir: str) -> Optional[str]:
+    """Newest pushed SavedModel version dir under workdir: one holding assets.extra/preprocessing.json."""
+    found = []
+    for root, dirs, files in os.walk(workdir):
+        if os.path.basename(root) == "assets.extra" and mf.PREPROCESSING_JSON in files:
+            vdir = os.path.dirname(root)
+            if os.path.isfile(os.path.join(vdir, "saved_model.pb")):
+                base = os.path.basename(vdir)
+                found.append((int(base) if base.isdigit() else -1, os.path.getmtime(vdir), vdir))
+    return max(found)[2] if found else None
+
+
+def prepare_model(model: str, out_dir: str) -> str:
+    """An encrypted_model dir for `model`: used as is if it holds model.json, else exported from a pushed
+    SavedModel version dir (or the newest one under a workdir) into out_dir."""
+    if os.path.isfile(os.path.join(model, mf.MODEL_JSON)):
+        return model
+    version_dir = model
+    if not os.path.isfile(os.path.join(model, "saved_model.pb")):
+        version_dir = find_pushed_model(model)
+        if version_dir is None:
+            raise ExportError("%s is neither an encrypted_model dir (model.json), a pushed SavedModel "
+                              "version dir, nor a workdir holding one" % model)
+    return export_pushed_model(version_dir, out_dir)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="export a pushed Keras model to privtrain's encrypted_model format")
     ap.add_argument("version_dir")

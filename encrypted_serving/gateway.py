@@ -168,7 +168,7 @@ class Gateway:
         self._cert_cache: Dict[bytes, tuple] = {}
         self.registry = certs.Registry(config["registry"])
         netns = config.get("netns")
-        self.netns_ino = os.stat("/run/netns/" + netns).st_ino if netns else None
+        self.netns_ino = os.stat(netns).st_ino if netns else None   # /proc/<pid>/ns/net of the cluster
 
     # ------------------------------------------------------------------ identity
     def _peer(self, context):

@@ -12,7 +12,7 @@ parties.json (one file shared by the operators; paths relative to the file)::
      "parties": {"server0": {"gateway": "0.0.0.0:8443", "cert": "certs/server0.pem",
                              "key": "certs/server0.key", "dir": "parties/server0"}, ...},
      "driver": {"dir": "driver"},
-     "netns": null,                            # local mode: the network namespace the TF cluster runs in
+     "netns": null,                            # local mode: the TF cluster's namespace file (/proc/<pid>/ns/net)
      "output": "logit",                        # or "label"
      "rate_limit": {"rows_per_second": 1000, "burst_rows": 2000, "min_rows_per_request": 100},  # per certificate
      "query_budget": {"rows_per_day": 10000},  # per certificate, per UTC day (each party's budget.json)

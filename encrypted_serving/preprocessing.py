@@ -1,5 +1,10 @@
 """Client-side preprocessing in pure numpy: raw data-set rows -> the dense model-input vector.
 
+This is a copy of the public transform (core/features.py, pipeline/transform.py) with the DP normalisation
+and one-hot folded in: it runs in the TF-Encrypted environment too, which imports nothing of the platform's
+packages, core/ included (tests/encrypted_serving/test_module_separation.py), so it cannot import core.features.
+tests/pipeline/test_transform_parity.py holds both copies to the Transform graph, row by row.
+
 It reproduces the pipeline's Transform from ``preprocessing.json``, a JSON list in model-input order of
 
 * ``{"name": "age", "kind": "numeric", "mean": m, "std": s, "log1p": false, "clip": [lo, hi], "missing": v}``
@@ -104,7 +109,8 @@ def transform(rows: Sequence[Dict[str, Optional[str]]], spec: list) -> np.ndarra
             clip = e.get("clip")  # the public range the model clips to (log1p units), when the export has one
             missing = e.get("missing")
             for r, row in enumerate(rows):
-                x = _to_float(row.get(name))
+                # with the public range, +-inf clips to its ends like the Transform graph; without it, missing
+                x = _to_float(row.get(name), infinite=clip is not None)
                 if x is not None and log1p:
                     x = math.log1p(max(x, 0.0)) if clip is not None else (math.log1p(x) if x > -1.0 else None)
                 if x is None:
@@ -126,7 +132,8 @@ def transform(rows: Sequence[Dict[str, Optional[str]]], spec: list) -> np.ndarra
     return out
 
 
-def _to_float(v) -> Optional[float]:
+def _to_float(v, infinite: bool = False) -> Optional[float]:
+    """A raw value as a number; None when missing, unparsable, NaN, or infinite (unless ``infinite``)."""
     if v is None:
         return None
     if isinstance(v, (int, float)):
@@ -136,7 +143,7 @@ def _to_float(v) -> Optional[float]:
             x = float(str(v).strip())
         except ValueError:
             return None
-    return x if math.isfinite(x) else None
+    return x if math.isfinite(x) or (infinite and not math.isnan(x)) else None
 
 
 # ---------------------------------------------------------------------------------------------- raw rows

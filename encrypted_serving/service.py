@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -30,8 +29,9 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+from core.netns import PrivateNetwork
+from core.processes import free_ports, start_group, stop_group, stop_groups
 from encrypted_serving import certs
-from encrypted_serving.cluster import free_ports
 from encrypted_serving import model_format as mf
 from encrypted_serving import parties as pc
 
@@ -46,8 +46,11 @@ class EncryptedServiceError(RuntimeError):
 
 
 def encrypted_python() -> str:
-    from encrypted_serving.launcher import encrypted_python as ep
-    return ep()
+    from encrypted_serving.environment import EnvironmentSetupError, encrypted_python as ep
+    try:
+        return ep()
+    except EnvironmentSetupError as e:
+        raise EncryptedServiceError(str(e)) from e
 
 
 def _child_env() -> Dict[str, str]:
@@ -59,59 +62,27 @@ def _child_env() -> Dict[str, str]:
     return env
 
 
-def _kill_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    for sig in (signal.SIGCONT, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-    try:
-        proc.wait(5.0)
-    except subprocess.TimeoutExpired:
-        pass
-
-
 def check_isolation(isolation: str) -> None:
     if isolation not in ISOLATIONS:
         raise EncryptedServiceError("isolation must be one of %s, got %r" % (ISOLATIONS, isolation))
-    if isolation == "netns":
-        if os.geteuid() != 0:
-            raise EncryptedServiceError("the encrypted service isolates its TF cluster in a network namespace, which "
-                                        "needs root: run as root, or pass --isolation none (UNSAFE: TF ports on "
-                                        "127.0.0.1, reachable by every local process)")
-        if not shutil.which("ip"):
-            raise EncryptedServiceError("the 'ip' command (iproute2) is missing: run `make setup` or "
-                                        "`apt-get install iproute2`")
 
 
-def netns_add(name: str) -> None:
-    for cmd in (["ip", "netns", "add", name], ["ip", "-n", name, "link", "set", "lo", "up"]):
-        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        if r.returncode != 0:
-            raise EncryptedServiceError("cannot create network namespace %s (%s): %s" % (name, " ".join(cmd), r.stderr.strip()))
-
-
-def netns_del(name: str) -> None:
-    subprocess.run(["ip", "netns", "del", name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def netns_list() -> List[str]:
-    r = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    return [l.split()[0] for l in r.stdout.splitlines() if l.strip()]
+def private_network() -> PrivateNetwork:
+    """The TF cluster's private network namespace (core/netns.py: loopback only, no root needed)."""
+    net = PrivateNetwork().__enter__()
+    if not net.isolated:
+        raise EncryptedServiceError("cannot make the TF cluster's private network namespace (%s); pass --isolation "
+                                    "none only for development (UNSAFE: TF ports on 127.0.0.1, reachable by every "
+                                    "local process)" % net.reason)
+    return net
 
 
 def prepare_model(model: str, out_dir: str) -> str:
-    from encrypted_serving.launcher import prepare_model as pm
-    return pm(model, out_dir)
+    from encrypted_serving.export import prepare_model as pm
+    try:
+        return pm(model, out_dir)
+    except mf.ModelFormatError as e:
+        raise EncryptedServiceError(str(e)) from e
 
 
 def write_client_json(path: str, ca: str, cert: str, key: str, gateways) -> str:
@@ -140,7 +111,8 @@ class GatewayService:
         # rows_per_day: the daily query budget; in_flight = (requests, share bytes) not yet answered
         self.min_rows_per_request, self.rows_per_day, self.in_flight = min_rows_per_request, rows_per_day, in_flight
         self.procs: Dict[str, subprocess.Popen] = {}
-        self.netns: Optional[str] = None
+        self.netns: Optional[str] = None          # the TF cluster's namespace file (/proc/<pid>/ns/net)
+        self._network: Optional[PrivateNetwork] = None
         self.fault: Optional[str] = None
         self.auto_restart_gateways = False
         self._lock = threading.RLock()
@@ -235,9 +207,8 @@ class GatewayService:
         atexit.register(self.stop)
         try:
             if self.isolation == "netns":
-                self.netns = "privtrain-%d-%s" % (os.getpid(), secrets.token_hex(3))
-                netns_add(self.netns)
-                cfg["netns"] = self.netns
+                self._network = private_network()
+                self.netns = cfg["netns"] = self._network.namespace_file
             pc.save(cfg, self.parties_json)
             os.chmod(self.parties_json, 0o600)
             try:
@@ -296,12 +267,14 @@ class GatewayService:
         return cdir
 
     def _spawn(self, name: str, args: List[str], inside: bool) -> None:
-        cmd = [self.py] + args
-        if inside and self.netns:
-            cmd = ["ip", "netns", "exec", self.netns] + cmd
+        cmd = (self.netns_prefix if inside else []) + [self.py] + args
         with open(self.log_path(name), "ab") as log:
-            self.procs[name] = subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdin=subprocess.DEVNULL,
-                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs[name] = start_group(cmd, cwd=REPO, env=_child_env(), stdout=log, stderr=subprocess.STDOUT)
+
+    @property
+    def netns_prefix(self) -> List[str]:
+        """argv prefix that runs a command inside the TF cluster's namespace ([] without isolation)."""
+        return list(self._network.prefix) if self._network else []
 
     def _spawn_gateway(self, party: str) -> None:
         ready = os.path.join(self.party_dir(party), "gateway.ready")
@@ -331,7 +304,7 @@ class GatewayService:
         with self._lock:
             old = self.procs.get("gateway-" + party)
             if old is not None:
-                _kill_group(old, grace=1.0)
+                stop_group(old, grace=1.0)
             self._spawn_gateway(party)
             self._wait_files([os.path.join(self.party_dir(party), "gateway.ready")])
 
@@ -409,7 +382,7 @@ class GatewayService:
             self._stopping = True
             procs, self.procs = self.procs, {}
         gws = [p for n, p in procs.items() if n.startswith("gateway-")]
-        for p in gws:
+        for p in gws:   # SIGTERM first: a gateway tells its waiting clients why, while the rest is stopped
             if p.poll() is None:
                 try:
                     os.killpg(p.pid, signal.SIGTERM)
@@ -417,12 +390,11 @@ class GatewayService:
                     pass
         for n, p in sorted(procs.items(), key=lambda kv: kv[0] != "driver"):   # the driver first
             if not n.startswith("gateway-"):
-                _kill_group(p, grace=2.0)
-        for p in gws:
-            _kill_group(p, grace=3.0)
-        if self.netns:
-            netns_del(self.netns)
-            self.netns = None
+                stop_group(p, grace=2.0)
+        stop_groups(gws, grace=3.0)
+        if self._network is not None:
+            self._network.__exit__()
+            self._network = self.netns = None
         if self.run_dir:
             for p in pc.PARTY_NAMES:
                 try:
@@ -486,8 +458,7 @@ def run_party(parties_json: str, party: str, python: Optional[str] = None) -> in
         cmds = {"gateway": ["-m", "encrypted_serving.gateway", "--config", parties_json, "--party", party],
                 "worker": ["-m", "encrypted_serving.worker", "--config", parties_json, "--party", party]}
     for name, args in cmds.items():
-        procs[name] = subprocess.Popen([py] + args, cwd=REPO, env=_child_env(), stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
+        procs[name] = start_group([py] + args, cwd=REPO, env=_child_env())
     code = 0
     try:
         while True:
@@ -500,6 +471,5 @@ def run_party(parties_json: str, party: str, python: Optional[str] = None) -> in
     except KeyboardInterrupt:
         pass
     finally:
-        for p in procs.values():
-            _kill_group(p)
+        stop_groups(procs.values())
     return code

@@ -28,6 +28,8 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from core.processes import free_ports, start_group, stop_groups
+
 WORKER_NAME = "worker_binary"
 READY_TIMEOUT_S = 30.0
 _GRPC_MAX = 2 * 1000 * 1000 * 1000
@@ -89,12 +91,6 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    import portpicker
-
-    return int(portpicker.pick_unused_port())
-
-
 def worker_command(port: int, max_concurrent: int = -1) -> List[str]:
     return [worker_binary_path(), f"--port={int(port)}", f"--max_concurrent_computation_calls={int(max_concurrent)}"]
 
@@ -142,21 +138,19 @@ def start_local_workers(n: int, max_concurrent: int = -1, log=None) -> List[subp
     procs: List[subprocess.Popen] = []
     try:
         for i in range(n):
-            port = 10000 + i if network.isolated else _free_port()  # a fresh namespace: every port is free
+            port = 10000 + i if network.isolated else free_ports(1)[0]  # a fresh namespace: every port is free
             env = dict(os.environ)
             env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            proc = subprocess.Popen(network.prefix + worker_command(port, max_concurrent),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                                    env=env)
+            proc = start_group(network.prefix + worker_command(port, max_concurrent),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
             proc.companions = []  # type: ignore[attr-defined]
             procs.append(proc)
             if network.isolated:
                 path = os.path.join(sockets, f"worker-{i}.sock")
-                forward = subprocess.Popen(
+                forward = start_group(
                     network.prefix + [sys.executable, os.path.join(os.path.dirname(__file__), "unix_forward.py"),
                                       path, str(port)],
-                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True,
-                    start_new_session=True)
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
                 proc.companions.append(forward)  # type: ignore[attr-defined]
                 if forward.stdout.readline().strip() != "ready":
                     raise WorkerError(f"the Unix-socket bridge to local TFF worker {i} did not start")
@@ -180,25 +174,8 @@ def stop_local_workers(procs: Sequence[subprocess.Popen], timeout: float = 5.0) 
     their private network namespace."""
     import shutil
 
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGINT)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                p.wait(timeout=timeout)
-        for c in getattr(p, "companions", ()):
-            if c.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(c.pid, signal.SIGKILL)
-            with contextlib.suppress(Exception):
-                c.wait(timeout=timeout)
+    stop_groups(procs, grace=timeout, first_signal=signal.SIGINT)
+    stop_groups([c for p in procs for c in getattr(p, "companions", ())], grace=0.0, first_signal=signal.SIGKILL)
     for p in procs:
         network = getattr(p, "network", None)
         if network is not None:
@@ -331,8 +308,7 @@ def serve(port: int, max_concurrent: int = -1, log=print) -> int:
         raise ValueError(f"--port must be in 1..65535, got {port}")
     if not _port_free(port):
         raise WorkerError(f"port {port} is already in use on this machine; pick another with --port")
-    proc = subprocess.Popen(worker_command(port, max_concurrent), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_group(worker_command(port, max_concurrent), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stopping = {"signal": None}
 
     def on_signal(signum, _frame):

@@ -15,6 +15,6 @@ workers="${PRIVTRAIN_TEST_WORKERS:-2}"
 xdist=()
 [ "$workers" != "0" ] && xdist=(-n "$workers" --dist loadfile)
 "$platform/bin/python" -m pytest "${xdist[@]}" "$@" || status=$?
-"$encrypted/bin/python" -m pytest "$@" tests/encrypted_serving/test_encrypted_engine_local.py \
-  tests/encrypted_serving/test_encrypted_format.py tests/encrypted_serving/test_program_local.py || { s=$?; [ $s -eq 5 ] || status=$s; }
+"$encrypted/bin/python" -m pytest "$@" tests/encrypted_serving/test_encrypted_format.py \
+  tests/encrypted_serving/test_program_local.py || { s=$?; [ $s -eq 5 ] || status=$s; }
 exit $status

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import time
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from core.netns import PrivateNetwork
+from core.processes import free_ports, start_group, stop_groups
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
@@ -80,8 +80,6 @@ def cluster_from_tf_config(tf_config, origin: str = "TF_CONFIG") -> Dict[str, Li
 
 
 def local_cluster(workers: int) -> Dict[str, List[str]]:
-    from encrypted_serving.cluster import free_ports  # pure Python; the platform's one copy of it
-
     return {"worker": [f"localhost:{p}" for p in free_ports(workers)]}
 
 
@@ -127,10 +125,9 @@ def train(context, cluster: Mapping[str, List[str]], epochs: int, batch_size: in
                        PYTHONPATH=os.pathsep.join(p for p in (PROJECT_ROOT, os.environ.get("PYTHONPATH")) if p))
             log = open(os.path.join(job, f"{task_type}-{index}.log"), "w")
             try:
-                procs.append((f"{task_type} {index} ({address})", subprocess.Popen(
+                procs.append((f"{task_type} {index} ({address})", start_group(
                     network.prefix + [sys.executable, "-m", "pipeline.trainers.multiworker", job], env=env,
-                    cwd=PROJECT_ROOT,
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)))
+                    cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)))
             finally:
                 log.close()
         context.log(f"standard trainer: MultiWorkerMirroredStrategy over {len(procs)} local worker processes"
@@ -186,23 +183,8 @@ def _last_line(job: str, name: str) -> str:
 
 
 def stop(procs, grace: float = 5.0) -> None:
-    """Terminates every still-running task's process group, then kills what is left after ``grace`` seconds."""
-    for _, proc in procs:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    deadline = time.time() + grace
-    for _, proc in procs:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
+    """Terminates every task's process group, then kills what is left after ``grace`` seconds."""
+    stop_groups([proc for _, proc in procs], grace)
 
 
 def worker_main(job: str) -> int:

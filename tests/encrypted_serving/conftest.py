@@ -2,7 +2,7 @@
 
 Env split: these tests run under the platform env's pytest (the encrypted parties and client are
 launched in the encrypted env by subprocess); test_encrypted_export.py needs the platform env's TF 2.15
-and skips elsewhere; test_encrypted_engine_local.py needs tf-encrypted and skips in the platform env.
+and skips elsewhere; test_program_local.py needs tf-encrypted and skips in the platform env.
 """
 import os
 import signal
@@ -76,29 +76,3 @@ def group_alive(pgid):
         return True
     except ProcessLookupError:
         return False
-
-
-@pytest.fixture
-def make_service(tmp_path):
-    """Factory for EncryptedService objects that are always stopped (and checked gone) afterwards."""
-    from encrypted_serving.launcher import EncryptedService
-    made = []
-
-    def factory(model_dir, **kw):
-        kw.setdefault("run_dir", str(tmp_path / ("run%d" % len(made))))
-        svc = EncryptedService(model_dir, **kw)
-        made.append(svc)
-        return svc
-
-    yield factory
-    pids = []
-    for svc in made:
-        pids += list(svc.pids.values())
-        for pid in svc.pids.values():      # a test may have SIGSTOPped one
-            try:
-                os.killpg(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        svc.stop()
-    leftovers = [p for p in pids if pid_alive(p) or group_alive(p)]
-    assert not leftovers, "encrypted parties left running: %s" % leftovers

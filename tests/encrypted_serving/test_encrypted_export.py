@@ -70,7 +70,7 @@ def test_export_round_trip(tmp_path, adult_spec, adult_desc):
     np.testing.assert_allclose(mf.forward_logits(config, weights, x), keras_logits, atol=1e-4)
 
     # Found from a workdir too (newest version dir holding assets.extra/preprocessing.json).
-    from encrypted_serving.launcher import find_pushed_model, prepare_model
+    from encrypted_serving.export import find_pushed_model, prepare_model
     assert find_pushed_model(str(tmp_path)) == str(version_dir)
     assert prepare_model(out, str(tmp_path / "unused")) == out
 

@@ -2,7 +2,7 @@
 encrypted env as subprocesses, the TF cluster in its own network namespace).
 
 One service (module fixture) serves a pipeline-style pushed Keras SavedModel (113-64-64-1 on Adult);
-the attack tests (a)-(d) each also run their attack where it must succeed (the old client-driven design,
+the attack tests (a)-(d) each also run their attack where it must succeed (a bare TF server outside the namespace,
 or the same request with the right certificate / from inside the namespace) so that a failure here is the
 property, not a broken attack. Fault tests that take the service down start their own.
 """
@@ -19,14 +19,15 @@ import grpc
 import numpy as np
 import pytest
 
+from core.processes import free_ports, start_group, stop_group
 from encrypted_serving import certs, parties as pc, ring, service, share_client as sc
 from encrypted_serving import model_format as mf
 from encrypted_serving import preprocessing as pp
 
 from conftest import ADULT, group_alive, pid_alive
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not service.shutil.which("ip"),
-                                reason="needs root and iproute2 for the service's network namespace")
+pytestmark = pytest.mark.skipif(not all(service.shutil.which(t) for t in ("unshare", "nsenter", "ip")),
+                                reason="needs util-linux and iproute2 for the service's network namespace")
 HERE = os.path.dirname(os.path.abspath(__file__))
 ADULT_TEST = os.path.join(ADULT, "adult.test")
 
@@ -35,7 +36,7 @@ def _no_leftovers(svc, pids, netns):
     time.sleep(0.3)
     alive = [n for n, p in pids.items() if pid_alive(p) or group_alive(p)]
     assert not alive, "processes left running: %s" % alive
-    assert netns and netns not in service.netns_list()
+    assert netns and not os.path.exists(netns), "the TF cluster's network namespace outlived the service"
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def _attack(addresses, task, path, timeout=15, as_task=None):
     return json.loads(lines[-1]) if lines else {"ok": False, "error": "the attack gave up (status %s)" % proc.returncode}
 
 
-def test_attack_a_client_cannot_reach_the_tf_runtime_old_design_could(svc, tmp_path, adult_model_dir):
+def test_attack_a_client_cannot_reach_the_tf_runtime_a_bare_tf_server_could(svc, tmp_path):
     ccfg = json.load(open(svc.client_json("client")))
     # What a client holds: gateway addresses, the CA, its own cert/key. No TF address at all.
     assert set(ccfg) == {"format", "ca", "cert", "key", "gateways"}
@@ -136,20 +137,22 @@ def test_attack_a_client_cannot_reach_the_tf_runtime_old_design_could(svc, tmp_p
             socket.create_connection((host, int(port)), timeout=2).close()
     verdict = _attack(addrs, 0, "/etc/hostname")
     assert not verdict["ok"], verdict
-    # The same attack against the old client-driven design reads the model's exact weights.
-    from encrypted_serving.launcher import EncryptedService
-    old = EncryptedService(adult_model_dir, run_dir=str(tmp_path / "old"))
-    old.start()
+    # Control: the same attack against a bare TF server outside the namespace (what the old client-driven design
+    # exposed on 127.0.0.1) reads a file in that server's process, so the failure above is the namespace's doing.
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(os.urandom(64))
+    port = free_ports(1)[0]
+    code = ("import tensorflow as tf, sys; s = tf.distribute.Server(tf.train.ClusterSpec({'tfe': ['127.0.0.1:%d']}), "
+            "job_name='tfe', task_index=0, start=True); print('up', flush=True); s.join()" % port)
+    bare = start_group([service.encrypted_python(), "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                       text=True)
     try:
-        cluster = json.load(open(old.cluster_json))
-        path = os.path.join(cluster["weights_stage_dir"], "dense_0_kernel.f32")
-        verdict = _attack([a for _, a in cluster["players"]], 3, path, timeout=60, as_task=4)
+        assert bare.stdout.readline().strip() == "up"
+        verdict = _attack(["127.0.0.1:%d" % port], 0, str(secret), timeout=60)
     finally:
-        old.stop()
+        stop_group(bare)
     assert verdict["ok"], verdict
-    stolen = np.frombuffer(bytes.fromhex(verdict["data_hex"]), dtype="<f4")
-    true = mf.load_weights(adult_model_dir)["dense_0/kernel"].ravel()
-    assert np.array_equal(stolen, true)
+    assert bytes.fromhex(verdict["data_hex"]) == secret.read_bytes()
 
 
 def test_attack_b_no_other_process_reads_the_clients_inputs(svc, client):
@@ -194,7 +197,7 @@ def test_attack_b_no_other_process_reads_the_clients_inputs(svc, client):
             "s=socket.socket(socket.AF_UNIX); s.connect(%r); f=ring.pack({'op':'wait','since':0,'timeout_ms':10}); "
             "s.sendall(struct.pack('<Q',len(f))+f); s.settimeout(5); print(len(s.recv(8)))"
             % (os.path.dirname(os.path.dirname(HERE)), sock_path))
-    r = subprocess.run(["ip", "netns", "exec", svc.netns, sys.executable, "-c", code], stdout=subprocess.PIPE,
+    r = subprocess.run(svc.netns_prefix + [sys.executable, "-c", code], stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True, timeout=60)
     assert r.stdout.strip() == "8", r.stderr
     # 3. No gateway RPC returns input shares: the only output is a request's result, to its submitter (test c).
