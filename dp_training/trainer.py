@@ -54,6 +54,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional
 import numpy as np
 
 from dp_training import sgd_events as accounting, calibration, events, secure_noise
+from dp_training.progress import RateLimitedLog
 from dp_training.contract import (ArgumentError, KindConfig, PlanInputs, TrainerContext, TrainerKind, TrainingInterrupted,
                                   TrainingOutcome, TrainingPlan, parse_bool, parse_choice, parse_number, parse_whole)
 
@@ -74,6 +75,8 @@ DEFAULTS: Dict[str, Any] = {
     "mia": True,
     "mia_max_rows": 10000,
 }
+# The clock of the step lines' rate limit (a test replaces it with a fake one).
+_clock = time.monotonic
 DP_PATHS = ("auto", "fused_dense", "fast_gradient_clipping", "vectorized_optimizer")
 DEFAULT_BATCH_SIZE = 2048
 
@@ -661,6 +664,7 @@ class DPSGDTrainer(TrainerKind):
             log(f"dp_sgd: {path}, {plan['steps']} steps, sigma={plan['noise_multiplier']:.4f}, "
                 f"C={plan['l2_norm_clip']:g}, expected batch {plan['batch_size']}")
             t0 = t_epoch = time.time()
+            step_lines = RateLimitedLog(log, clock=_clock)
             epoch_seconds = []
             spe = max(1, int(round(plan["steps_per_epoch"])))
             empty = 0
@@ -673,11 +677,13 @@ class DPSGDTrainer(TrainerKind):
                     empty += 1
                 else:
                     stepper.step_rows(idx)
-                if steps_done % spe == 0 or steps_done == plan["steps"]:
+                last = steps_done == plan["steps"]
+                if steps_done % spe == 0 or last:
                     now = time.time()
                     epoch_seconds.append(now - t_epoch)
                     t_epoch = now
-                    log(f"dp_sgd: step {steps_done}/{plan['steps']} ({now - t0:.1f}s)")
+                if step_lines.due(final=last):   # one line every few seconds at most (the last step always)
+                    step_lines(f"dp_sgd: step {steps_done}/{plan['steps']} ({time.time() - t0:.1f}s)", final=last)
             train_seconds = time.time() - t0
         except BaseException as exc:  # report what was released, then stop
             raise TrainingInterrupted(released(steps_done), exc) from exc
