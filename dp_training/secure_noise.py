@@ -57,17 +57,20 @@ def fresh_key_block() -> np.ndarray:
 
 
 def _combine(tensors: Sequence, stddev, draw: Callable[[int, object], object]) -> List:
-    """Noise shaped like ``tensors``: one flat draw of all their elements per stream, summed and halved."""
+    """Noise shaped like ``tensors``: one flat draw of all their elements per stream, summed and halved (scaled by
+    ``stddev`` once, before it is split; static shapes where the tensors have them, fewer ops per step)."""
     import tensorflow as tf
 
     tensors = list(tensors)
     if not tensors:
         return []
-    sizes = [tf.size(t) for t in tensors]
-    total = tf.add_n(sizes)
-    z = tf.add_n([draw(j, total) for j in range(N_STREAMS)]) * (1.0 / np.sqrt(N_STREAMS))
-    parts = tf.split(z, tf.stack(sizes), num=len(tensors))
-    return [tf.cast(tf.reshape(p, tf.shape(t)) * tf.cast(stddev, tf.float32), t.dtype) for p, t in zip(parts, tensors)]
+    static = all(t.shape.is_fully_defined() for t in tensors)
+    sizes = [t.shape.num_elements() for t in tensors] if static else [tf.size(t) for t in tensors]
+    total = sum(sizes) if static else tf.add_n(sizes)
+    z = tf.add_n([draw(j, total) for j in range(N_STREAMS)])
+    z = z * (tf.cast(stddev, tf.float32) * (1.0 / np.sqrt(N_STREAMS)))
+    parts = tf.split(z, sizes if static else tf.stack(sizes), num=len(tensors))
+    return [tf.cast(tf.reshape(p, t.shape if static else tf.shape(t)), t.dtype) for p, t in zip(parts, tensors)]
 
 
 class GaussianNoise:

@@ -54,6 +54,7 @@ from typing import Any, ClassVar, Dict, Mapping, Optional
 import numpy as np
 
 from dp_training import sgd_events as accounting, calibration, events, secure_noise
+from dp_training.progress import RateLimitedLog
 from dp_training.contract import (ArgumentError, KindConfig, PlanInputs, TrainerContext, TrainerKind, TrainingInterrupted,
                                   TrainingOutcome, TrainingPlan, parse_bool, parse_choice, parse_number, parse_whole)
 
@@ -74,6 +75,8 @@ DEFAULTS: Dict[str, Any] = {
     "mia": True,
     "mia_max_rows": 10000,
 }
+# The clock of the step lines' rate limit (a test replaces it with a fake one).
+_clock = time.monotonic
 DP_PATHS = ("auto", "fused_dense", "fast_gradient_clipping", "vectorized_optimizer")
 DEFAULT_BATCH_SIZE = 2048
 
@@ -375,9 +378,11 @@ class _DPStepper:
             # directly, with no second backward pass (the "ghost" trick of fast gradient clipping, fused).
             feature_fn, dense = dense_head(base_model)
             self.train_model = base_model
-            self.optimizer = tf.keras.optimizers.SGD(learning_rate=lr, momentum=mom)
+            # The 1 / (expected batch size) normalisation is folded into the learning rate (SGD with momentum is
+            # linear in the gradient): the step adds N(0, (sigma C)^2) to the clipped sum and applies it.
+            self.optimizer = tf.keras.optimizers.SGD(learning_rate=lr / self.expected_batch, momentum=mom)
             variables = [v for layer in dense for v in (layer.kernel, layer.bias)]
-            expected, std = self.expected_batch, sigma * clip
+            std = sigma * clip
 
             def fused_step(x, y):
                 a = feature_fn(x)
@@ -393,21 +398,20 @@ class _DPStepper:
                     per_example = per_example_loss(tf, h, y)
                     total = tf.reduce_sum(per_example)
                 deltas = tape.gradient(total, pre)
-                sq = tf.zeros_like(per_example)
-                for ai, di in zip(inputs, deltas):
-                    d2 = tf.reduce_sum(tf.square(di), axis=1)
-                    sq += tf.reduce_sum(tf.square(ai), axis=1) * d2 + d2
-                factor = tf.minimum(1.0, clip / tf.maximum(tf.sqrt(sq), 1e-12))[:, None]
+                # squared per-example norm: sum over layers of (||a_i||^2 + 1) ||d_i||^2 (kernel and bias)
+                sq = tf.add_n([(tf.reduce_sum(tf.square(ai), axis=1) + 1.0) * tf.reduce_sum(tf.square(di), axis=1)
+                               for ai, di in zip(inputs, deltas)])
+                factor = tf.expand_dims(clip * tf.math.rsqrt(tf.maximum(sq, clip * clip)), 1)  # min(1, C/||g||)
                 grads = []
                 for ai, di in zip(inputs, deltas):
                     cd = di * factor
                     grads += [tf.matmul(ai, cd, transpose_a=True), tf.reduce_sum(cd, axis=0)]
-                noisy = [(g + z) / expected for g, z in zip(grads, noise.like(grads, std))]
-                self.optimizer.apply_gradients(zip(noisy, variables))
+                self.optimizer.apply_gradients(zip([g + z for g, z in zip(grads, noise.like(grads, std))],
+                                                   variables))
                 return {"loss": tf.reduce_mean(per_example)}
 
             self._step = tf.function(fused_step, input_signature=[feature_specs, label_spec])
-            self._noise_scale = 1.0 / self.expected_batch
+            self._noise_scale = 1.0  # the optimizer's lr already divides by the expected batch
             self._variables = variables
         elif path == "fast_gradient_clipping":
             from tensorflow_privacy.privacy.fast_gradient_clipping import clip_grads
@@ -474,7 +478,8 @@ class _DPStepper:
         optimizer = self.optimizer
 
         def noise_step():
-            grads = [z * noise_scale for z in noise.like(variables, std)]
+            grads = noise.like(variables, std) if noise_scale == 1.0 else [
+                z * noise_scale for z in noise.like(variables, std)]
             optimizer.apply_gradients(zip(grads, variables))
             return tf.constant(0.0)
 
@@ -661,6 +666,7 @@ class DPSGDTrainer(TrainerKind):
             log(f"dp_sgd: {path}, {plan['steps']} steps, sigma={plan['noise_multiplier']:.4f}, "
                 f"C={plan['l2_norm_clip']:g}, expected batch {plan['batch_size']}")
             t0 = t_epoch = time.time()
+            step_lines = RateLimitedLog(log, clock=_clock)
             epoch_seconds = []
             spe = max(1, int(round(plan["steps_per_epoch"])))
             empty = 0
@@ -673,11 +679,13 @@ class DPSGDTrainer(TrainerKind):
                     empty += 1
                 else:
                     stepper.step_rows(idx)
-                if steps_done % spe == 0 or steps_done == plan["steps"]:
+                last = steps_done == plan["steps"]
+                if steps_done % spe == 0 or last:
                     now = time.time()
                     epoch_seconds.append(now - t_epoch)
                     t_epoch = now
-                    log(f"dp_sgd: step {steps_done}/{plan['steps']} ({now - t0:.1f}s)")
+                if step_lines.due(final=last):   # one line every few seconds at most (the last step always)
+                    step_lines(f"dp_sgd: step {steps_done}/{plan['steps']} ({time.time() - t0:.1f}s)", final=last)
             train_seconds = time.time() - t0
         except BaseException as exc:  # report what was released, then stop
             raise TrainingInterrupted(released(steps_done), exc) from exc

@@ -2,7 +2,6 @@
 the run from ML Metadata."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -15,6 +14,7 @@ from core.dataset import load_dataset
 from pipeline.metadata import (ComponentRecord, components_of_run, custom_properties, load_slice_metrics, open_store,
                                run_context_ids)
 from pipeline.pipeline_def import create_pipeline
+from pipeline.progress import ProgressReporter
 from pipeline.quiet import quiet_libraries
 
 
@@ -63,55 +63,6 @@ def _public_metrics(metrics: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str,
     return {name: defined_metrics(values) for name, values in metrics.items()}
 
 
-class _ProgressReporter:
-    """Turns LocalDagRunner's component log calls into short progress lines with durations.
-
-    LocalDagRunner reports progress only through absl logging, whose level libraries change while the
-    pipeline runs (Transform turns it down), so we observe the runner module's and the launcher's
-    ``logging.info`` calls directly instead of attaching a handler."""
-
-    def __init__(self, stream, started: float):
-        self._stream, self._started, self._running = stream, started, {}
-
-    def info(self, message, *args):
-        text = message % args if args else str(message)
-        now = time.time()
-        if text.startswith("Component ") and text.endswith(" is running."):
-            node = text[len("Component "):-len(" is running.")]
-            self._running[node] = now
-            self._print(f"{node} started")
-        elif text.startswith("Component ") and text.endswith(" is finished."):
-            node = text[len("Component "):-len(" is finished.")]
-            self._print(f"{node} finished in {now - self._running.pop(node, now):.1f}s")
-        elif text.startswith("A cached execution"):
-            self._print("  (cached result reused)")
-
-    def _print(self, text: str) -> None:
-        self._stream.write(f"[{time.time() - self._started:7.1f}s] {text}\n")
-        self._stream.flush()
-
-    @contextlib.contextmanager
-    def observing(self, *modules):
-        originals = [(m, m.logging) for m in modules]
-        reporter = self
-
-        class _Observed:
-            def __getattr__(self, name):
-                return getattr(originals[0][1], name)
-
-            def info(self, message, *args, **kwargs):
-                reporter.info(message, *args)
-                return originals[0][1].info(message, *args, **kwargs)
-
-        try:
-            for module, _ in originals:
-                module.logging = _Observed()
-            yield
-        finally:
-            for module, original in originals:
-                module.logging = original
-
-
 def root_cause(error: BaseException) -> BaseException:
     seen = set()
     while id(error) not in seen:
@@ -152,7 +103,8 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
         before = run_context_ids(store)
     error: Optional[BaseException] = None
     try:
-        with _ProgressReporter(progress, started).observing(local_dag_runner, launcher):
+        reporter = ProgressReporter(progress, started, [c.id for c in pipeline.components], config.workdir)
+        with reporter.observing(local_dag_runner, launcher):
             tfx.orchestration.LocalDagRunner().run(pipeline)
     except Exception as e:  # noqa: BLE001 - reported with the summary below
         error = e

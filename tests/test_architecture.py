@@ -63,7 +63,7 @@ def test_the_layer_check_catches_an_upward_import(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["budget", "--help"], ["report", "--help"], ["budget"],
-                                  ["privacy", "report", "--help"], ["predict", "--help"]])
+                                  ["privacy", "report", "--help"], ["predict", "--help"], ["run", "--help"]])
 def test_light_commands_do_not_import_tensorflow(argv, tmp_path):
     code = ("import sys\nfrom privtrain_cli.main import main\n"
             "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
@@ -74,6 +74,40 @@ def test_light_commands_do_not_import_tensorflow(argv, tmp_path):
     r = subprocess.run([sys.executable, "-c", code, *argv], cwd=str(tmp_path), env=env, capture_output=True,
                        text=True, timeout=120)
     assert "HEAVY=\n" in r.stdout, (r.stdout[-500:], r.stderr[-2000:])
+
+
+def test_an_identical_rerun_imports_nothing_heavy(tmp_path):
+    # `privtrain run` replaying the last run's record (pipeline/run_memo.py) parses its flags (every trainer
+    # kind's) and answers without TensorFlow, TFF, TFX or Beam: the re-run costs the interpreter, not TF's import.
+    from tests.conftest import make_adult_sample
+
+    data = make_adult_sample(str(tmp_path / "data"), train_rows=50, eval_rows=20)
+    workdir = tmp_path / "work"
+    pushed = workdir / "serving" / "adult" / "1"
+    pushed.mkdir(parents=True)
+    meta = workdir / "metadata.sqlite"
+    import sqlite3
+
+    con = sqlite3.connect(str(meta))
+    con.execute("CREATE TABLE Execution (id INTEGER PRIMARY KEY)")
+    con.execute("INSERT INTO Execution (id) VALUES (1)")
+    con.commit()
+    con.close()
+    argv = ["run", "--trainer", "standard", "--data", data, "--workdir", str(workdir), "--allow-non-private"]
+    code = ("import sys\nfrom core.dataset import load_dataset\nfrom pipeline import run_memo\n"
+            "from privtrain_cli.main import build_parser, main\n"
+            "args = build_parser(sys.argv[1:]).parse_args(sys.argv[1:])\n"
+            "digest = run_memo.fingerprint(vars(args), load_dataset(args.data))\n"
+            f"run_memo.record({str(workdir)!r}, {str(meta)!r}, digest, {{'pushed_path': {str(pushed)!r}}}, 'RECORDED')\n"
+            "rc = main(sys.argv[1:])\n"
+            "heavy = sorted(m for m in ('tensorflow', 'tfx', 'tensorflow_federated', 'apache_beam') "
+            "if m in sys.modules)\n"
+            "print('RC=%d HEAVY=%s' % (rc, ','.join(heavy)))\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, PRIVTRAIN_LEDGER=str(tmp_path / "ledger.sqlite"))
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=str(tmp_path), env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert "identical to the run" in r.stderr, r.stderr[-2000:]
+    assert "RECORDED" in r.stdout and "RC=0 HEAVY=\n" in r.stdout, (r.stdout[-500:], r.stderr[-2000:])
 
 
 def test_every_command_parses_its_own_flags():

@@ -1,12 +1,11 @@
 """Non-private training: Keras fit inside a tf.distribute strategy over every visible GPU (CPU otherwise), or
 over several worker processes with MultiWorkerMirroredStrategy (``cluster`` / ``train_workers`` arguments;
-pipeline.trainers.multiworker)."""
+pipeline.trainers.multiworker). TensorFlow is imported where a model is trained, not at import: the command line
+builds its parser from this module (``privtrain run --help`` and an identical re-run never load TensorFlow)."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, ClassVar, Mapping, Optional
-
-import tensorflow as tf
 
 import dp_accounting
 
@@ -21,7 +20,10 @@ def trainer_args(namespace) -> dict:
                               "learning_rate": getattr(namespace, "learning_rate", None)}.items() if v is not None}
 
 
-def distribution_strategy() -> tf.distribute.Strategy:
+def distribution_strategy():
+    """The tf.distribute strategy over every visible GPU (one: OneDeviceStrategy), else the CPU."""
+    import tensorflow as tf
+
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy([g.name for g in gpus])
@@ -98,6 +100,8 @@ class StandardTrainer(TrainerKind):
                                     "learning_rate": config.learning_rate, "optimizer": "Adam"})
 
     def train(self, context: TrainerContext) -> TrainingOutcome:
+        import tensorflow as tf
+
         epochs, batch_size, learning_rate = _settings(context.args)
         cluster = cluster_of(context.args)
         if cluster is not None:
@@ -115,7 +119,7 @@ class StandardTrainer(TrainerKind):
         evaluation = tf.data.Dataset.from_tensor_slices(
             (dict(context.eval_features), context.eval_labels)).batch(1024)
         history = model.fit(train, epochs=epochs, validation_data=evaluation, verbose=0,
-                            callbacks=[_EpochLog(context.log, epochs)])
+                            callbacks=[_epoch_log(context.log, epochs)])
         return TrainingOutcome(
             model=model, released_event=dp_accounting.NonPrivateDpEvent(),
             public_details={"strategy": strategy.__class__.__name__, "replicas": strategy.num_replicas_in_sync},
@@ -125,6 +129,8 @@ class StandardTrainer(TrainerKind):
 
 def _train_multiworker(context: TrainerContext, cluster, epochs: int, batch_size: int,
                        learning_rate: float) -> TrainingOutcome:
+    import tensorflow as tf
+
     from pipeline.trainers import multiworker
 
     model, history = multiworker.train(context, cluster, epochs, batch_size, learning_rate)
@@ -139,13 +145,15 @@ def _train_multiworker(context: TrainerContext, cluster, epochs: int, batch_size
         private_details={"final_train_loss": history["loss"][-1], "final_eval_accuracy": float(eval_accuracy)})
 
 
-class _EpochLog(tf.keras.callbacks.Callback):
-    def __init__(self, log, epochs):
-        super().__init__()
-        self._log, self._epochs = log, epochs
+def _epoch_log(log, epochs):
+    """A Keras callback logging one line per epoch (defined here so that importing this module loads no TF)."""
+    import tensorflow as tf
 
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
-        self._log(f"  epoch {epoch + 1}/{self._epochs}: loss {logs.get('loss', float('nan')):.4f} "
-                  f"accuracy {logs.get('accuracy', float('nan')):.4f} "
-                  f"eval accuracy {logs.get('val_accuracy', float('nan')):.4f}")
+    class _EpochLog(tf.keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            log(f"  epoch {epoch + 1}/{epochs}: loss {logs.get('loss', float('nan')):.4f} "
+                f"accuracy {logs.get('accuracy', float('nan')):.4f} "
+                f"eval accuracy {logs.get('val_accuracy', float('nan')):.4f}")
+
+    return _EpochLog()

@@ -120,17 +120,21 @@ def plot_slices(path: str, aggregate: Sequence[Dict[str, Any]], note: str = "") 
         for k, col in enumerate(cols):
             private, flat = _series(aggregate, col)
             name = col[len("accuracy["):-1].split("=", 1)[1]
-            for label, (xs, ms, _cs) in list(private.items())[:1]:   # the first private arm
+            for label, (xs, ms, cs) in list(private.items())[:1]:   # the first private arm
                 order = sorted(range(len(xs)), key=xs.__getitem__)
-                ax.plot([xs[i] for i in order], [ms[i] for i in order], marker="o", color=f"C{k % 10}", label=name)
+                ax.errorbar([xs[i] for i in order], [ms[i] for i in order], yerr=[cs[i] for i in order],
+                            marker="o", capsize=3, color=f"C{k % 10}", label=name)
                 _log_x(ax, xs)
-            for label, (mean, _ci) in list(flat.items())[:1]:
+            for label, (mean, ci) in list(flat.items())[:1]:
                 ax.axhline(mean, color=f"C{k % 10}", linestyle=":", alpha=0.7)
+                if ci:
+                    ax.axhspan(mean - ci, mean + ci, color=f"C{k % 10}", alpha=0.1)
         ax.set_title(f"accuracy per {feature} slice")
         ax.set_xlabel("epsilon")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Per-slice accuracy vs epsilon (first private arm; dotted: non-private); small slices suppressed\n"
+    fig.suptitle("Per-slice accuracy vs epsilon, mean and 95% interval across replicates (first private arm; dotted "
+                 "and shaded: non-private); small slices suppressed\n"
                  f"epsilon at {note}", y=1.06)
     return _save(fig, path)
 

@@ -237,18 +237,54 @@ def test_unsupported_layer_falls_back_to_vectorized_optimizer_with_shuffle(tmp_p
     assert "mia_auc" not in out.private_details
 
 
-def test_interrupted_run_reports_the_steps_it_released(tmp_path):
+class _FakeClock:
+    """Advances ``tick`` seconds each time it is read."""
+
+    def __init__(self, tick):
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self):
+        self.now += self.tick
+        return self.now
+
+
+def test_interrupted_run_reports_the_steps_it_released(tmp_path, monkeypatch):
     args = {"noise_multiplier": 1.0, "batch_size": 60, "epochs": 5, "mia": False}
     plan = plan_training(plan_inputs(args, 600))
+    monkeypatch.setattr(trainer_mod, "_clock", _FakeClock(1.0))   # a step line every 5 steps
+    lines = []
 
     def log(msg):
-        if "step 20/" in msg:
-            raise KeyboardInterrupt
+        if "step " in msg:
+            lines.append(msg)
+            if len(lines) == 3:
+                raise KeyboardInterrupt
     ctx, _ = make_context(tmp_path, args, plan, log=log)
     with pytest.raises(TrainingInterrupted) as info:
         DPSGDTrainer().train(ctx)
     assert isinstance(info.value.cause, KeyboardInterrupt)
-    assert info.value.released_event == accounting.dp_event(1.0, 0.1, 20, "poisson")
+    interrupted_at = int(lines[-1].split("step ")[1].split("/")[0])
+    assert 1 < interrupted_at < 50
+    assert info.value.released_event == accounting.dp_event(1.0, 0.1, interrupted_at, "poisson")
+
+
+def test_step_lines_come_at_most_every_few_seconds(tmp_path, monkeypatch):
+    # 50 steps of 10 steps per epoch; the clock advances 0.3 s a step: a line per epoch would be one every 3 s.
+    clock = _FakeClock(0.3)
+    monkeypatch.setattr(trainer_mod, "_clock", clock)
+    args = {"noise_multiplier": 1.0, "batch_size": 60, "epochs": 5, "mia": False, "seed": 0}
+    plan = plan_training(plan_inputs(args, 600))
+    lines = []
+
+    def log(msg):
+        if msg.startswith("dp_sgd: step "):
+            lines.append((clock.now, msg))
+    ctx, _ = make_context(tmp_path, args, plan, log=log)
+    DPSGDTrainer().train(ctx)
+    assert lines[-1][1].startswith("dp_sgd: step 50/50")   # the last step is always reported
+    gaps = [b[0] - a[0] for a, b in zip(lines[:-1], lines[1:-1])]
+    assert gaps and all(g >= 5.0 for g in gaps), lines
+    assert len(lines) <= 50 * 0.3 / 5.0 + 2
 
 
 def test_failed_run_before_any_step_released_nothing(tmp_path):

@@ -42,6 +42,10 @@ def test_every_component_runs_and_the_model_is_blessed_and_pushed(standard_run):
     assert os.path.basename(pushed).isdigit()  # TF Serving's <name>/<version>/ layout
     # progress lines were shown while it ran
     assert "Trainer started" in result.stderr and "Trainer finished in" in result.stderr
+    # the first run in a workdir has no ETA yet, and remembers its components' durations for the next one (0600)
+    assert "started (no ETA yet: the first run in this workdir)" in result.stderr
+    durations = os.path.join(workdir, "runs", "durations.json")
+    assert "Trainer" in json.load(open(durations)) and os.stat(durations).st_mode & 0o077 == 0
 
 
 def test_pushed_model_predicts_on_raw_rows_by_itself(standard_run):
