@@ -76,7 +76,8 @@ def planning_rows(source: PrivacyDeclaration, exact_rows: Optional[int]) -> int:
 
 
 def plan_run(spec: DatasetSpec, kind_name: str, kind, trainer_args: Mapping[str, Any],
-             privacy_args: "Union[Mapping[str, Any], PrivacyOptions, None]", numeric_keys, exact_rows: Optional[int] = None) -> RunPlan:
+             privacy_args: "Union[Mapping[str, Any], PrivacyOptions, None]", numeric_keys,
+             exact_rows: Optional[int] = None) -> RunPlan:
     """Step 1 of the protocol (public inputs only). ``privacy_args``: a ``PrivacyOptions`` or a plain mapping
     (converted once)."""
     source = spec.require_privacy()

@@ -148,7 +148,8 @@ class PrivateRunResult:
 
 
 def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mapping[str, Any],
-                         privacy_args: "Union[Mapping[str, Any], PrivacyOptions, None]", train_x, train_y, eval_x, eval_y,
+                         privacy_args: "Union[Mapping[str, Any], PrivacyOptions, None]",
+                         train_x, train_y, eval_x, eval_y,
                          scratch_dir: str, kind, log=print, hidden_units=(64, 64),
                          not_covered: Tuple[str, ...] = (), ledger=None,
                          numeric_keys: Optional[Sequence[str]] = None, preprocessing=None,
