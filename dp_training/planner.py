@@ -22,7 +22,8 @@ import dataclasses
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from core.dataset import DatasetSpec
-from dp_training.protocol import PlanError, RunPlan, plan_run
+from dp_training.protocol.options import PlanError, PrivacyOptions
+from dp_training.protocol.run_plan import RunPlan, plan_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,15 +115,18 @@ def exact_rows(spec: DatasetSpec) -> Optional[int]:
 
 
 def plan_for(spec: DatasetSpec, kind, trainer_args: Optional[Mapping[str, Any]],
-             privacy_args: Optional[Mapping[str, Any]], options: Optional[PlanOptions] = None) -> RunPlan:
+             privacy_args: "Optional[Mapping[str, Any] | PrivacyOptions]",
+             options: Optional[PlanOptions] = None) -> RunPlan:
     """The run's plan (``dp_training.protocol.RunPlan``) from public inputs: the modality's trainer arguments
-    and preprocessing release, then the kind's plan (``plan_run``). ``kind`` is a trainer kind object."""
+    and preprocessing release, then the kind's plan (``plan_run``). ``kind`` is a trainer kind object;
+    ``privacy_args``: a ``dp_training.protocol.PrivacyOptions`` or a plain mapping (converted once, here)."""
+    privacy = PrivacyOptions.from_mapping(privacy_args)
     options = options or PlanOptions()
     modality = modality_of(spec)
     args = modality.trainer_args(kind.name, trainer_args or {}, options)
     pre = modality.preprocessing(spec, options)
     exact = options.exact_rows if options.exact_rows is not None else exact_rows(spec)
-    return plan_run(spec, kind.name, kind, args, privacy_args, list(pre.keys), exact_rows=exact)
+    return plan_run(spec, kind.name, kind, args, privacy, list(pre.keys), exact_rows=exact)
 
 
 __all__ = ["plan_for", "PlanOptions", "Modality", "Preprocessing", "Tabular", "Image", "TABULAR", "IMAGE",

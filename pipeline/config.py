@@ -26,7 +26,7 @@ class RunConfig:
     max_auc_drop: float = 0.0  # how much lower than the latest blessed model's AUC is still blessed
     enable_cache: bool = True
     allow_non_private: bool = False  # non-private training on a data set that has a privacy budget
-    # Run-level privacy arguments (dp_training.protocol.PRIVACY_DEFAULTS): target_epsilon, delta, accountant,
+    # Run-level privacy arguments (dp_training.protocol.PrivacyOptions): target_epsilon, delta, accountant,
     # preprocessing_epsilon, budget_epsilon, budget_delta, ledger, audit_canaries, min_slice_size.
     privacy: Dict[str, Any] = dataclasses.field(default_factory=dict)
     validate_only: bool = False  # run the data gate only (ingestion, statistics, validation): nothing trained

@@ -1,4 +1,4 @@
-"""``privtrain budget``: the privacy budget ledger (dp_training/ledger.py): show, verify, set a budget."""
+"""``privtrain budget``: the privacy budget ledger (dp_training/ledger/): show, verify, set a budget."""
 from __future__ import annotations
 
 import json

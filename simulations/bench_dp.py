@@ -257,8 +257,8 @@ def main(argv=None):
     args = {k: v for k, v in {"epochs": a.epochs, "batch_size": a.batch, "l2_norm_clip": a.clip,
                               "learning_rate": a.lr, "momentum": a.momentum}.items() if v is not None}
     if a.preprocessing_epsilon_share is not None:
-        from dp_training import protocol
-        protocol.PREPROCESSING_SHARE = a.preprocessing_epsilon_share
+        from dp_training.protocol import options as privacy_options
+        privacy_options.PREPROCESSING_SHARE = a.preprocessing_epsilon_share
     results = {}
     if a.what in ("tune",):
         results["tune"] = bench_tune(spec, train, test, a.eps)

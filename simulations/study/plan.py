@@ -53,7 +53,7 @@ def ledger_statement(plan: "StudyPlan", ledger=None) -> str:
     charge, and ``--resume`` charges it again), accounted by the privacy layer; the grid's planned cost (each
     point once) beside it."""
     from dp_training.events import RELATION_TEXT
-    from dp_training.protocol import ledger_charge
+    from dp_training.protocol.studies import ledger_charge
 
     c = plan.combined
     src = c.source
@@ -92,7 +92,8 @@ def plan_study(spec: StudySpec, points: Sequence[Point], ledger=None,
     and the ledger's errors for a study it would refuse."""
     from core.dataset import DatasetError, load_dataset
     from dp_training.planner import PlanOptions, plan_for
-    from dp_training.protocol import PlanError, check_combined, combine_plans
+    from dp_training.protocol import PlanError
+    from dp_training.protocol.studies import check_combined, combine_plans
     from pipeline.config import RunConfig
     from pipeline.trainers import get_trainer
 
@@ -139,7 +140,7 @@ def plan_study(spec: StudySpec, points: Sequence[Point], ledger=None,
                         "is recorded in the ledger, no budget applies")
     if combined_to_go is not None:
         first = to_go[0]
-        check_combined(combined_to_go, {**first.privacy_args, "label": f"study {spec.name}"}, ledger=ledger)
+        check_combined(combined_to_go, dataclasses.replace(first.privacy, label=f"study {spec.name}"), ledger=ledger)
         if budget is None and not public:
             warnings.append(f"source {source.source_id!r} has no privacy budget in the ledger: nothing limits this "
                             "study's spend (set one with privtrain budget --set-epsilon)")

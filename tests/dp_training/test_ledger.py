@@ -1,4 +1,4 @@
-"""The shared, append-only, hash-chained privacy budget ledger (dp_training/ledger.py) and `privtrain budget`."""
+"""The shared, append-only, hash-chained privacy budget ledger (dp_training/ledger/) and `privtrain budget`."""
 import hashlib
 import json
 import math

@@ -12,7 +12,7 @@ import dp_accounting
 import pytest
 
 from dp_training import events as ev
-from dp_training import ledger as ledger_mod
+from dp_training.ledger import store as ledger_store
 from core.dataset import load_dataset
 from dp_training.fingerprint import content_digest
 from dp_training.ledger import (BudgetRequest, KnownContentError, Ledger, LedgerTamperedError)
@@ -47,7 +47,7 @@ def _first_run(path, monkeypatch):
     """The first run on a source, as the Trainer records it: budget + reservation at T_START, finish at the end.
     Returns what privacy.json publishes about it (the guarantee's fields, its receipt)."""
     clock = {"now": _iso(T_START)}
-    monkeypatch.setattr(ledger_mod, "_now", lambda: clock["now"])
+    monkeypatch.setattr(ledger_store, "now", lambda: clock["now"])
     led = Ledger(path)
     event = dpsgd()
     r = led.reserve(SRC, event, trainer="dp_sgd", private=True, accountant="pld", relation=ev.ADD_OR_REMOVE_ONE,
@@ -106,7 +106,7 @@ def test_the_published_receipt_reveals_no_run_times(tmp_path, monkeypatch):
 def _format1_ledger(path):
     """A ledger written by privtrain before nonces (format version 1): two entries, no nonce, no content key."""
     con = sqlite3.connect(path, isolation_level=None)
-    con.executescript(ledger_mod._SCHEMA)
+    con.executescript(ledger_store.SCHEMA)
     prev, rows = GENESIS, []
     for seq, kind, fields in ((1, "budget", {"epsilon": 4.0, "delta": 1e-5, "accountant": "pld",
                                              "relation": ev.ADD_OR_REMOVE_ONE, "replaces": None,
