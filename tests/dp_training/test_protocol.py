@@ -61,7 +61,14 @@ def test_the_ledger_is_charged_exactly_the_guarantees_composed_event(adult, tmp_
     assert any("seed" in note for note in g.notes) and "seed" not in g.parameters   # said, never published
 
 
-def test_a_run_that_stops_is_charged_what_it_released(adult, tmp_path):
+def test_a_run_that_stops_is_charged_what_it_released(adult, tmp_path, monkeypatch):
+    import itertools
+
+    from dp_training import trainer as trainer_mod
+
+    # every step logs its line (the step lines are rate-limited by this clock: 10 s pass per call)
+    monkeypatch.setattr(trainer_mod, "_clock", itertools.count(0.0, 10.0).__next__)
+
     class StopsAt(DPSGDTrainer):
         def train(self, context):
             def log(message):
