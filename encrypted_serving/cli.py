@@ -53,15 +53,18 @@ def add_predict_flags(p) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before an encrypted call gives up")
 
 
-def start_for_serve(args, workdir: str):
-    """Start the gateway service for `privtrain serve --encrypted`; returns it, or None after printing one line."""
+def start_for_serve(args, workdir: str, model: str = None):
+    """Start the gateway service for `privtrain serve --encrypted` on ``model`` (the pushed version the caller
+    chose by ``core.pushed``'s rule; default: the newest found under ``workdir``); returns it, or None after
+    printing one line."""
     from encrypted_serving.service import EncryptedServiceError, GatewayService
 
     def _interrupt(*_):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM during start-up or serving: stop every party cleanly
     try:
-        svc = GatewayService(workdir, workdir=workdir, output=args.encrypted_output, isolation=args.isolation).start()
+        svc = GatewayService(model or workdir, workdir=workdir, output=args.encrypted_output,
+                             isolation=args.isolation).start()
     except EncryptedServiceError as e:
         print(f"privtrain serve: the encrypted service did not start: {e}", file=sys.stderr)
         return None
