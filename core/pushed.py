@@ -275,7 +275,7 @@ def models(serving_dir: str) -> Dict[str, List[PushedVersion]]:
     return out
 
 
-def select(serving_dir: str, model_name: Optional[str] = None, version: Optional[str] = None) -> PushedVersion:
+def select_version(serving_dir: str, model_name: Optional[str] = None, version: Optional[str] = None) -> PushedVersion:
     """The pushed version to use: ``version`` of ``model_name`` (default: the newest; the only model when no
     name is given). Raises :class:`PushedVersionError` with one line saying what to pass or run."""
     found = models(serving_dir)
@@ -300,6 +300,6 @@ def select(serving_dir: str, model_name: Optional[str] = None, version: Optional
     return match[0]
 
 
-__all__ = ["PushedVersion", "PushedVersionError", "PublishedFile", "PUBLISHED_FILES", "versions", "newest",
-           "models", "select", "PRIVACY_FILE", "TRAINING_FILE", "PREPROCESSING_FILE", "DATASET_FILE", "REPORT_JSON",
+__all__ = ["PushedVersion", "PushedVersionError", "PublishedFile", "PUBLISHED_FILES", "versions", "newest", "models",
+           "select_version", "PRIVACY_FILE", "TRAINING_FILE", "PREPROCESSING_FILE", "DATASET_FILE", "REPORT_JSON",
            "REPORT_HTML", "ASSETS_EXTRA"]

@@ -22,8 +22,7 @@ from typing import Any, Dict, List, Optional
 
 from ml_metadata.proto import metadata_store_pb2
 
-from core import pushed
-from core.pushed import PushedVersion
+from core.pushed import PushedVersion, PushedVersionError, select_version, versions as pushed_versions
 
 FORMAT = "privtrain.report/1"
 
@@ -35,10 +34,10 @@ class ReportError(ValueError):
 def serving_versions(serving_dir: str, model_name: Optional[str]) -> (str, List[str]):
     """The model's name and its pushed versions, oldest first (``core.pushed``'s rule)."""
     try:
-        newest = pushed.select(serving_dir, model_name)
-    except pushed.PushedVersionError as e:
+        newest = select_version(serving_dir, model_name)
+    except PushedVersionError as e:
         raise ReportError(str(e)) from None
-    return newest.model_name, [v.name for v in pushed.versions(os.path.dirname(newest.path))]
+    return newest.model_name, [v.name for v in pushed_versions(os.path.dirname(newest.path))]
 
 
 def _json_prop(props: Dict[str, Any], key: str) -> Dict[str, Any]:
@@ -173,14 +172,14 @@ def collect(workdir: str, model_name: Optional[str] = None, version: Optional[st
         version_dir = os.path.abspath(version_dir)
         this = PushedVersion(version_dir)
         model_name, version = this.model_name, this.name
-        versions = [v.name for v in pushed.versions(os.path.dirname(version_dir))]
+        versions = [v.name for v in pushed_versions(os.path.dirname(version_dir))]
     else:
         try:
-            this = pushed.select(config.serving_dir, model_name, None if version is None else str(version))
-        except pushed.PushedVersionError as e:
+            this = select_version(config.serving_dir, model_name, None if version is None else str(version))
+        except PushedVersionError as e:
             raise ReportError(str(e)) from None
         model_name, version, version_dir = this.model_name, this.name, os.path.abspath(this.path)
-        versions = [v.name for v in pushed.versions(os.path.dirname(version_dir))]
+        versions = [v.name for v in pushed_versions(os.path.dirname(version_dir))]
     with open_store(config.metadata_path) as store:
         pushed = [a for a in store.get_artifacts_by_type("PushedModel")
                   if os.path.abspath(str(custom_properties(a).get("pushed_destination", ""))) == version_dir]

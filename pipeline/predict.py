@@ -17,7 +17,7 @@ class PredictError(RuntimeError):
 def latest_pushed_model(serving_dir: str, model_name: Optional[str] = None) -> str:
     """``<serving_dir>/<name>/<newest version>`` by ``core.pushed``'s rule; the only model when none is named."""
     try:
-        return pushed.select(serving_dir, model_name).path
+        return pushed.select_version(serving_dir, model_name).path
     except pushed.PushedVersionError as e:
         raise PredictError(str(e)) from None
 

@@ -43,7 +43,7 @@ def run(args) -> int:
     try:
         check_private_dir(workdir)   # it holds the pushed models' plaintext weights (0700 protects all below)
         # the encrypted service serves the newest version by the rule `privtrain predict` and the plaintext server use
-        encrypted_version = pushed.select(serving_dir, args.model_name) if args.encrypted else None
+        encrypted_version = pushed.select_version(serving_dir, args.model_name) if args.encrypted else None
     except (OpenDirectoryError, pushed.PushedVersionError) as e:
         print(f"privtrain serve: {e}", file=sys.stderr)
         return 2
