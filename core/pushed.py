@@ -98,6 +98,9 @@ def _makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
+_RAISE = object()   # a reader's default: a missing file raises
+
+
 def _plain(x: Any) -> Any:
     if hasattr(x, "item"):   # numpy scalars
         return x.item()
@@ -203,8 +206,8 @@ class PushedVersion:
         return [self.report_json_path, self.report_html_path]
 
     # -- readers ----------------------------------------------------------------------------------------------
-    def _read_json(self, path: str, missing: Any = FileNotFoundError) -> Any:
-        if missing is not FileNotFoundError and not (_remote(path) or os.path.isfile(path)):
+    def _read_json(self, path: str, missing: Any = _RAISE) -> Any:
+        if missing is not _RAISE and not (_remote(path) or os.path.isfile(path)):
             return missing
         with _open(path) as f:
             return json.load(f)
