@@ -181,7 +181,52 @@ class DatasetSpec:
     def split_files(self, split: str) -> List[str]:
         return sorted(glob.glob(os.path.join(self.raw_directory, self.splits[split])))
 
+    def to_description(self) -> dict:
+        """The ``dataset.json`` a user would write for this data set (the schema :func:`load_dataset` reads, not
+        :meth:`to_json_dict`'s internal one). The pushed model publishes it as ``assets.extra/dataset.json``."""
+        d: Dict[str, object] = {"name": self.name}
+        if self.image is not None:
+            d["kind"] = IMAGE_KIND
+        if self.description:
+            d["description"] = self.description
+        if self.image is not None:
+            img = self.image
+            d["image"] = {"feature": self.columns[0].name, "height": img.height, "width": img.width,
+                          "channels": img.channels, "pixel_range": [img.pixel_min, img.pixel_max],
+                          **({"files": img.files} if img.files else {}),
+                          **({"package": img.package} if img.package else {})}
+            d["splits"] = dict(self.splits)
+            d["label"] = {"name": self.label_feature, "classes": list(self.classes)}
+        else:
+            d.update(delimiter=self.delimiter, missing_value=self.missing_value, splits=dict(self.splits))
+            columns = []
+            for c in self.columns:
+                entry: Dict[str, object] = {"name": c.name, "type": c.kind}
+                if c.log1p:
+                    entry["log1p"] = True
+                for key in ("positive", "negative"):
+                    if getattr(c, key) is not None:
+                        entry[key] = getattr(c, key)
+                if c.strip_suffix:
+                    entry["strip_suffix"] = c.strip_suffix
+                columns.append(entry)
+            d["columns"] = columns
+            d["label_feature"] = self.label_feature
+        if self.slice_features:
+            d["slice_features"] = list(self.slice_features)
+        if self.schema_file:
+            d["schema"] = self.schema_file
+        if self.privacy is not None:
+            p = self.privacy
+            d["privacy"] = {"source_id": p.source_id, "unit": p.unit, "relation": p.relation,
+                            **({"public_row_estimate": p.public_row_estimate}
+                               if p.public_row_estimate is not None else {}),
+                            **({"public_splits": list(p.public_splits)} if p.public_splits else {}),
+                            **({"public_benchmark": True} if p.public_benchmark else {})}
+        return d
+
     def to_json_dict(self) -> dict:
+        """Every field, in this class's own names (the pipeline's TFX exec properties; not a ``dataset.json``)."""
         d = dataclasses.asdict(self)
         d["columns"] = [dataclasses.asdict(c) for c in self.columns]
         return json.loads(json.dumps(d))  # tuples -> lists: plain JSON for TFX exec properties
@@ -280,8 +325,29 @@ def load_dataset(directory: str) -> DatasetSpec:
             raw = json.load(f)
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path} is not valid JSON: {e}") from e
+    return parse_description(raw, directory, path)
+
+
+def load_description_file(path: str) -> DatasetSpec:
+    """A ``dataset.json`` outside its data directory (e.g. the copy a pushed model publishes): checked as
+    :func:`load_dataset` checks it, except that the raw files and the reference schema need not be beside it."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise DatasetError(f"cannot read the data-set description {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path} is not valid JSON: {e}") from e
+    return parse_description(raw, os.path.dirname(os.path.abspath(path)), path, check_files=False)
+
+
+def parse_description(raw, directory: str, path: str, check_files: bool = True) -> DatasetSpec:
+    """The one parser of ``dataset.json``'s content; ``check_files``: also check that the split files and the
+    reference schema exist in ``directory``."""
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path} must hold a JSON object (see data/adult/{DESCRIPTION_FILE})")
     if raw.get("kind") == IMAGE_KIND:
-        return _load_image_dataset(directory, path, raw)
+        return _load_image_dataset(directory, path, raw, check_files)
     for key in ("name", "splits", "columns", "label_feature"):
         if key not in raw:
             raise DatasetError(f"{path} lacks the required key '{key}'")
@@ -306,13 +372,13 @@ def load_dataset(directory: str) -> DatasetSpec:
     if set(spec.splits) != {"train", "eval"}:
         raise DatasetError(f"{path}: 'splits' must map exactly 'train' and 'eval' to file patterns, got {sorted(spec.splits)}")
     for split, pattern in spec.splits.items():
-        if not spec.split_files(split):
+        if check_files and not spec.split_files(split):
             raise DatasetError(f"no file matches the {split} split's pattern {pattern!r} in {directory}")
     names = {c.name for c in columns}
     for s in spec.slice_features:
         if s not in names:
             raise DatasetError(f"{path}: slice feature {s!r} is not a column")
-    if spec.schema_path and not os.path.isfile(spec.schema_path):
+    if check_files and spec.schema_path and not os.path.isfile(spec.schema_path):
         raise DatasetError(f"{path} names the reference schema {spec.schema_file!r}, which is missing from {directory}")
     return spec
 
@@ -467,7 +533,7 @@ class IdxError(DatasetError):
     """An IDX file cannot be read as the data set's description says (the message names the file)."""
 
 
-def _load_image_dataset(directory: str, path: str, raw: dict) -> DatasetSpec:
+def _load_image_dataset(directory: str, path: str, raw: dict, check_files: bool = True) -> DatasetSpec:
     for key in ("name", "splits", "image", "label"):
         if key not in raw:
             raise DatasetError(f"{path} lacks the required key '{key}' of an image data set (see "
@@ -502,17 +568,17 @@ def _load_image_dataset(directory: str, path: str, raw: dict) -> DatasetSpec:
     if set(spec.splits) != {"train", "eval"}:
         raise DatasetError(f"{path}: 'splits' must map exactly 'train' and 'eval' to file patterns, got "
                            f"{sorted(spec.splits)}")
-    if not os.path.isdir(spec.raw_directory):
+    if check_files and not os.path.isdir(spec.raw_directory):
         how = (f"install Debian's {image.package} package (apt-get install {image.package}, which "
                "scripts/setup_system.sh does as root)" if image.package else "put the IDX files there")
         raise DatasetError(f"the image files directory {spec.raw_directory} named in {path} does not exist; {how}")
     for split, pattern in spec.splits.items():
-        if not spec.split_files(split):
+        if check_files and not spec.split_files(split):
             raise DatasetError(f"no file matches the {split} split's pattern {pattern!r} in {spec.raw_directory}")
     for s in spec.slice_features:
         if s != label_name:
             raise DatasetError(f"{path}: an image data set can be sliced by its label {label_name!r} only, not {s!r}")
-    if spec.schema_path and not os.path.isfile(spec.schema_path):
+    if check_files and spec.schema_path and not os.path.isfile(spec.schema_path):
         raise DatasetError(f"{path} names the reference schema {spec.schema_file!r}, which is missing from {directory}")
     return spec
 

@@ -53,15 +53,18 @@ def add_predict_flags(p) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before an encrypted call gives up")
 
 
-def start_for_serve(args, workdir: str):
-    """Start the gateway service for `privtrain serve --encrypted`; returns it, or None after printing one line."""
+def start_for_serve(args, workdir: str, model=None):
+    """Start the gateway service for `privtrain serve --encrypted` on ``model`` (the pushed version the caller
+    chose by ``core.pushed``'s rule; default: the newest found under ``workdir``); returns it, or None after
+    printing one line."""
     from encrypted_serving.service import EncryptedServiceError, GatewayService
 
     def _interrupt(*_):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM during start-up or serving: stop every party cleanly
     try:
-        svc = GatewayService(workdir, workdir=workdir, output=args.encrypted_output, isolation=args.isolation).start()
+        svc = GatewayService(model or workdir, workdir=workdir, output=args.encrypted_output,
+                             isolation=args.isolation).start()
     except EncryptedServiceError as e:
         print(f"privtrain serve: the encrypted service did not start: {e}", file=sys.stderr)
         return None
@@ -78,8 +81,9 @@ def serve_encrypted_only(svc) -> int:
 
 def predict(args, workdir: str, version_dir: str) -> dict:
     """`privtrain predict --encrypted`: raises encrypted_serving.service.EncryptedServiceError with one line."""
+    from core.pushed import PushedVersion
     from encrypted_serving.service import run_predict
-    dataset = os.path.join(version_dir, "assets.extra", "dataset.json")
+    dataset = PushedVersion(version_dir).dataset_path   # the published description (data/*/dataset.json's schema)
     if not os.path.isfile(dataset):
         dataset = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "adult")
     result = run_predict(args.input, workdir=workdir, client_json=args.client, model=version_dir, dataset=dataset,

@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional
 
 from ml_metadata.proto import metadata_store_pb2
 
-REPORT_JSON = "report.json"
-REPORT_HTML = "report.html"
+from core.pushed import PushedVersion, PushedVersionError, select_version, versions as pushed_versions
+
 FORMAT = "privtrain.report/1"
 
 
@@ -32,21 +32,12 @@ class ReportError(ValueError):
 
 
 def serving_versions(serving_dir: str, model_name: Optional[str]) -> (str, List[str]):
-    if not os.path.isdir(serving_dir) or not os.listdir(serving_dir):
-        raise ReportError(f"no pushed model under {serving_dir}; run 'privtrain run' (a blessed model is pushed) "
-                          "or pass the --workdir of an earlier run")
-    names = sorted(n for n in os.listdir(serving_dir) if os.path.isdir(os.path.join(serving_dir, n)))
-    if model_name is None:
-        if len(names) != 1:
-            raise ReportError(f"{serving_dir} holds several models ({', '.join(names)}); pass --model-name NAME")
-        model_name = names[0]
-    elif model_name not in names:
-        raise ReportError(f"no pushed model named {model_name!r} under {serving_dir}; pushed: {', '.join(names)}")
-    base = os.path.join(serving_dir, model_name)
-    versions = sorted((v for v in os.listdir(base) if v.isdigit()), key=int)
-    if not versions:
-        raise ReportError(f"{base} holds no version directory; run 'privtrain run' to push one")
-    return model_name, versions
+    """The model's name and its pushed versions, oldest first (``core.pushed``'s rule)."""
+    try:
+        newest = select_version(serving_dir, model_name)
+    except PushedVersionError as e:
+        raise ReportError(str(e)) from None
+    return newest.model_name, [v.name for v in pushed_versions(os.path.dirname(newest.path))]
 
 
 def _json_prop(props: Dict[str, Any], key: str) -> Dict[str, Any]:
@@ -179,14 +170,16 @@ def collect(workdir: str, model_name: Optional[str] = None, version: Optional[st
     config = RunConfig(workdir=os.path.abspath(workdir))
     if version_dir is not None:
         version_dir = os.path.abspath(version_dir)
-        model_name, version = os.path.basename(os.path.dirname(version_dir)), os.path.basename(version_dir)
-        versions = sorted((v for v in os.listdir(os.path.dirname(version_dir)) if v.isdigit()), key=int)
+        this = PushedVersion(version_dir)
+        model_name, version = this.model_name, this.name
+        versions = [v.name for v in pushed_versions(os.path.dirname(version_dir))]
     else:
-        model_name, versions = serving_versions(config.serving_dir, model_name)
-        version = str(version) if version is not None else versions[-1]
-        if version not in versions:
-            raise ReportError(f"model {model_name!r} has no version {version}; pushed versions: {', '.join(versions)}")
-        version_dir = os.path.join(config.serving_dir, model_name, version)
+        try:
+            this = select_version(config.serving_dir, model_name, None if version is None else str(version))
+        except PushedVersionError as e:
+            raise ReportError(str(e)) from None
+        model_name, version, version_dir = this.model_name, this.name, os.path.abspath(this.path)
+        versions = [v.name for v in pushed_versions(os.path.dirname(version_dir))]
     with open_store(config.metadata_path) as store:
         pushed = [a for a in store.get_artifacts_by_type("PushedModel")
                   if os.path.abspath(str(custom_properties(a).get("pushed_destination", ""))) == version_dir]
@@ -198,11 +191,8 @@ def collect(workdir: str, model_name: Optional[str] = None, version: Optional[st
         props = custom_properties(model)
         trainer_execution = _producer(store, model.id)
         guarantee = Guarantee.loads(props["privacy_guarantee"])
-        privacy_file = os.path.join(version_dir, "privacy.json")
-        consistent = None
-        if os.path.isfile(privacy_file):
-            with open(privacy_file) as f:
-                consistent = json.load(f) == json.loads(props["privacy_guarantee"])
+        published = this.privacy()
+        consistent = None if published is None else published == json.loads(props["privacy_guarantee"])
         lineage = _lineage(store, model, trainer_execution)
         trainer_config = _json_prop(custom_properties(trainer_execution), "custom_config")
         min_size = int((trainer_config.get("privacy") or {}).get("min_slice_size") or DEFAULT_MIN_SLICE_SIZE)
@@ -227,10 +217,8 @@ def collect(workdir: str, model_name: Optional[str] = None, version: Optional[st
     serving = []
     for v in versions:
         entry = {"version": v, "this_report": v == version, "latest": v == versions[-1]}
-        path = os.path.join(os.path.dirname(version_dir), v, "privacy.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                g = json.load(f)
+        g = PushedVersion(os.path.join(os.path.dirname(version_dir), v)).privacy()
+        if g is not None:
             entry.update(trainer=g.get("trainer"), private=g.get("private"), epsilon=g.get("epsilon"),
                          delta=g.get("delta"))
         serving.append(entry)
@@ -268,7 +256,17 @@ def format_text(report: Dict[str, Any]) -> str:
         audit.get("epsilon_lower_bound"), (int, float)) else "empirical audit: not run (--audit-canaries N)")
     if led.get("available"):
         budget = led["budget"]["epsilon"] if led.get("budget") else None
-        lines.append(f"ledger: verified; spent epsilon {led['spent']['epsilon']}"
+        # this model's run, numbered as the page numbers it: run #seq, its receipt the entry that finished it
+        this = next((x for x in led.get("runs", []) if x.get("this_model")), None)
+        receipt = (led.get("receipt") or {}).get("seq")
+        which = ""
+        if this is not None:
+            which = f"; this model is run #{this['seq']}" + (
+                f" (its receipt: ledger entry {receipt}, the entry that finished run #{this['seq']})"
+                if receipt not in (None, this["seq"]) else "")
+        elif receipt is not None:
+            which = f"; this model's receipt: ledger entry {receipt}"
+        lines.append(f"ledger: verified{which}; spent epsilon {led['spent']['epsilon']}"
                      + (f" of budget {budget:g}" if budget is not None else " (no budget set)")
                      + f" over {led['spent']['runs']} run(s)")
     else:
@@ -297,9 +295,4 @@ def write_pushed_report(workdir: str, version_dir: str, ledger_path: Optional[st
     from pipeline.report_html import render_html
 
     report = collect(workdir, version_dir=version_dir, ledger_path=ledger_path)
-    paths = [os.path.join(version_dir, REPORT_JSON), os.path.join(version_dir, REPORT_HTML)]
-    with open(paths[0], "w") as f:
-        json.dump(report, f, indent=1, sort_keys=True)
-    with open(paths[1], "w") as f:
-        f.write(render_html(report))
-    return paths
+    return PushedVersion(version_dir).write_report(report, render_html(report))

@@ -11,7 +11,6 @@ Exported signatures (one SavedModel that contains the public scaling and the Sca
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Dict, List, Optional
@@ -21,10 +20,9 @@ import tensorflow as tf
 import tensorflow_model_analysis as tfma
 
 from core.dataset import DatasetSpec
+from core.pushed import PushedVersion
 
 PIXELS_FEATURE = "pixels"
-PREPROCESSING_FILE = "preprocessing.json"
-DATASET_FILE = "dataset.json"
 
 
 # -- Transform -------------------------------------------------------------------------------------------------
@@ -145,27 +143,24 @@ def export_image_model(model, spec: DatasetSpec, model_name: str, serving_model_
         "serving_default": serve_examples.get_concrete_function(),
         "predict_raw": serve_raw.get_concrete_function(),
         "classify": classify.get_concrete_function()})
-    extra = os.path.join(serving_model_dir, "assets.extra")
-    os.makedirs(extra, exist_ok=True)
     description = {"kind": "image", "shape": list(img.shape), "pixel_range": [img.pixel_min, img.pixel_max],
                    "model": model_name, "classes": list(spec.classes)}
     if uses_scattering(model_name):
         description["scattering"] = {"library": "kymatio", "J": SCATTERING_J}
         if channel_stats is not None:   # DP release, covered by the run's guarantee
             description["channel_normalisation"] = channel_stats.to_json()
-    with open(os.path.join(extra, PREPROCESSING_FILE), "w") as f:
-        json.dump(description, f, indent=1)
-    with open(os.path.join(extra, DATASET_FILE), "w") as f:
-        json.dump({k: v for k, v in spec.to_json_dict().items() if k != "directory"}, f, indent=1)
+    version = PushedVersion(serving_model_dir)
+    version.write_preprocessing(description)
+    version.write_dataset(spec)
 
 
 # -- privtrain predict ---------------------------------------------------------------------------------------------
-def predict_images(version_dir: str, dataset: Dict, input_file: str, limit: Optional[int] = None) -> Dict:
-    """``privtrain predict --input FILE`` for an image model: FILE is an IDX images file (gzip'd or not) of the
-    model's shape; a labels file beside it is not needed. Returns class probabilities per image."""
+def predict_images(version_dir: str, spec: DatasetSpec, input_file: str, limit: Optional[int] = None) -> Dict:
+    """``privtrain predict --input FILE`` for an image model (``spec``: its published data-set description):
+    FILE is an IDX images file (gzip'd or not) of the model's shape; a labels file beside it is not needed.
+    Returns class probabilities per image."""
     from core.dataset import read_idx
 
-    spec = DatasetSpec.from_json_dict({**dataset, "directory": os.path.dirname(os.path.abspath(input_file))})
     images = read_idx(input_file)
     h, w, c = spec.image.shape
     if images.ndim == 3 and c == 1:

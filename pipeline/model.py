@@ -12,8 +12,6 @@ Exported signatures (on a SavedModel that embeds the Transform graph, so callers
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
@@ -21,12 +19,10 @@ import tensorflow as tf
 import tensorflow_transform as tft
 
 from core.dataset import DatasetSpec
+from core.pushed import PushedVersion
 from dp_training.preprocessing import NormalizationStats
 from core.features import NUM_OOV_BUCKETS, categorical_key, numeric_key
 from dp_training.model import bucket_sizes, build_model  # noqa: F401  (re-exported for the pipeline)
-
-PREPROCESSING_FILE = "preprocessing.json"
-DATASET_FILE = "dataset.json"
 
 
 def _model_inputs(model: tf.keras.Model, transformed: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
@@ -98,10 +94,9 @@ def export_serving_model(model: tf.keras.Model, spec: DatasetSpec, tf_transform_
         "predict_raw": serve_raw_flat.get_concrete_function(),
         "classify": classify.get_concrete_function(),
     })
-    extra = os.path.join(serving_model_dir, "assets.extra")
-    write_preprocessing_description(spec, normalization, extra)
-    with open(os.path.join(extra, DATASET_FILE), "w") as f:  # how to read raw rows for this model
-        json.dump({k: v for k, v in spec.to_json_dict().items() if k != "directory"}, f, indent=1)
+    version = PushedVersion(serving_model_dir)
+    version.write_preprocessing(preprocessing_description(spec, normalization))
+    version.write_dataset(spec)   # how to read raw rows for this model
 
 
 def preprocessing_description(spec: DatasetSpec, normalization: Optional[NormalizationStats]) -> list:
@@ -125,11 +120,3 @@ def preprocessing_description(spec: DatasetSpec, normalization: Optional[Normali
             description.append({"name": column.name, "kind": "categorical", "vocabulary": list(domain.values),
                                 "num_oov_buckets": NUM_OOV_BUCKETS})
     return description
-
-
-def write_preprocessing_description(spec, normalization, directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, PREPROCESSING_FILE)
-    with open(path, "w") as f:
-        json.dump(preprocessing_description(spec, normalization), f, indent=1)
-    return path

@@ -2,13 +2,12 @@
 TF-Encrypted service with ``--encrypted``."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, List, Optional
 
 import numpy as np
 
-from pipeline.model import DATASET_FILE
+from core import pushed
 
 
 class PredictError(RuntimeError):
@@ -16,21 +15,11 @@ class PredictError(RuntimeError):
 
 
 def latest_pushed_model(serving_dir: str, model_name: Optional[str] = None) -> str:
-    """``<serving_dir>/<name>/<newest version>``; the only model name when none is given."""
-    if not os.path.isdir(serving_dir):
-        raise PredictError(f"no pushed model under {serving_dir}; run 'privtrain run' first (a model is "
-                           f"pushed only when the Evaluator blesses it)")
-    names = sorted(n for n in os.listdir(serving_dir) if os.path.isdir(os.path.join(serving_dir, n)))
-    if model_name is None:
-        if len(names) != 1:
-            raise PredictError(f"{serving_dir} holds models {names}; choose one with --model-name")
-        model_name = names[0]
-    model_dir = os.path.join(serving_dir, model_name)
-    versions = sorted((int(v) for v in os.listdir(model_dir) if v.isdigit()), reverse=True) \
-        if os.path.isdir(model_dir) else []
-    if not versions:
-        raise PredictError(f"model {model_name!r} has no pushed version under {serving_dir}")
-    return os.path.join(model_dir, str(versions[0]))
+    """``<serving_dir>/<name>/<newest version>`` by ``core.pushed``'s rule; the only model when none is named."""
+    try:
+        return pushed.select_version(serving_dir, model_name).path
+    except pushed.PushedVersionError as e:
+        raise PredictError(str(e)) from None
 
 
 def check_input_file(path: str, limit: Optional[int] = None) -> None:
@@ -46,32 +35,26 @@ def check_input_file(path: str, limit: Optional[int] = None) -> None:
         raise PredictError(f"input file {path} is not readable (check its permissions)")
 
 
-def dataset_description(version_dir: str) -> dict:
-    with open(os.path.join(version_dir, "assets.extra", DATASET_FILE)) as f:
-        return json.load(f)
-
-
 def predict_plain(version_dir: str, input_file: str, limit: Optional[int] = None) -> Dict[str, object]:
     import tensorflow as tf
 
     from encrypted_serving.preprocessing import read_raw_rows  # plain numpy, shared with the encrypted client
 
-    dataset = dataset_description(version_dir)
-    if dataset.get("image"):  # an image model: the input is an IDX images file (pipeline/image_pipeline.py)
+    version = pushed.PushedVersion(version_dir)
+    spec = version.dataset_spec()   # the published dataset.json, read by core.dataset's parser
+    if spec.is_image:  # an image model: the input is an IDX images file (pipeline/image_pipeline.py)
         from pipeline.image_pipeline import predict_images
-        return predict_images(version_dir, dataset, input_file, limit)
-    rows, labels = read_raw_rows(input_file, dataset, limit=limit)
+        return predict_images(version_dir, spec, input_file, limit)
+    rows, labels = read_raw_rows(input_file, version.dataset_description(), limit=limit)
     if not rows:
         raise PredictError(f"{input_file} holds no rows")
     features = {}
-    for column in dataset["columns"]:
-        if column["kind"] == "label":
-            continue
-        values = [row.get(column["name"]) for row in rows]
-        if column["kind"] == "numeric":
-            features[column["name"]] = tf.constant(_numbers(values, column["name"], input_file), tf.float32)
+    for column in spec.feature_columns:
+        values = [row.get(column.name) for row in rows]
+        if column.kind == "numeric":
+            features[column.name] = tf.constant(_numbers(values, column.name, input_file), tf.float32)
         else:
-            features[column["name"]] = tf.constant(["" if v is None else v for v in values])
+            features[column.name] = tf.constant(["" if v is None else v for v in values])
     model = tf.saved_model.load(version_dir)
     out = model.signatures["predict_raw"](**features)
     return {"model": version_dir, "probabilities": out["probabilities"].numpy().tolist(),

@@ -18,8 +18,9 @@ import json
 import os
 from typing import Iterable, List, Optional, Tuple
 
+from core.pushed import PRIVACY_FILE
+
 METADATA_FILE = "metadata.sqlite"
-PRIVACY_FILE = "privacy.json"
 
 
 class ReceiptError(ValueError):
@@ -55,6 +56,7 @@ def _privacy_files(workdir: str) -> List[str]:
     files = sorted(glob.glob(os.path.join(workdir, "pipeline_root", "*", "model", "*", "Format-Serving",
                                           PRIVACY_FILE)))
     serving = os.path.join(workdir, "serving")
+    # every privacy.json under serving/, at any depth: also a version still being copied, or one misplaced
     for dirpath, dirnames, filenames in os.walk(serving):
         dirnames.sort()
         if PRIVACY_FILE in filenames:

@@ -2,7 +2,8 @@
 
 plan (public inputs) -> reserve in the data source's ledger (or refuse, nothing trained) -> DP normalisation
 statistics -> the kind trains -> finish the ledger entry with what was released -> one guarantee, exported with
-the model. What leaves the trust boundary from here (``docs/privacy_model.md``):
+the model. What leaves the trust boundary from here (``docs/privacy_model.md``; the version directory's files
+are declared in ``core.pushed.PUBLISHED_FILES`` and written through ``core.pushed.PushedVersion``):
 
 - the SavedModel (weights and DP normalisation: covered by the guarantee; public-domain vocabularies),
 - ``assets.extra/preprocessing.json`` (public domains and the DP normalisation) and ``assets.extra/dataset.json``
@@ -29,13 +30,12 @@ from tfx.types import artifact_utils, standard_component_specs
 from tfx.utils import path_utils
 
 from core.dataset import DatasetSpec
+from core.pushed import PushedVersion
 from dp_training.guarantee import Guarantee
 from dp_training.protocol import not_covered, run_private_training
 from pipeline.model import export_serving_model
 from pipeline.trainers import get_trainer
 
-PRIVACY_FILE = "privacy.json"
-TRAINING_FILE = "training.json"
 PRIVATE_DETAILS_FILE = "private_details.json"
 # The Model artifact's custom properties, all public (a test enumerates them).
 PUBLIC_PROPERTIES = ("private", "privacy_guarantee", "privacy_epsilon", "privacy_delta", "privacy_accountant",
@@ -104,11 +104,9 @@ def privacy_with_receipts(privacy: Dict[str, Any], fn_args: FnArgs) -> Dict[str,
 
 def write_run_files(fn_args: FnArgs, kind_name: str, guarantee: Guarantee, outcome) -> None:
     """privacy.json and training.json beside the SavedModel (public), private_details.json in the workdir."""
-    with tf.io.gfile.GFile(os.path.join(fn_args.serving_model_dir, PRIVACY_FILE), "w") as f:
-        f.write(guarantee.dumps())
-    with tf.io.gfile.GFile(os.path.join(fn_args.serving_model_dir, TRAINING_FILE), "w") as f:
-        json.dump({"trainer": kind_name, "parameters": guarantee.parameters}, f, indent=1, sort_keys=True,
-                  default=_json_default)
+    version = PushedVersion(fn_args.serving_model_dir)
+    version.write_privacy(guarantee.dumps())
+    version.write_training(kind_name, guarantee.parameters)
     with tf.io.gfile.GFile(os.path.join(fn_args.model_run_dir, PRIVATE_DETAILS_FILE), "w") as f:
         json.dump({"trainer": kind_name, **outcome.private_details}, f, indent=1, sort_keys=True,
                   default=_json_default)
@@ -145,8 +143,7 @@ class PrivacyRecordingTrainerExecutor(tfx_trainer_executor.GenericExecutor):
         super().Do(input_dict, output_dict, exec_properties)
         model = artifact_utils.get_single_instance(output_dict[standard_component_specs.MODEL_KEY])
         serving_dir = path_utils.serving_model_path(model.uri)
-        with tf.io.gfile.GFile(os.path.join(serving_dir, PRIVACY_FILE)) as f:
-            guarantee = Guarantee.loads(f.read())
+        guarantee = Guarantee.loads(PushedVersion(serving_dir).privacy_text())
         for key, value in guarantee_properties(guarantee).items():
             assert key in PUBLIC_PROPERTIES, key
             _set_property(model, key, value)

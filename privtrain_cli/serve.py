@@ -24,9 +24,13 @@ def add_parser(sub) -> None:
     from encrypted_serving.cli import add_serve_flags as add_encrypted_flags
 
     add_encrypted_flags(p)  # --encrypted, --encrypted-output, --isolation (docs/encrypted_serving.md)
+    p.add_argument("--model-name", default=None,
+                   help="with --encrypted: the pushed model whose newest version the encrypted service serves "
+                        "(default: the only one)")
 
 
 def run(args) -> int:
+    from core import pushed
     from encrypted_serving import cli as encrypted_cli
     from pipeline.config import RunConfig
     from pipeline.private_files import OpenDirectoryError, check_private_dir
@@ -38,7 +42,9 @@ def run(args) -> int:
     encrypted = server = None
     try:
         check_private_dir(workdir)   # it holds the pushed models' plaintext weights (0700 protects all below)
-    except OpenDirectoryError as e:
+        # the encrypted service serves the newest version by the rule `privtrain predict` and the plaintext server use
+        encrypted_version = pushed.select_version(serving_dir, args.model_name) if args.encrypted else None
+    except (OpenDirectoryError, pushed.PushedVersionError) as e:
         print(f"privtrain serve: {e}", file=sys.stderr)
         return 2
     try:
@@ -53,7 +59,7 @@ def run(args) -> int:
         return 2
     try:
         if args.encrypted:
-            encrypted = encrypted_cli.start_for_serve(args, workdir)
+            encrypted = encrypted_cli.start_for_serve(args, workdir, encrypted_version.path)
             if encrypted is None:
                 return 2
             if server is None:

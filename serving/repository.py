@@ -3,7 +3,8 @@ aspired versions loaded (a poller thread picks up newly pushed versions), and ha
 handles so a version being replaced is only unloaded after its in-flight requests have drained.
 
 Version rules (documented in docs/serving.md):
-  * a version is an all-digits directory holding ``saved_model.pb``;
+  * a version is an all-digits directory holding ``saved_model.pb`` (``core.pushed``'s rule, the one
+    ``privtrain predict``, ``privtrain report`` and the encrypted service use too);
   * the newest ``max_versions`` versions (default 2) plus every version a label points to are loaded;
     ``max_versions=None`` loads all;
   * no version given -> the newest *available* version;
@@ -24,6 +25,8 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import grpc
 import numpy as np
 
+from core import pushed
+
 from .errors import ServingError, invalid_argument, not_found
 
 log = logging.getLogger("privtrain.serving")
@@ -34,35 +37,9 @@ LABELS_FILE = "labels.json"
 START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
 
 
-def _version_dirs(model_dir: str) -> Dict[int, str]:
-    out = {}
-    try:
-        entries = os.listdir(model_dir)
-    except OSError:
-        return out
-    for e in entries:
-        if e.isdigit():
-            p = os.path.join(model_dir, e)
-            if os.path.isfile(os.path.join(p, "saved_model.pb")) or os.path.isfile(
-                    os.path.join(p, "saved_model.pbtxt")):
-                out[int(e)] = p
-    return out
-
-
 def discover_models(serving_dir: str) -> Dict[str, Dict[int, str]]:
     """``{model_name: {version: path}}`` for every model directory with at least one version."""
-    models = {}
-    try:
-        entries = sorted(os.listdir(serving_dir))
-    except OSError:
-        return models
-    for name in entries:
-        d = os.path.join(serving_dir, name)
-        if os.path.isdir(d) and not name.startswith("."):
-            versions = _version_dirs(d)
-            if versions:
-                models[name] = versions
-    return models
+    return {name: {v.number: v.path for v in found} for name, found in pushed.models(serving_dir).items()}
 
 
 def read_labels_file(model_dir: str) -> Optional[Dict[str, int]]:

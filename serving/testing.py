@@ -62,9 +62,11 @@ def export_demo_model(path: str, bias: float = 0.0, hidden: int = 8, seed: int =
     module.serve_examples, module.predict_raw, module.classify = serve_examples, predict_raw, classify
     tf.saved_model.save(module, path, signatures={"serving_default": serve_examples,
                                                   "predict_raw": predict_raw, "classify": classify})
-    os.makedirs(os.path.join(path, "assets.extra"), exist_ok=True)
-    with open(os.path.join(path, "privacy.json"), "w") as f:
-        json.dump({"epsilon": 3.0, "delta": 1e-5}, f)
+    from core.pushed import PushedVersion
+
+    version = PushedVersion(path)
+    os.makedirs(version.assets_extra, exist_ok=True)
+    version.write_privacy(json.dumps({"epsilon": 3.0, "delta": 1e-5}))
     return path
 
 

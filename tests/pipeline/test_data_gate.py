@@ -18,6 +18,7 @@ import os
 
 import pytest
 
+from core.pushed import PushedVersion
 from tests.conftest import make_adult_sample, run_cli
 
 TRAIN, EVAL = "adult.data", "adult.test"
@@ -236,8 +237,7 @@ def test_all_harmless_variants_and_private_row_damage_at_once_run_to_a_pushed_mo
     findings = glob.glob(os.path.join(workdir, "pipeline_root", "StrictExampleValidator", "anomalies", "*",
                                       "private_checks.json"))
     assert findings and "[train] feature 'age'" in open(findings[0]).read()
-    with open(os.path.join(summary["pushed_path"], "report.json")) as f:
-        validation = json.load(f)["lineage"]["validation"]
+    validation = PushedVersion(summary["pushed_path"]).report()["lineage"]["validation"]
     assert validation["result"] == "passed (public splits: eval)", validation
     # issue 17.8: the whole workdir, pushed model included, is the owner's only (dirs 0700, files 0600)
     opened = [path for root, _, files in os.walk(workdir) for path in [root] + [os.path.join(root, f) for f in files]

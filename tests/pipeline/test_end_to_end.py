@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from core.pushed import PushedVersion
 from tests.conftest import ADULT_DIR, run_cli
 
 COMPONENTS = {"ExampleGen", "StatisticsGen", "SchemaGen", "ReferenceSchema", "StrictExampleValidator", "Transform",
@@ -90,8 +91,7 @@ def test_pushed_model_predicts_on_raw_rows_by_itself(standard_run):
 def test_preprocessing_description_reproduces_the_transform_graph(standard_run):
     """The numbers written for clients that preprocess themselves (TF-Encrypted) match the Transform graph."""
     _, summary, _ = standard_run
-    with open(os.path.join(summary["pushed_path"], "assets.extra", "preprocessing.json")) as f:
-        description = json.load(f)
+    description = PushedVersion(summary["pushed_path"]).preprocessing()
     model = tf.keras.models.load_model(summary["pushed_path"])
     spec, rows = _raw_rows(50)
     columns = []

@@ -14,6 +14,7 @@ import shutil
 import numpy as np
 import pytest
 
+from core.pushed import PushedVersion
 from tests.conftest import PROJECT_ROOT, run_cli
 
 FMNIST = os.path.join(PROJECT_ROOT, "data", "fashion_mnist")
@@ -198,8 +199,7 @@ def test_the_image_pipeline_runs_every_component_and_pushes(image_run):
 
 def test_the_guarantee_covers_the_normalisation_and_the_weights(image_run):
     _, _, summary, _ = image_run
-    with open(os.path.join(summary["pushed_path"], "privacy.json")) as f:
-        g = json.load(f)
+    g = PushedVersion(summary["pushed_path"]).privacy()
     assert g["private"] and abs(g["epsilon"] - 3.0) < 0.01 and g["delta"] == 1e-5
     assert g["neighbouring_relation"] == "add_or_remove_one" and g["accountant"] == "pld"
     covers = [m["covers"] for m in g["mechanisms"]]
@@ -213,16 +213,17 @@ def test_what_leaves_with_the_pushed_model(image_run):
     """Everything beside the SavedModel is enumerated: public description, the DP statistics, the guarantee."""
     _, workdir, summary, _ = image_run
     pushed = summary["pushed_path"]
-    extra = sorted(os.listdir(os.path.join(pushed, "assets.extra")))
+    version = PushedVersion(pushed)
+    assert version.undeclared() == [] and version.missing() == []   # core.pushed's declared list, nothing else
+    extra = sorted(os.listdir(version.assets_extra))
     assert extra == ["dataset.json", "preprocessing.json"]
-    with open(os.path.join(pushed, "assets.extra", "preprocessing.json")) as f:
-        pre = json.load(f)
+    assert version.dataset_spec().image.shape == (28, 28, 1)        # the user's schema, read by core.dataset
+    pre = version.preprocessing()
     assert set(pre) == {"kind", "shape", "pixel_range", "model", "classes", "scattering", "channel_normalisation"}
     assert len(pre["channel_normalisation"]["mean"]) == 81
     top = sorted(n for n in os.listdir(pushed) if os.path.isfile(os.path.join(pushed, n)))
     assert top == ["fingerprint.pb", "privacy.json", "report.html", "report.json", "saved_model.pb", "training.json"]
-    with open(os.path.join(pushed, "report.json")) as f:
-        slices = {s["slice"] for s in json.load(f)["evaluation"]["slices"]}
+    slices = {s["slice"] for s in version.report()["evaluation"]["slices"]}
     assert "Overall" in slices and any(s.startswith("label=") for s in slices)   # per class, small ones suppressed
     # the ScatterNet cache is private: in the workdir, never beside the pushed model
     cache = os.path.join(workdir, "cache")

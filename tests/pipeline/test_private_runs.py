@@ -12,6 +12,7 @@ import sqlite3
 
 import pytest
 
+from core.pushed import PUBLISHED_FILES, PushedVersion
 from pipeline.metadata import custom_properties, open_store
 from tests.conftest import make_adult_sample, run_cli
 
@@ -20,11 +21,6 @@ TRAIN_ROWS = 2987   # the sample's real size; its dataset.json declares the publ
 SINGLETON_LINE = 305  # the sample's only row with native-country Laos
 SOURCE = "adult-sample-private-runs"
 
-# What may leave the trust boundary with a pushed model (docs/privacy_model.md).
-PUSHED_FILES = {"saved_model.pb", "keras_metadata.pb", "fingerprint.pb", "privacy.json", "training.json",
-                "report.json", "report.html",
-                "assets.extra/preprocessing.json", "assets.extra/dataset.json", "variables/variables.index",
-                "variables/variables.data-00000-of-00001"}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +63,7 @@ def _model_props(workdir):
 
 def test_one_guarantee_in_privacy_json_metadata_and_summary(dp_run):
     workdir, summary = dp_run
-    with open(os.path.join(summary["pushed_path"], "privacy.json")) as f:
-        privacy = json.load(f)
+    privacy = PushedVersion(summary["pushed_path"]).privacy()
     (props,) = _model_props(workdir)
     assert json.loads(props["privacy_guarantee"]) == privacy        # the same object, serialised one way
     assert 1.9 < privacy["epsilon"] <= 2.0 and privacy["accountant"] == "pld"
@@ -91,12 +86,27 @@ def test_one_guarantee_in_privacy_json_metadata_and_summary(dp_run):
     assert check.returncode == 0 and "ledger OK" in check.stdout, check.stderr
 
 
-def test_only_declared_files_and_properties_leave_and_none_depends_on_the_exact_rows(dp_run, sample):
+def test_only_declared_files_and_properties_leave_and_none_depends_on_the_exact_rows(dp_run, sample, tmp_path):
     workdir, summary = dp_run
     pushed = summary["pushed_path"]
-    files = {os.path.relpath(p, pushed) for p in glob.glob(os.path.join(pushed, "**"), recursive=True)
-             if os.path.isfile(p)}
-    assert files == PUSHED_FILES
+    version = PushedVersion(pushed)
+    # what may leave with a pushed model is core.pushed's declared list (docs/privacy_model.md): nothing else
+    # is present, every file it requires is, and each present file is one declared entry's
+    files = version.files()
+    assert version.undeclared() == [] and version.missing() == [], (version.undeclared(), version.missing())
+    declared = {d.pattern: [f for f in files if version.declaration(f) is d] for d in PUBLISHED_FILES}
+    assert all(len(matches) == 1 for matches in declared.values()), declared   # a Keras model: every entry
+    # the published data-set description is what the user wrote: core.dataset's loader reads it
+    published = version.dataset_spec()
+    assert published.privacy.source_id == SOURCE and "directory" not in json.dumps(version.dataset_description())
+    copy = str(tmp_path / "published_dataset")
+    os.makedirs(copy)
+    for name in os.listdir(sample):
+        if name != "dataset.json":
+            os.symlink(os.path.join(sample, name), os.path.join(copy, name))
+    shutil.copy(version.dataset_path, os.path.join(copy, "dataset.json"))
+    from core.dataset import load_dataset
+    assert load_dataset(copy).to_json_dict() == {**load_dataset(sample).to_json_dict(), "directory": copy}
     from pipeline.trainer_executor import PUBLIC_PROPERTIES
     (props,) = _model_props(workdir)
     assert set(props) <= set(PUBLIC_PROPERTIES), set(props) - set(PUBLIC_PROPERTIES)
@@ -132,8 +142,7 @@ def test_neighbouring_data_sets_publish_the_same_vocabularies_and_shapes(dp_run,
     other = json.loads(result.stdout)["pushed_path"]
 
     def vocabularies(pushed):
-        with open(os.path.join(pushed, "assets.extra", "preprocessing.json")) as f:
-            return {e["name"]: e.get("vocabulary") for e in json.load(f)}
+        return {e["name"]: e.get("vocabulary") for e in PushedVersion(pushed).preprocessing()}
 
     assert vocabularies(summary["pushed_path"]) == vocabularies(other)
     assert "Laos" in vocabularies(other)["native-country"]  # from the public domain, not the rows

@@ -13,6 +13,7 @@ import pytest
 from dp_training.contract import TrainingOutcome
 from core.dataset import load_dataset
 from core.features import numeric_key
+from core.pushed import PushedVersion
 from dp_training.fingerprint import content_digest
 from dp_training.ledger import BudgetExceededError, Ledger, LedgerTamperedError
 from dp_training.protocol import RunProtocol, plan_run
@@ -49,7 +50,7 @@ def _record_run(spec, workdir, privacy):
     write_run_files(fn_args, "dp_sgd", guarantee, outcome)
     pushed = os.path.join(workdir, "serving", "adult", "1700000000")
     os.makedirs(pushed)
-    shutil.copy(os.path.join(fn_args.serving_model_dir, "privacy.json"), pushed)
+    shutil.copy(PushedVersion(fn_args.serving_model_dir).privacy_path, pushed)
     config = metadata_store_pb2.ConnectionConfig()
     config.sqlite.filename_uri = os.path.join(workdir, "metadata.sqlite")
     config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
@@ -145,8 +146,8 @@ def test_a_later_run_in_the_workdir_refuses_the_forged_ledger(forged, tmp_path):
 
     privacy = privacy_with_receipts({"target_epsilon": 0.8}, types.SimpleNamespace(
         model_run_dir=os.path.join(workdir, "pipeline_root", "Trainer", "model_run", "8")))
-    assert {a[:2] for a in privacy["anchors"]} == {(3, json.load(open(os.path.join(
-        fn_args.serving_model_dir, "privacy.json")))["ledger"]["head_hash"])}
+    assert {a[:2] for a in privacy["anchors"]} == {(3, PushedVersion(fn_args.serving_model_dir).privacy()[
+        "ledger"]["head_hash"])}
     with pytest.raises(LedgerTamperedError, match="entry 3"):
         RunProtocol(_plan(spec, privacy)).reserve()
     # the command line: one line, nothing run

@@ -13,6 +13,7 @@ import subprocess
 
 import pytest
 
+from core.pushed import PushedVersion
 from tests.conftest import make_adult_sample, run_cli
 
 TRAIN_ROWS = 1487        # the sample's exact size (private); its public planning figure is 1500
@@ -37,18 +38,16 @@ def two_runs(tmp_path_factory):
 
 
 def _report(summary):
-    with open(os.path.join(summary["pushed_path"], "report.json")) as f:
-        return json.load(f)
+    return PushedVersion(summary["pushed_path"]).report()
 
 
 def test_reports_are_written_beside_each_pushed_version(two_runs):
     _, _, s1, s2 = two_runs
     r1, r2 = _report(s1), _report(s2)
     for s, r in ((s1, r1), (s2, r2)):
-        assert os.path.isfile(os.path.join(s["pushed_path"], "report.html"))
+        assert os.path.isfile(PushedVersion(s["pushed_path"]).report_html_path)
         assert r["version"] == os.path.basename(s["pushed_path"]) and r["source_id"] == SOURCE
-        with open(os.path.join(s["pushed_path"], "privacy.json")) as f:
-            assert r["privacy"]["guarantee"] == json.load(f)         # the guarantee, as published
+        assert r["privacy"]["guarantee"] == PushedVersion(s["pushed_path"]).privacy()  # the guarantee, as published
         assert r["privacy"]["privacy_json_matches_metadata"] is True
         assert r["blessing"]["blessed"] is True and r["blessing"]["min_auc"] == 0.5
         # the ledger of the source: verified, both runs, this model's entry marked, composed spend and budget
@@ -81,8 +80,9 @@ def test_reports_hold_nothing_private(two_runs):
     with open(os.path.join(data, "adult.data"), "rb") as f:
         content_hash = hashlib.sha256(f.read()).hexdigest()
     for s in (s1, s2):
-        for name in ("report.json", "report.html"):
-            with open(os.path.join(s["pushed_path"], name)) as f:
+        version = PushedVersion(s["pushed_path"])
+        for path in (version.report_json_path, version.report_html_path):
+            with open(path) as f:
                 text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", f.read())  # the plots are pixels
             # no exact n as a number (not digits inside a metric's decimals, which may hold any 4 digits)
             assert not re.search(r"(?<![0-9.eE+-])%d(?![0-9])" % TRAIN_ROWS, text)
