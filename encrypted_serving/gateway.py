@@ -96,41 +96,74 @@ class TokenBucket:
             return True
 
 
-class DailyBudget:
-    """Rows per certificate per UTC day, recorded in a JSON ledger (survives gateway restarts).
+LEDGER_FORMAT = "privtrain-query-budget/1"
 
-    The ledger is this party's own file; each of the three gateways charges every request it accepts, so a
-    client cannot spend more than rows_per_day at any of them."""
+
+class BudgetError(ValueError):
+    """The query-budget ledger exists but cannot be read: the gateway does not start (fail closed)."""
+
+
+class DailyBudget:
+    """Rows per registered identity (the name the certificate registry holds) per UTC day, recorded in a JSON
+    ledger that outlives restarts: re-issuing a certificate under the same name does not refresh the budget.
+
+    The ledger is this party's own file (``parties.<party>.budget``; the local service keeps it in
+    ``<run>/budget/``, which a service start does not wipe); each of the three gateways charges every request it
+    accepts, so a client cannot spend more than rows_per_day at any of them. A missing ledger starts empty; one
+    that cannot be read or parsed stops the gateway rather than forget what was spent."""
 
     def __init__(self, path: str, rows_per_day: int):
         self.path, self.limit, self.lock = path, int(rows_per_day), threading.Lock()
         try:
             with open(path) as f:
-                self.ledger = json.load(f)
-        except (OSError, ValueError):
-            self.ledger = {}
+                data = json.load(f)
+        except FileNotFoundError:
+            data = {"format": LEDGER_FORMAT, "identities": {}}
+        except (OSError, ValueError) as e:
+            raise BudgetError("cannot read the query-budget ledger %s (%s): refusing to start rather than reset "
+                              "every client's budget; restore the file (deleting it resets all budgets)"
+                              % (path, getattr(e, "strerror", None) or e)) from None
+        self.ledger = self._identities(data)
+
+    def _identities(self, data) -> dict:
+        if isinstance(data, dict) and data.get("format") == LEDGER_FORMAT and isinstance(data.get("identities"), dict):
+            return data["identities"]
+        if isinstance(data, dict) and "format" not in data and all(
+                isinstance(e, dict) and isinstance(e.get("name"), str) for e in data.values()):
+            out = {}       # the earlier ledger, keyed by certificate fingerprint: today's rows summed per name
+            for e in data.values():
+                if e.get("day") == self.today():
+                    out[e["name"]] = {"day": e["day"], "rows": out.get(e["name"], {}).get("rows", 0) + int(e["rows"])}
+            return out
+        raise BudgetError("%s is not a query-budget ledger (format %r): refusing to start; restore the file"
+                          % (self.path, LEDGER_FORMAT))
 
     @staticmethod
     def today() -> str:
         return time.strftime("%Y-%m-%d", time.gmtime())
 
-    def used(self, fp: str) -> int:
-        e = self.ledger.get(fp)
+    def used(self, who: str) -> int:
+        e = self.ledger.get(who)
         return int(e["rows"]) if e and e.get("day") == self.today() else 0
 
-    def charge(self, fp: str, name: str, rows: int) -> Optional[str]:
-        """Charge rows, or return why not (nothing charged)."""
+    def charge(self, who: str, rows: int) -> Optional[str]:
+        """Charge rows to the identity `who`, or return why not (nothing charged)."""
         with self.lock:
-            used = self.used(fp)
+            used = self.used(who)
             if used + rows > self.limit:
-                return ("certificate %r has used %d of its %d rows for today (UTC %s); this request needs %d more: "
+                return ("identity %r has used %d of its %d rows for today (UTC %s); this request needs %d more: "
                         "retry tomorrow or ask the operator for a larger query budget"
-                        % (name, used, self.limit, self.today(), rows))
-            self.ledger[fp] = {"day": self.today(), "rows": used + rows, "name": name}
+                        % (who, used, self.limit, self.today(), rows))
+            ledger = dict(self.ledger, **{who: {"day": self.today(), "rows": used + rows}})
             tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.ledger, f)
-            os.replace(tmp, self.path)
+            try:
+                os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+                with open(tmp, "w") as f:
+                    json.dump({"format": LEDGER_FORMAT, "identities": ledger}, f)
+                os.replace(tmp, self.path)
+            except OSError as e:     # not recorded: not admitted
+                return "the query budget cannot be recorded (%s: %s); request refused" % (self.path, e.strerror)
+            self.ledger = ledger
             return None
 
 
@@ -159,8 +192,7 @@ class Gateway:
         self.stopping = None
         rl = config["rate_limit"]
         self.bucket = TokenBucket(rl["rows_per_second"], rl["burst_rows"], rl["min_rows_per_request"])
-        self.budget = DailyBudget(os.path.join(config["parties"][party]["dir"], "budget.json"),
-                                  config["query_budget"]["rows_per_day"])
+        self.budget = DailyBudget(pc.budget_ledger(config, party), config["query_budget"]["rows_per_day"])
         self.in_flight = config["in_flight"]
         self.admit = threading.Lock()
         th = config["threads"]
@@ -186,7 +218,8 @@ class Gateway:
         if why:
             log(self.party, "refused %r: %s" % (hit[2], why))
             context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
-        return hit
+        entry = self.registry.lookup(hit[0]) or {}
+        return hit[0], hit[1], entry.get("name", hit[2])     # the registered identity: what limits are charged to
 
     # ------------------------------------------------------------------ public RPCs
     def info(self, request: bytes, context) -> bytes:
@@ -195,7 +228,7 @@ class Gateway:
                            "output": self.c["output"], "max_batch": self.c["max_batch"],
                            "batch_sizes": self.c["batch_sizes"],
                            "rate_limit": self.c["rate_limit"], "query_budget": self.c["query_budget"],
-                "rows_used_today": self.budget.used(fp), "in_flight": self.in_flight,
+                "rows_used_today": self.budget.used(name), "in_flight": self.in_flight,
                 "model_loaded": self.model_loaded,
                            "you": {"name": name, "role": role}}).encode()
 
@@ -286,7 +319,7 @@ class Gateway:
 
     def _admission(self, fp: str, name: str, n: int, nbytes: int) -> Optional[str]:
         with self.cond:
-            mine = [r for r in self.requests.values() if r.owner == fp and r.state in ("submitted", "taken")]
+            mine = [r for r in self.requests.values() if r.owner_name == name and r.state in ("submitted", "taken")]
         cap_n, cap_b = int(self.in_flight["requests"]), int(self.in_flight["bytes"])
         if len(mine) >= cap_n:
             return ("certificate %r already has %d request(s) in flight at party %s (limit %d): wait for their "
@@ -295,12 +328,12 @@ class Gateway:
         if held + nbytes > cap_b:
             return ("certificate %r would hold %d bytes of shares in flight at party %s (limit %d): wait for "
                     "earlier results or send smaller batches" % (name, held + nbytes, self.party, cap_b))
-        if self.budget.used(fp) + n > self.budget.limit:
-            return self.budget.charge(fp, name, n)
-        if not self.bucket.allow(fp, n):
+        if self.budget.used(name) + n > self.budget.limit:      # per identity, not per certificate
+            return self.budget.charge(name, n)
+        if not self.bucket.allow(name, n):
             return ("rate limit of %g rows/s (burst %g rows, at least %g rows per request) exceeded for certificate "
                     "%r; retry later" % (self.bucket.rate, self.bucket.burst, self.bucket.min_cost, name))
-        return self.budget.charge(fp, name, n)
+        return self.budget.charge(name, n)
 
     def fetch(self, request: bytes, context) -> bytes:
         fp, role, name = self._peer(context)
@@ -488,7 +521,7 @@ def main(argv=None) -> int:
         c = pc.load_parties(args.config)
         gw = Gateway(c, args.party, args.fault_file)
         creds = server_credentials(c, args.party)
-    except (pc.ConfigError, certs.CertError, OSError, ValueError) as e:   # BoundsError is a ValueError
+    except (pc.ConfigError, certs.CertError, OSError, ValueError) as e:   # BoundsError, BudgetError: ValueErrors
         log(args.party, "error: %s" % e)
         return 2
     pdir = c["parties"][args.party]["dir"]

@@ -7,6 +7,7 @@ request inside the limits), so that a refusal is the property under test, not a 
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -20,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
-from encrypted_serving import certs, parties as pc, ring, share_client as sc
+from encrypted_serving import certs, parties as pc, ring, service, share_client as sc
 from encrypted_serving import model_format as mf
 
 from conftest import REPO
@@ -78,6 +79,7 @@ def gateway(tmp_path, request):
         (public / f).write_bytes(open(os.path.join(model, f), "rb").read())
     cdir, offline = str(tmp_path / "certs"), str(tmp_path / "offline-ca")
     certs.init_local(cdir, ("client", "client2"), ca_key_dir=offline)
+    layout = service.GatewayService("unused", run_dir=str(tmp_path))     # the service's run-directory layout
     port = _free_port()
     pdir = tmp_path / "parties" / "server0"
     pdir.mkdir(parents=True)
@@ -86,7 +88,7 @@ def gateway(tmp_path, request):
            "tf": {n: "127.0.0.1:1" for n in pc.PARTY_NAMES + (pc.DRIVER,)},
            "parties": {p: {"gateway": "127.0.0.1:%d" % (port if p == "server0" else 1),
                            "cert": os.path.join(cdir, p + ".pem"), "key": os.path.join(cdir, p + ".key"),
-                           "dir": str(tmp_path / "parties" / p)} for p in pc.PARTY_NAMES},
+                           "dir": layout.party_dir(p), "budget": layout.budget_path(p)} for p in pc.PARTY_NAMES},
            "output": "logit", "batch_sizes": [1, 100], "max_batch": 100, "request_timeout_s": 5,
            "rate_limit": {"rows_per_second": 1000, "burst_rows": 1000, "min_rows_per_request": 10},
            "query_budget": {"rows_per_day": 250},
@@ -94,23 +96,38 @@ def gateway(tmp_path, request):
     cfg.update(getattr(request, "param", {}))
     pj = str(tmp_path / "parties.json")
     pc.save(cfg, pj)
-    log = open(str(tmp_path / "gateway.log"), "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "encrypted_serving.gateway", "--config", pj, "--party", "server0"],
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    gw = {"addr": "127.0.0.1:%d" % port, "cdir": cdir, "offline": offline, "registry": cfg["registry"],
+          "socket": pc.backend_socket(pc.load_parties(pj), "server0"), "tmp": tmp_path, "cfg": cfg, "pj": pj,
+          "log": str(tmp_path / "gateway.log"), "procs": []}
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(pdir / "gateway.ready"):
-            assert proc.poll() is None, open(str(tmp_path / "gateway.log")).read()
-            assert time.monotonic() < deadline, "gateway not ready"
-            time.sleep(0.1)
-        yield {"addr": "127.0.0.1:%d" % port, "cdir": cdir, "offline": offline, "registry": cfg["registry"],
-               "socket": pc.backend_socket(pc.load_parties(pj), "server0"), "tmp": tmp_path, "cfg": cfg,
-               "log": str(tmp_path / "gateway.log"), "proc": proc}
+        _launch(gw)
+        yield gw
     finally:
+        for proc in gw["procs"]:
+            _kill(proc)
+
+
+def _launch(gw, wait=True):
+    """Start server0's gateway for gw's parties.json (kept in gw["procs"]; the fixture stops it)."""
+    with open(gw["log"], "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "encrypted_serving.gateway", "--config", gw["pj"],
+                                 "--party", "server0"], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    gw["procs"].append(proc)
+    gw["proc"] = proc
+    ready = os.path.join(gw["cfg"]["parties"]["server0"]["dir"], "gateway.ready")
+    deadline = time.monotonic() + 60
+    while wait and not os.path.exists(ready):
+        assert proc.poll() is None, open(gw["log"]).read()
+        assert time.monotonic() < deadline, "gateway not ready"
+        time.sleep(0.1)
+    return proc
+
+
+def _kill(proc):
+    if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        log.close()
+    proc.wait(10)
 
 
 def _free_port():
@@ -259,11 +276,57 @@ def test_attack_the_daily_query_budget_counts_rows_and_is_recorded(gateway):
     assert "used 200 of its 250 rows for today" in details, details
     assert _info(calls)["rows_used_today"] == 200
     calls["Predict"](_frame("q-3", 1), timeout=10)                     # what is left can still be spent
-    ledger = json.load(open(os.path.join(gateway["cfg"]["parties"]["server0"]["dir"], "budget.json")))
-    assert [e["rows"] for e in ledger.values() if e["name"] == "client"] == [201]
+    ledger = json.load(open(gateway["cfg"]["parties"]["server0"]["budget"]))
+    assert ledger["identities"]["client"]["rows"] == 201
     ch2, other = _stub(gateway, "client2")
     other["Predict"](_frame("o-1", 100), timeout=10)
     w.stop.set(), ch.close(), ch2.close()
+
+
+@pytest.mark.parametrize("gateway", [{"query_budget": {"rows_per_day": 150}}], indirect=True)
+def test_attack_a_service_restart_with_fresh_certificates_does_not_refresh_the_budget(gateway):
+    """Review 2 B2/B3: a service start wiped parties/ (where the ledger was) and issued a fresh CA and fresh client
+    certificates, and the ledger was keyed by certificate hash: every restart, or a re-issued certificate of the
+    same name, gave a fresh daily budget. Now the ledger is keyed by the registered name and kept in budget/."""
+    tmp = gateway["tmp"]
+    w = _worker(gateway)
+    ch, calls = _stub(gateway, "client")
+    calls["Predict"](_frame("r-1", 100), timeout=10)
+    assert "used 100 of its 150 rows" in _refusal(lambda: calls["Predict"](_frame("r-2", 100), timeout=10))
+    w.stop.set(), ch.close()
+    # The restart, as GatewayService.start does it without certs_dir: every directory it wipes goes (public/ is
+    # copied from the model again), then a fresh CA issues new certificates under the same names.
+    _kill(gateway["proc"])
+    public = open(tmp / "public" / mf.MODEL_JSON, "rb").read(), open(tmp / "public" / mf.PREPROCESSING_JSON, "rb").read()
+    for sub in service.WIPED_AT_START + ("certs",):
+        shutil.rmtree(str(tmp / sub), ignore_errors=True)
+    os.makedirs(str(tmp / "public"))
+    (tmp / "public" / mf.MODEL_JSON).write_bytes(public[0])
+    (tmp / "public" / mf.PREPROCESSING_JSON).write_bytes(public[1])
+    old_fp = certs.fingerprint(certs.load_cert(os.path.join(gateway["offline"], "ca.pem")))
+    certs.init_local(gateway["cdir"], ("client", "client2"), ca_key_dir=str(tmp / "offline-ca-2"))
+    os.makedirs(gateway["cfg"]["parties"]["server0"]["dir"], mode=0o700)
+    _launch(gateway)
+    assert certs.fingerprint(certs.load_cert(os.path.join(gateway["cdir"], "ca.pem"))) != old_fp
+    w = _worker(gateway)
+    ch, calls = _stub(gateway, "client")                      # the new certificate of the same identity
+    assert _info(calls)["rows_used_today"] == 100
+    assert "used 100 of its 150 rows" in _refusal(lambda: calls["Predict"](_frame("r-3", 100), timeout=10))
+    calls["Predict"](_frame("r-4", 1), timeout=10)            # what is left can still be spent
+    w.stop.set(), ch.close()
+
+
+def test_an_unreadable_budget_ledger_stops_the_gateway(gateway):
+    """Fail closed (review 2 B2): the gateway used to start with an empty ledger when budget.json was unreadable."""
+    _kill(gateway["proc"])
+    os.makedirs(os.path.dirname(gateway["cfg"]["parties"]["server0"]["budget"]), exist_ok=True)
+    with open(gateway["cfg"]["parties"]["server0"]["budget"], "w") as f:
+        f.write("{ not json")
+    os.remove(os.path.join(gateway["cfg"]["parties"]["server0"]["dir"], "gateway.ready"))
+    proc = _launch(gateway, wait=False)
+    assert proc.wait(60) == 2
+    lines = [l for l in open(gateway["log"]).read().splitlines() if "budget" in l]
+    assert lines and "cannot read the query-budget ledger" in lines[-1] and "refusing to start" in lines[-1], lines
 
 
 @pytest.mark.parametrize("gateway", [{"in_flight": {"requests": 2, "bytes": 10000}}], indirect=True)
