@@ -367,6 +367,11 @@ class Gateway:
             self.requests.pop(rid, None)
         if req.error:
             context.abort(grpc.StatusCode.ABORTED, req.error)
+        entry = self.registry.lookup(req.owner)     # revoked (or unregistered) while the request ran: no output
+        if entry is None or entry.get("revoked"):
+            log(self.party, "withheld the output of %s: %r was revoked while it ran" % (rid, req.owner_name))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate %r was revoked while request %r ran: its "
+                          "output is withheld; ask the operator for a new certificate" % (req.owner_name, rid))
         return req.result
 
     def diagnose(self) -> str:

@@ -211,6 +211,37 @@ def test_attack_a_client_certificate_named_server0_cannot_pose_as_gateway(gatewa
         server.stop(0)
 
 
+def test_attack_revocation_withholds_the_output_of_a_call_already_in_progress(gateway):
+    """Review 2 B4: the certificate was checked once, when Predict started; revoking it while the computation ran
+    still delivered the output. Now the gateway checks the registry again before handing the output share."""
+    w = _worker(gateway, answer=False)                     # the test completes the request itself
+    ctl = FakeWorker(gateway["socket"])                    # a second backend connection, driven from here
+    ch, calls = _stub(gateway, "client")
+    done = calls["Predict"].future(_frame("rv-0", 1), timeout=20)
+    _complete_when_seen(w, ctl, "rv-0")
+    assert len(done.result()) > 0                          # control: a registered certificate gets its output
+    pending = calls["Predict"].future(_frame("rv-1", 1), timeout=20)
+    deadline = time.monotonic() + 10
+    while "rv-1" not in w.seen:                            # the call is waiting inside the gateway
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert certs.main(["revoke", gateway["registry"], "client"]) == 0
+    _complete_when_seen(w, ctl, "rv-1")
+    with pytest.raises(grpc.RpcError) as e:
+        pending.result()
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked while" in e.value.details()
+    w.stop.set(), ch.close()
+
+
+def _complete_when_seen(w, ctl, rid):
+    deadline = time.monotonic() + 10
+    while rid not in w.seen:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ctl.call({"op": "take", "id": rid})
+    ctl.call({"op": "put", "id": rid, "output": "logit"}, {"share": np.zeros(1, np.int64)})
+
+
 def test_the_ca_key_stays_out_of_the_service_directories(tmp_path):
     cdir, offline = str(tmp_path / "run" / "certs"), str(tmp_path / "offline")
     certs.init_local(cdir)
