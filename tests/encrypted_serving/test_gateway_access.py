@@ -388,6 +388,23 @@ def test_the_driver_serves_certificates_in_turn():
     assert [r for r in order if r.startswith("noisy")] == ["noisy-%d" % i for i in range(6)]
 
 
+def test_attack_overflowing_frame_shapes_are_refused_as_malformed(gateway):
+    """Review 2 B6: np.prod of a shape such as [2**62, 4] wrapped around to 0, so the element cap was skipped and
+    the reshape raised a ValueError the gateway did not expect (the client got UNKNOWN). Now: INVALID_ARGUMENT."""
+    w = _worker(gateway)
+    ch, calls = _stub(gateway, "client")
+    for shape in ([2 ** 62, 4], [2 ** 64, 1], [2 ** 32, 2 ** 32], [0, 2 ** 40], [1] * 40):
+        h = json.dumps({"kind": "predict", "request_id": "x", "arrays": [{"name": "a", "dtype": "<i8",
+                                                                          "shape": shape}]}).encode()
+        with pytest.raises(grpc.RpcError) as e:
+            calls["Predict"](ring.MAGIC + struct.pack("<I", len(h)) + h, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid shape" in e.value.details(), shape
+        with pytest.raises(ring.FrameError):
+            ring.unpack(ring.MAGIC + struct.pack("<I", len(h)) + h)
+    calls["Predict"](_frame("ok-1", 1), timeout=10)        # control: a well-formed frame is still served
+    w.stop.set(), ch.close()
+
+
 @pytest.mark.parametrize("gateway", [{"threads": {"workers": 4, "reserve": 2},
                                       "in_flight": {"requests": 5, "bytes": 1 << 20}}], indirect=True)
 def test_attack_waiting_calls_cannot_occupy_the_whole_thread_pool(gateway):
