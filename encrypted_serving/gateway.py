@@ -446,9 +446,10 @@ class Gateway:
                     if ready or left <= 0 or self.stopping:
                         break
                     self.cond.wait(left)
-                # owner: a short tag of the submitting certificate, so that the driver can serve certificates in turn
+                # owner: the submitting certificate's fingerprint, so that the driver serves certificates in turn
+                # and refuses a request whose shares came from different certificates
                 out = [{"id": r.id, "kind": r.kind, "n": r.n, "digests": r.digests, "seq": r.seq,
-                        "owner": r.owner[:12]} for r in ready]
+                        "owner": r.owner} for r in ready]
                 return ring.pack({"seq": self.seq, "ready": out})
         rid = header.get("id")
         with self.cond:

@@ -405,6 +405,31 @@ def test_attack_overflowing_frame_shapes_are_refused_as_malformed(gateway):
     w.stop.set(), ch.close()
 
 
+def test_attack_one_request_cannot_combine_shares_from_different_certificates(gateway):
+    """Review 2 B7: the driver combined the three parties' submissions of a request id without asking who sent
+    them, so shares submitted by different certificates made one request. Now it refuses that request. The
+    owners come from a real gateway's wait reply (what the driver polls)."""
+    from encrypted_serving import driver
+    w = _worker(gateway, answer=False)
+    seen = {}
+    for name in ("client", "client2"):
+        ch, calls = _stub(gateway, name)
+        calls["Submit"](_frame("mix-" + name, 1), timeout=10)
+        ch.close()
+    ctl = FakeWorker(gateway["socket"])
+    head, _ = ctl.call({"op": "wait", "since": 0, "timeout_ms": 100, "model_loaded": True})
+    for item in head["ready"]:
+        seen[item["id"]] = item
+    a, b = seen["mix-client"], seen["mix-client2"]
+    assert a["owner"] != b["owner"]
+    same = {i: dict(a, digests=["d", "d"]) for i in range(3)}   # replicated shares agree: only owners may differ
+    assert driver.inconsistent(same) == ""                  # control: one submitter at every party
+    mixed = dict(same)
+    mixed[2] = dict(b, digests=["d", "d"])                  # party 2's share of the request came from client2
+    assert "different certificates" in driver.inconsistent(mixed)
+    w.stop.set()
+
+
 @pytest.mark.parametrize("gateway", [{"threads": {"workers": 4, "reserve": 2},
                                       "in_flight": {"requests": 5, "bytes": 1 << 20}}], indirect=True)
 def test_attack_waiting_calls_cannot_occupy_the_whole_thread_pool(gateway):
