@@ -8,10 +8,12 @@ service's registry.json and not revoked there; role = the cert's OU, pinned by t
 * ``Info``   -> the public model description (model.json, preprocessing.json), output policy, limits.
 * ``Submit`` -> a frame holding this party's replicated share pair (``a`` = s_i, ``b`` = s_{i+1}) of a
   batch (role ``client``, kind ``predict``) or of every weight array (role ``model-owner``, kind ``model``).
-  Checked: role, request id, dtype, shapes, lengths, batch size; then per certificate: requests and bytes in
-  flight, rows against the rate limit (a request costs its rows, at least ``min_rows_per_request``) and
-  against the daily query budget (rows per UTC day, recorded in the party's ``budget.json``).
-* ``Fetch``  -> this party's share of the request's output, **only to the certificate that submitted it**.
+  Checked: role, request id, dtype, shapes, lengths, batch size; then per registered identity (the registry's
+  name of the certificate): requests and bytes in flight, rows against the rate limit (a request costs its rows,
+  at least ``min_rows_per_request``) and against the daily query budget (rows per UTC day, recorded in the
+  party's ledger, which outlives restarts).
+* ``Fetch``  -> this party's share of the request's output, **only to the certificate that submitted it**, and
+  only while that certificate is still registered and not revoked (checked again when the output is ready).
 * ``Predict`` -> ``Submit`` + wait + the output share on the same call (what the client library uses).
 
 Private side: a Unix socket in the party's own directory, accepted only from processes in the TF cluster's
@@ -322,16 +324,16 @@ class Gateway:
             mine = [r for r in self.requests.values() if r.owner_name == name and r.state in ("submitted", "taken")]
         cap_n, cap_b = int(self.in_flight["requests"]), int(self.in_flight["bytes"])
         if len(mine) >= cap_n:
-            return ("certificate %r already has %d request(s) in flight at party %s (limit %d): wait for their "
+            return ("identity %r already has %d request(s) in flight at party %s (limit %d): wait for their "
                     "results before sending more" % (name, len(mine), self.party, cap_n))
         held = sum(r.nbytes for r in mine)
         if held + nbytes > cap_b:
-            return ("certificate %r would hold %d bytes of shares in flight at party %s (limit %d): wait for "
+            return ("identity %r would hold %d bytes of shares in flight at party %s (limit %d): wait for "
                     "earlier results or send smaller batches" % (name, held + nbytes, self.party, cap_b))
         if self.budget.used(name) + n > self.budget.limit:      # per identity, not per certificate
             return self.budget.charge(name, n)
         if not self.bucket.allow(name, n):
-            return ("rate limit of %g rows/s (burst %g rows, at least %g rows per request) exceeded for certificate "
+            return ("rate limit of %g rows/s (burst %g rows, at least %g rows per request) exceeded for identity "
                     "%r; retry later" % (self.bucket.rate, self.bucket.burst, self.bucket.min_cost, name))
         return self.budget.charge(name, n)
 
