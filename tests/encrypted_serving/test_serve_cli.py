@@ -210,3 +210,23 @@ def test_the_plaintext_endpoint_is_allowed_only_with_authentication_and_says_it_
     assert not cli.plaintext_wanted(NS(encrypted=True, also_plaintext=False), NS(tls=True, auth=True,
                                                                                  tls_client_ca="ca.pem"))
     assert "NO query budget" in cli.PLAINTEXT_NOTE
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not service.shutil.which("ip"), reason="needs root and iproute2")
+def test_also_plaintext_with_a_token_says_the_endpoint_has_no_query_budget(workdir, adult_spec, tmp_path):
+    """With a token the plaintext endpoint starts next to the encrypted service; the output states that it has no
+    query budget (review 2 B1), and a caller without the token still gets nothing from any port."""
+    wd, _ = workdir
+    inst, _ = _instance(adult_spec)
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-0123456789\n")
+    os.chmod(str(token), 0o600)
+    proc = _start(["--encrypted", "--encrypted-output", "label", "--also-plaintext", "--auth-token-file",
+                   str(token)], wd)
+    try:
+        lines = _wait_ready(proc, "READY rest=")
+        notes = [l for l in lines if l.startswith("NOTE plaintext endpoint")]
+        assert notes and "NO query budget" in notes[0], lines
+        assert all(_probe(p, inst) is None for p in _listening_ports(proc.pid))
+    finally:
+        _stop(proc)
