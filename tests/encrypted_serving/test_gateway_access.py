@@ -450,3 +450,20 @@ def test_attack_waiting_calls_cannot_occupy_the_whole_thread_pool(gateway):
     for f in pending:
         f.cancel()
     w.stop.set(), ch.close(), ch2.close()
+
+
+def test_an_earlier_ledger_keyed_by_certificate_is_carried_over_per_identity(tmp_path):
+    """The ledger used to be keyed by certificate fingerprint: today's rows of every certificate of one name
+    carry over to that identity (two certificates of 'client' spent 30 + 40 rows), earlier days do not."""
+    from encrypted_serving.gateway import DailyBudget
+    today = DailyBudget.today()
+    path = str(tmp_path / "budget.json")
+    with open(path, "w") as f:
+        json.dump({"aa" * 32: {"day": today, "rows": 30, "name": "client"},
+                   "bb" * 32: {"day": today, "rows": 40, "name": "client"},
+                   "cc" * 32: {"day": "2000-01-01", "rows": 99, "name": "client2"}}, f)
+    b = DailyBudget(path, 100)
+    assert (b.used("client"), b.used("client2")) == (70, 0)
+    assert "used 70 of its 100 rows" in b.charge("client", 31)
+    assert b.charge("client", 30) is None
+    assert json.load(open(path))["identities"]["client"]["rows"] == 100
