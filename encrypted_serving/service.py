@@ -239,6 +239,12 @@ class GatewayService:
         for p in pc.PARTY_NAMES:
             os.makedirs(self.party_dir(p), mode=0o700)
         os.makedirs(os.path.dirname(self.budget_path(pc.PARTY_NAMES[0])), mode=0o700, exist_ok=True)
+        from encrypted_serving.gateway import BudgetError, DailyBudget
+        for p in pc.PARTY_NAMES:      # fail closed, in one line, before anything starts
+            try:
+                DailyBudget(self.budget_path(p), self.rows_per_day)
+            except BudgetError as e:
+                raise EncryptedServiceError(str(e)) from None
         os.makedirs(cfg["driver"]["dir"], mode=0o700)
         atexit.register(self.stop)
         try:

@@ -467,3 +467,15 @@ def test_an_earlier_ledger_keyed_by_certificate_is_carried_over_per_identity(tmp
     assert "used 70 of its 100 rows" in b.charge("client", 31)
     assert b.charge("client", 30) is None
     assert json.load(open(path))["identities"]["client"]["rows"] == 100
+
+
+def test_the_service_refuses_to_start_on_an_unreadable_ledger_in_one_line(tmp_path, adult_model_dir):
+    """GatewayService.start checks every party's ledger before it starts anything (review 2 B2, fail closed)."""
+    svc = service.GatewayService(adult_model_dir, run_dir=str(tmp_path / "run"), isolation="none")
+    os.makedirs(os.path.dirname(svc.budget_path("server1")))
+    with open(svc.budget_path("server1"), "w") as f:
+        f.write("[1, 2")
+    with pytest.raises(service.EncryptedServiceError) as e:
+        svc.start()
+    assert "\n" not in str(e.value) and "cannot read the query-budget ledger" in str(e.value), e.value
+    assert not svc.procs and os.path.isfile(svc.budget_path("server1"))     # nothing started, the ledger kept
