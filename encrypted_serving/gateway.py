@@ -128,14 +128,20 @@ class DailyBudget:
         self.ledger = self._identities(data)
 
     def _identities(self, data) -> dict:
+        def entry(e):
+            if not (isinstance(e, dict) and isinstance(e.get("day"), str) and isinstance(e.get("rows"), int)
+                    and not isinstance(e.get("rows"), bool) and e["rows"] >= 0):
+                raise BudgetError("%s: a ledger entry is not {day, rows}: refusing to start; restore the file"
+                                  % self.path)
+            return e
         if isinstance(data, dict) and data.get("format") == LEDGER_FORMAT and isinstance(data.get("identities"), dict):
-            return data["identities"]
+            return {who: entry(e) for who, e in data["identities"].items()}
         if isinstance(data, dict) and "format" not in data and all(
                 isinstance(e, dict) and isinstance(e.get("name"), str) for e in data.values()):
             out = {}       # the earlier ledger, keyed by certificate fingerprint: today's rows summed per name
-            for e in data.values():
-                if e.get("day") == self.today():
-                    out[e["name"]] = {"day": e["day"], "rows": out.get(e["name"], {}).get("rows", 0) + int(e["rows"])}
+            for e in map(entry, data.values()):
+                if e["day"] == self.today():
+                    out[e["name"]] = {"day": e["day"], "rows": out.get(e["name"], {}).get("rows", 0) + e["rows"]}
             return out
         raise BudgetError("%s is not a query-budget ledger (format %r): refusing to start; restore the file"
                           % (self.path, LEDGER_FORMAT))

@@ -467,6 +467,12 @@ def test_an_earlier_ledger_keyed_by_certificate_is_carried_over_per_identity(tmp
     assert "used 70 of its 100 rows" in b.charge("client", 31)
     assert b.charge("client", 30) is None
     assert json.load(open(path))["identities"]["client"]["rows"] == 100
+    for bad in ({"format": "privtrain-query-budget/1", "identities": {"client": {"day": today, "rows": "x"}}},
+                {"format": "other"}, [1, 2]):
+        with open(path, "w") as f:
+            json.dump(bad, f)
+        with pytest.raises(ValueError, match="refusing to start"):          # BudgetError: fail closed
+            DailyBudget(path, 100)
 
 
 def test_the_service_refuses_to_start_on_an_unreadable_ledger_in_one_line(tmp_path, adult_model_dir):
