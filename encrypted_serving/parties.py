@@ -15,9 +15,9 @@ parties.json (one file shared by the operators; paths relative to the file)::
      "driver": {"dir": "driver"},
      "netns": null,                            # local mode: the network namespace the TF cluster runs in
      "output": "logit",                        # or "label"
-     "rate_limit": {"rows_per_second": 1000, "burst_rows": 2000, "min_rows_per_request": 100},  # per certificate
+     "rate_limit": {"rows_per_second": 1000, "burst_rows": 2000, "min_rows_per_request": 100},  # per identity
      "query_budget": {"rows_per_day": 10000},  # per registered identity, per UTC day (each party's ledger)
-     "in_flight": {"requests": 2, "bytes": 8388608},   # per certificate: requests / share bytes not yet answered
+     "in_flight": {"requests": 2, "bytes": 8388608},   # per identity: requests / share bytes not yet answered
      "threads": {"workers": 64, "reserve": 8},  # gateway threads; calls waiting for results may use all but reserve
      "max_batch": 1000, "batch_sizes": [1, 1000],   # the programs the driver instantiates; clients pad
      "request_timeout_s": 30}

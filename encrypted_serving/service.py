@@ -137,8 +137,8 @@ class GatewayService:
         self.rate_limit, self.clients, self.certs_dir = rate_limit, tuple(clients), certs_dir
         self.startup_timeout, self.python, self.gateway_ports = startup_timeout, python, gateway_ports
         self.ca_key_dir = os.path.abspath(ca_key_dir) if ca_key_dir else None
-        # per certificate: rate_limit = (rows/s, burst rows); every request costs at least min_rows_per_request rows;
-        # rows_per_day: the daily query budget; in_flight = (requests, share bytes) not yet answered
+        # per registered identity: rate_limit = (rows/s, burst rows); every request costs at least
+        # min_rows_per_request rows; rows_per_day: the daily query budget; in_flight = (requests, share bytes) not yet answered
         self.min_rows_per_request, self.rows_per_day, self.in_flight = min_rows_per_request, rows_per_day, in_flight
         self.procs: Dict[str, subprocess.Popen] = {}
         self.netns: Optional[str] = None
