@@ -12,7 +12,8 @@ outputs break (issue 19, item 2). Hence:
 * ``certify(config, weights, low, high)``: the model owner's exporter, holding the plaintext weights, bounds
   every layer's matmul output over the whole box by interval arithmetic and refuses (ModelFormatError) if any
   bound reaches the truncation bound; the certificate is recorded in model.json.
-* ``check(config)``: what the service checks at load without the weights (a certificate for exactly this box,
+* ``check(config)``: what the service checks at load without the weights (a certificate for exactly this box
+  (its sha256 is in the certificate),
   fixed-point format and bound, every recorded bound below it); ``verify(config, weights)``: the model owner's
   side re-derives the certificate from the weights it uploads.
 """
@@ -104,7 +105,16 @@ def certify(config: dict, weights: Dict[str, np.ndarray], low, high) -> dict:
                               "shrink the weights or the public input ranges" % (i, b))
     return {"method": METHOD, "fractional_bits": FRACTIONAL_BITS, "ring_bits": RING_BITS,
             "truncation_bound": TRUNCATION_BOUND, "safety_factor": SAFETY,
-            "max_abs_pre_activation": bounds, "weights_sha256": weights_digest(config, weights)}
+            "max_abs_pre_activation": bounds, "weights_sha256": weights_digest(config, weights),
+            "input_box_sha256": box_digest(low, high)}
+
+
+def box_digest(low, high) -> str:
+    """sha256 of the input box the bounds hold on (float64 little-endian, low then high): binds box and certificate."""
+    h = hashlib.sha256()
+    for v in (low, high):
+        h.update(np.ascontiguousarray(v, dtype="<f8").tobytes())
+    return h.hexdigest()
 
 
 def attach(config: dict, weights: Dict[str, np.ndarray], spec: list) -> dict:
@@ -134,10 +144,14 @@ def box_of(config: dict) -> Tuple[np.ndarray, np.ndarray]:
 
 def check(config: dict) -> None:
     """The service's load-time check (no weights needed): raises BoundsError with one line."""
-    box_of(config)
+    low, high = box_of(config)
     cert = config.get("certificate")
     if not isinstance(cert, dict):
         raise BoundsError("model.json has no truncation certificate: re-export the model with this version")
+    if cert.get("input_box_sha256") != box_digest(low, high):    # e.g. a box widened after the export
+        raise BoundsError("model.json: the truncation certificate was made for another input_box (%s): restore "
+                          "model.json or re-export the model" % ("changed since the export"
+                                                                 if cert.get("input_box_sha256") else "not recorded"))
     want = {"method": METHOD, "fractional_bits": FRACTIONAL_BITS, "ring_bits": RING_BITS,
             "truncation_bound": TRUNCATION_BOUND}
     bad = [k for k, v in want.items() if cert.get(k) != v]

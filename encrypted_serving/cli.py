@@ -2,7 +2,7 @@
 privtrain_cli/serve.py and predict.py wire in, kept here so that the pipeline's CLI changes only by a few lines.
 
     privtrain serve --encrypted [--encrypted-output logit|label] [--isolation netns|none]
-                    [--also-plaintext (needs --tls-cert/--tls-key or --auth-token-file)]
+                    [--also-plaintext (needs --auth-token-file, or mutual TLS: --tls-cert/--tls-key/--tls-client-ca)]
     privtrain predict --encrypted --input FILE [--client client.json]
     privtrain encrypted-party --party server0|server1|server2|driver --config parties.json
 """
@@ -22,15 +22,21 @@ def add_serve_flags(p) -> None:
     p.add_argument("--isolation", default="netns", choices=["netns", "none"],
                    help="netns (default): TF cluster unreachable from the host; none: UNSAFE, for non-root development")
     p.add_argument("--also-plaintext", action="store_true",
-                   help="with --encrypted: also start the plaintext REST/gRPC server (it returns exact logits); "
-                        "refused without TLS (--tls-cert/--tls-key) or a token (--auth-token-file)")
+                   help="with --encrypted: also start the plaintext REST/gRPC server (it returns exact logits and "
+                        "has NO query budget); refused without a token (--auth-token-file) or mutual TLS "
+                        "(--tls-cert/--tls-key with --tls-client-ca)")
+
+PLAINTEXT_NOTE = ("NOTE plaintext endpoint: exact logits to every caller holding the token or a client certificate "
+                  "of --tls-client-ca; it has NO query budget (the encrypted service's rows/day budget does not "
+                  "apply to it)")
 
 
-def plaintext_wanted(args, tls: bool, auth: bool) -> bool:
-    """Whether `privtrain serve` starts the plaintext REST/gRPC server. With --encrypted only when asked for
-    (--also-plaintext), and then only with TLS or a bearer token: an unauthenticated plaintext endpoint next to
-    the encrypted service would hand any local process the exact logits the encrypted service protects.
-    Raises ValueError (one line) for --also-plaintext without TLS or a token, or without --encrypted."""
+def plaintext_wanted(args, options) -> bool:
+    """Whether `privtrain serve` starts the plaintext REST/gRPC server (options: its ServingOptions). With
+    --encrypted only when asked for (--also-plaintext), and then only when callers are authenticated: a bearer
+    token, or mutual TLS (a server certificate alone encrypts but authenticates no one). Otherwise that endpoint
+    would hand any local process the exact logits the encrypted service protects. It has no query budget.
+    Raises ValueError (one line) for --also-plaintext without authentication, or without --encrypted."""
     also = getattr(args, "also_plaintext", False)
     if not getattr(args, "encrypted", False):
         if also:
@@ -39,9 +45,11 @@ def plaintext_wanted(args, tls: bool, auth: bool) -> bool:
         return True
     if not also:
         return False
-    if not (tls or auth):
-        raise ValueError("--also-plaintext next to --encrypted needs TLS (--tls-cert and --tls-key) or a bearer "
-                         "token (--auth-token-file): without them any local process gets the exact logits")
+    if not (options.auth or (options.tls and options.tls_client_ca)):
+        raise ValueError("--also-plaintext next to --encrypted needs a bearer token (--auth-token-file) or mutual "
+                         "TLS (--tls-cert and --tls-key with --tls-client-ca): %s any local process gets the exact "
+                         "logits" % ("TLS without --tls-client-ca authenticates no one, so" if options.tls
+                                     else "without them"))
     return True
 
 
@@ -75,7 +83,8 @@ def start_for_serve(args, workdir: str, model=None):
 
 def serve_encrypted_only(svc) -> int:
     """Block until SIGTERM / Ctrl-C (0) or until the service fails (1); stops it."""
-    print("READY encrypted-only (no plaintext endpoint; --also-plaintext with TLS or a token adds one)", flush=True)
+    print("READY encrypted-only (no plaintext endpoint; --also-plaintext with a token or mutual TLS adds one)",
+          flush=True)
     return svc.serve_forever()
 
 

@@ -55,6 +55,23 @@ def _answers(addr: str, timeout: float = 2.0) -> str:
         s.close()
 
 
+def inconsistent(parts: dict) -> str:
+    """Why the three parties' submissions of one request id cannot be one request ('' if they can): one kind, one
+    size, one submitting certificate (else one request could combine shares sent by different clients), and
+    replicated shares that agree between neighbouring parties."""
+    kinds = {p["kind"] for p in parts.values()}
+    sizes = {p["n"] for p in parts.values()}
+    owners = {p.get("owner") for p in parts.values()}
+    if len(owners) != 1 or None in owners:
+        return "its shares were submitted with different certificates at the parties (one request, one submitter)"
+    bad = [pc.PARTY_NAMES[i] + "/" + pc.PARTY_NAMES[(i + 1) % 3] for i in range(3)
+           if parts[i]["digests"][1] != parts[(i + 1) % 3]["digests"][0]]
+    if len(kinds) != 1 or len(sizes) != 1 or bad:
+        return "the parties received inconsistent shares (%s)" % (
+            "replicated share differs between " + ", ".join(bad) if bad else "kind/size differ")
+    return ""
+
+
 class Driver:
     def __init__(self, c: dict, fault_file: str = None, warm=(1, 1000)):
         self.c, self.fault_file, self.warm = c, fault_file, warm
@@ -204,15 +221,11 @@ class Driver:
                         self._fail(rid, "request %s failed: %s" % (rid, why))
                     continue
                 del self.pending[rid]
-                kinds = {p["kind"] for p in parts.values()}
-                sizes = {p["n"] for p in parts.values()}
-                bad = [pc.PARTY_NAMES[i] + "/" + pc.PARTY_NAMES[(i + 1) % 3] for i in range(3)
-                       if parts[i]["digests"][1] != parts[(i + 1) % 3]["digests"][0]]
-                if len(kinds) != 1 or len(sizes) != 1 or bad:
-                    self._fail(rid, "request %s rejected: the parties received inconsistent shares (%s)" % (
-                        rid, "replicated share differs between " + ", ".join(bad) if bad else "kind/size differ"))
+                why = inconsistent(parts)
+                if why:
+                    self._fail(rid, "request %s rejected: %s" % (rid, why))
                     continue
-                ready.append((rid, entry, kinds.pop(), sizes.pop()))
+                ready.append((rid, entry, parts[0]["kind"], parts[0]["n"]))
             for group, kind, n in self._runs(ready):
                 rid = ",".join(r for r, _ in group)
                 t0 = time.monotonic()

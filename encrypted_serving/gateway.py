@@ -8,10 +8,12 @@ service's registry.json and not revoked there; role = the cert's OU, pinned by t
 * ``Info``   -> the public model description (model.json, preprocessing.json), output policy, limits.
 * ``Submit`` -> a frame holding this party's replicated share pair (``a`` = s_i, ``b`` = s_{i+1}) of a
   batch (role ``client``, kind ``predict``) or of every weight array (role ``model-owner``, kind ``model``).
-  Checked: role, request id, dtype, shapes, lengths, batch size; then per certificate: requests and bytes in
-  flight, rows against the rate limit (a request costs its rows, at least ``min_rows_per_request``) and
-  against the daily query budget (rows per UTC day, recorded in the party's ``budget.json``).
-* ``Fetch``  -> this party's share of the request's output, **only to the certificate that submitted it**.
+  Checked: role, request id, dtype, shapes, lengths, batch size; then per registered identity (the registry's
+  name of the certificate): requests and bytes in flight, rows against the rate limit (a request costs its rows,
+  at least ``min_rows_per_request``) and against the daily query budget (rows per UTC day, recorded in the
+  party's ledger, which outlives restarts).
+* ``Fetch``  -> this party's share of the request's output, **only to the certificate that submitted it**, and
+  only while that certificate is still registered and not revoked (checked again when the output is ready).
 * ``Predict`` -> ``Submit`` + wait + the output share on the same call (what the client library uses).
 
 Private side: a Unix socket in the party's own directory, accepted only from processes in the TF cluster's
@@ -96,41 +98,80 @@ class TokenBucket:
             return True
 
 
-class DailyBudget:
-    """Rows per certificate per UTC day, recorded in a JSON ledger (survives gateway restarts).
+LEDGER_FORMAT = "privtrain-query-budget/1"
 
-    The ledger is this party's own file; each of the three gateways charges every request it accepts, so a
-    client cannot spend more than rows_per_day at any of them."""
+
+class BudgetError(ValueError):
+    """The query-budget ledger exists but cannot be read: the gateway does not start (fail closed)."""
+
+
+class DailyBudget:
+    """Rows per registered identity (the name the certificate registry holds) per UTC day, recorded in a JSON
+    ledger that outlives restarts: re-issuing a certificate under the same name does not refresh the budget.
+
+    The ledger is this party's own file (``parties.<party>.budget``; the local service keeps it in
+    ``<run>/budget/``, which a service start does not wipe); each of the three gateways charges every request it
+    accepts, so a client cannot spend more than rows_per_day at any of them. A missing ledger starts empty; one
+    that cannot be read or parsed stops the gateway rather than forget what was spent."""
 
     def __init__(self, path: str, rows_per_day: int):
         self.path, self.limit, self.lock = path, int(rows_per_day), threading.Lock()
         try:
             with open(path) as f:
-                self.ledger = json.load(f)
-        except (OSError, ValueError):
-            self.ledger = {}
+                data = json.load(f)
+        except FileNotFoundError:
+            data = {"format": LEDGER_FORMAT, "identities": {}}
+        except (OSError, ValueError) as e:
+            raise BudgetError("cannot read the query-budget ledger %s (%s): refusing to start rather than reset "
+                              "every client's budget; restore the file (deleting it resets all budgets)"
+                              % (path, getattr(e, "strerror", None) or e)) from None
+        self.ledger = self._identities(data)
+
+    def _identities(self, data) -> dict:
+        def entry(e):
+            if not (isinstance(e, dict) and isinstance(e.get("day"), str) and isinstance(e.get("rows"), int)
+                    and not isinstance(e.get("rows"), bool) and e["rows"] >= 0):
+                raise BudgetError("%s: a ledger entry is not {day, rows}: refusing to start; restore the file"
+                                  % self.path)
+            return e
+        if isinstance(data, dict) and data.get("format") == LEDGER_FORMAT and isinstance(data.get("identities"), dict):
+            return {who: entry(e) for who, e in data["identities"].items()}
+        if isinstance(data, dict) and "format" not in data and all(
+                isinstance(e, dict) and isinstance(e.get("name"), str) for e in data.values()):
+            out = {}       # the earlier ledger, keyed by certificate fingerprint: today's rows summed per name
+            for e in map(entry, data.values()):
+                if e["day"] == self.today():
+                    out[e["name"]] = {"day": e["day"], "rows": out.get(e["name"], {}).get("rows", 0) + e["rows"]}
+            return out
+        raise BudgetError("%s is not a query-budget ledger (format %r): refusing to start; restore the file"
+                          % (self.path, LEDGER_FORMAT))
 
     @staticmethod
     def today() -> str:
         return time.strftime("%Y-%m-%d", time.gmtime())
 
-    def used(self, fp: str) -> int:
-        e = self.ledger.get(fp)
+    def used(self, who: str) -> int:
+        e = self.ledger.get(who)
         return int(e["rows"]) if e and e.get("day") == self.today() else 0
 
-    def charge(self, fp: str, name: str, rows: int) -> Optional[str]:
-        """Charge rows, or return why not (nothing charged)."""
+    def charge(self, who: str, rows: int) -> Optional[str]:
+        """Charge rows to the identity `who`, or return why not (nothing charged)."""
         with self.lock:
-            used = self.used(fp)
+            used = self.used(who)
             if used + rows > self.limit:
-                return ("certificate %r has used %d of its %d rows for today (UTC %s); this request needs %d more: "
+                return ("identity %r has used %d of its %d rows for today (UTC %s); this request needs %d more: "
                         "retry tomorrow or ask the operator for a larger query budget"
-                        % (name, used, self.limit, self.today(), rows))
-            self.ledger[fp] = {"day": self.today(), "rows": used + rows, "name": name}
+                        % (who, used, self.limit, self.today(), rows))
+            ledger = dict(self.ledger, **{who: {"day": self.today(), "rows": used + rows}})
             tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.ledger, f)
-            os.replace(tmp, self.path)
+            try:
+                os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+                with open(tmp, "w") as f:
+                    json.dump({"format": LEDGER_FORMAT, "identities": ledger}, f)
+                os.replace(tmp, self.path)
+            except OSError as e:     # not recorded: not admitted
+                return "the query budget cannot be recorded (%s: %s); request refused" % (self.path, e.strerror)
+            self.ledger = ledger
             return None
 
 
@@ -159,8 +200,7 @@ class Gateway:
         self.stopping = None
         rl = config["rate_limit"]
         self.bucket = TokenBucket(rl["rows_per_second"], rl["burst_rows"], rl["min_rows_per_request"])
-        self.budget = DailyBudget(os.path.join(config["parties"][party]["dir"], "budget.json"),
-                                  config["query_budget"]["rows_per_day"])
+        self.budget = DailyBudget(pc.budget_ledger(config, party), config["query_budget"]["rows_per_day"])
         self.in_flight = config["in_flight"]
         self.admit = threading.Lock()
         th = config["threads"]
@@ -186,7 +226,8 @@ class Gateway:
         if why:
             log(self.party, "refused %r: %s" % (hit[2], why))
             context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
-        return hit
+        entry = self.registry.lookup(hit[0]) or {}
+        return hit[0], hit[1], entry.get("name", hit[2])     # the registered identity: what limits are charged to
 
     # ------------------------------------------------------------------ public RPCs
     def info(self, request: bytes, context) -> bytes:
@@ -195,7 +236,7 @@ class Gateway:
                            "output": self.c["output"], "max_batch": self.c["max_batch"],
                            "batch_sizes": self.c["batch_sizes"],
                            "rate_limit": self.c["rate_limit"], "query_budget": self.c["query_budget"],
-                "rows_used_today": self.budget.used(fp), "in_flight": self.in_flight,
+                "rows_used_today": self.budget.used(name), "in_flight": self.in_flight,
                 "model_loaded": self.model_loaded,
                            "you": {"name": name, "role": role}}).encode()
 
@@ -286,21 +327,21 @@ class Gateway:
 
     def _admission(self, fp: str, name: str, n: int, nbytes: int) -> Optional[str]:
         with self.cond:
-            mine = [r for r in self.requests.values() if r.owner == fp and r.state in ("submitted", "taken")]
+            mine = [r for r in self.requests.values() if r.owner_name == name and r.state in ("submitted", "taken")]
         cap_n, cap_b = int(self.in_flight["requests"]), int(self.in_flight["bytes"])
         if len(mine) >= cap_n:
-            return ("certificate %r already has %d request(s) in flight at party %s (limit %d): wait for their "
+            return ("identity %r already has %d request(s) in flight at party %s (limit %d): wait for their "
                     "results before sending more" % (name, len(mine), self.party, cap_n))
         held = sum(r.nbytes for r in mine)
         if held + nbytes > cap_b:
-            return ("certificate %r would hold %d bytes of shares in flight at party %s (limit %d): wait for "
+            return ("identity %r would hold %d bytes of shares in flight at party %s (limit %d): wait for "
                     "earlier results or send smaller batches" % (name, held + nbytes, self.party, cap_b))
-        if self.budget.used(fp) + n > self.budget.limit:
-            return self.budget.charge(fp, name, n)
-        if not self.bucket.allow(fp, n):
-            return ("rate limit of %g rows/s (burst %g rows, at least %g rows per request) exceeded for certificate "
+        if self.budget.used(name) + n > self.budget.limit:      # per identity, not per certificate
+            return self.budget.charge(name, n)
+        if not self.bucket.allow(name, n):
+            return ("rate limit of %g rows/s (burst %g rows, at least %g rows per request) exceeded for identity "
                     "%r; retry later" % (self.bucket.rate, self.bucket.burst, self.bucket.min_cost, name))
-        return self.budget.charge(fp, name, n)
+        return self.budget.charge(name, n)
 
     def fetch(self, request: bytes, context) -> bytes:
         fp, role, name = self._peer(context)
@@ -334,6 +375,11 @@ class Gateway:
             self.requests.pop(rid, None)
         if req.error:
             context.abort(grpc.StatusCode.ABORTED, req.error)
+        entry = self.registry.lookup(req.owner)     # revoked (or unregistered) while the request ran: no output
+        if entry is None or entry.get("revoked"):
+            log(self.party, "withheld the output of %s: %r was revoked while it ran" % (rid, req.owner_name))
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate %r was revoked while request %r ran: its "
+                          "output is withheld; ask the operator for a new certificate" % (req.owner_name, rid))
         return req.result
 
     def diagnose(self) -> str:
@@ -408,9 +454,10 @@ class Gateway:
                     if ready or left <= 0 or self.stopping:
                         break
                     self.cond.wait(left)
-                # owner: a short tag of the submitting certificate, so that the driver can serve certificates in turn
+                # owner: the submitting certificate's fingerprint, so that the driver serves certificates in turn
+                # and refuses a request whose shares came from different certificates
                 out = [{"id": r.id, "kind": r.kind, "n": r.n, "digests": r.digests, "seq": r.seq,
-                        "owner": r.owner[:12]} for r in ready]
+                        "owner": r.owner} for r in ready]
                 return ring.pack({"seq": self.seq, "ready": out})
         if "ids" in header and op in ("take", "put"):
             return self._backend_many(op, header, arrays)
@@ -525,7 +572,7 @@ def main(argv=None) -> int:
         c = pc.load_parties(args.config)
         gw = Gateway(c, args.party, args.fault_file)
         creds = server_credentials(c, args.party)
-    except (pc.ConfigError, certs.CertError, OSError, ValueError) as e:   # BoundsError is a ValueError
+    except (pc.ConfigError, certs.CertError, OSError, ValueError) as e:   # BoundsError, BudgetError: ValueErrors
         log(args.party, "error: %s" % e)
         return 2
     pdir = c["parties"][args.party]["dir"]

@@ -10,13 +10,14 @@ parties.json (one file shared by the operators; paths relative to the file)::
      "tf": {"server0": "10.0.0.1:7100", "server1": "10.0.0.2:7100", "server2": "10.0.0.3:7100",
             "driver": "10.0.0.1:7101"},        # the private TF cluster: never given to clients
      "parties": {"server0": {"gateway": "0.0.0.0:8443", "cert": "certs/server0.pem",
-                             "key": "certs/server0.key", "dir": "parties/server0"}, ...},
+                             "key": "certs/server0.key", "dir": "parties/server0",
+                             "budget": "budget/server0.json"}, ...},   # optional; default <dir>/budget.json
      "driver": {"dir": "driver"},
      "netns": null,                            # local mode: the TF cluster's namespace file (/proc/<pid>/ns/net)
      "output": "logit",                        # or "label"
-     "rate_limit": {"rows_per_second": 1000, "burst_rows": 2000, "min_rows_per_request": 100},  # per certificate
-     "query_budget": {"rows_per_day": 10000},  # per certificate, per UTC day (each party's budget.json)
-     "in_flight": {"requests": 2, "bytes": 8388608},   # per certificate: requests / share bytes not yet answered
+     "rate_limit": {"rows_per_second": 1000, "burst_rows": 2000, "min_rows_per_request": 100},  # per identity
+     "query_budget": {"rows_per_day": 10000},  # per registered identity, per UTC day (each party's ledger)
+     "in_flight": {"requests": 2, "bytes": 8388608},   # per identity: requests / share bytes not yet answered
      "threads": {"workers": 64, "reserve": 8},  # gateway threads; calls waiting for results may use all but reserve
      "max_batch": 1000, "batch_sizes": [1, 1000],   # the programs the driver instantiates; clients pad
      "merge_rows": 16,                         # cross-request batching: concurrent small requests (of any
@@ -93,8 +94,9 @@ def load_parties(path: str) -> dict:
         p = c["parties"].get(name)
         if not isinstance(p, dict) or not all(k in p for k in ("gateway", "cert", "key", "dir")):
             raise ConfigError("%s: parties.%s needs gateway, cert, key and dir" % (path, name))
-        for k in ("cert", "key", "dir"):
-            p[k] = _abs(base, p[k])
+        for k in ("cert", "key", "dir", "budget"):
+            if k in p:
+                p[k] = _abs(base, p[k])
     c.setdefault("driver", {})
     c["driver"]["dir"] = _abs(base, c["driver"].get("dir", "driver"))
     c.setdefault("protocol", "aby3")
@@ -158,6 +160,13 @@ def tf_task_index(name: str) -> int:
 
 def tf_addresses(c: dict) -> Dict[str, str]:
     return {n: c["tf"][n] for n in PARTY_NAMES + (DRIVER,)}
+
+
+def budget_ledger(c: dict, party: str) -> str:
+    """The party's query-budget ledger: parties.<party>.budget, else budget.json in the party's directory.
+    Keep it where nothing wipes it: a lost ledger resets every client's daily budget."""
+    p = c["parties"][party]
+    return p.get("budget") or os.path.join(p["dir"], "budget.json")
 
 
 def backend_socket(c: dict, party: str) -> str:

@@ -26,6 +26,7 @@ NPARTIES = 3
 MAGIC = b"PTS1"
 DTYPE = "<i8"
 MAX_HEADER = 1 << 16
+MAX_DIMS = 8
 
 
 class FrameError(ValueError):
@@ -135,9 +136,13 @@ def unpack(data: bytes, max_elements: int = 1 << 26) -> Tuple[dict, Dict[str, np
             raise FrameError("array %r has dtype %r; shares must be little-endian int64 ring elements (%s)"
                              % (spec["name"], spec.get("dtype"), DTYPE))
         shape = spec.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise FrameError("array %r has an invalid shape %r" % (spec["name"], shape))
-        n = int(np.prod(shape)) if shape else 1
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= max_elements for d in shape)):
+            raise FrameError("array %r has an invalid shape %r (at most %d dimensions of 0..%d)"
+                             % (spec["name"], shape, MAX_DIMS, max_elements))
+        n = 1
+        for d in shape:        # Python ints: np.prod wraps around in int64 (2**62 * 4 == 0) and skipped the cap
+            n *= d
         total += n
         if total > max_elements:
             raise FrameError("frame holds more than %d elements" % max_elements)

@@ -39,6 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVICE_SUBDIR = "encrypted_serving"
 DEFAULT_DATASET = os.path.join(REPO, "data", "adult")
 ISOLATIONS = ("netns", "none")
+WIPED_AT_START = ("parties", "driver", "public", "clients")    # not budget/: the query budget outlives restarts
 
 
 class EncryptedServiceError(RuntimeError):
@@ -107,8 +108,8 @@ class GatewayService:
         self.rate_limit, self.clients, self.certs_dir = rate_limit, tuple(clients), certs_dir
         self.startup_timeout, self.python, self.gateway_ports = startup_timeout, python, gateway_ports
         self.ca_key_dir = os.path.abspath(ca_key_dir) if ca_key_dir else None
-        # per certificate: rate_limit = (rows/s, burst rows); every request costs at least min_rows_per_request rows;
-        # rows_per_day: the daily query budget; in_flight = (requests, share bytes) not yet answered
+        # per registered identity: rate_limit = (rows/s, burst rows); every request costs at least
+        # min_rows_per_request rows; rows_per_day: the daily query budget; in_flight = (requests, share bytes) not yet answered
         self.min_rows_per_request, self.rows_per_day, self.in_flight = min_rows_per_request, rows_per_day, in_flight
         self.procs: Dict[str, subprocess.Popen] = {}
         self.netns: Optional[str] = None          # the TF cluster's namespace file (/proc/<pid>/ns/net)
@@ -140,6 +141,11 @@ class GatewayService:
     def party_dir(self, party: str) -> str:
         return os.path.join(self.run_dir, "parties", party)
 
+    def budget_path(self, party: str) -> str:
+        """The party's query-budget ledger: outside the directories start() wipes, so that a restart (of the
+        service or of privtrain serve) does not reset the clients' daily budgets."""
+        return os.path.join(self.run_dir, "budget", party + ".json")
+
     def log_path(self, proc: str) -> str:
         return os.path.join(self.run_dir, "logs", proc + ".log")
 
@@ -159,7 +165,7 @@ class GatewayService:
             self.run_dir = tempfile.mkdtemp(prefix="privtrain-encrypted-")
         os.makedirs(self.run_dir, exist_ok=True)
         os.chmod(self.run_dir, 0o700)
-        for sub in ("parties", "driver", "public", "clients"):
+        for sub in WIPED_AT_START:
             shutil.rmtree(os.path.join(self.run_dir, sub), ignore_errors=True)
         for f in (self.fault_file,):
             if os.path.exists(f):
@@ -191,7 +197,8 @@ class GatewayService:
                "ca": os.path.join(cdir, "ca.pem"), "registry": certs.registry_path(cdir),
                "tf": dict(zip(pc.PARTY_NAMES + (pc.DRIVER,), ["%s:%d" % (host_tf, p) for p in tf_ports])),
                "parties": {p: {"gateway": "127.0.0.1:%d" % gw_ports[i], "cert": os.path.join(cdir, p + ".pem"),
-                               "key": os.path.join(cdir, p + ".key"), "dir": self.party_dir(p)}
+                               "key": os.path.join(cdir, p + ".key"), "dir": self.party_dir(p),
+                               "budget": self.budget_path(p)}
                            for i, p in enumerate(pc.PARTY_NAMES)},
                "driver": {"dir": os.path.join(self.run_dir, "driver")},
                "netns": None, "output": self.output,
@@ -203,6 +210,13 @@ class GatewayService:
                "request_timeout_s": self.request_timeout_s}
         for p in pc.PARTY_NAMES:
             os.makedirs(self.party_dir(p), mode=0o700)
+        os.makedirs(os.path.dirname(self.budget_path(pc.PARTY_NAMES[0])), mode=0o700, exist_ok=True)
+        from encrypted_serving.gateway import BudgetError, DailyBudget
+        for p in pc.PARTY_NAMES:      # fail closed, in one line, before anything starts
+            try:
+                DailyBudget(self.budget_path(p), self.rows_per_day)
+            except BudgetError as e:
+                raise EncryptedServiceError(str(e)) from None
         os.makedirs(cfg["driver"]["dir"], mode=0o700)
         atexit.register(self.stop)
         try:

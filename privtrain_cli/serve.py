@@ -49,8 +49,11 @@ def run(args) -> int:
         return 2
     try:
         server = server_from_args(args, serving_dir)
-        # with --encrypted the plaintext server starts only with --also-plaintext, and then only with TLS or a token
-        if encrypted_cli.plaintext_wanted(args, server.options.tls, server.options.auth):
+        # with --encrypted the plaintext server starts only with --also-plaintext, and then only with a token or
+        # mutual TLS; it has no query budget, which the output says
+        if encrypted_cli.plaintext_wanted(args, server.options):
+            if args.encrypted:
+                print(encrypted_cli.PLAINTEXT_NOTE, flush=True)
             server.start()
         else:
             server = None

@@ -63,3 +63,19 @@ def test_the_service_refuses_an_uncertified_or_mismatched_model(tmp_path, adult_
     other = {k: v * 2 for k, v in weights.items()}
     with pytest.raises(bounds.BoundsError, match="other weights"):
         bounds.verify(cfg, other)
+
+
+def test_attack_a_widened_input_box_is_refused_at_load(tmp_path, adult_spec):
+    """Review 2 B5: the certificate did not bind the input box: widening input_box in public/model.json after the
+    export (the MPC then clamps to the wider box, where the certified bounds no longer hold) went unnoticed."""
+    config, weights = random_mlp(pp.input_dim(adult_spec))
+    cfg = mf.load_config(mf.save_model(str(tmp_path / "m"), config, weights, adult_spec))
+    bounds.check(cfg)                                          # control: the exported model loads
+    wide = json.loads(json.dumps(cfg))
+    wide["input_box"]["high"] = [v * 1000.0 + 1.0 for v in wide["input_box"]["high"]]
+    low, high = bounds.box_of(wide)
+    assert max(bounds.layer_bounds(config, weights, low, high)) > max(cfg["certificate"]["max_abs_pre_activation"])
+    with pytest.raises(bounds.BoundsError, match="another input_box"):
+        bounds.check(wide)
+    with pytest.raises(bounds.BoundsError, match="another input_box"):
+        bounds.verify(wide, weights)                           # the owner's side refuses it too

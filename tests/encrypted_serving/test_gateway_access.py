@@ -7,6 +7,7 @@ request inside the limits), so that a refusal is the property under test, not a 
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -20,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 
-from encrypted_serving import certs, parties as pc, ring, share_client as sc
+from encrypted_serving import certs, parties as pc, ring, service, share_client as sc
 from encrypted_serving import model_format as mf
 
 from conftest import REPO
@@ -78,6 +79,7 @@ def gateway(tmp_path, request):
         (public / f).write_bytes(open(os.path.join(model, f), "rb").read())
     cdir, offline = str(tmp_path / "certs"), str(tmp_path / "offline-ca")
     certs.init_local(cdir, ("client", "client2"), ca_key_dir=offline)
+    layout = service.GatewayService("unused", run_dir=str(tmp_path))     # the service's run-directory layout
     port = _free_port()
     pdir = tmp_path / "parties" / "server0"
     pdir.mkdir(parents=True)
@@ -86,7 +88,7 @@ def gateway(tmp_path, request):
            "tf": {n: "127.0.0.1:1" for n in pc.PARTY_NAMES + (pc.DRIVER,)},
            "parties": {p: {"gateway": "127.0.0.1:%d" % (port if p == "server0" else 1),
                            "cert": os.path.join(cdir, p + ".pem"), "key": os.path.join(cdir, p + ".key"),
-                           "dir": str(tmp_path / "parties" / p)} for p in pc.PARTY_NAMES},
+                           "dir": layout.party_dir(p), "budget": layout.budget_path(p)} for p in pc.PARTY_NAMES},
            "output": "logit", "batch_sizes": [1, 100], "max_batch": 100, "request_timeout_s": 5,
            "rate_limit": {"rows_per_second": 1000, "burst_rows": 1000, "min_rows_per_request": 10},
            "query_budget": {"rows_per_day": 250},
@@ -94,23 +96,38 @@ def gateway(tmp_path, request):
     cfg.update(getattr(request, "param", {}))
     pj = str(tmp_path / "parties.json")
     pc.save(cfg, pj)
-    log = open(str(tmp_path / "gateway.log"), "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "encrypted_serving.gateway", "--config", pj, "--party", "server0"],
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    gw = {"addr": "127.0.0.1:%d" % port, "cdir": cdir, "offline": offline, "registry": cfg["registry"],
+          "socket": pc.backend_socket(pc.load_parties(pj), "server0"), "tmp": tmp_path, "cfg": cfg, "pj": pj,
+          "log": str(tmp_path / "gateway.log"), "procs": []}
     try:
-        deadline = time.monotonic() + 60
-        while not os.path.exists(pdir / "gateway.ready"):
-            assert proc.poll() is None, open(str(tmp_path / "gateway.log")).read()
-            assert time.monotonic() < deadline, "gateway not ready"
-            time.sleep(0.1)
-        yield {"addr": "127.0.0.1:%d" % port, "cdir": cdir, "offline": offline, "registry": cfg["registry"],
-               "socket": pc.backend_socket(pc.load_parties(pj), "server0"), "tmp": tmp_path, "cfg": cfg,
-               "log": str(tmp_path / "gateway.log"), "proc": proc}
+        _launch(gw)
+        yield gw
     finally:
+        for proc in gw["procs"]:
+            _kill(proc)
+
+
+def _launch(gw, wait=True):
+    """Start server0's gateway for gw's parties.json (kept in gw["procs"]; the fixture stops it)."""
+    with open(gw["log"], "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "encrypted_serving.gateway", "--config", gw["pj"],
+                                 "--party", "server0"], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    gw["procs"].append(proc)
+    gw["proc"] = proc
+    ready = os.path.join(gw["cfg"]["parties"]["server0"]["dir"], "gateway.ready")
+    deadline = time.monotonic() + 60
+    while wait and not os.path.exists(ready):
+        assert proc.poll() is None, open(gw["log"]).read()
+        assert time.monotonic() < deadline, "gateway not ready"
+        time.sleep(0.1)
+    return proc
+
+
+def _kill(proc):
+    if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-        log.close()
+    proc.wait(10)
 
 
 def _free_port():
@@ -194,6 +211,37 @@ def test_attack_a_client_certificate_named_server0_cannot_pose_as_gateway(gatewa
         server.stop(0)
 
 
+def test_attack_revocation_withholds_the_output_of_a_call_already_in_progress(gateway):
+    """Review 2 B4: the certificate was checked once, when Predict started; revoking it while the computation ran
+    still delivered the output. Now the gateway checks the registry again before handing the output share."""
+    w = _worker(gateway, answer=False)                     # the test completes the request itself
+    ctl = FakeWorker(gateway["socket"])                    # a second backend connection, driven from here
+    ch, calls = _stub(gateway, "client")
+    done = calls["Predict"].future(_frame("rv-0", 1), timeout=20)
+    _complete_when_seen(w, ctl, "rv-0")
+    assert len(done.result()) > 0                          # control: a registered certificate gets its output
+    pending = calls["Predict"].future(_frame("rv-1", 1), timeout=20)
+    deadline = time.monotonic() + 10
+    while "rv-1" not in w.seen:                            # the call is waiting inside the gateway
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert certs.main(["revoke", gateway["registry"], "client"]) == 0
+    _complete_when_seen(w, ctl, "rv-1")
+    with pytest.raises(grpc.RpcError) as e:
+        pending.result()
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked while" in e.value.details()
+    w.stop.set(), ch.close()
+
+
+def _complete_when_seen(w, ctl, rid):
+    deadline = time.monotonic() + 10
+    while rid not in w.seen:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ctl.call({"op": "take", "id": rid})
+    ctl.call({"op": "put", "id": rid, "output": "logit"}, {"share": np.zeros(1, np.int64)})
+
+
 def test_the_ca_key_stays_out_of_the_service_directories(tmp_path):
     cdir, offline = str(tmp_path / "run" / "certs"), str(tmp_path / "offline")
     certs.init_local(cdir)
@@ -259,11 +307,57 @@ def test_attack_the_daily_query_budget_counts_rows_and_is_recorded(gateway):
     assert "used 200 of its 250 rows for today" in details, details
     assert _info(calls)["rows_used_today"] == 200
     calls["Predict"](_frame("q-3", 1), timeout=10)                     # what is left can still be spent
-    ledger = json.load(open(os.path.join(gateway["cfg"]["parties"]["server0"]["dir"], "budget.json")))
-    assert [e["rows"] for e in ledger.values() if e["name"] == "client"] == [201]
+    ledger = json.load(open(gateway["cfg"]["parties"]["server0"]["budget"]))
+    assert ledger["identities"]["client"]["rows"] == 201
     ch2, other = _stub(gateway, "client2")
     other["Predict"](_frame("o-1", 100), timeout=10)
     w.stop.set(), ch.close(), ch2.close()
+
+
+@pytest.mark.parametrize("gateway", [{"query_budget": {"rows_per_day": 150}}], indirect=True)
+def test_attack_a_service_restart_with_fresh_certificates_does_not_refresh_the_budget(gateway):
+    """Review 2 B2/B3: a service start wiped parties/ (where the ledger was) and issued a fresh CA and fresh client
+    certificates, and the ledger was keyed by certificate hash: every restart, or a re-issued certificate of the
+    same name, gave a fresh daily budget. Now the ledger is keyed by the registered name and kept in budget/."""
+    tmp = gateway["tmp"]
+    w = _worker(gateway)
+    ch, calls = _stub(gateway, "client")
+    calls["Predict"](_frame("r-1", 100), timeout=10)
+    assert "used 100 of its 150 rows" in _refusal(lambda: calls["Predict"](_frame("r-2", 100), timeout=10))
+    w.stop.set(), ch.close()
+    # The restart, as GatewayService.start does it without certs_dir: every directory it wipes goes (public/ is
+    # copied from the model again), then a fresh CA issues new certificates under the same names.
+    _kill(gateway["proc"])
+    public = open(tmp / "public" / mf.MODEL_JSON, "rb").read(), open(tmp / "public" / mf.PREPROCESSING_JSON, "rb").read()
+    for sub in service.WIPED_AT_START + ("certs",):
+        shutil.rmtree(str(tmp / sub), ignore_errors=True)
+    os.makedirs(str(tmp / "public"))
+    (tmp / "public" / mf.MODEL_JSON).write_bytes(public[0])
+    (tmp / "public" / mf.PREPROCESSING_JSON).write_bytes(public[1])
+    old_fp = certs.fingerprint(certs.load_cert(os.path.join(gateway["offline"], "ca.pem")))
+    certs.init_local(gateway["cdir"], ("client", "client2"), ca_key_dir=str(tmp / "offline-ca-2"))
+    os.makedirs(gateway["cfg"]["parties"]["server0"]["dir"], mode=0o700)
+    _launch(gateway)
+    assert certs.fingerprint(certs.load_cert(os.path.join(gateway["cdir"], "ca.pem"))) != old_fp
+    w = _worker(gateway)
+    ch, calls = _stub(gateway, "client")                      # the new certificate of the same identity
+    assert _info(calls)["rows_used_today"] == 100
+    assert "used 100 of its 150 rows" in _refusal(lambda: calls["Predict"](_frame("r-3", 100), timeout=10))
+    calls["Predict"](_frame("r-4", 1), timeout=10)            # what is left can still be spent
+    w.stop.set(), ch.close()
+
+
+def test_an_unreadable_budget_ledger_stops_the_gateway(gateway):
+    """Fail closed (review 2 B2): the gateway used to start with an empty ledger when budget.json was unreadable."""
+    _kill(gateway["proc"])
+    os.makedirs(os.path.dirname(gateway["cfg"]["parties"]["server0"]["budget"]), exist_ok=True)
+    with open(gateway["cfg"]["parties"]["server0"]["budget"], "w") as f:
+        f.write("{ not json")
+    os.remove(os.path.join(gateway["cfg"]["parties"]["server0"]["dir"], "gateway.ready"))
+    proc = _launch(gateway, wait=False)
+    assert proc.wait(60) == 2
+    lines = [l for l in open(gateway["log"]).read().splitlines() if "budget" in l]
+    assert lines and "cannot read the query-budget ledger" in lines[-1] and "refusing to start" in lines[-1], lines
 
 
 @pytest.mark.parametrize("gateway", [{"in_flight": {"requests": 2, "bytes": 10000}}], indirect=True)
@@ -292,6 +386,48 @@ def test_the_driver_serves_certificates_in_turn():
     order = [rid for rid, _ in d._in_turn()]
     assert order.index("victim-0") <= 1, order             # (it was served after all six: insertion order)
     assert [r for r in order if r.startswith("noisy")] == ["noisy-%d" % i for i in range(6)]
+
+
+def test_attack_overflowing_frame_shapes_are_refused_as_malformed(gateway):
+    """Review 2 B6: np.prod of a shape such as [2**62, 4] wrapped around to 0, so the element cap was skipped and
+    the reshape raised a ValueError the gateway did not expect (the client got UNKNOWN). Now: INVALID_ARGUMENT."""
+    w = _worker(gateway)
+    ch, calls = _stub(gateway, "client")
+    for shape in ([2 ** 62, 4], [2 ** 64, 1], [2 ** 32, 2 ** 32], [0, 2 ** 40], [1] * 40):
+        h = json.dumps({"kind": "predict", "request_id": "x", "arrays": [{"name": "a", "dtype": "<i8",
+                                                                          "shape": shape}]}).encode()
+        with pytest.raises(grpc.RpcError) as e:
+            calls["Predict"](ring.MAGIC + struct.pack("<I", len(h)) + h, timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid shape" in e.value.details(), shape
+        with pytest.raises(ring.FrameError):
+            ring.unpack(ring.MAGIC + struct.pack("<I", len(h)) + h)
+    calls["Predict"](_frame("ok-1", 1), timeout=10)        # control: a well-formed frame is still served
+    w.stop.set(), ch.close()
+
+
+def test_attack_one_request_cannot_combine_shares_from_different_certificates(gateway):
+    """Review 2 B7: the driver combined the three parties' submissions of a request id without asking who sent
+    them, so shares submitted by different certificates made one request. Now it refuses that request. The
+    owners come from a real gateway's wait reply (what the driver polls)."""
+    from encrypted_serving import driver
+    w = _worker(gateway, answer=False)
+    seen = {}
+    for name in ("client", "client2"):
+        ch, calls = _stub(gateway, name)
+        calls["Submit"](_frame("mix-" + name, 1), timeout=10)
+        ch.close()
+    ctl = FakeWorker(gateway["socket"])
+    head, _ = ctl.call({"op": "wait", "since": 0, "timeout_ms": 100, "model_loaded": True})
+    for item in head["ready"]:
+        seen[item["id"]] = item
+    a, b = seen["mix-client"], seen["mix-client2"]
+    assert a["owner"] != b["owner"]
+    same = {i: dict(a, digests=["d", "d"]) for i in range(3)}   # replicated shares agree: only owners may differ
+    assert driver.inconsistent(same) == ""                  # control: one submitter at every party
+    mixed = dict(same)
+    mixed[2] = dict(b, digests=["d", "d"])                  # party 2's share of the request came from client2
+    assert "different certificates" in driver.inconsistent(mixed)
+    w.stop.set()
 
 
 @pytest.mark.parametrize("gateway", [{"threads": {"workers": 4, "reserve": 2},
@@ -342,7 +478,7 @@ def test_attack_merged_requests_each_output_goes_only_to_its_own_certificate(gat
     assert ring.unpack(fetch(mine, "m-a"))[1]["share"].tolist() == [7]
     assert ring.unpack(fetch(other, "m-b"))[1]["share"].tolist() == [9]
     ledger = json.load(open(os.path.join(gateway["cfg"]["parties"]["server0"]["dir"], "budget.json")))
-    assert sorted((e["name"], e["rows"]) for e in ledger.values()) == [("client", 1), ("client2", 1)]
+    assert sorted((k, v["rows"]) for k, v in ledger["identities"].items()) == [("client", 1), ("client2", 1)]
     ch.close(), ch2.close(), w.sock.close()
 
 
@@ -360,3 +496,38 @@ def test_the_driver_merges_concurrent_small_requests_in_turn():
     assert [g for g, _, _ in d._runs([("one", {}, "predict", 1)])] == [[("one", {})]]   # alone: its own program
     d.c["merge_rows"] = 0                                  # batching off: one run per request
     assert len(list(d._runs(ready[:3]))) == 3
+
+
+def test_an_earlier_ledger_keyed_by_certificate_is_carried_over_per_identity(tmp_path):
+    """The ledger used to be keyed by certificate fingerprint: today's rows of every certificate of one name
+    carry over to that identity (two certificates of 'client' spent 30 + 40 rows), earlier days do not."""
+    from encrypted_serving.gateway import DailyBudget
+    today = DailyBudget.today()
+    path = str(tmp_path / "budget.json")
+    with open(path, "w") as f:
+        json.dump({"aa" * 32: {"day": today, "rows": 30, "name": "client"},
+                   "bb" * 32: {"day": today, "rows": 40, "name": "client"},
+                   "cc" * 32: {"day": "2000-01-01", "rows": 99, "name": "client2"}}, f)
+    b = DailyBudget(path, 100)
+    assert (b.used("client"), b.used("client2")) == (70, 0)
+    assert "used 70 of its 100 rows" in b.charge("client", 31)
+    assert b.charge("client", 30) is None
+    assert json.load(open(path))["identities"]["client"]["rows"] == 100
+    for bad in ({"format": "privtrain-query-budget/1", "identities": {"client": {"day": today, "rows": "x"}}},
+                {"format": "other"}, [1, 2]):
+        with open(path, "w") as f:
+            json.dump(bad, f)
+        with pytest.raises(ValueError, match="refusing to start"):          # BudgetError: fail closed
+            DailyBudget(path, 100)
+
+
+def test_the_service_refuses_to_start_on_an_unreadable_ledger_in_one_line(tmp_path, adult_model_dir):
+    """GatewayService.start checks every party's ledger before it starts anything (review 2 B2, fail closed)."""
+    svc = service.GatewayService(adult_model_dir, run_dir=str(tmp_path / "run"), isolation="none")
+    os.makedirs(os.path.dirname(svc.budget_path("server1")))
+    with open(svc.budget_path("server1"), "w") as f:
+        f.write("[1, 2")
+    with pytest.raises(service.EncryptedServiceError) as e:
+        svc.start()
+    assert "\n" not in str(e.value) and "cannot read the query-budget ledger" in str(e.value), e.value
+    assert not svc.procs and os.path.isfile(svc.budget_path("server1"))     # nothing started, the ledger kept

@@ -178,3 +178,55 @@ def test_also_plaintext_without_tls_or_token_is_refused(workdir):
     assert proc.returncode == 2
     lines = [l for l in err.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and "--also-plaintext" in lines[0] and "--auth-token-file" in lines[0], err
+
+
+def test_also_plaintext_with_a_server_certificate_only_is_refused(workdir, tmp_path):
+    """Review 2 B1: --tls-cert/--tls-key without --tls-client-ca encrypts the connection but authenticates no
+    one: any local process would still get the exact logits. Refused before anything starts."""
+    from encrypted_serving import certs
+    cert, key = certs.make_ca(str(tmp_path / "tls"))            # any certificate + key pair the server can load
+    wd, _ = workdir
+    proc = _start(["--encrypted", "--also-plaintext", "--tls-cert", cert, "--tls-key", key], wd)
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 2, (out, err)
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "--tls-client-ca" in lines[0] and "authenticates no one" in lines[0], err
+    assert "READY" not in out
+
+
+def test_the_plaintext_endpoint_is_allowed_only_with_authentication_and_says_it_has_no_budget():
+    """The rule itself (no TF, no server): a token or mutual TLS, and the output names the missing budget."""
+    from types import SimpleNamespace as NS
+    from encrypted_serving import cli
+    args = NS(encrypted=True, also_plaintext=True)
+    for opts in (NS(tls=False, auth=False, tls_client_ca=None), NS(tls=True, auth=False, tls_client_ca=None)):
+        with pytest.raises(ValueError, match="--tls-client-ca"):
+            cli.plaintext_wanted(args, opts)
+    assert cli.plaintext_wanted(args, NS(tls=False, auth=True, tls_client_ca=None))
+    assert cli.plaintext_wanted(args, NS(tls=True, auth=False, tls_client_ca="ca.pem"))
+    assert not cli.plaintext_wanted(NS(encrypted=True, also_plaintext=False), NS(tls=True, auth=True,
+                                                                                 tls_client_ca="ca.pem"))
+    assert "NO query budget" in cli.PLAINTEXT_NOTE
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not service.shutil.which("ip"), reason="needs root and iproute2")
+def test_also_plaintext_with_a_token_says_the_endpoint_has_no_query_budget(workdir, adult_spec, tmp_path):
+    """With a token the plaintext endpoint starts next to the encrypted service; the output states that it has no
+    query budget (review 2 B1), and a caller without the token still gets nothing from any port."""
+    wd, _ = workdir
+    inst, _ = _instance(adult_spec)
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-0123456789\n")
+    os.chmod(str(token), 0o600)
+    proc = _start(["--encrypted", "--encrypted-output", "label", "--also-plaintext", "--auth-token-file",
+                   str(token)], wd)
+    try:
+        lines = _wait_ready(proc, "READY rest=")
+        notes = [l for l in lines if l.startswith("NOTE plaintext endpoint")]
+        assert notes and "NO query budget" in notes[0], lines
+        assert all(_probe(p, inst) is None for p in _listening_ports(proc.pid))
+    finally:
+        _stop(proc)
