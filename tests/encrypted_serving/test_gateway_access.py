@@ -477,7 +477,7 @@ def test_attack_merged_requests_each_output_goes_only_to_its_own_certificate(gat
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert ring.unpack(fetch(mine, "m-a"))[1]["share"].tolist() == [7]
     assert ring.unpack(fetch(other, "m-b"))[1]["share"].tolist() == [9]
-    ledger = json.load(open(os.path.join(gateway["cfg"]["parties"]["server0"]["dir"], "budget.json")))
+    ledger = json.load(open(gateway["cfg"]["parties"]["server0"]["budget"]))
     assert sorted((k, v["rows"]) for k, v in ledger["identities"].items()) == [("client", 1), ("client2", 1)]
     ch.close(), ch2.close(), w.sock.close()
 
