@@ -24,7 +24,7 @@ import pytest
 from encrypted_serving import certs, parties as pc, ring, service, share_client as sc
 from encrypted_serving import model_format as mf
 
-from conftest import REPO
+from conftest import REPO, random_mlp   # at import: later, 'conftest' may name another directory's
 
 D = 4
 
@@ -68,7 +68,6 @@ class FakeWorker(threading.Thread):
 def gateway(tmp_path, request):
     """server0's gateway process for a 4-input linear model; yields a dict of paths and helpers. Indirect
     parametrisation overrides parties.json keys (limits)."""
-    from conftest import random_mlp
     config, weights = random_mlp(D, hidden=(), seed=0)
     spec = [{"name": "f%d" % i, "kind": "numeric", "mean": 0.0, "std": 1.0, "log1p": False, "clip": [-3, 3]}
             for i in range(D)]
