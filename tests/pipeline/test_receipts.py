@@ -166,9 +166,13 @@ def test_a_real_runs_receipts_are_found_and_verify(standard_run):
     found = collect_receipts(workdir)
     wheres = " ".join(r.where for r in found)
     assert "metadata.sqlite" in wheres and "Format-Serving" in wheres and summary["pushed_path"] in wheres, wheres
-    assert len({(r.seq, r.head_hash) for r in found}) == 1
+    published = {(r.seq, r.head_hash) for r in found if "receipts.jsonl" not in r.where}
+    assert len(published) == 1
+    # the Trainer's own record (private/receipts.jsonl): its reservation and its finish, the published one
+    recorded = [(r.seq, r.head_hash) for r in found if "receipts.jsonl" in r.where]
+    assert len(recorded) == 2 and recorded[1] in published and recorded[0][0] == recorded[1][0] - 1, recorded
     result = run_cli("budget", "verify", "--workdir", workdir)
-    assert result.returncode == 0 and "1 receipt(s) checked" in result.stdout, result.stderr
+    assert result.returncode == 0 and "2 receipt(s) checked" in result.stdout, result.stderr
 
 
 def _truncate_tail(ledger_path, keep_seq):
