@@ -14,6 +14,7 @@ nothing of the pipeline or TFX.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import glob
@@ -470,6 +471,122 @@ def iter_file_rows(spec: DatasetSpec, path: str, opener=open):
             yield where, parse_row(spec, cells, where)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# The row-local rule (the data gate's one reading rule, docs/privacy_model.md "Which checks can stop a run"):
+# a public split is read strictly; a private split row by row, a damaged line dropped (under replace_one
+# replaced by the public placeholder row) and counted privately, never a reason to stop.
+# ------------------------------------------------------------------------------------------------------------
+def is_private_split(spec: DatasetSpec, split: str) -> bool:
+    """A split whose rows are private: every split unless the data set declares it public."""
+    return spec.privacy is None or not spec.privacy.is_public_split(split)
+
+
+# What a private split's line can be dropped for (the keys of the private tallies)
+DROP_REASONS = ("NUL byte", "not UTF-8", "cannot be split into fields", "header-like line",
+                "wrong number of fields or unknown label")
+
+
+class _DamagedLine(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+def _looks_like_header(spec: DatasetSpec, cells: List[str]) -> bool:
+    """Most cells are column names (or the label feature's name): a header line, not a data row."""
+    names = {c.name.lower() for c in spec.columns} | {spec.label_feature.lower()}
+    hits = sum(1 for cell in cells if cell.strip().strip('"').lower() in names)
+    return hits >= max(2, len(spec.columns) // 2)
+
+
+def _read_line(spec: DatasetSpec, raw: bytes, where: str) -> Optional[List[str]]:
+    """One line's cleaned cells, None for a blank line; raises :class:`_DamagedLine`."""
+    if b"\x00" in raw:
+        raise _DamagedLine(DROP_REASONS[0], f"{where}: contains a NUL byte (a binary or UTF-16 file?); save it "
+                                            "as UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _DamagedLine(DROP_REASONS[1], f"{where}: byte {e.start + 1} (0x{raw[e.start]:02x}) is not UTF-8 "
+                                            "text; save the file as UTF-8") from None
+    if not text.strip():
+        return None
+    try:
+        cells = next(csv.reader([text], delimiter=spec.delimiter))
+    except csv.Error as e:
+        raise _DamagedLine(DROP_REASONS[2], f"{where}: cannot be split into fields ({e})") from None
+    if _looks_like_header(spec, cells):
+        raise _DamagedLine(DROP_REASONS[3], f"{where}: is a header line (column names) inside the data; "
+                                            "dataset.json describes files without a header: delete the line")
+    try:
+        return parse_row(spec, cells, where)
+    except RowError as e:
+        raise _DamagedLine(DROP_REASONS[4], str(e)) from None
+
+
+def keeps_row_count(spec: DatasetSpec) -> bool:
+    """Under ``replace_one`` the number of rows is public: a damaged row is replaced, never dropped."""
+    return spec.privacy is not None and spec.privacy.relation == "replace_one"
+
+
+def placeholder_row(spec: DatasetSpec) -> List[str]:
+    """The public row that stands for a damaged one under ``replace_one``: every feature missing, label 0."""
+    return ["0" if c.kind == "label" else "" for c in spec.columns]
+
+
+def iter_raw_lines(spec: DatasetSpec, path: str, data: bytes, private: bool = False,
+                   dropped: Optional[Dict[str, int]] = None, first: Optional[List[str]] = None):
+    """Yields ``(where, cleaned cells)`` for every row of one raw file's bytes, by the row-local rule.
+
+    ``private=False`` (a public split): a damaged line raises :class:`RowError` naming file and line.
+    ``private=True``: a damaged line never stops the read (row-local) and is counted in ``dropped`` by reason
+    (:data:`DROP_REASONS`), a private tally; ``first`` receives the first such line's message. Under
+    ``add_or_remove_one`` the line is dropped (a removal); under ``replace_one``, where the row count is public,
+    it becomes :func:`placeholder_row`, so the count never depends on a row's content."""
+    name = os.path.basename(path)
+    dropped = {} if dropped is None else dropped
+    if data.startswith(codecs.BOM_UTF8):  # a UTF-8 byte-order mark (Windows editors write one): harmless
+        data = data[len(codecs.BOM_UTF8):]
+    for lineno, raw in enumerate(data.splitlines(), start=1):  # \n, \r\n and \r all end a line
+        where = f"{name} line {lineno}"
+        try:
+            row = _read_line(spec, raw, where)
+        except _DamagedLine as e:
+            if not private:
+                raise RowError(e.message) from None
+            dropped[e.reason] = dropped.get(e.reason, 0) + 1
+            if first is not None and not first:
+                first.append(e.message)
+            if keeps_row_count(spec):
+                yield where, placeholder_row(spec)
+            continue
+        if row is not None:
+            yield where, row
+
+
+def iter_raw_rows(spec: DatasetSpec, path: str, data: bytes, private: bool = False,
+                  dropped: Optional[Dict[str, int]] = None, first: Optional[List[str]] = None):
+    """The cleaned rows of one raw file's bytes (:func:`iter_raw_lines` without the line names)."""
+    for _, row in iter_raw_lines(spec, path, data, private=private, dropped=dropped, first=first):
+        yield row
+
+
+def _iter_split_lines(spec: DatasetSpec, split: str):
+    private = is_private_split(spec, split)
+    for path in spec.split_files(split):
+        with open(path, "rb") as f:
+            data = f.read()
+        yield from iter_raw_lines(spec, path, data, private=private)
+
+
+def readable_rows(spec: DatasetSpec, split: str) -> int:
+    """The number of rows of ``split`` as ingestion reads them (a private split row by row), e.g. the public
+    exact count under ``replace_one`` (damaged rows are placeholders there, so it counts every data line)."""
+    if spec.is_image:
+        return int(len(read_images(spec, split, row_local={} if is_private_split(spec, split) else None).labels))
+    return sum(1 for _ in _iter_split_lines(spec, split))
+
+
 @dataclasses.dataclass
 class RawRows:
     """A split's rows by column: numerics as float64 with NaN for missing, categoricals as strings with "" for
@@ -485,9 +602,11 @@ class RawRows:
 
 
 def read_rows(spec: DatasetSpec, split: str) -> RawRows:
-    """Reads every file of ``split`` with :func:`parse_row`. A numeric cell that is not a number raises
-    :class:`RowError` naming file, line and column (the pipeline's validation stops such a run too); no row
-    is dropped silently."""
+    """Reads every file of ``split`` by the data gate's rule (:func:`iter_raw_lines`). A public split is read
+    strictly: a damaged line, or a numeric cell that is not a number, raises :class:`RowError` naming file, line
+    and column. A private split is read row by row, as ingestion reads it: a damaged line is dropped (under
+    ``replace_one`` replaced by the placeholder row) and a numeric cell that is not a number is missing, so one
+    private row never stops a read (docs/privacy_model.md)."""
     import numpy as np
 
     if split not in spec.splits:
@@ -496,22 +615,25 @@ def read_rows(spec: DatasetSpec, split: str) -> RawRows:
     if not files:
         raise DatasetError(f"no file matches the {split} split's pattern {spec.splits[split]!r} in {spec.directory}")
     cols: Dict[str, list] = {c.name: [] for c in spec.columns}
-    for path in files:
-        for where, cells in iter_file_rows(spec, path):
-            for column, cell in zip(spec.columns, cells):
-                if column.kind == "numeric":
-                    if cell == "":
-                        value = math.nan
-                    else:
-                        try:
-                            value = float(cell)
-                        except ValueError:
-                            raise RowError(f"{where}: numeric column {column.name!r} has {cell!r}; fix the file "
-                                           f"or declare the column categorical in {spec.directory}/dataset.json"
-                                           ) from None
-                    cols[column.name].append(value)
+    private = is_private_split(spec, split)
+    for where, cells in _iter_split_lines(spec, split):
+        for column, cell in zip(spec.columns, cells):
+            if column.kind == "numeric":
+                if cell == "":
+                    value = math.nan
                 else:
-                    cols[column.name].append(cell)
+                    try:
+                        value = float(cell)
+                    except ValueError:
+                        if private:   # the gate's rule: missing, never a reason to stop
+                            cols[column.name].append(math.nan)
+                            continue
+                        raise RowError(f"{where}: numeric column {column.name!r} has {cell!r}; fix the file "
+                                       f"or declare the column categorical in {spec.directory}/dataset.json"
+                                       ) from None
+                cols[column.name].append(value)
+            else:
+                cols[column.name].append(cell)
     label = spec.label_column.name
     labels = np.asarray([float(v) for v in cols.pop(label)], np.float32)
     out: Dict[str, object] = {}

@@ -254,6 +254,19 @@ class TrainerKind:
     partitioned: ClassVar[bool] = False
     # config fields a study never sets (a published seed would make the DP noise reproducible; run plumbing)
     study_hidden: ClassVar[Tuple[str, ...]] = ("seed",)
+    # config fields never published (report.json, exported pipelines): a seed fixes the Poisson batches, and the
+    # guarantee holds only while it stays secret
+    secret_settings: ClassVar[Tuple[str, ...]] = ("seed",)
+
+    def public_arguments(self, args: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+        """The run's arguments that may be published: the kind's config fields, less ``secret_settings``
+        (an allow-list: an unknown key is left out too)."""
+        fields = {f.name for f in dataclasses.fields(self.Config)}
+        return {k: v for k, v in dict(args or {}).items() if k in fields and k not in self.secret_settings}
+
+    def secret_arguments_set(self, args: Optional[Mapping[str, Any]]) -> Tuple[str, ...]:
+        """The ``secret_settings`` this run sets (not None)."""
+        return tuple(k for k in self.secret_settings if dict(args or {}).get(k) is not None)
 
     def study_settings(self) -> Tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self.Config) if f.name not in self.study_hidden)

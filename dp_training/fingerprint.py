@@ -1,10 +1,14 @@
 """A digest of a data set's training content, for the ledger's copy check (``docs/ledger.md``).
 
-``content_digest(spec)`` reads the training split with the one data-set reader (``core.dataset``) and
-returns SHA-256 over the *sorted multiset* of per-row digests: a row is its parsed cells (``parse_row``:
-stripped, missing token and label spelling normalised) for tabular data, its label and pixel bytes for image
-data. The same rows in another order, in other files, with other whitespace, line endings or a byte-order mark
-give the same digest; one row added, removed or changed gives another (near-copies are out of scope).
+``content_digest(spec)`` reads the training split with the one data-set reader (``core.dataset.read_rows``,
+by the data gate's row-local rule: on a private split a damaged line is dropped, or under ``replace_one``
+replaced by the public placeholder row, and never stops the run) and returns SHA-256 over the *sorted
+multiset* of per-row digests. A tabular row is what the model trains on: its transformed model inputs
+(``core.features.transform_columns``, keys sorted) plus the label, so ``39``, ``39.0`` and ``+3.9e1``, another
+column order in ``dataset.json``, other whitespace, line endings or a byte-order mark give the same digest. An
+image row is its label and pixel bytes (after the gate's clipping). The same rows in another order or in other
+files give the same digest; one row added, removed or changed (as the model sees it) gives another (near-copies
+are out of scope).
 
 The digest never leaves the process: the ledger keeps only ``HMAC-SHA256(ledger key, digest)`` under a
 per-ledger secret key, and nothing is published (an unkeyed hash of private rows would let anyone test guesses
@@ -13,12 +17,13 @@ about the data).
 from __future__ import annotations
 
 import hashlib
-import json
 from typing import Optional
 
-from core.dataset import DatasetSpec, iter_file_rows, read_images
+import numpy as np
 
-DOMAIN = b"privtrain-training-content/1"
+from core.dataset import DatasetSpec, is_private_split, read_images, read_rows
+
+DOMAIN = b"privtrain-training-content/2"
 
 
 def _multiset_digest(row_digests) -> bytes:
@@ -30,20 +35,32 @@ def _multiset_digest(row_digests) -> bytes:
     return h.digest()
 
 
+def _tabular_row_digests(spec: DatasetSpec, split: str):
+    from core.features import transform_columns
+
+    rows = read_rows(spec, split)
+    inputs = transform_columns(spec, rows.columns)
+    keys = sorted(inputs)
+    header = "\x1f".join(keys).encode("utf-8")
+    # one float64 matrix [n, 1 + features]: the label then each model input in key order (ids are exact in float64)
+    matrix = np.concatenate([np.asarray(rows.labels, np.float64).reshape(-1, 1)]
+                            + [np.asarray(inputs[k], np.float64).reshape(-1, 1) for k in keys], axis=1)
+    matrix = np.where(matrix == 0.0, 0.0, matrix).astype("<f8")   # -0.0 and 0.0 are the same input
+    return [hashlib.sha256(header + row.tobytes()).digest() for row in matrix]
+
+
 def content_digest(spec: DatasetSpec, split: str = "train") -> Optional[bytes]:
     """The training content's digest (bytes; private), or None when the split has no files on disk (a run on
     in-memory arrays: it carries no fingerprint)."""
     if split not in spec.splits or not spec.directory or not spec.split_files(split):
         return None
     if spec.is_image:
-        rows = read_images(spec, split)
+        rows = read_images(spec, split, row_local={} if is_private_split(spec, split) else None)
         images = rows.images
         return _multiset_digest(
             hashlib.sha256(int(label).to_bytes(8, "big") + images[i].tobytes()).digest()
             for i, label in enumerate(rows.labels))
-    return _multiset_digest(
-        hashlib.sha256(json.dumps(cells, ensure_ascii=False, separators=(",", ":")).encode("utf-8")).digest()
-        for path in spec.split_files(split) for _, cells in iter_file_rows(spec, path))
+    return _multiset_digest(_tabular_row_digests(spec, split))
 
 
 __all__ = ["content_digest"]

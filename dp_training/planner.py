@@ -106,12 +106,14 @@ def modality_of(spec: DatasetSpec) -> Modality:
 
 
 def exact_rows(spec: DatasetSpec) -> Optional[int]:
-    """The training split's row count where the relation makes it public (replace_one), else None."""
+    """The training split's row count where the relation makes it public (replace_one), else None: counted as
+    ingestion reads the rows (``core.dataset.readable_rows``, the data gate's row-local rule: a damaged row is a
+    placeholder there, so one row never changes the count nor stops the plan)."""
     if spec.require_privacy().relation != "replace_one":
         return None
-    from core.dataset import read_rows
+    from core.dataset import readable_rows
 
-    return int(read_rows(spec, "train").num_rows)
+    return int(readable_rows(spec, "train"))
 
 
 def plan_for(spec: DatasetSpec, kind, trainer_args: Optional[Mapping[str, Any]],

@@ -154,8 +154,13 @@ def run_simulate(ns: argparse.Namespace) -> int:
     from federated.engine import RunStopped, latest_checkpoint
     from federated.workers import WorkerError
 
+    from core.private_files import OpenDirectoryError
+
     try:
         res = simulate(cfg)
+    except OpenDirectoryError as e:   # an existing output directory open to other users: nothing run
+        print(f"privtrain simulate federated: {e}", file=sys.stderr)
+        return 2
     except LedgerError as e:   # refused or tampered ledger: nothing trained
         print(f"privtrain simulate federated: {e}", file=sys.stderr)
         return 2

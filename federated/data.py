@@ -1,8 +1,10 @@
 """Raw rows -> model inputs for pipeline-free federated runs, with the platform's one reader and transform.
 
 ``load_tabular(dir)`` reads ``dataset.json`` (``core.dataset.load_dataset``), every row of both splits
-with the ingestion's row rule (``core.dataset.read_rows``: malformed rows stop the load with file and
-line, none is dropped), and applies the public transform (``core.features.transform_columns``: public
+by the data gate's rule (``core.dataset.read_rows``: a public split strictly, a damaged line stopping the load
+with file and line; a private split row by row, a damaged line dropped or, under ``replace_one``, replaced by
+the placeholder row, and a numeric cell that is not a number missing, so one private row never stops a run),
+and applies the public transform (``core.features.transform_columns``: public
 domains and ranges, nothing estimated from the rows). The model is ``dp_training.model.build_model``, with the
 DP normalisation released by the privacy protocol (``federated.simulate``).
 """

@@ -51,7 +51,18 @@ def simulate(config: SimulationConfig, *, log: Callable[[str], None] = print, da
 
     ``data`` (a :class:`federated.data.TabularData` of the same ``data_dir``) skips loading, e.g. to reuse one
     load across runs. ``ledger``: a ``dp_training.ledger.Ledger`` (default: ``privacy["ledger"]`` or the default
-    ledger path)."""
+    ledger path). The output directory holds private outputs (per-round counts and losses, checkpoints): it is
+    created 0700 (an existing one open to other users is refused, ``core.private_files.private_dir``) and
+    everything is written under an owner-only umask, the caller's restored after."""
+    from core.private_files import owner_only, private_dir
+
+    with owner_only():
+        if config.output_dir:
+            private_dir(config.output_dir, "output directory")
+        return _simulate(config, log=log, data=data, ledger=ledger)
+
+
+def _simulate(config: SimulationConfig, *, log: Callable[[str], None], data, ledger) -> FederatedResult:
     from core.features import numeric_key
     from dp_training.protocol import not_covered, planning_rows, run_private_training
     from federated.data import load_tabular

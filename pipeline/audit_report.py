@@ -69,6 +69,18 @@ def _state(execution) -> str:
     return STATE_NAMES.get(execution.last_known_state, "UNKNOWN")
 
 
+def _public_arguments(kind_name, args) -> Dict[str, Any]:
+    """The trainer's public arguments only (``TrainerKind.public_arguments``: never a seed, which fixes the
+    Poisson batches of a private run); nothing for a kind this code does not know."""
+    from pipeline.trainers import get_trainer
+
+    try:
+        kind = get_trainer(kind_name)
+    except Exception:   # an unknown kind (an old store): publish none of its arguments
+        return {}
+    return kind.public_arguments(args)
+
+
 def _lineage(store, model, trainer_execution) -> Dict[str, Any]:
     from pipeline.metadata import custom_properties
 
@@ -76,7 +88,7 @@ def _lineage(store, model, trainer_execution) -> Dict[str, Any]:
     config = _json_prop(custom_properties(trainer_execution), "custom_config")
     out: Dict[str, Any] = {
         "trainer": {"kind": config.get("trainer"), "state": _state(trainer_execution),
-                    "arguments": config.get("trainer_args", {}),
+                    "arguments": _public_arguments(config.get("trainer"), config.get("trainer_args")),
                     "hidden_units": config.get("hidden_units")},
         "code_version": config.get("code_version"),
         "dataset": (config.get("dataset") or {}).get("name"),

@@ -22,15 +22,15 @@ This module imports neither TensorFlow nor TFX, so a damaged file is refused in 
 """
 from __future__ import annotations
 
-import codecs
-import csv
 import json
 import math
 import os
 from collections import Counter
 from typing import Dict, Iterable, List, Optional
 
-from core.dataset import DESCRIPTION_FILE, DatasetError, DatasetSpec, RowError, parse_row
+from core.dataset import DESCRIPTION_FILE, DROP_REASONS, DatasetError, DatasetSpec, RowError  # noqa: F401
+from core.dataset import iter_raw_rows as _iter_raw_rows
+from core.dataset import is_private_split, keeps_row_count, parse_row, placeholder_row, readable_rows  # noqa: F401
 
 
 class IngestionError(DatasetError):
@@ -53,113 +53,22 @@ def clean_row(spec: DatasetSpec, cells: List[str], where: str) -> List[str]:
         raise IngestionError(str(e)) from None
 
 
-def _looks_like_header(spec: DatasetSpec, cells: List[str]) -> bool:
-    """Most cells are column names (or the label feature's name): a header line, not a data row."""
-    names = {c.name.lower() for c in spec.columns} | {spec.label_feature.lower()}
-    hits = sum(1 for cell in cells if cell.strip().strip('"').lower() in names)
-    return hits >= max(2, len(spec.columns) // 2)
-
-
-def is_private_split(spec: DatasetSpec, split: str) -> bool:
-    """A split whose rows are private: every split unless the data set declares it public."""
-    return spec.privacy is None or not spec.privacy.is_public_split(split)
-
-
 def split_of_pattern(spec: DatasetSpec, pattern: str) -> Optional[str]:
     """The split whose file pattern is ``pattern`` (ExampleGen knows a split by its pattern)."""
     return next((split for split, p in spec.splits.items() if p == pattern), None)
 
 
-# What a private split's line can be dropped for (the keys of the private tallies)
-DROP_REASONS = ("NUL byte", "not UTF-8", "cannot be split into fields", "header-like line",
-                "wrong number of fields or unknown label")
-
-
 def iter_raw_rows(spec: DatasetSpec, path: str, data: bytes, private: bool = False,
                   dropped: Optional[Counter] = None, first: Optional[List[str]] = None) -> Iterable[List[str]]:
-    """The cleaned rows of one raw file's bytes (the gate's one reading rule).
-
-    ``private=False`` (a public split): a damaged line raises :class:`IngestionError` naming file and line.
-    ``private=True``: a damaged line never stops the run (row-local) and is counted in ``dropped`` by reason
-    (:data:`DROP_REASONS`), a private tally; ``first`` receives the first such line's message (for the data
-    owner's error when no line of a split can be read). Under ``add_or_remove_one`` the line is dropped (a
-    removal); under ``replace_one``, where the row count is public, it becomes the public placeholder row
-    (:func:`placeholder_row`: every feature missing, label 0), so the count never depends on a row's content."""
-    name = os.path.basename(path)
-    dropped = Counter() if dropped is None else dropped
-    if data.startswith(codecs.BOM_UTF8):  # a UTF-8 byte-order mark (Windows editors write one): harmless
-        data = data[len(codecs.BOM_UTF8):]
-    for lineno, raw in enumerate(data.splitlines(), start=1):  # \n, \r\n and \r all end a line
-        where = f"{name} line {lineno}"
-        try:
-            row = _read_line(spec, raw, where)
-        except _DamagedLine as e:
-            if not private:
-                raise IngestionError(f"{e.message}. {NOTHING_RUN}") from None
-            dropped[e.reason] += 1
-            if first is not None and not first:
-                first.append(e.message)
-            if keeps_row_count(spec):
-                yield placeholder_row(spec)
-            continue
-        if row is not None:
-            yield row
-
-
-def keeps_row_count(spec: DatasetSpec) -> bool:
-    """Under ``replace_one`` the number of rows is public: a damaged row is replaced, never dropped."""
-    return spec.privacy is not None and spec.privacy.relation == "replace_one"
-
-
-def placeholder_row(spec: DatasetSpec) -> List[str]:
-    """The public row that stands for a damaged one under ``replace_one``: every feature missing, label 0."""
-    return ["0" if c.kind == "label" else "" for c in spec.columns]
-
-
-def readable_rows(spec: DatasetSpec, split: str) -> int:
-    """The number of rows of ``split`` as ingestion reads them (a private split row by row), e.g. the public
-    exact count under ``replace_one`` (damaged rows are placeholders there, so it counts every data line)."""
-    private = is_private_split(spec, split)
-    if spec.is_image:
-        from core.dataset import read_images
-
-        return int(len(read_images(spec, split, row_local={} if private else None).labels))
-    n = 0
-    for path in spec.split_files(split):
-        with open(path, "rb") as f:
-            n += sum(1 for _ in iter_raw_rows(spec, path, f.read(), private=private))
-    return n
-
-
-class _DamagedLine(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason, self.message = reason, message
-
-
-def _read_line(spec: DatasetSpec, raw: bytes, where: str) -> Optional[List[str]]:
-    """One line's cleaned cells, None for a blank line; raises :class:`_DamagedLine`."""
-    if b"\x00" in raw:
-        raise _DamagedLine(DROP_REASONS[0], f"{where}: contains a NUL byte (a binary or UTF-16 file?); save it "
-                                            "as UTF-8 text")
+    """The cleaned rows of one raw file's bytes by the gate's one reading rule (``core.dataset.iter_raw_rows``,
+    the platform's one reader of raw rows: the fingerprint, the planner's count and the federated loader read
+    by it too). ``private=False``: a damaged line raises :class:`IngestionError` naming file and line.
+    ``private=True``: a damaged line is dropped (under ``replace_one`` replaced by the public placeholder row)
+    and counted in ``dropped`` by reason (:data:`DROP_REASONS`), never a reason to stop."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _DamagedLine(DROP_REASONS[1], f"{where}: byte {e.start + 1} (0x{raw[e.start]:02x}) is not UTF-8 "
-                                            "text; save the file as UTF-8") from None
-    if not text.strip():
-        return None
-    try:
-        cells = next(csv.reader([text], delimiter=spec.delimiter))
-    except csv.Error as e:
-        raise _DamagedLine(DROP_REASONS[2], f"{where}: cannot be split into fields ({e})") from None
-    if _looks_like_header(spec, cells):
-        raise _DamagedLine(DROP_REASONS[3], f"{where}: is a header line (column names) inside the data; "
-                                            "dataset.json describes files without a header: delete the line")
-    try:
-        return parse_row(spec, cells, where)
+        yield from _iter_raw_rows(spec, path, data, private=private, dropped=dropped, first=first)
     except RowError as e:
-        raise _DamagedLine(DROP_REASONS[4], str(e)) from None
+        raise IngestionError(f"{e}. {NOTHING_RUN}") from None
 
 
 def check_raw_data(spec: DatasetSpec) -> Dict[str, Dict]:
@@ -250,7 +159,7 @@ PRIVATE_CHECKS_FILE = "data_checks.json"
 def write_private_checks(workdir: str, tally: Dict[str, Dict]) -> str:
     """Writes the gate's tallies to ``<workdir>/private/data_checks.json`` (directory 0700, file 0600): the
     data owner's diagnostics of the private rows, inside the trust boundary, never published."""
-    from pipeline.private_files import private_dir, write_private_text
+    from core.private_files import private_dir, write_private_text
 
     path = os.path.join(private_dir(os.path.join(workdir, PRIVATE_CHECKS_DIR)), PRIVATE_CHECKS_FILE)
     write_private_text(path, json.dumps({

@@ -61,6 +61,19 @@ def _require_ledger(config: RunConfig, explicit_ledger) -> None:
                           "directory)")
 
 
+def _refuse_secret_arguments(config: RunConfig) -> None:
+    """A private run's secret arguments (a seed fixes its Poisson batches) would be written into the exported
+    pipeline's file, which the orchestrator shows to everyone who can see the pipeline."""
+    from pipeline.trainers import get_trainer
+
+    kind = get_trainer(config.trainer)
+    secret = kind.secret_arguments_set(config.trainer_args)
+    if secret and kind.is_private(config.trainer_args):
+        raise ExportError(f"trainer argument {secret[0]} would be published in the exported pipeline and it fixes "
+                          f"the private run's batches (the guarantee holds only while it is secret): drop "
+                          f"{secret[0]} from the trainer arguments to export a private run")
+
+
 def export(orchestrator: str, config: RunConfig, output: str, image: str = "privtrain:latest",
            explicit_ledger=None) -> str:
     """Writes the compiled pipeline to ``output``; returns the lines to print."""
@@ -85,6 +98,7 @@ def export(orchestrator: str, config: RunConfig, output: str, image: str = "priv
         raise ExportError(f"--output {output}: its directory does not exist")
     spec = load_dataset(config.data_dir)
     spec.require_privacy()
+    _refuse_secret_arguments(config)
     checked = preflight_at_export(config, spec)
     if orchestrator == "kubeflow":
         _export_kubeflow(config, spec, output, image)

@@ -73,7 +73,7 @@ def run_image_fn(fn_args) -> None:
     """The Trainer's run for image data sets (called by ``pipeline.trainer_executor.run_fn``)."""
     from dp_training.images import run_image_training
     from dp_training.protocol import not_covered
-    from pipeline.trainer_executor import privacy_with_receipts, write_run_files
+    from pipeline.trainer_executor import privacy_with_receipts, workdir_ledger, write_run_files
     from pipeline.trainers import get_trainer
 
     config = fn_args.custom_config
@@ -91,7 +91,8 @@ def run_image_fn(fn_args) -> None:
         scratch_dir=os.path.join(fn_args.model_run_dir, "scratch"), cache_dir=config.get("cache_dir"), log=log,
         not_covered=not_covered(spec, extra=(
             "the model's architecture and the ScatterNet transform (public, data-independent)",),
-            eval_note=" (slices below the minimum size are suppressed)"))
+            eval_note=" (slices below the minimum size are suppressed)"),
+        ledger=workdir_ledger(config.get("privacy", {}), fn_args))
     export_image_model(result.outcome.model, spec, model, fn_args.serving_model_dir, result.normalization)
     write_run_files(fn_args, kind_name, result.guarantee, result.outcome)
 

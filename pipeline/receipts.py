@@ -7,6 +7,10 @@ version under the serving directory, and the Model artifact's ML Metadata proper
 Trainer's reservation and ``privtrain budget verify --workdir`` pass them to the ledger, which refuses a chain
 that lacks any of them (a forged ledger whose newest entries were deleted and the chain re-hashed).
 
+A run that reserves and then fails writes no privacy.json, so the ledger's tail after the newest guarantee
+would be unanchored: the Trainer executor therefore also appends every reserve and finish receipt to
+``<workdir>/private/receipts.jsonl`` (0600, :func:`recording_ledger`), and ``collect_receipts`` includes them.
+
 A workdir here is the directory that holds ``metadata.sqlite``, ``serving/`` and ``pipeline_root/`` (a run's
 ``--workdir``, or a study job's store directory).
 """
@@ -92,10 +96,71 @@ def _metadata_receipts(path: str) -> List[Found]:
     return out
 
 
+RECEIPTS_FILE = os.path.join("private", "receipts.jsonl")
+
+
+def _append_receipt(path: str, event: str, seq: int, head_hash: str) -> None:
+    from core.private_files import private_dir
+
+    private_dir(os.path.dirname(path))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(json.dumps({"event": event, "seq": int(seq), "head_hash": str(head_hash)}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def recording_ledger(ledger_path: Optional[str], workdir: str):
+    """The ledger at ``ledger_path`` (``dp_training.ledger.Ledger``), recording each reserve and finish receipt
+    in ``<workdir>/private/receipts.jsonl`` as soon as the ledger returns it (the Trainer executor's ledger)."""
+    from dp_training.ledger import Ledger
+
+    receipts = os.path.join(os.path.abspath(workdir), RECEIPTS_FILE)
+
+    class RecordingLedger(Ledger):
+        def reserve(self, *args, **kwargs):
+            reservation = super().reserve(*args, **kwargs)
+            _append_receipt(receipts, "reserve", reservation.seq, reservation.head_hash)
+            return reservation
+
+        def finish(self, *args, **kwargs):
+            receipt = super().finish(*args, **kwargs)
+            _append_receipt(receipts, "finish", receipt.seq, receipt.head_hash)
+            return receipt
+
+    return RecordingLedger(ledger_path)
+
+
+def _recorded_receipts(path: str) -> List[Found]:
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ReceiptError(f"cannot read {path}: {e.strerror}; check its permissions") from None
+    out = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {lineno}"
+        try:
+            d = json.loads(line)
+            seq, head = d["seq"], d["head_hash"]
+        except (ValueError, KeyError, TypeError):
+            raise ReceiptError(f"{where} is not a ledger receipt; restore the file") from None
+        if not (isinstance(seq, int) and seq >= 1 and isinstance(head, str) and len(head) == 64):
+            raise ReceiptError(f"{where} holds a malformed ledger receipt (seq {seq!r}, hash {head!r}); restore it")
+        out.append(Found(seq, head, where))
+    return out
+
+
 def collect_receipts(workdir: str) -> List[Found]:
-    """Every ledger receipt recorded under ``workdir`` (ML Metadata, privacy.json files); [] for a new one."""
+    """Every ledger receipt recorded under ``workdir`` (ML Metadata, privacy.json files, the Trainer's
+    reserve/finish receipts in ``private/receipts.jsonl``); [] for a new one."""
     workdir = os.path.abspath(workdir)
     found: List[Found] = []
+    recorded = os.path.join(workdir, RECEIPTS_FILE)
+    if os.path.isfile(recorded):
+        found += _recorded_receipts(recorded)
     metadata = os.path.join(workdir, METADATA_FILE)
     if os.path.isfile(metadata):
         found += _metadata_receipts(metadata)
@@ -131,4 +196,4 @@ def workdir_of_model_run(model_run_dir: str) -> Optional[str]:
     return os.path.dirname(root)
 
 
-__all__ = ["collect_receipts", "workdir_anchors", "workdir_of_model_run", "Found", "ReceiptError"]
+__all__ = ["collect_receipts", "recording_ledger", "workdir_anchors", "workdir_of_model_run", "Found", "ReceiptError"]

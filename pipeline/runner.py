@@ -81,7 +81,7 @@ def run_pipeline(config: RunConfig, progress=sys.stderr) -> RunSummary:
     from tfx.orchestration.local import local_dag_runner
     from tfx.orchestration.portable import launcher
 
-    from pipeline.private_files import private_dir, private_umask
+    from core.private_files import private_dir, private_umask
 
     private_umask()  # every file this run writes (and its executors, Beam workers, children): 0600 / dirs 0700
     spec = load_dataset(config.data_dir)

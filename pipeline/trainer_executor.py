@@ -86,11 +86,22 @@ def run_fn(fn_args: FnArgs) -> None:
         train_x, train_y, eval_x,
         eval_y, scratch_dir=os.path.join(fn_args.model_run_dir, "scratch"), kind=kind, log=log,
         hidden_units=tuple(config.get("hidden_units", (64, 64))),
-        not_covered=not_covered(spec, eval_note=" (slices below the minimum size are suppressed)"))
+        not_covered=not_covered(spec, eval_note=" (slices below the minimum size are suppressed)"),
+        ledger=workdir_ledger(config.get("privacy", {}), fn_args))
     outcome, guarantee, stats = result.outcome, result.guarantee, result.normalization
 
     export_serving_model(outcome.model, spec, tf_transform_output, fn_args.serving_model_dir, stats)
     write_run_files(fn_args, kind_name, guarantee, outcome)
+
+
+def workdir_ledger(privacy: Dict[str, Any], fn_args: FnArgs):
+    """The run's ledger, recording its reserve and finish receipts in the workdir (``pipeline/receipts.py``);
+    None (the protocol opens the ledger itself) for a pipeline root outside a workdir."""
+    from dp_training.ledger import resolve_ledger_path
+    from pipeline.receipts import recording_ledger, workdir_of_model_run
+
+    workdir = workdir_of_model_run(fn_args.model_run_dir)
+    return recording_ledger(resolve_ledger_path(privacy.get("ledger")), workdir) if workdir else None
 
 
 def privacy_with_receipts(privacy: Dict[str, Any], fn_args: FnArgs) -> Dict[str, Any]:

@@ -150,7 +150,7 @@ def _write_private_findings(directory: str, findings: List[str]) -> None:
     """The private splits' anomalies (never a reason to stop), 0600, beside the anomalies artifact."""
     import os
 
-    from pipeline.private_files import write_private_text
+    from core.private_files import write_private_text
 
     os.makedirs(directory, exist_ok=True)
     write_private_text(os.path.join(directory, PRIVATE_FINDINGS_FILE), json.dumps({

@@ -62,7 +62,7 @@ def build_parser(argv: Optional[List[str]] = None, full: bool = False) -> argpar
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from pipeline.private_files import private_umask
+    from core.private_files import private_umask
 
     private_umask()  # workdirs, serving directories and every file written: owner only (0700 / 0600)
     if _selected(argv) == "serve":

@@ -33,7 +33,7 @@ def run(args) -> int:
     from core import pushed
     from encrypted_serving import cli as encrypted_cli
     from pipeline.config import RunConfig
-    from pipeline.private_files import OpenDirectoryError, check_private_dir
+    from core.private_files import OpenDirectoryError, check_private_dir
     from serving.errors import ServingConfigError
     from serving.server import server_from_args
 

@@ -134,6 +134,8 @@ def not_covered(spec: DatasetSpec, extra: Tuple[str, ...] = (), eval_note: str =
         items.append("evaluation metrics: computed on the eval split, which the data set declares public")
     else:
         items.append("evaluation metrics: computed on the PRIVATE eval split and NOT covered by epsilon" + eval_note)
+        items.append("the blessing and push decision (whether a model is pushed, and which): it compares eval "
+                     "AUC on the PRIVATE eval rows and is NOT covered by epsilon")
     return tuple(items)
 
 

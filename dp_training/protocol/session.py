@@ -216,12 +216,15 @@ def run_private_training(spec: DatasetSpec, kind_name: str, trainer_args: Mappin
                      if numeric_keys else None)
             buckets = bucket_sizes(spec)
             builder = lambda: build_model(spec, buckets, stats, tuple(hidden_units))  # noqa: E731
-        os.makedirs(scratch_dir, exist_ok=True)
+        from core.private_files import owner_only, private_dir
+
+        private_dir(scratch_dir, "scratch directory")   # checkpoints and logs of the private rows: owner only
         context = TrainerContext(
             dataset_name=spec.name, train_features=train_x, train_labels=train_y, eval_features=eval_x,
             eval_labels=eval_y, build_model=builder,
             args=plan.config.to_args(), plan=plan.training, scratch_dir=scratch_dir, source=source, log=log)
-        outcome = kind.train(context)
+        with owner_only():   # everything the kind writes is 0600/0700, the caller's umask restored after
+            outcome = kind.train(context)
     except TrainingInterrupted as e:
         protocol.fail(e.released_event, "cancelled" if isinstance(e.cause, KeyboardInterrupt) else "failed")
         raise e.cause from None

@@ -174,7 +174,7 @@ class StudyRunner:
         for w in plan.warnings:
             self.say(f"warning: {w}")
         os.makedirs(spec.output, exist_ok=True)
-        from pipeline.private_files import OpenDirectoryError, private_dir
+        from core.private_files import OpenDirectoryError, private_dir
 
         try:
             private_dir(spec.workdir)  # 0700 (private rows, models); an existing one open to others is refused

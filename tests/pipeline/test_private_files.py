@@ -80,7 +80,7 @@ def test_an_existing_workdir_open_to_others_is_refused_with_the_fix(tmp_path):
 
 
 def test_private_dir_creates_owner_only_directories_and_files(tmp_path):
-    from pipeline.private_files import OpenDirectoryError, private_dir, write_private_text
+    from core.private_files import OpenDirectoryError, private_dir, write_private_text
 
     old = os.umask(0o022)
     try:

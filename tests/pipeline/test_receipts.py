@@ -167,6 +167,60 @@ def test_a_real_runs_receipts_are_found_and_verify(standard_run):
     found = collect_receipts(workdir)
     wheres = " ".join(r.where for r in found)
     assert "metadata.sqlite" in wheres and "Format-Serving" in wheres and summary["pushed_path"] in wheres, wheres
-    assert len({(r.seq, r.head_hash) for r in found}) == 1
+    published = {(r.seq, r.head_hash) for r in found if "receipts.jsonl" not in r.where}
+    assert len(published) == 1
+    # the Trainer's own record (private/receipts.jsonl): its reservation and its finish, the published one
+    recorded = [(r.seq, r.head_hash) for r in found if "receipts.jsonl" in r.where]
+    assert len(recorded) == 2 and recorded[1] in published and recorded[0][0] == recorded[1][0] - 1, recorded
     result = run_cli("budget", "verify", "--workdir", workdir)
-    assert result.returncode == 0 and "1 receipt(s) checked" in result.stdout, result.stderr
+    assert result.returncode == 0 and "2 receipt(s) checked" in result.stdout, result.stderr
+
+
+def _truncate_tail(ledger_path, keep_seq):
+    """Deletes every entry after ``keep_seq`` and moves the head back to it (plain sqlite3, no re-hashing)."""
+    con = sqlite3.connect(ledger_path, isolation_level=None)
+    head = con.execute("SELECT hash FROM entries WHERE seq = ?", (keep_seq,)).fetchone()[0]
+    con.execute("DROP TRIGGER entries_no_delete")
+    con.execute("DELETE FROM entries WHERE seq > ?", (keep_seq,))
+    con.execute("UPDATE meta SET value=? WHERE key='head_seq'", (str(keep_seq),))
+    con.execute("UPDATE meta SET value=? WHERE key='head_hash'", (head,))
+    con.execute("CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries BEGIN SELECT RAISE(ABORT, "
+                "'privtrain ledger entries are append-only'); END;")
+    con.close()
+
+
+def test_a_failed_runs_tail_cannot_be_deleted_unnoticed(tmp_path, monkeypatch):
+    """Review F6: a run that reserves, releases and then fails writes no privacy.json; the Trainer executor's
+    ledger records its reserve and finish receipts in <workdir>/private/receipts.jsonl (0600), so deleting the
+    ledger's tail after the newest guarantee is refused by `budget verify --workdir`."""
+    import stat
+
+    from pipeline.trainer_executor import workdir_ledger
+
+    ledger_path = str(tmp_path / "ledger.sqlite")
+    monkeypatch.setenv("PRIVTRAIN_LEDGER", ledger_path)
+    data = make_adult_sample(str(tmp_path / "data"), 500, 100, source_id=SOURCE + "-tail",
+                             privacy={"public_row_estimate": 500})
+    spec = load_dataset(data)
+    workdir = str(tmp_path / "work")
+    run_dir = os.path.join(workdir, "pipeline_root", "Trainer", "model_run", "7")
+    os.makedirs(run_dir)
+    os.chmod(workdir, 0o700)
+    fn_args = types.SimpleNamespace(model_run_dir=run_dir)
+    completed = RunProtocol(_plan(spec, {"target_epsilon": 0.5}), ledger=workdir_ledger({}, fn_args))
+    completed.reserve()
+    plan = completed.plan
+    completed.finish(TrainingOutcome(model=None, released_event=plan.training.event))
+    kept = completed.receipt.seq
+    failed = RunProtocol(_plan(spec, {"target_epsilon": 0.5}), ledger=workdir_ledger({}, fn_args))
+    failed.reserve()
+    failed.fail(plan.training.event, "failed")       # released, then failed: charged, no guarantee written
+    recorded = os.path.join(workdir, "private", "receipts.jsonl")
+    assert stat.S_IMODE(os.stat(recorded).st_mode) == 0o600
+    assert run_cli("budget", "verify", "--workdir", workdir).returncode == 0
+    _truncate_tail(ledger_path, kept)
+    assert Ledger(ledger_path).verify().entries == kept      # a plain verify cannot tell
+    result = run_cli("budget", "verify", "--workdir", workdir)
+    assert result.returncode == 1 and result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert f"entry {kept + 1}" in line and "receipts.jsonl" in line, line

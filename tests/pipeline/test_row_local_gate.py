@@ -279,3 +279,62 @@ def test_under_replace_one_a_damaged_row_is_replaced_so_the_public_count_never_m
         bad = replace_one(_neighbour(clean, str(tmp_path / damage), TRAIN, [ONE_ROW[damage](_first_line(clean))]))
         assert readable_rows(load_dataset(bad), "train") == readable_rows(load_dataset(good), "train") == 201
         assert check_raw_data(load_dataset(bad))["train"]["rows"] == 201
+
+
+# -- the readers outside the gate read by its rule: the content fingerprint, the planner's exact count and
+# federated.simulate's loader (issue 17.2, review F1) ----------------------------------------------------------
+def _replace_one(directory):
+    path = os.path.join(directory, "dataset.json")
+    with open(path) as f:
+        desc = json.load(f)
+    desc["privacy"]["relation"] = "replace_one"
+    with open(path, "w") as f:
+        json.dump(desc, f)
+    return directory
+
+
+@pytest.mark.parametrize("damage", sorted(ONE_ROW))
+def test_one_private_row_never_stops_the_fingerprint_the_planners_count_or_the_federated_loader(
+        damage, clean, tmp_path):
+    from core.dataset import load_dataset, readable_rows
+    from dp_training.fingerprint import content_digest
+    from dp_training.planner import exact_rows
+    from federated.data import load_tabular
+
+    row = ONE_ROW[damage](_first_line(clean))
+    neighbour = _neighbour(clean, str(tmp_path / "n"), TRAIN, [row])
+    digest = content_digest(load_dataset(neighbour))            # the pre-flight's and the reservation's read
+    assert isinstance(digest, bytes) and len(digest) == 32
+    gate_rows = check_rows = readable_rows(load_dataset(neighbour), "train")
+    loaded = load_tabular(neighbour)                             # federated.simulate's loader
+    assert len(loaded.train_labels) == gate_rows
+    from pipeline.data_gate import check_raw_data
+    check_rows = check_raw_data(load_dataset(neighbour))["train"]["rows"]
+    assert gate_rows == check_rows
+    # under replace_one (the count is public) the Trainer's plan counts as the gate does: the damaged row is a
+    # placeholder, so the neighbour that replaced a good row by a damaged one has the good one's count
+    bad = _replace_one(_neighbour(clean, str(tmp_path / "bad"), TRAIN, [row]))
+    good = _replace_one(_neighbour(clean, str(tmp_path / "good"), TRAIN, [(_first_line(clean) + "\n").encode()]))
+    assert exact_rows(load_dataset(bad)) == exact_rows(load_dataset(good)) == 201
+    assert len(load_tabular(bad).train_labels) == 201
+    assert isinstance(content_digest(load_dataset(bad)), bytes)
+
+
+def test_a_quoted_field_over_two_lines_is_counted_by_the_planner_as_by_the_gate(clean, tmp_path):
+    from core.dataset import load_dataset
+    from dp_training.planner import exact_rows
+    from pipeline.data_gate import check_raw_data
+
+    row = _first_line(clean).split(", ")
+    row[1] = '"State\ngov"'
+    bad = _replace_one(_neighbour(clean, str(tmp_path / "q"), TRAIN, [(", ".join(row) + "\n").encode()]))
+    assert exact_rows(load_dataset(bad)) == check_raw_data(load_dataset(bad))["train"]["rows"] == 202
+
+
+def test_the_public_eval_split_is_still_read_strictly_by_the_federated_loader(clean, tmp_path):
+    from core.dataset import RowError
+    from federated.data import load_tabular
+
+    neighbour = _neighbour(clean, str(tmp_path / "n"), EVAL, [ONE_ROW["age_not_a_number"](_first_line(clean, EVAL))])
+    with pytest.raises(RowError, match="adult.test line 101"):
+        load_tabular(neighbour)
