@@ -235,7 +235,13 @@ def run(args) -> int:
         print(f"privtrain: {e}", file=sys.stderr)
         return 2
     # An identical re-run answers from the last run's record (it passed the data gate on the same content).
-    replayed, digest = _identical_run(args, spec)
+    from dp_training.ledger import LedgerError
+
+    try:
+        replayed, digest = _identical_run(args, spec)
+    except (LedgerError, ValueError) as e:   # the ledger contradicts this workdir's receipts (or cannot be read)
+        print(f"privtrain: {e}", file=sys.stderr)
+        return 2
     if replayed is not None:
         return 0
     from dp_training.ledger import LedgerError
@@ -291,6 +297,12 @@ def _identical_run(args, spec):
     if doc is None:
         run_memo.forget(workdir)   # this run changes the store: the old record no longer describes its head
         return None, digest
+    # Nothing is charged, but every run checks the ledger against this workdir's receipts (docs/ledger.md): a
+    # ledger that contradicts them is refused here too (the caller prints the error; nothing is replayed).
+    from dp_training.ledger import Ledger, resolve_ledger_path
+    from pipeline.receipts import workdir_anchors
+
+    Ledger(resolve_ledger_path(getattr(args, "ledger", None))).verify(workdir_anchors([workdir]))
     print(run_memo.replay_note(doc), file=sys.stderr)
     print(json.dumps(doc["summary"], indent=1) if args.json else doc["text"])
     return doc, digest
