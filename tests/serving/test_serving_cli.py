@@ -76,9 +76,11 @@ def predict_workdir(tmp_path):
     extra = tmp_path / "work" / "serving" / "adult" / "1" / "assets.extra"
     extra.mkdir(parents=True)
     (extra / "dataset.json").write_text(json.dumps({
-        "name": "adult", "format": "csv", "delimiter": ",", "missing_value": "?",
-        "columns": [{"name": "age", "kind": "numeric"}, {"name": "workclass", "kind": "categorical"},
-                    {"name": "income", "kind": "label", "positive": ">50K", "negative": "<=50K"}]}))
+        "name": "adult", "format": "csv", "delimiter": ",", "missing_value": "?", "header": False,
+        "splits": {"train": "adult.data", "eval": "adult.test"}, "label_feature": "income_over_50k",
+        "columns": [{"name": "age", "type": "numeric"}, {"name": "workclass", "type": "categorical"},
+                    {"name": "income", "type": "label", "positive": ">50K", "negative": "<=50K"}]}))
+    (extra.parent / "saved_model.pb").write_bytes(b"")   # a complete version (core.pushed); never loaded here
     return tmp_path / "work"
 
 
