@@ -248,7 +248,17 @@ class Gateway:
         """Submit + Fetch in one call (one round trip less); the result goes back on the submitting call."""
         with self._waiting_slot(context):
             rid = self._accept(request, context)
+            # A call that ends without its result (the client cancelled it, e.g. because another party refused
+            # or was unreachable) withdraws a request not yet taken: it would otherwise hold the identity's
+            # in-flight slot until the janitor's timeout, and admission at the three parties could livelock.
+            context.add_callback(lambda: self._withdraw(rid))
             return self._result(rid, context)
+
+    def _withdraw(self, rid: str) -> None:
+        with self.cond:
+            req = self.requests.get(rid)
+            if req is not None and req.state == "submitted":
+                self._fail(req, "request %r was withdrawn: its call ended before it was computed" % rid)
 
     @contextlib.contextmanager
     def _waiting_slot(self, context):

@@ -372,6 +372,27 @@ def test_attack_one_certificate_cannot_pile_up_requests_or_share_bytes(gateway):
     w.stop.set(), ch.close(), ch2.close()
 
 
+def test_a_cancelled_call_frees_its_in_flight_slot(gateway):
+    """A client whose call at another party failed cancels the others; the gateway withdraws that request at once.
+    (Stranded requests used to hold the identity's in-flight slots until the janitor's timeout, so that after a
+    gateway restart the three parties' admissions could refuse a client in turn for minutes.)"""
+    w = _worker(gateway, answer=False)        # nothing completes: a call waits for its result until cancelled
+    ch, calls = _stub(gateway, "client")
+    for i in range(2):
+        fut = calls["Predict"].future(_frame("c-%d" % i, 1), timeout=30)
+        time.sleep(0.5)                       # admitted and waiting
+        fut.cancel()
+    deadline = time.monotonic() + 10
+    while True:                               # both slots come back within a moment, not after the timeout
+        fut = calls["Predict"].future(_frame("c-new-%d" % time.monotonic_ns(), 1), timeout=30)
+        time.sleep(0.5)
+        if not fut.done():
+            break                             # admitted: waiting for its result
+        assert "in flight" in str(fut.exception()) and time.monotonic() < deadline, fut.exception()
+    fut.cancel()
+    w.stop.set(), ch.close()
+
+
 def test_the_driver_serves_certificates_in_turn():
     """One client's queue of batches must not starve another's (issue 19 item 3: the victim's latency went from
     44 ms to 1,868 ms behind a noisy client): the driver runs the pending requests round-robin over certificates."""
