@@ -188,6 +188,20 @@ def _ckpt_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
+def sample_round(rng: np.random.Generator, cfg, n_clients: int, q: float, m: int):
+    """One round's cohort and its simulated dropouts, as the accounted event samples them: Poisson (each client
+    with probability ``q``) or exactly ``m`` of ``n_clients`` without replacement; then ``dropout_rate`` of the
+    cohort drop. The one place a round is sampled (plain and secure-aggregation rounds). Returns (sampled,
+    dropped), both sorted int arrays of client indices."""
+    if cfg.sampling == "poisson":
+        sampled = np.flatnonzero(rng.random(n_clients) < q)
+    else:
+        sampled = np.sort(rng.choice(n_clients, size=m, replace=False))
+    n_drop = int(round(cfg.dropout_rate * len(sampled)))
+    dropped = rng.choice(sampled, size=n_drop, replace=False) if n_drop else np.zeros(0, np.int64)
+    return sampled, dropped
+
+
 def save_checkpoint(output_dir: str, round_num: int, state, rng: Optional[np.random.Generator],
                     history: List[Dict[str, Any]], fingerprint: str, config: Dict[str, Any]) -> str:
     """``rng``: the sampling generator of a non-private run (restored on resume: reproducible); None for a DP
@@ -429,12 +443,8 @@ def _run(train_features, train_labels, eval_features, eval_labels, build_model, 
     for rnd in range(start + 1, cfg.rounds + 1):
         t_round = time.perf_counter()
         progress["round"] = rnd
-        if cfg.sampling == "poisson":
-            sampled = np.flatnonzero(rng.random(n_clients) < q)
-        else:
-            sampled = np.sort(rng.choice(n_clients, size=m, replace=False))
-        n_drop = int(round(cfg.dropout_rate * len(sampled)))
-        dropped = rng.choice(sampled, size=n_drop, replace=False) if n_drop else np.zeros(0, np.int64)
+        sampled, dropped = sample_round(rng, cfg, n_clients, q, m)
+        n_drop = int(len(dropped))
         survivors = np.setdiff1d(sampled, dropped)
         # clients without rows contribute nothing (for DP-FedAvg exactly what an absent client contributes:
         # a zero term in the clipped sum, whose denominator is the public clients_per_round)

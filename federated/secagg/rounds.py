@@ -236,12 +236,11 @@ def _rounds(cfg, local, keras_model, global_flat, clients, build_s, shards, labe
     for rnd in range(1, cfg.rounds + 1):
         t_round = time.perf_counter()
         progress["round"] = rnd
-        if cfg.sampling == "poisson":
-            sampled = np.flatnonzero(rng.random(n_clients) < q)
-        else:
-            sampled = np.sort(rng.choice(n_clients, size=m, replace=False))
-        n_drop = int(round(cfg.dropout_rate * len(sampled)))
-        dropped_c = set(rng.choice(sampled, size=n_drop, replace=False).tolist()) if n_drop else set()
+        from federated.engine import sample_round
+
+        sampled, dropped_arr = sample_round(rng, cfg, n_clients, q, m)
+        n_drop = int(len(dropped_arr))
+        dropped_c = set(dropped_arr.tolist())
         round_seed = int(rng.integers(0, 2 ** 31 - 1))
         ids = {int(c): int(c) + 1 for c in sampled}   # protocol id = client index + 1
         updates, loss_sum, correct, examples = {}, 0.0, 0.0, 0
