@@ -59,19 +59,25 @@ class RunConfig:
         return os.path.join(self.store_dir or self.workdir, "serving")
 
 
-def code_version() -> str:
-    """Hash of the training code, part of the Transform/Trainer cache keys so code changes re-run them."""
+def source_digest(entries, root: str = PROJECT_ROOT) -> str:
+    """SHA-256 (hex) over the Python sources of ``entries`` (files or directories relative to ``root``), in a
+    fixed order: the one hash of platform code (Transform/Trainer cache keys; identical re-runs)."""
     h = hashlib.sha256()
-    for entry in TRAINING_CODE:
-        root = os.path.join(PROJECT_ROOT, entry)
-        if os.path.isfile(root):
-            with open(root, "rb") as f:
+    for entry in entries:
+        path = os.path.join(root, entry)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
                 h.update(entry.encode() + f.read())
             continue
-        for dirpath, dirnames, filenames in sorted(os.walk(root)):
+        for dirpath, dirnames, filenames in sorted(os.walk(path)):
             dirnames.sort()
             for name in sorted(filenames):
                 if name.endswith(".py"):
                     with open(os.path.join(dirpath, name), "rb") as f:
                         h.update(name.encode() + f.read())
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    """Hash of the training code, part of the Transform/Trainer cache keys so code changes re-run them."""
+    return source_digest(TRAINING_CODE)[:16]

@@ -17,6 +17,8 @@ import os
 import time
 from typing import Callable, Dict, Iterable, Optional
 
+from core.private_files import write_private_text
+
 DURATIONS = os.path.join("runs", "durations.json")
 _SCALE_BOUNDS = (0.25, 4.0)
 
@@ -39,11 +41,7 @@ def save_durations(workdir: str, durations: Dict[str, float]) -> None:
     """Writes the remembered durations (atomically; 0600 in the private workdir)."""
     path = os.path.join(workdir, DURATIONS)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({k: round(v, 3) for k, v in sorted(durations.items())}, f)
-    os.replace(tmp, path)
+    write_private_text(path, json.dumps({k: round(v, 3) for k, v in sorted(durations.items())}))
 
 
 def format_seconds(seconds: float) -> str:

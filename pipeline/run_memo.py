@@ -20,11 +20,13 @@ import os
 import sqlite3
 from typing import Any, Dict, Iterable, Optional, Tuple
 
+from core.private_files import write_private_text
+from pipeline.config import source_digest
+
 RECORD = os.path.join("runs", "last.json")
 FORMAT = 1
 # Arguments that change how the summary is printed, not what runs.
 PRESENTATION_ARGS = ("json", "command")
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Environment variables a run reads (the training cluster; where the default ledger is).
 ENVIRONMENT = ("TF_CONFIG", "PRIVTRAIN_LEDGER", "XDG_DATA_HOME", "HOME")
 CODE_DIRS = ("core", "dp_training", "federated", "pipeline", "privtrain_cli")
@@ -35,18 +37,6 @@ def _hash_file(h, path: str) -> None:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-
-
-def _code_hash() -> str:
-    h = hashlib.sha256()
-    for top in CODE_DIRS:
-        root = os.path.join(PROJECT_ROOT, top)
-        for dirpath, dirnames, filenames in sorted(os.walk(root)):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if name.endswith(".py"):
-                    _hash_file(h, os.path.join(dirpath, name))
-    return h.hexdigest()
 
 
 def _data_files(spec) -> Iterable[str]:
@@ -65,7 +55,7 @@ def fingerprint(args: Dict[str, Any], spec) -> str:
     public = {k: v for k, v in sorted(args.items()) if k not in PRESENTATION_ARGS}
     h.update(json.dumps(public, sort_keys=True, default=str).encode())
     h.update(json.dumps({k: os.environ.get(k) for k in ENVIRONMENT}).encode())
-    h.update(_code_hash().encode())
+    h.update(source_digest(CODE_DIRS).encode())
     for path in _data_files(spec):
         _hash_file(h, os.path.abspath(path))
     return h.hexdigest()
@@ -97,11 +87,7 @@ def record(workdir: str, metadata_path: str, digest: str, summary_json: dict, su
     doc = {"format": FORMAT, "fingerprint": digest, "store_head": store_head(metadata_path),
            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
            "pushed_path": summary_json.get("pushed_path"), "summary": summary_json, "text": summary_text}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f)
-    os.replace(tmp, path)
+    write_private_text(path, json.dumps(doc))
 
 
 def forget(workdir: str) -> None:
