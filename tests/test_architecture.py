@@ -76,36 +76,47 @@ def test_light_commands_do_not_import_tensorflow(argv, tmp_path):
     assert "HEAVY=\n" in r.stdout, (r.stdout[-500:], r.stderr[-2000:])
 
 
-def test_an_identical_rerun_imports_nothing_heavy(tmp_path):
-    # `privtrain run` replaying the last run's record (pipeline/run_memo.py) parses its flags (every trainer
-    # kind's) and answers without TensorFlow, TFF, TFX or Beam: the re-run costs the interpreter, not TF's import.
+def _replay(tmp_path, pushed_path, receipts=None):
+    """Records a run of `privtrain run` in a fresh workdir (a real, empty ML Metadata store; ``receipts``: the
+    lines of private/receipts.jsonl), then runs the same command through ``main()`` in a subprocess, which
+    replays the record. Returns the finished process (stdout: RC=…, HEAVY=…, RECORDED when replayed)."""
+    from ml_metadata.metadata_store import metadata_store
+    from ml_metadata.proto import metadata_store_pb2
+
     from tests.conftest import make_adult_sample
 
     data = make_adult_sample(str(tmp_path / "data"), train_rows=50, eval_rows=20)
     workdir = tmp_path / "work"
-    pushed = workdir / "serving" / "adult" / "1"
-    pushed.mkdir(parents=True)
+    (workdir / "private").mkdir(parents=True)
+    if pushed_path:
+        (workdir / pushed_path).mkdir(parents=True)
+    if receipts:
+        (workdir / "private" / "receipts.jsonl").write_text("".join(line + "\n" for line in receipts))
     meta = workdir / "metadata.sqlite"
-    from ml_metadata.metadata_store import metadata_store
-    from ml_metadata.proto import metadata_store_pb2
-
     config = metadata_store_pb2.ConnectionConfig()   # a real (empty) ML Metadata store: the replay reads its receipts
     config.sqlite.filename_uri = str(meta)
     config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
     metadata_store.MetadataStore(config)
+    pushed = str(workdir / pushed_path) if pushed_path else None
     argv = ["run", "--trainer", "standard", "--data", data, "--workdir", str(workdir), "--allow-non-private"]
     code = ("import sys\nfrom core.dataset import load_dataset\nfrom pipeline import run_memo\n"
             "from privtrain_cli.main import build_parser, main\n"
             "args = build_parser(sys.argv[1:]).parse_args(sys.argv[1:])\n"
             "digest = run_memo.fingerprint(vars(args), load_dataset(args.data))\n"
-            f"run_memo.record({str(workdir)!r}, {str(meta)!r}, digest, {{'pushed_path': {str(pushed)!r}}}, 'RECORDED')\n"
+            f"run_memo.record({str(workdir)!r}, {str(meta)!r}, digest, {{'pushed_path': {pushed!r}}}, 'RECORDED')\n"
             "rc = main(sys.argv[1:])\n"
             "heavy = sorted(m for m in ('tensorflow', 'tfx', 'tensorflow_federated', 'apache_beam') "
             "if m in sys.modules)\n"
             "print('RC=%d HEAVY=%s' % (rc, ','.join(heavy)))\n")
     env = dict(os.environ, PYTHONPATH=ROOT, PRIVTRAIN_LEDGER=str(tmp_path / "ledger.sqlite"))
-    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=str(tmp_path), env=env, capture_output=True,
-                       text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code, *argv], cwd=str(tmp_path), env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_an_identical_rerun_imports_nothing_heavy(tmp_path):
+    # `privtrain run` replaying the last run's record (pipeline/run_memo.py) parses its flags (every trainer
+    # kind's) and answers without TensorFlow, TFF, TFX or Beam: the re-run costs the interpreter, not TF's import.
+    r = _replay(tmp_path, os.path.join("serving", "adult", "1"))
     assert "identical to the run" in r.stderr, r.stderr[-2000:]
     assert "RECORDED" in r.stdout and "RC=0 HEAVY=\n" in r.stdout, (r.stdout[-500:], r.stderr[-2000:])
 
@@ -113,31 +124,7 @@ def test_an_identical_rerun_imports_nothing_heavy(tmp_path):
 def test_an_identical_rerun_still_refuses_a_ledger_that_contradicts_the_workdirs_receipts(tmp_path):
     # Nothing is charged by a replay, but the ledger is checked against the workdir's receipts as on every run:
     # a receipt the ledger lacks (its entry deleted) is refused in one line and nothing is replayed.
-    from ml_metadata.metadata_store import metadata_store
-    from ml_metadata.proto import metadata_store_pb2
-
-    from pipeline import run_memo
-    from tests.conftest import make_adult_sample
-
-    data = make_adult_sample(str(tmp_path / "data"), train_rows=50, eval_rows=20)
-    workdir = tmp_path / "work"
-    (workdir / "private").mkdir(parents=True)
-    meta = workdir / "metadata.sqlite"
-    config = metadata_store_pb2.ConnectionConfig()
-    config.sqlite.filename_uri = str(meta)
-    config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
-    metadata_store.MetadataStore(config)
-    (workdir / "private" / "receipts.jsonl").write_text('{"event": "finish", "seq": 3, "head_hash": "%s"}\n' % ("ab" * 32))
-    argv = ["run", "--trainer", "standard", "--data", data, "--workdir", str(workdir), "--allow-non-private"]
-    code = ("import sys\nfrom core.dataset import load_dataset\nfrom pipeline import run_memo\n"
-            "from privtrain_cli.main import build_parser, main\n"
-            "args = build_parser(sys.argv[1:]).parse_args(sys.argv[1:])\n"
-            "digest = run_memo.fingerprint(vars(args), load_dataset(args.data))\n"
-            f"run_memo.record({str(workdir)!r}, {str(meta)!r}, digest, {{'pushed_path': None}}, 'RECORDED')\n"
-            "print('RC=%d' % main(sys.argv[1:]))\n")
-    env = dict(os.environ, PYTHONPATH=ROOT, PRIVTRAIN_LEDGER=str(tmp_path / "ledger.sqlite"))
-    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=str(tmp_path), env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = _replay(tmp_path, None, ['{"event": "finish", "seq": 3, "head_hash": "%s"}' % ("ab" * 32)])
     assert "RC=2" in r.stdout and "RECORDED" not in r.stdout, (r.stdout[-500:], r.stderr[-2000:])
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("privtrain: ") and "entry 3" in lines[0], lines
