@@ -359,9 +359,12 @@ async def _refuse_connection(stream, response: bytes) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 1.0
     try:
-        await asyncio.wait_for(stream.write(response), 1.0)
+        # shield: a timed-out wait must not cancel tornado's own futures (it logs a CancelledError
+        # for a cancelled write); close() below settles them
+        await asyncio.wait_for(asyncio.shield(stream.write(response)), 1.0)
         while not stream.closed() and loop.time() < deadline:
-            await asyncio.wait_for(stream.read_bytes(65536, partial=True), deadline - loop.time())
+            await asyncio.wait_for(asyncio.shield(stream.read_bytes(65536, partial=True)),
+                                   deadline - loop.time())
     except Exception:  # noqa: BLE001 - closed by the client, or the second is up
         pass
     stream.close()
@@ -428,6 +431,7 @@ class HttpServer:
         info = self.conn_info.get(stream)
         if info is not None and not info[1] and not stream.closed():
             self.observer.refused_connection("handshake_timeout")
+            self._forget(stream)    # its slot is free now, not when tornado's close callback runs
             stream.close()
 
     def _forget(self, stream) -> None:
@@ -471,7 +475,9 @@ class HttpServer:
                 def handle_stream(self, stream, address):
                     o = outer.options
                     ip = address[0] if isinstance(address, tuple) and address else str(address)
-                    if len(self._connections) >= o.max_connections:
+                    # our own count: a connection we closed frees its slot at once (tornado's
+                    # self._connections forgets it a loop iteration later)
+                    if len(outer.conn_info) >= o.max_connections:
                         outer.observer.refused_connection("max_connections")
                         asyncio.ensure_future(_refuse_connection(stream, _refusal(
                             f"Too many connections ({o.max_connections}, privtrain serve --max-connections); "
