@@ -3,9 +3,10 @@ IDX files.
 
 Each split's pattern matches one IDX images file and one IDX labels file (gzip'd or not); both are read and
 checked by the platform's one reader (``core.dataset.read_images``: magic number, dimensions, counts,
-labels within the declared classes; errors name the file). Every image becomes a ``tf.Example`` with the raw
-pixels as an int64 list (``height * width * channels`` values, row-major) and the label as one int64 class id,
-so StatisticsGen/ExampleValidator see the pixel range, the shape (value count) and the label domain.
+labels within the declared classes; errors name the file). Every image becomes a ``tf.Example`` with the image
+as ONE encoded bytes value (PNG, ``pipeline.image_codec``) and the label as one int64 class id, so
+StatisticsGen/ExampleValidator handle two values per image (presence and count of the image, the label domain)
+and Transform decodes the pixels.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from tfx.types import standard_component_specs
 
 from core.dataset import read_images
 from pipeline.data_gate import IngestionError, is_private_split
+from pipeline.image_codec import encode_images
 from pipeline.ingest import spec_from_exec_properties
 
 
@@ -30,10 +32,9 @@ def _examples(split_pattern: str, input_base: str, spec):
     # a private split: an example with a label outside the classes is dropped, pixels clipped (row-local)
     rows = read_images(spec, split, files, row_local={} if is_private_split(spec, split) else None)
     image_key, label_key = spec.columns[0].name, spec.label_feature
-    flat = rows.images.reshape(len(rows.images), -1)
-    for pixels, label in zip(flat, rows.labels):
+    for encoded, label in zip(encode_images(rows.images), rows.labels):
         yield tf.train.Example(features=tf.train.Features(feature={
-            image_key: tf.train.Feature(int64_list=tf.train.Int64List(value=pixels.tolist())),
+            image_key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
             label_key: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)]))}))
 
 

@@ -3,7 +3,8 @@ public scaling, the Trainer's run (ScatterNet cache, DP channel normalisation, D
 the export on raw pixels, the Evaluator's multi-class config, and ``privtrain predict`` on an IDX file.
 
 Exported signatures (one SavedModel that contains the public scaling and the ScatterNet):
-- ``serving_default``: ``examples`` (serialized tf.Example with the raw ``image`` int64 pixels) ->
+- ``serving_default``: ``examples`` (serialized tf.Example with the ``image`` encoded as one PNG, as ExampleGen
+  writes it, ``pipeline.image_codec``) ->
   ``probabilities`` [n, classes], ``logits``, ``class_ids``;
 - ``predict_raw``: ``image`` float32 [n, height, width] (grey) or [n, height, width, channels] raw pixels in the
   declared range -> the same;
@@ -21,18 +22,20 @@ import tensorflow_model_analysis as tfma
 
 from core.dataset import DatasetSpec
 from core.pushed import PushedVersion
+from pipeline.image_codec import decode_images
 
 PIXELS_FEATURE = "pixels"
 
 
 # -- Transform -------------------------------------------------------------------------------------------------
 def image_preprocessing_fn(inputs, spec: DatasetSpec):
-    """Public only: pixels scaled by the declared pixel range to [0, 1] (nothing estimated from the rows)."""
+    """Public only: the encoded image decoded (``pipeline.image_codec``) and its pixels scaled by the declared pixel
+    range to [0, 1] (nothing estimated from the rows: no analyzers)."""
     img = spec.image
     x = inputs[spec.columns[0].name]
     if isinstance(x, tf.SparseTensor):
-        x = tf.sparse.to_dense(x)
-    x = tf.reshape(tf.cast(x, tf.float32), [-1, img.num_pixels])
+        x = tf.sparse.to_dense(x, default_value=b"")
+    x = tf.reshape(tf.cast(decode_images(x, img.shape), tf.float32), [-1, img.num_pixels])
     scaled = tf.clip_by_value((x - float(img.pixel_min)) / float(img.pixel_max - img.pixel_min), 0.0, 1.0)
     label = inputs[spec.label_feature]
     if isinstance(label, tf.SparseTensor):
@@ -51,22 +54,30 @@ def image_eval_config(spec: DatasetSpec, config) -> tfma.EvalConfig:
 
 
 # -- Trainer -------------------------------------------------------------------------------------------------------
-def load_transformed_images(file_patterns: List[str], spec: DatasetSpec):
-    """Transformed examples -> (pixels float32 [n, h, w, c] in [0, 1], int64 labels [n])."""
+def load_transformed_images(file_patterns: List[str], tf_transform_output, spec: DatasetSpec,
+                            batch_size: int = 4096):
+    """ExampleGen's examples (the encoded images) through the Transform graph (``tf_transform_output``: decode and
+    scale, applied here rather than materialised by Transform) -> (pixels float32 [n, h, w, c] in [0, 1], int64
+    labels [n])."""
     files = [f for pattern in file_patterns for f in tf.io.gfile.glob(pattern)]
     if not files:
-        raise FileNotFoundError(f"no transformed examples match {file_patterns}")
-    img = spec.image
-    feature_spec = {PIXELS_FEATURE: tf.io.FixedLenFeature([img.num_pixels], tf.float32),
-                    spec.label_feature: tf.io.FixedLenFeature([], tf.int64)}
+        raise FileNotFoundError(f"no examples match {file_patterns}")
+    raw_spec = tf_transform_output.raw_feature_spec()
+    layer = tf_transform_output.transform_features_layer()
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def transform(records):
+        out = layer(tf.io.parse_example(records, raw_spec))
+        return out[PIXELS_FEATURE], out[spec.label_feature]
+
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP", num_parallel_reads=len(files)).batch(
+        batch_size).map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(2)
     pixels, labels = [], []
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(8192).map(
-        lambda records: tf.io.parse_example(records, feature_spec))
-    for batch in dataset:
-        pixels.append(batch[PIXELS_FEATURE].numpy())
-        labels.append(batch[spec.label_feature].numpy())
-    x = np.concatenate(pixels).reshape((-1,) + img.shape)
-    return x, np.concatenate(labels)
+    for x, y in dataset:
+        pixels.append(x.numpy())
+        labels.append(y.numpy())
+    x = np.concatenate(pixels).reshape((-1,) + spec.image.shape)
+    return x, np.concatenate(labels).astype(np.int64).reshape(-1)
 
 
 def run_image_fn(fn_args) -> None:
@@ -83,8 +94,11 @@ def run_image_fn(fn_args) -> None:
         raise ValueError(f"image data sets train with --trainer dp_sgd only (got {kind_name!r})")
     model = config.get("image_model") or "scatternet_linear"
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
-    train_x, train_y = load_transformed_images(fn_args.train_files, spec)
-    eval_x, eval_y = load_transformed_images(fn_args.eval_files, spec)
+    import tensorflow_transform as tft
+
+    transform_output = tft.TFTransformOutput(fn_args.transform_output)
+    train_x, train_y = load_transformed_images(fn_args.train_files, transform_output, spec)
+    eval_x, eval_y = load_transformed_images(fn_args.eval_files, transform_output, spec)
     result = run_image_training(
         spec, model, kind_name, get_trainer(kind_name), config.get("trainer_args") or {},   # planned by plan_for
         privacy_with_receipts(config.get("privacy", {}), fn_args), train_x, train_y, eval_x, eval_y,
@@ -118,9 +132,9 @@ def export_image_model(model, spec: DatasetSpec, model_name: str, serving_model_
     def predict(pixels):
         return core(tf.reshape(pixels, [-1, h, w, c]))
 
-    def parse(examples):
-        parsed = tf.io.parse_example(examples, {image_key: tf.io.FixedLenFeature([img.num_pixels], tf.int64)})
-        return tf.cast(parsed[image_key], tf.float32)
+    def parse(examples):   # one encoded image (PNG) per example, as ExampleGen writes it
+        parsed = tf.io.parse_example(examples, {image_key: tf.io.FixedLenFeature([], tf.string)})
+        return tf.cast(decode_images(parsed[image_key], img.shape), tf.float32)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
     def serve_examples(examples):

@@ -244,9 +244,9 @@ def test_the_pushed_model_alone_predicts_raw_pixels(image_run):
     assert p.shape == (EVAL, 10) and np.allclose(p.sum(axis=1), 1.0, atol=1e-4)
     accuracy = float((p.argmax(axis=1) == labels[:EVAL]).mean())
     assert accuracy > 0.6
-    # serialized examples give the same answer as raw pixels
+    # serialized examples (the image encoded as one PNG, as ExampleGen writes it) give the same answer as raw pixels
     examples = [tf.train.Example(features=tf.train.Features(feature={"image": tf.train.Feature(
-        int64_list=tf.train.Int64List(value=img.reshape(-1).astype(int).tolist()))})).SerializeToString()
+        bytes_list=tf.train.BytesList(value=[tf.io.encode_png(img[..., None]).numpy()]))})).SerializeToString()
         for img in images[:20]]
     via_examples = model.signatures["serving_default"](examples=tf.constant(examples))["probabilities"].numpy()
     np.testing.assert_allclose(via_examples, p[:20], atol=1e-5)
