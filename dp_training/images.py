@@ -98,10 +98,12 @@ def scattering_cache_name(pixels: np.ndarray, J: int = SCATTERING_J) -> str:
     return f"scattering-J{J}-{'x'.join(map(str, pixels.shape))}-kymatio{kymatio.__version__}-{key}.npy"
 
 
-def scattering_features(pixels: np.ndarray, cache_dir: Optional[str], J: int = SCATTERING_J, batch: int = 1000,
+def scattering_features(pixels: np.ndarray, cache_dir: Optional[str], J: int = SCATTERING_J, batch: int = 256,
                         log: Callable[[str], None] = lambda m: None) -> np.ndarray:
     """ScatterNet features of ``pixels`` ([n, h, w, c] float32 in [0, 1]), from ``cache_dir`` when computed
-    before (key: content hash of the pixels, J, shape, kymatio's version)."""
+    before (key: content hash of the pixels, J, shape, kymatio's version). ``batch``: images per call; small
+    batches keep kymatio's many FFT intermediates in the CPU's caches (256 computed Fashion-MNIST's 70,000 images
+    about a quarter faster than 1000 on this 2-core machine)."""
     import tensorflow as tf
 
     pixels = np.ascontiguousarray(pixels, np.float32)
