@@ -10,7 +10,7 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA_DIR = os.path.join(PROJECT_ROOT, "data", "adult")
 DEFAULT_WORKDIR = os.path.join(os.getcwd(), "privtrain-work")
 # Code whose changes change Transform's or the Trainer's output (part of their cache keys).
-TRAINING_CODE = ("pipeline/transform.py", "pipeline/model.py", "pipeline/image_pipeline.py",
+TRAINING_CODE = ("pipeline/transform.py", "pipeline/model.py", "pipeline/image_pipeline.py", "pipeline/image_codec.py",
                  "pipeline/trainer_executor.py", "pipeline/trainers", "dp_training", "core", "federated")
 
 

@@ -13,6 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 ENCODING = "png"
+# The examples' form, named in ExampleGen's config (its cache key): change it when the form changes.
+IMAGE_EXAMPLE_FORMAT = "image:png+label:int64"
 
 
 def _encoder(shape: Tuple[int, int, int]):

@@ -14,7 +14,7 @@ applies to every file before the pipeline starts.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 import apache_beam as beam
 import tensorflow as tf
@@ -31,9 +31,15 @@ from pipeline.data_gate import FLOAT, INT, STRING, as_declared, declared_types  
 
 
 
-def spec_to_custom_config(spec: DatasetSpec) -> example_gen_pb2.CustomConfig:
+EXAMPLE_FORMAT_KEY = "example_format"
+
+
+def spec_to_custom_config(spec: DatasetSpec, example_format: Optional[str] = None) -> example_gen_pb2.CustomConfig:
+    """ExampleGen's custom config: the data set's description, plus ``example_format`` (a name of the examples'
+    form, e.g. the image encoding) so that a change of the form changes ExampleGen's cache key: a workdir's cached
+    examples of an older form are never reused."""
     struct = struct_pb2.Struct()
-    struct.update(spec.to_json_dict())
+    struct.update({**spec.to_json_dict(), **({EXAMPLE_FORMAT_KEY: example_format} if example_format else {})})
     config = example_gen_pb2.CustomConfig()
     config.custom_config.Pack(struct)
     return config
@@ -45,7 +51,9 @@ def spec_from_exec_properties(exec_properties: Dict[str, Any]) -> DatasetSpec:
         config = proto_utils.json_to_proto(config, example_gen_pb2.CustomConfig())
     struct = struct_pb2.Struct()
     config.custom_config.Unpack(struct)
-    return DatasetSpec.from_json_dict(json_format.MessageToDict(struct))
+    description = json_format.MessageToDict(struct)
+    description.pop(EXAMPLE_FORMAT_KEY, None)
+    return DatasetSpec.from_json_dict(description)
 
 
 def _cell_type(cell: str) -> str:

@@ -15,6 +15,7 @@ from tfx.proto import example_gen_pb2
 from pipeline.beam_options import beam_pipeline_args
 from pipeline.config import RunConfig, code_version
 from core.dataset import DatasetSpec
+from pipeline.image_codec import IMAGE_EXAMPLE_FORMAT
 from pipeline.image_ingest import IdxExampleGenExecutor
 from pipeline.ingest import DelimitedExampleGenExecutor, spec_to_custom_config
 from pipeline.trainer_executor import PrivacyRecordingTrainerExecutor
@@ -82,7 +83,8 @@ def create_pipeline(config: RunConfig, spec: DatasetSpec, name: str = None) -> t
         input_base=spec.raw_directory,
         input_config=example_gen_pb2.Input(splits=[
             example_gen_pb2.Input.Split(name=split, pattern=pattern) for split, pattern in spec.splits.items()]),
-        custom_config=spec_to_custom_config(spec),
+        # images: the examples' form (one PNG per image) is part of ExampleGen's cache key
+        custom_config=spec_to_custom_config(spec, IMAGE_EXAMPLE_FORMAT if spec.is_image else None),
         custom_executor_spec=executor_spec.BeamExecutorSpec(
             IdxExampleGenExecutor if spec.is_image else DelimitedExampleGenExecutor),
     ).with_id("ExampleGen")

@@ -121,3 +121,25 @@ def test_the_image_pipeline_trains_on_examplegens_examples_through_the_transform
         is None
     assert trainer.inputs["examples"].producer_component_id == "ExampleGen"
     assert trainer.inputs["transform_graph"].producer_component_id == "Transform"
+
+
+def test_the_examples_form_is_part_of_examplegens_cache_key(sample, tmp_path):
+    """A workdir whose ExampleGen ran before the PNG form (784 int64 pixels) must not reuse those examples from
+    TFX's cache (the new reference schema would reject them): the form is in ExampleGen's exec properties."""
+    from google.protobuf import json_format, struct_pb2
+    from tfx.proto import example_gen_pb2
+    from tfx.utils import proto_utils
+
+    from pipeline.config import RunConfig
+    from pipeline.ingest import spec_from_exec_properties
+    from pipeline.pipeline_def import create_pipeline
+
+    pipeline = create_pipeline(RunConfig(workdir=str(tmp_path)), sample)
+    example_gen = next(c for c in pipeline.components if c.id == "ExampleGen")
+    config = example_gen.exec_properties["custom_config"]
+    if isinstance(config, str):
+        config = proto_utils.json_to_proto(config, example_gen_pb2.CustomConfig())
+    struct = struct_pb2.Struct()
+    config.custom_config.Unpack(struct)
+    assert json_format.MessageToDict(struct)["example_format"] == "image:png+label:int64"
+    assert spec_from_exec_properties(example_gen.exec_properties) == sample   # the description round-trips
