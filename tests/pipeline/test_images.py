@@ -265,3 +265,39 @@ def test_privtrain_predict_reads_an_idx_file(image_run, tmp_path):
     bad.write_bytes(b"\x00\x00\x09\x03" + b"\x00" * 20)
     result = run_cli("predict", "--workdir", workdir, "--input", str(bad))
     assert result.returncode == 2 and "not an IDX file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_served_model_answers_raw_pixels_and_png_examples(image_run):
+    """``privtrain serve``'s server on the pushed version: ``predict_raw`` on raw pixels, ``classify`` on serialized
+    examples in ExampleGen's form (the image as one PNG, sent base64 like TF Serving's REST API) give the same
+    probabilities; the server is stopped whatever happens."""
+    import base64
+    import urllib.request
+
+    import tensorflow as tf
+
+    from serving import serve
+
+    _, workdir, _, _ = image_run
+    images, labels = _package_split("t10k")
+    n = 8
+
+    def post(port, verb, body):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/{os.path.basename(FMNIST)}:{verb}",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+
+    with serve(os.path.join(workdir, "serving"), rest_port=0, grpc_port=0, backend="builtin",
+               log=lambda m: None) as server:
+        raw = post(server.rest_port, "predict", {"signature_name": "predict_raw",
+                                                 "instances": images[:n].astype(float).tolist()})
+        pngs = [base64.b64encode(tf.io.encode_png(img[..., None]).numpy()).decode() for img in images[:n]]
+        classified = post(server.rest_port, "classify", {"signature_name": "classify",
+                                                         "examples": [{"image": {"b64": b}} for b in pngs]})
+    p_raw = np.array([row["probabilities"] for row in raw["predictions"]])
+    p_examples = np.array([[score for _, score in row] for row in classified["results"]])
+    assert p_raw.shape == (n, 10)
+    np.testing.assert_allclose(p_examples, p_raw, atol=1e-5)
+    assert classified["results"][0][0][0] == "T-shirt/top"
+    assert (p_raw.argmax(axis=1) == labels[:n]).mean() >= 0.5
