@@ -2,12 +2,18 @@
 
 ``scatternet_linear`` (default)
     ScatterNet features (kymatio 0.3's Keras ``Scattering2D``, J=2: 81 channels of 7x7 for a 28x28 grey image;
-    no trainable weights, no data dependence) -> per-channel standardisation with DP means and variances
-    (``dp_training.preprocessing.release_channel_moments``, released and charged by the privacy protocol) ->
-    one Dense layer (the logits). Trains on cached features on the fused Dense fast path of DP-SGD.
+    no trainable weights, no data dependence) -> a per-example GroupNorm (27 groups of 3 channels, no affine
+    weights: each image is standardised by its own statistics, so it costs no privacy and the whole epsilon goes
+    to DP-SGD; Tramèr & Boneh 2021's Fashion-MNIST setting) -> one Dense layer (the logits). Trains on cached
+    features on the fused Dense fast path of DP-SGD.
+``scatternet_linear_dpnorm``
+    the same linear model with the per-channel standardisation of Tramèr & Boneh's ``BN`` option instead of the
+    GroupNorm: DP means and variances of the features (``dp_training.preprocessing.release_channel_moments``,
+    released and charged by the privacy protocol as its preprocessing release, composed with DP-SGD).
 ``scatternet_cnn``
-    the same standardised ScatterNet features -> Conv2D(16, 3, stride 2) -> Conv2D(32, 3) -> Dense(32) -> logits,
-    tanh activations (Tramèr & Boneh 2021's ScatterNet+CNN for MNIST-sized images).
+    the DP-standardised ScatterNet features (as ``scatternet_linear_dpnorm``) -> Conv2D(16, 3, stride 2) ->
+    Conv2D(32, 3) -> Dense(32) -> logits, tanh activations (Tramèr & Boneh 2021's ScatterNet+CNN for MNIST-sized
+    images).
 ``cnn``
     Papernot et al. 2021's end-to-end CNN with tempered sigmoids (tanh) on the pixels: Conv2D(16, 8, stride 2)
     -> MaxPool(2, stride 1) -> Conv2D(32, 4, stride 2) -> MaxPool(2, stride 1) -> Dense(32) -> logits.
@@ -20,8 +26,8 @@ hash, J, the shape and kymatio's version; it is derived from private rows and is
 model contains the scattering layer and takes raw pixels (``image_serving_model``).
 
 Hyper-parameters (``IMAGE_DEFAULTS``): Tramèr & Boneh's published Fashion-MNIST settings (their repository
-ftramer/Handcrafted-DP, README: ScatterNet+linear batch 8192, lr 16; CNNs batch 2048, lr 4; 40 epochs, momentum
-0.9, clip 0.1), not chosen on the test split.
+ftramer/Handcrafted-DP, README: ScatterNet+linear batch 8192, lr 16, ``--input_norm=GroupNorm --num_groups=27``;
+CNNs batch 2048, lr 4; 40 epochs, momentum 0.9, clip 0.1), not chosen on the test split.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-MODELS = ("scatternet_linear", "scatternet_cnn", "cnn")
+MODELS = ("scatternet_linear", "scatternet_linear_dpnorm", "scatternet_cnn", "cnn")
 DEFAULT_MODEL = "scatternet_linear"
 SCATTERING_J = 2
 SCATTERING_KEY = "scattering"     # model input: ScatterNet features [n, channels, h/4, w/4]
@@ -40,9 +46,20 @@ PIXELS_KEY = "pixels"             # model input: pixels scaled to [0, 1], [n, h,
 IMAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "scatternet_linear": {"batch_size": 8192, "learning_rate": 16.0, "epochs": 40, "momentum": 0.9,
                           "l2_norm_clip": 0.1},
+    "scatternet_linear_dpnorm": {"batch_size": 8192, "learning_rate": 16.0, "epochs": 40, "momentum": 0.9,
+                                 "l2_norm_clip": 0.1},
     "scatternet_cnn": {"batch_size": 2048, "learning_rate": 4.0, "epochs": 40, "momentum": 0.9, "l2_norm_clip": 0.1},
     "cnn": {"batch_size": 2048, "learning_rate": 4.0, "epochs": 40, "momentum": 0.9, "l2_norm_clip": 0.1},
 }
+
+
+# How each model standardises its ScatterNet features: "group_norm" (per example, no privacy cost),
+# "dp_channel_moments" (DP per-channel statistics: the privacy protocol's preprocessing release) or None (pixels).
+NORMALIZATION: Dict[str, Optional[str]] = {
+    "scatternet_linear": "group_norm", "scatternet_linear_dpnorm": "dp_channel_moments",
+    "scatternet_cnn": "dp_channel_moments", "cnn": None}
+GROUP_NORM_GROUPS = 27        # Tramèr & Boneh's --num_groups for Fashion-MNIST: 3 of the 81 channels per group
+GROUP_NORM_EPSILON = 1e-5     # PyTorch's GroupNorm default, as in their code
 
 
 def check_model(name: str) -> str:
@@ -53,6 +70,11 @@ def check_model(name: str) -> str:
 
 def uses_scattering(model: str) -> bool:
     return model.startswith("scatternet")
+
+
+def uses_dp_normalization(model: str) -> bool:
+    """True when ``model`` standardises with DP per-channel statistics (a preprocessing release of the plan)."""
+    return NORMALIZATION[check_model(model)] == "dp_channel_moments"
 
 
 def scaled_pixels(images: np.ndarray, low: int, high: int) -> np.ndarray:
@@ -128,7 +150,8 @@ def scattering_features(pixels: np.ndarray, cache_dir: Optional[str], J: int = S
 # ------------------------------------------------------------------------------------------------------------
 def build_image_model(model: str, input_shape: Tuple[int, ...], num_classes: int, channel_stats=None,
                       seed: int = 0):
-    """The trainable model over its input (``SCATTERING_KEY`` features or ``PIXELS_KEY`` pixels) -> logits."""
+    """The trainable model over its input (``SCATTERING_KEY`` features or ``PIXELS_KEY`` pixels) -> logits.
+    ``channel_stats``: the released DP channel moments (``dp_channel_moments`` models only; ignored otherwise)."""
     import tensorflow as tf
 
     L = tf.keras.layers
@@ -136,11 +159,16 @@ def build_image_model(model: str, input_shape: Tuple[int, ...], num_classes: int
     check_model(model)
     if uses_scattering(model):
         inputs = tf.keras.Input(shape=input_shape, name=SCATTERING_KEY, dtype=tf.float32)
-        k = input_shape[0]
-        mean = list(channel_stats.mean) if channel_stats is not None else [0.0] * k
-        var = list(channel_stats.variance) if channel_stats is not None else [1.0] * k
-        x = L.Normalization(axis=1, mean=mean, variance=var, name="scattering_dp_norm")(inputs)
-        if model == "scatternet_linear":
+        if NORMALIZATION[model] == "group_norm":
+            # per example: each image's channels standardised by that image's own group statistics (no weights)
+            x = L.GroupNormalization(groups=GROUP_NORM_GROUPS, axis=1, epsilon=GROUP_NORM_EPSILON, center=False,
+                                     scale=False, name="scattering_group_norm")(inputs)
+        else:
+            k = input_shape[0]
+            mean = list(channel_stats.mean) if channel_stats is not None else [0.0] * k
+            var = list(channel_stats.variance) if channel_stats is not None else [1.0] * k
+            x = L.Normalization(axis=1, mean=mean, variance=var, name="scattering_dp_norm")(inputs)
+        if model.startswith("scatternet_linear"):
             x = L.Flatten(name="flatten")(x)
         else:
             x = L.Permute((2, 3, 1), name="channels_last")(x)
@@ -203,7 +231,8 @@ class ChannelNormalization:
 
 
 __all__ = ["MODELS", "DEFAULT_MODEL", "IMAGE_DEFAULTS", "image_trainer_args", "run_image_training", "model_inputs", "build_image_model", "image_serving_model",
-           "scattering_features", "scattering_channels", "scaled_pixels", "ChannelNormalization", "check_model", "uses_scattering"]
+           "scattering_features", "scattering_channels", "scaled_pixels", "ChannelNormalization", "check_model", "uses_scattering",
+           "uses_dp_normalization", "NORMALIZATION", "GROUP_NORM_GROUPS"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -234,9 +263,9 @@ def run_image_training(spec, model: str, kind_name: str, kind, trainer_args: Map
                        privacy_args: Optional[Mapping[str, Any]], train_pixels: np.ndarray, train_labels,
                        eval_pixels: np.ndarray, eval_labels, scratch_dir: str, cache_dir: Optional[str],
                        log=print, not_covered=(), ledger=None, seed: int = 0):
-    """plan -> reserve -> DP channel moments (ScatterNet models) -> train -> finish, on pixels scaled to [0, 1]
-    (``scaled_pixels``). Returns ``dp_training.protocol.PrivateRunResult``; its ``normalization`` is the released
-    ``ChannelStats`` (None for the pixel CNN)."""
+    """plan -> reserve -> DP channel moments (``dp_channel_moments`` models) -> train -> finish, on pixels scaled
+    to [0, 1] (``scaled_pixels``). Returns ``dp_training.protocol.PrivateRunResult``; its ``normalization`` is the
+    released ``ChannelStats`` (None for the GroupNorm model and the pixel CNN: nothing released before DP-SGD)."""
     from dp_training.planner import PlanOptions
     from dp_training.protocol import run_private_training
 
@@ -245,7 +274,7 @@ def run_image_training(spec, model: str, kind_name: str, kind, trainer_args: Map
     eval_x = model_inputs(model, eval_pixels, cache_dir, log)
     key = next(iter(train_x))
     input_shape = tuple(train_x[key].shape[1:])
-    preprocessing = ChannelNormalization(input_shape[0]) if uses_scattering(model) else _NoPreprocessing()
+    preprocessing = ChannelNormalization(input_shape[0]) if uses_dp_normalization(model) else _NoPreprocessing()
     return run_private_training(
         spec, kind_name, trainer_args, privacy_args, train_x, np.asarray(train_labels, np.float32), eval_x,
         np.asarray(eval_labels, np.float32), scratch_dir=scratch_dir, kind=_NamedModelKind(kind, model), log=log,
@@ -273,7 +302,8 @@ class _NamedModelKind:
 
 
 class _NoPreprocessing:
-    """The pixel CNN standardises nothing beyond the public scaling: no preprocessing release."""
+    """No preprocessing release: the pixel CNN standardises nothing beyond the public scaling, the GroupNorm
+    model standardises each image by its own statistics (inside the model)."""
 
     keys: Tuple[str, ...] = ()
     covers = None

@@ -17,12 +17,13 @@ def _plan(n, bs, clip, sigma=0.0):
             "sampling_rate": bs / n, "num_rows": n}
 
 
-def test_multiclass_fused_dense_step_equals_naive_per_example_clipping():
+@pytest.mark.parametrize("name", ["scatternet_linear", "scatternet_linear_dpnorm"])
+def test_multiclass_fused_dense_step_equals_naive_per_example_clipping(name):
     rng = np.random.default_rng(0)
-    n, k = 24, 6
+    n, k = 24, 27
     x = rng.normal(size=(n, k, 3, 3)).astype(np.float32)
     y = rng.integers(0, 10, size=(n, 1)).astype(np.float32)
-    model = build_image_model("scatternet_linear", (k, 3, 3), 10, seed=3)
+    model = build_image_model(name, (k, 3, 3), 10, seed=3)
     assert supports_fused_dense(model)
     w0 = [v.numpy().copy() for v in model.trainable_variables]
     clip, expected = 0.05, 16.0
@@ -31,7 +32,7 @@ def test_multiclass_fused_dense_step_equals_naive_per_example_clipping():
     stepper.step({"scattering": tf.constant(x)}, tf.constant(y))
     fused = [w0[i] - v.numpy() for i, v in enumerate(model.trainable_variables)]   # = clipped sum / expected
 
-    naive_model = build_image_model("scatternet_linear", (k, 3, 3), 10, seed=3)
+    naive_model = build_image_model(name, (k, 3, 3), 10, seed=3)
     total = [np.zeros_like(w) for w in w0]
     clipped_any = False
     for i in range(n):
@@ -46,6 +47,33 @@ def test_multiclass_fused_dense_step_equals_naive_per_example_clipping():
     assert clipped_any
     for a, b in zip(fused, total):
         np.testing.assert_allclose(a, b / expected, rtol=1e-4, atol=1e-7)
+
+
+def _normalised(model, x):
+    """The default model's input to its Dense layer (the GroupNorm'd, flattened ScatterNet features)."""
+    features = tf.keras.Model(model.inputs, model.get_layer("flatten").output)
+    return features(tf.constant(x), training=True).numpy()
+
+
+def test_the_group_norm_is_per_example_so_other_images_never_change_one_images_features():
+    """No privacy cost: an image's normalised features depend on that image only (a batch statistic, e.g. a
+    BatchNormalization in training mode, would fail this), and they are its own group-standardised channels."""
+    from dp_training.images import GROUP_NORM_GROUPS
+
+    rng = np.random.default_rng(1)
+    k = 81
+    model = build_image_model("scatternet_linear", (k, 7, 7), 10, seed=0)
+    assert not any(layer.trainable_weights for layer in model.layers if layer.name != "logits")
+    x = np.abs(rng.normal(size=(6, k, 7, 7))).astype(np.float32) * rng.uniform(0.01, 5.0, size=(6, k, 1, 1))
+    other = (np.abs(rng.normal(size=(40, k, 7, 7))) * 50.0).astype(np.float32)   # very different images
+    alone = _normalised(model, x[:1])
+    in_batch = _normalised(model, x)[:1]
+    with_others = _normalised(model, np.concatenate([x[:1], other]))[:1]    # another image added ...
+    np.testing.assert_allclose(in_batch, alone, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(with_others, alone, rtol=0, atol=1e-5)     # ... or removed: nothing moves
+    groups = x[:1].reshape(1, GROUP_NORM_GROUPS, -1).astype(np.float64)
+    expected = (groups - groups.mean(-1, keepdims=True)) / np.sqrt(groups.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(alone, expected.reshape(1, -1), rtol=1e-4, atol=1e-4)
 
 
 def test_the_cnns_are_plain_conv_layers_on_the_fast_clipping_path():
