@@ -275,19 +275,76 @@ def run_image_training(spec, model: str, kind_name: str, kind, trainer_args: Map
     key = next(iter(train_x))
     input_shape = tuple(train_x[key].shape[1:])
     preprocessing = ChannelNormalization(input_shape[0]) if uses_dp_normalization(model) else _NoPreprocessing()
+    built: Dict[str, Any] = {}
+    head_only = NORMALIZATION[model] == "group_norm"
+    if head_only:
+        # The GroupNorm and the Flatten are parameter-free and per example: their output is computed once here
+        # and DP-SGD trains the Dense layer on it (the same step as through the whole model, without normalising
+        # 8192 x 3969 features at every step); the run returns the whole model (``_NamedModelKind``).
+        prefix = fixed_feature_model(build_image_model(model, input_shape, spec.num_classes, None, seed))
+        train_x = {NORMALISED_KEY: per_example_features(prefix, train_x[SCATTERING_KEY])}
+        eval_x = {NORMALISED_KEY: per_example_features(prefix, eval_x[SCATTERING_KEY])}
+
+    def model_builder(stats):
+        built["model"] = build_image_model(model, input_shape, spec.num_classes, stats, seed)
+        return dense_head_model(built["model"]) if head_only else built["model"]
+
     return run_private_training(
         spec, kind_name, trainer_args, privacy_args, train_x, np.asarray(train_labels, np.float32), eval_x,
-        np.asarray(eval_labels, np.float32), scratch_dir=scratch_dir, kind=_NamedModelKind(kind, model), log=log,
-        not_covered=not_covered,
+        np.asarray(eval_labels, np.float32), scratch_dir=scratch_dir,
+        kind=_NamedModelKind(kind, model, built), log=log, not_covered=not_covered,
         ledger=ledger, preprocessing=preprocessing, plan_options=PlanOptions(image_model=model),
-        model_builder=lambda stats: build_image_model(model, input_shape, spec.num_classes, stats, seed))
+        model_builder=model_builder)
+
+
+NORMALISED_KEY = "scattering_normalised"   # the GroupNorm model's Dense input, [n, channels * h' * w']
+
+
+def fixed_feature_model(model):
+    """The parameter-free per-example part of a ScatterNet linear model: its input -> the Dense layer's input."""
+    import tensorflow as tf
+
+    return tf.keras.Model(model.inputs, model.get_layer("flatten").output)
+
+
+def per_example_features(prefix, features: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """``prefix`` (``fixed_feature_model``) applied to every row, in chunks: a per-example map, so the chunking
+    changes nothing."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: prefix(x, training=False),
+                     input_signature=[tf.TensorSpec((None,) + tuple(features.shape[1:]), tf.float32)])
+    return np.concatenate([fn(np.asarray(features[s:s + batch], np.float32)).numpy()
+                           for s in range(0, len(features), batch)])
+
+
+def dense_head_model(model):
+    """A model from the Dense layer's input (``NORMALISED_KEY``) to the logits: a copy of ``model``'s Dense layer
+    (same initial weights); ``load_head`` puts its trained weights back into ``model``."""
+    import tensorflow as tf
+
+    logits = model.get_layer("logits")
+    inputs = tf.keras.Input(shape=tuple(model.get_layer("flatten").output.shape[1:]), name=NORMALISED_KEY)
+    layer = tf.keras.layers.Dense.from_config(logits.get_config())
+    head = tf.keras.Model(inputs, layer(inputs), name=f"{model.name}_head")
+    layer.set_weights(logits.get_weights())
+    return head
+
+
+def load_head(model, head):
+    """``model`` with the trained weights of its ``dense_head_model``."""
+    model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
+    return model
 
 
 class _NamedModelKind:
-    """The trainer kind, plus the image model's name in its public details (privacy.json, training.json)."""
+    """The trainer kind, plus the image model's name in its public details (privacy.json, training.json); the
+    outcome's model is the whole model built for the run (``built["model"]``; the GroupNorm model trains a copy of
+    its Dense head, whose weights are loaded back)."""
 
-    def __init__(self, inner, model: str):
+    def __init__(self, inner, model: str, built: Optional[Dict[str, Any]] = None):
         self.inner, self.model, self.name = inner, model, inner.name
+        self.built = built if built is not None else {}
 
     def config(self, args):
         return self.inner.config(args)
@@ -298,6 +355,8 @@ class _NamedModelKind:
     def train(self, context):
         outcome = self.inner.train(context)
         outcome.public_details["model"] = self.model
+        if "model" in self.built and outcome.model is not self.built["model"]:
+            outcome.model = load_head(self.built["model"], outcome.model)
         return outcome
 
 
