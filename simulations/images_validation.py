@@ -50,7 +50,7 @@ def validation_split(cache: str, groups: int, transform: str = "none"):
     return features[tr], y[tr], features[va], y[va]
 
 
-def train(xtr, ytr, xva, yva, batch, lr, epochs, seed, eps, clip, momentum, emas):
+def train(xtr, ytr, xva, yva, batch, lr, epochs, seed, eps, clip, momentum, emas, init="glorot"):
     from dp_training.calibration import calibrate_noise_multiplier
 
     n, d = xtr.shape
@@ -60,6 +60,8 @@ def train(xtr, ytr, xva, yva, batch, lr, epochs, seed, eps, clip, momentum, emas
     rng = np.random.default_rng(seed)
     limit = np.sqrt(6 / (d + 10))                      # Keras' Glorot uniform
     w = rng.uniform(-limit, limit, (d, 10)).astype(np.float32)
+    if init == "zeros":
+        w[:] = 0.0
     b = np.zeros(10, np.float32)
     vw, vb = np.zeros_like(w), np.zeros_like(b)
     avg = {e: (w.copy(), b.copy()) for e in emas}
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--clip", type=float, default=0.1)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--groups", type=int, default=27)
+    p.add_argument("--init", choices=["glorot", "zeros"], default="glorot", help="the linear layer's kernel")
     p.add_argument("--transform", choices=sorted(TRANSFORMS), default="none",
                    help="a per-example map of the ScatterNet features before the GroupNorm")
     p.add_argument("--ema", default="0.9,0.95,0.98")
@@ -112,8 +115,9 @@ def main(argv=None) -> int:
         batch, lr, epochs = point.split(":")
         for seed in a.seeds.split(","):
             t0 = time.time()
-            r = train(*data, int(batch), float(lr), float(epochs), int(seed), a.eps, a.clip, a.momentum, emas)
-            r["seconds"] = round(time.time() - t0)
+            r = train(*data, int(batch), float(lr), float(epochs), int(seed), a.eps, a.clip, a.momentum, emas, a.init)
+            r.update({"groups": a.groups, "transform": a.transform, "init": a.init,
+                      "seconds": round(time.time() - t0)})
             print(json.dumps(r), flush=True)
     return 0
 
