@@ -38,19 +38,30 @@ def group_norm(features: np.ndarray, groups: int, eps: float = 1e-5) -> np.ndarr
 TRANSFORMS = {"none": lambda s: s, "sqrt": np.sqrt, "log": lambda s: np.log(s + 1e-3)}
 
 
-def validation_split(cache: str, groups: int, transform: str = "none"):
+def validation_split(cache: str, groups: int, transform: str = "none", flips: bool = False):
+    """(train, train labels, validation, validation labels[, the training rows' mirrored images' features])."""
     from dp_training.images import scattering_features
     from simulations.bench_images import load
 
     _, x, y, _, _ = load()            # the test images are loaded by the helper but never used here
-    features = group_norm(TRANSFORMS[transform](np.asarray(scattering_features(x, cache), np.float32)), groups)
+
+    def feats(pixels):
+        return group_norm(TRANSFORMS[transform](np.asarray(scattering_features(pixels, cache), np.float32)), groups)
+
+    features = feats(x)
     y = np.asarray(y, np.int64)
     perm = np.random.default_rng(SPLIT_SEED).permutation(len(y))
     va, tr = perm[:VALIDATION_ROWS], perm[VALIDATION_ROWS:]
-    return features[tr], y[tr], features[va], y[va]
+    out = [features[tr], y[tr], features[va], y[va]]
+    del features
+    if flips:                         # left-right mirrored images: a public, per-example augmentation
+        out.append(feats(np.ascontiguousarray(x[:, :, ::-1, :]))[tr])
+    return out
 
 
-def train(xtr, ytr, xva, yva, batch, lr, epochs, seed, eps, clip, momentum, emas, init="glorot"):
+def train(xtr, ytr, xva, yva, batch, lr, epochs, seed, eps, clip, momentum, emas, init="glorot", xflip=None):
+    """``xflip``: augmentation multiplicity 2 (De et al. 2022): each example's gradient is the mean of its own and
+    its mirrored image's, clipped as one (so one example still moves the sum by at most C)."""
     from dp_training.calibration import calibrate_noise_multiplier
 
     n, d = xtr.shape
@@ -70,15 +81,22 @@ def train(xtr, ytr, xva, yva, batch, lr, epochs, seed, eps, clip, momentum, emas
     for t in range(steps):
         idx = np.flatnonzero(rng.random(n) < q)
         a = xtr[idx]
-        z = a @ w + b
-        z -= z.max(1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(1, keepdims=True)
-        p[np.arange(len(idx)), ytr[idx]] -= 1.0        # d loss / d logits, per example
-        factor = clip / np.sqrt(np.maximum(sq_inputs[idx] * (p ** 2).sum(1), clip * clip))
-        dz = p * factor[:, None]
-        gw = a.T @ dz + rng.normal(0, sigma * clip, w.shape).astype(np.float32)
-        gb = dz.sum(0) + rng.normal(0, sigma * clip, b.shape).astype(np.float32)
+        p = dlogits(a, w, b, ytr[idx])
+        if xflip is None:
+            factor = clip / np.sqrt(np.maximum(sq_inputs[idx] * (p ** 2).sum(1), clip * clip))
+            dz = p * factor[:, None]
+            gw = a.T @ dz
+            gb = dz.sum(0)
+        else:                                           # g = (a1 p1^T + a2 p2^T) / 2 (+ bias (p1 + p2) / 2)
+            a2 = xflip[idx]
+            p2 = dlogits(a2, w, b, ytr[idx])
+            sq = (sq_inputs[idx] - 1) * (p ** 2).sum(1) + ((a2 ** 2).sum(1)) * (p2 ** 2).sum(1) \
+                + 2 * (a * a2).sum(1) * (p * p2).sum(1) + ((p + p2) ** 2).sum(1)
+            factor = clip / np.sqrt(np.maximum(sq / 4, clip * clip))
+            gw = (a.T @ (p * factor[:, None]) + a2.T @ (p2 * factor[:, None])) / 2
+            gb = ((p + p2) * factor[:, None]).sum(0) / 2
+        gw = gw + rng.normal(0, sigma * clip, w.shape).astype(np.float32)
+        gb = gb + rng.normal(0, sigma * clip, b.shape).astype(np.float32)
         vw, vb = momentum * vw + gw, momentum * vb + gb
         w, b = w - lr / batch * vw, b - lr / batch * vb
         avg = {e: (e * aw + (1 - e) * w, e * ab + (1 - e) * b) for e, (aw, ab) in avg.items()}
@@ -95,6 +113,16 @@ def train(xtr, ytr, xva, yva, batch, lr, epochs, seed, eps, clip, momentum, emas
     return out
 
 
+def dlogits(a, w, b, labels):
+    """d cross-entropy / d logits, per example."""
+    z = a @ w + b
+    z -= z.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(labels)), labels] -= 1.0
+    return p
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", default="8192:16:40")
@@ -104,19 +132,22 @@ def main(argv=None) -> int:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--groups", type=int, default=27)
     p.add_argument("--init", choices=["glorot", "zeros"], default="glorot", help="the linear layer's kernel")
+    p.add_argument("--flip-multiplicity", action="store_true",
+                   help="average each example's gradient with its mirrored image's before clipping")
     p.add_argument("--transform", choices=sorted(TRANSFORMS), default="none",
                    help="a per-example map of the ScatterNet features before the GroupNorm")
     p.add_argument("--ema", default="0.9,0.95,0.98")
     p.add_argument("--cache", default=os.path.join(REPO, "bench-results", "cache"))
     a = p.parse_args(argv)
-    data = validation_split(a.cache, a.groups, a.transform)
+    data = validation_split(a.cache, a.groups, a.transform, a.flip_multiplicity)
+    xflip = data.pop() if a.flip_multiplicity else None
     emas = [float(e) for e in a.ema.split(",") if e]
     for point in a.grid.split(","):
         batch, lr, epochs = point.split(":")
         for seed in a.seeds.split(","):
             t0 = time.time()
-            r = train(*data, int(batch), float(lr), float(epochs), int(seed), a.eps, a.clip, a.momentum, emas, a.init)
-            r.update({"groups": a.groups, "transform": a.transform, "init": a.init,
+            r = train(*data, int(batch), float(lr), float(epochs), int(seed), a.eps, a.clip, a.momentum, emas, a.init, xflip)
+            r.update({"groups": a.groups, "transform": a.transform, "init": a.init, "flips": a.flip_multiplicity,
                       "seconds": round(time.time() - t0)})
             print(json.dumps(r), flush=True)
     return 0
