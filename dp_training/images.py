@@ -2,12 +2,18 @@
 
 ``scatternet_linear`` (default)
     ScatterNet features (kymatio 0.3's Keras ``Scattering2D``, J=2: 81 channels of 7x7 for a 28x28 grey image;
-    no trainable weights, no data dependence) -> per-channel standardisation with DP means and variances
-    (``dp_training.preprocessing.release_channel_moments``, released and charged by the privacy protocol) ->
-    one Dense layer (the logits). Trains on cached features on the fused Dense fast path of DP-SGD.
+    no trainable weights, no data dependence) -> a per-example GroupNorm (27 groups of 3 channels, no affine
+    weights: each image is standardised by its own statistics, so it costs no privacy and the whole epsilon goes
+    to DP-SGD; Tramèr & Boneh 2021's Fashion-MNIST setting) -> one Dense layer (the logits). Trains on cached
+    features on the fused Dense fast path of DP-SGD.
+``scatternet_linear_dpnorm``
+    the same linear model with the per-channel standardisation of Tramèr & Boneh's ``BN`` option instead of the
+    GroupNorm: DP means and variances of the features (``dp_training.preprocessing.release_channel_moments``,
+    released and charged by the privacy protocol as its preprocessing release, composed with DP-SGD).
 ``scatternet_cnn``
-    the same standardised ScatterNet features -> Conv2D(16, 3, stride 2) -> Conv2D(32, 3) -> Dense(32) -> logits,
-    tanh activations (Tramèr & Boneh 2021's ScatterNet+CNN for MNIST-sized images).
+    the DP-standardised ScatterNet features (as ``scatternet_linear_dpnorm``) -> Conv2D(16, 3, stride 2) ->
+    Conv2D(32, 3) -> Dense(32) -> logits, tanh activations (Tramèr & Boneh 2021's ScatterNet+CNN for MNIST-sized
+    images).
 ``cnn``
     Papernot et al. 2021's end-to-end CNN with tempered sigmoids (tanh) on the pixels: Conv2D(16, 8, stride 2)
     -> MaxPool(2, stride 1) -> Conv2D(32, 4, stride 2) -> MaxPool(2, stride 1) -> Dense(32) -> logits.
@@ -20,8 +26,8 @@ hash, J, the shape and kymatio's version; it is derived from private rows and is
 model contains the scattering layer and takes raw pixels (``image_serving_model``).
 
 Hyper-parameters (``IMAGE_DEFAULTS``): Tramèr & Boneh's published Fashion-MNIST settings (their repository
-ftramer/Handcrafted-DP, README: ScatterNet+linear batch 8192, lr 16; CNNs batch 2048, lr 4; 40 epochs, momentum
-0.9, clip 0.1), not chosen on the test split.
+ftramer/Handcrafted-DP, README: ScatterNet+linear batch 8192, lr 16, ``--input_norm=GroupNorm --num_groups=27``;
+CNNs batch 2048, lr 4; 40 epochs, momentum 0.9, clip 0.1), not chosen on the test split.
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-MODELS = ("scatternet_linear", "scatternet_cnn", "cnn")
+MODELS = ("scatternet_linear", "scatternet_linear_dpnorm", "scatternet_cnn", "cnn")
 DEFAULT_MODEL = "scatternet_linear"
 SCATTERING_J = 2
 SCATTERING_KEY = "scattering"     # model input: ScatterNet features [n, channels, h/4, w/4]
@@ -40,9 +46,20 @@ PIXELS_KEY = "pixels"             # model input: pixels scaled to [0, 1], [n, h,
 IMAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "scatternet_linear": {"batch_size": 8192, "learning_rate": 16.0, "epochs": 40, "momentum": 0.9,
                           "l2_norm_clip": 0.1},
+    "scatternet_linear_dpnorm": {"batch_size": 8192, "learning_rate": 16.0, "epochs": 40, "momentum": 0.9,
+                                 "l2_norm_clip": 0.1},
     "scatternet_cnn": {"batch_size": 2048, "learning_rate": 4.0, "epochs": 40, "momentum": 0.9, "l2_norm_clip": 0.1},
     "cnn": {"batch_size": 2048, "learning_rate": 4.0, "epochs": 40, "momentum": 0.9, "l2_norm_clip": 0.1},
 }
+
+
+# How each model standardises its ScatterNet features: "group_norm" (per example, no privacy cost),
+# "dp_channel_moments" (DP per-channel statistics: the privacy protocol's preprocessing release) or None (pixels).
+NORMALIZATION: Dict[str, Optional[str]] = {
+    "scatternet_linear": "group_norm", "scatternet_linear_dpnorm": "dp_channel_moments",
+    "scatternet_cnn": "dp_channel_moments", "cnn": None}
+GROUP_NORM_GROUPS = 27        # Tramèr & Boneh's --num_groups for Fashion-MNIST: 3 of the 81 channels per group
+GROUP_NORM_EPSILON = 1e-5     # PyTorch's GroupNorm default, as in their code
 
 
 def check_model(name: str) -> str:
@@ -53,6 +70,11 @@ def check_model(name: str) -> str:
 
 def uses_scattering(model: str) -> bool:
     return model.startswith("scatternet")
+
+
+def uses_dp_normalization(model: str) -> bool:
+    """True when ``model`` standardises with DP per-channel statistics (a preprocessing release of the plan)."""
+    return NORMALIZATION[check_model(model)] == "dp_channel_moments"
 
 
 def scaled_pixels(images: np.ndarray, low: int, high: int) -> np.ndarray:
@@ -130,7 +152,8 @@ def scattering_features(pixels: np.ndarray, cache_dir: Optional[str], J: int = S
 # ------------------------------------------------------------------------------------------------------------
 def build_image_model(model: str, input_shape: Tuple[int, ...], num_classes: int, channel_stats=None,
                       seed: int = 0):
-    """The trainable model over its input (``SCATTERING_KEY`` features or ``PIXELS_KEY`` pixels) -> logits."""
+    """The trainable model over its input (``SCATTERING_KEY`` features or ``PIXELS_KEY`` pixels) -> logits.
+    ``channel_stats``: the released DP channel moments (``dp_channel_moments`` models only; ignored otherwise)."""
     import tensorflow as tf
 
     L = tf.keras.layers
@@ -138,11 +161,16 @@ def build_image_model(model: str, input_shape: Tuple[int, ...], num_classes: int
     check_model(model)
     if uses_scattering(model):
         inputs = tf.keras.Input(shape=input_shape, name=SCATTERING_KEY, dtype=tf.float32)
-        k = input_shape[0]
-        mean = list(channel_stats.mean) if channel_stats is not None else [0.0] * k
-        var = list(channel_stats.variance) if channel_stats is not None else [1.0] * k
-        x = L.Normalization(axis=1, mean=mean, variance=var, name="scattering_dp_norm")(inputs)
-        if model == "scatternet_linear":
+        if NORMALIZATION[model] == "group_norm":
+            # per example: each image's channels standardised by that image's own group statistics (no weights)
+            x = L.GroupNormalization(groups=GROUP_NORM_GROUPS, axis=1, epsilon=GROUP_NORM_EPSILON, center=False,
+                                     scale=False, name="scattering_group_norm")(inputs)
+        else:
+            k = input_shape[0]
+            mean = list(channel_stats.mean) if channel_stats is not None else [0.0] * k
+            var = list(channel_stats.variance) if channel_stats is not None else [1.0] * k
+            x = L.Normalization(axis=1, mean=mean, variance=var, name="scattering_dp_norm")(inputs)
+        if model.startswith("scatternet_linear"):
             x = L.Flatten(name="flatten")(x)
         else:
             x = L.Permute((2, 3, 1), name="channels_last")(x)
@@ -205,7 +233,8 @@ class ChannelNormalization:
 
 
 __all__ = ["MODELS", "DEFAULT_MODEL", "IMAGE_DEFAULTS", "image_trainer_args", "run_image_training", "model_inputs", "build_image_model", "image_serving_model",
-           "scattering_features", "scattering_channels", "scaled_pixels", "ChannelNormalization", "check_model", "uses_scattering"]
+           "scattering_features", "scattering_channels", "scaled_pixels", "ChannelNormalization", "check_model", "uses_scattering",
+           "uses_dp_normalization", "NORMALIZATION", "GROUP_NORM_GROUPS"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -236,9 +265,9 @@ def run_image_training(spec, model: str, kind_name: str, kind, trainer_args: Map
                        privacy_args: Optional[Mapping[str, Any]], train_pixels: np.ndarray, train_labels,
                        eval_pixels: np.ndarray, eval_labels, scratch_dir: str, cache_dir: Optional[str],
                        log=print, not_covered=(), ledger=None, seed: int = 0):
-    """plan -> reserve -> DP channel moments (ScatterNet models) -> train -> finish, on pixels scaled to [0, 1]
-    (``scaled_pixels``). Returns ``dp_training.protocol.PrivateRunResult``; its ``normalization`` is the released
-    ``ChannelStats`` (None for the pixel CNN)."""
+    """plan -> reserve -> DP channel moments (``dp_channel_moments`` models) -> train -> finish, on pixels scaled
+    to [0, 1] (``scaled_pixels``). Returns ``dp_training.protocol.PrivateRunResult``; its ``normalization`` is the
+    released ``ChannelStats`` (None for the GroupNorm model and the pixel CNN: nothing released before DP-SGD)."""
     from dp_training.planner import PlanOptions
     from dp_training.protocol import run_private_training
 
@@ -247,20 +276,77 @@ def run_image_training(spec, model: str, kind_name: str, kind, trainer_args: Map
     eval_x = model_inputs(model, eval_pixels, cache_dir, log)
     key = next(iter(train_x))
     input_shape = tuple(train_x[key].shape[1:])
-    preprocessing = ChannelNormalization(input_shape[0]) if uses_scattering(model) else _NoPreprocessing()
+    preprocessing = ChannelNormalization(input_shape[0]) if uses_dp_normalization(model) else _NoPreprocessing()
+    built: Dict[str, Any] = {}
+    head_only = NORMALIZATION[model] == "group_norm"
+    if head_only:
+        # The GroupNorm and the Flatten are parameter-free and per example: their output is computed once here
+        # and DP-SGD trains the Dense layer on it (the same step as through the whole model, without normalising
+        # 8192 x 3969 features at every step); the run returns the whole model (``_NamedModelKind``).
+        prefix = fixed_feature_model(build_image_model(model, input_shape, spec.num_classes, None, seed))
+        train_x = {NORMALISED_KEY: per_example_features(prefix, train_x[SCATTERING_KEY])}
+        eval_x = {NORMALISED_KEY: per_example_features(prefix, eval_x[SCATTERING_KEY])}
+
+    def model_builder(stats):
+        built["model"] = build_image_model(model, input_shape, spec.num_classes, stats, seed)
+        return dense_head_model(built["model"]) if head_only else built["model"]
+
     return run_private_training(
         spec, kind_name, trainer_args, privacy_args, train_x, np.asarray(train_labels, np.float32), eval_x,
-        np.asarray(eval_labels, np.float32), scratch_dir=scratch_dir, kind=_NamedModelKind(kind, model), log=log,
-        not_covered=not_covered,
+        np.asarray(eval_labels, np.float32), scratch_dir=scratch_dir,
+        kind=_NamedModelKind(kind, model, built), log=log, not_covered=not_covered,
         ledger=ledger, preprocessing=preprocessing, plan_options=PlanOptions(image_model=model),
-        model_builder=lambda stats: build_image_model(model, input_shape, spec.num_classes, stats, seed))
+        model_builder=model_builder)
+
+
+NORMALISED_KEY = "scattering_normalised"   # the GroupNorm model's Dense input, [n, channels * h' * w']
+
+
+def fixed_feature_model(model):
+    """The parameter-free per-example part of a ScatterNet linear model: its input -> the Dense layer's input."""
+    import tensorflow as tf
+
+    return tf.keras.Model(model.inputs, model.get_layer("flatten").output)
+
+
+def per_example_features(prefix, features: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """``prefix`` (``fixed_feature_model``) applied to every row, in chunks: a per-example map, so the chunking
+    changes nothing."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: prefix(x, training=False),
+                     input_signature=[tf.TensorSpec((None,) + tuple(features.shape[1:]), tf.float32)])
+    return np.concatenate([fn(np.asarray(features[s:s + batch], np.float32)).numpy()
+                           for s in range(0, len(features), batch)])
+
+
+def dense_head_model(model):
+    """A model from the Dense layer's input (``NORMALISED_KEY``) to the logits: a copy of ``model``'s Dense layer
+    (same initial weights); ``load_head`` puts its trained weights back into ``model``."""
+    import tensorflow as tf
+
+    logits = model.get_layer("logits")
+    inputs = tf.keras.Input(shape=tuple(model.get_layer("flatten").output.shape[1:]), name=NORMALISED_KEY)
+    layer = tf.keras.layers.Dense.from_config(logits.get_config())
+    head = tf.keras.Model(inputs, layer(inputs), name=f"{model.name}_head")
+    layer.set_weights(logits.get_weights())
+    return head
+
+
+def load_head(model, head):
+    """``model`` with the trained weights of its ``dense_head_model``."""
+    model.get_layer("logits").set_weights(head.get_layer("logits").get_weights())
+    return model
 
 
 class _NamedModelKind:
-    """The trainer kind, plus the image model's name in its public details (privacy.json, training.json)."""
+    """The trainer kind, plus the image model's name in its public details (privacy.json, training.json); the
+    outcome's model is the whole model built for the run (``built["model"]``; the GroupNorm model trains a copy of
+    its Dense head, whose weights are loaded back)."""
 
-    def __init__(self, inner, model: str):
+    def __init__(self, inner, model: str, built: Optional[Dict[str, Any]] = None):
         self.inner, self.model, self.name = inner, model, inner.name
+        self.built = built if built is not None else {}
 
     def config(self, args):
         return self.inner.config(args)
@@ -271,11 +357,14 @@ class _NamedModelKind:
     def train(self, context):
         outcome = self.inner.train(context)
         outcome.public_details["model"] = self.model
+        if "model" in self.built and outcome.model is not self.built["model"]:
+            outcome.model = load_head(self.built["model"], outcome.model)
         return outcome
 
 
 class _NoPreprocessing:
-    """The pixel CNN standardises nothing beyond the public scaling: no preprocessing release."""
+    """No preprocessing release: the pixel CNN standardises nothing beyond the public scaling, the GroupNorm
+    model standardises each image by its own statistics (inside the model)."""
 
     keys: Tuple[str, ...] = ()
     covers = None

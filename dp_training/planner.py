@@ -10,9 +10,11 @@ reserves. What differs between data sets is their :class:`Modality`:
     federated simulator, which uses the public scaling only).
 ``image``
     the image Trainer's own arguments (``dp_training.images.image_trainer_args``: the model's published
-    defaults under the arguments given) and, for the ScatterNet models, the DP channel-moment release of the
-    ScatterNet features (one Gaussian event; one key per channel, the channel count is public: it follows from
-    the declared image shape and the scattering's J and L).
+    defaults under the arguments given) and, for the ScatterNet models that standardise with DP statistics
+    (``dp_training.images.uses_dp_normalization``), the DP channel-moment release of the ScatterNet features (one
+    Gaussian event; one key per channel, the channel count is public: it follows from the declared image shape and
+    the scattering's J and L). The default ``scatternet_linear`` standardises each image by its own statistics
+    (a GroupNorm inside the model) and plans no preprocessing release.
 
 Imports no TFX (nor TensorFlow): public inputs only.
 """
@@ -89,10 +91,10 @@ class Image(Modality):
         return image_trainer_args(self.model(options), args)
 
     def preprocessing(self, spec: DatasetSpec, options: PlanOptions) -> Preprocessing:
-        from dp_training.images import ChannelNormalization, scattering_channels, uses_scattering
+        from dp_training.images import ChannelNormalization, scattering_channels, uses_dp_normalization
 
         model = self.model(options)
-        if not uses_scattering(model):
+        if not uses_dp_normalization(model):
             return Preprocessing(())
         keys = ChannelNormalization(scattering_channels(spec.image.shape)).keys
         return Preprocessing(tuple(keys), ChannelNormalization.covers)

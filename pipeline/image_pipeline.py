@@ -114,7 +114,8 @@ def run_image_fn(fn_args) -> None:
 # -- Export ----------------------------------------------------------------------------------------------------
 def export_image_model(model, spec: DatasetSpec, model_name: str, serving_model_dir: str,
                        channel_stats=None) -> None:
-    from dp_training.images import SCATTERING_J, image_serving_model, uses_scattering
+    from dp_training.images import GROUP_NORM_GROUPS, NORMALIZATION, SCATTERING_J, image_serving_model, \
+        uses_scattering
 
     img = spec.image
     h, w, c = img.shape
@@ -162,6 +163,8 @@ def export_image_model(model, spec: DatasetSpec, model_name: str, serving_model_
                    "model": model_name, "classes": list(spec.classes)}
     if uses_scattering(model_name):
         description["scattering"] = {"library": "kymatio", "J": SCATTERING_J}
+        if NORMALIZATION[model_name] == "group_norm":   # per example, inside the model: nothing released
+            description["group_normalisation"] = {"groups": GROUP_NORM_GROUPS, "per_example": True}
         if channel_stats is not None:   # DP release, covered by the run's guarantee
             description["channel_normalisation"] = channel_stats.to_json()
     version = PushedVersion(serving_model_dir)

@@ -32,7 +32,8 @@ def add_run_flags(p) -> None:
     p.add_argument("--min-auc", type=float, default=0.80, help="absolute AUC a model must exceed to be blessed")
     p.add_argument("--max-auc-drop", type=float, default=0.0,
                    help="allowed AUC drop against the latest blessed model of the same trainer kind")
-    p.add_argument("--model", default=None, choices=["scatternet_linear", "scatternet_cnn", "cnn"],
+    p.add_argument("--model", default=None,
+                   choices=["scatternet_linear", "scatternet_linear_dpnorm", "scatternet_cnn", "cnn"],
                    help="image data sets: the model (default scatternet_linear; docs/image_data.md)")
     p.add_argument("--min-accuracy", type=float, default=0.5,
                    help="image data sets: overall accuracy a model must exceed to be blessed (default 0.5)")

@@ -17,12 +17,13 @@ def _plan(n, bs, clip, sigma=0.0):
             "sampling_rate": bs / n, "num_rows": n}
 
 
-def test_multiclass_fused_dense_step_equals_naive_per_example_clipping():
+@pytest.mark.parametrize("name", ["scatternet_linear", "scatternet_linear_dpnorm"])
+def test_multiclass_fused_dense_step_equals_naive_per_example_clipping(name):
     rng = np.random.default_rng(0)
-    n, k = 24, 6
+    n, k = 24, 27
     x = rng.normal(size=(n, k, 3, 3)).astype(np.float32)
     y = rng.integers(0, 10, size=(n, 1)).astype(np.float32)
-    model = build_image_model("scatternet_linear", (k, 3, 3), 10, seed=3)
+    model = build_image_model(name, (k, 3, 3), 10, seed=3)
     assert supports_fused_dense(model)
     w0 = [v.numpy().copy() for v in model.trainable_variables]
     clip, expected = 0.05, 16.0
@@ -31,7 +32,7 @@ def test_multiclass_fused_dense_step_equals_naive_per_example_clipping():
     stepper.step({"scattering": tf.constant(x)}, tf.constant(y))
     fused = [w0[i] - v.numpy() for i, v in enumerate(model.trainable_variables)]   # = clipped sum / expected
 
-    naive_model = build_image_model("scatternet_linear", (k, 3, 3), 10, seed=3)
+    naive_model = build_image_model(name, (k, 3, 3), 10, seed=3)
     total = [np.zeros_like(w) for w in w0]
     clipped_any = False
     for i in range(n):
@@ -46,6 +47,33 @@ def test_multiclass_fused_dense_step_equals_naive_per_example_clipping():
     assert clipped_any
     for a, b in zip(fused, total):
         np.testing.assert_allclose(a, b / expected, rtol=1e-4, atol=1e-7)
+
+
+def _normalised(model, x):
+    """The default model's input to its Dense layer (the GroupNorm'd, flattened ScatterNet features)."""
+    features = tf.keras.Model(model.inputs, model.get_layer("flatten").output)
+    return features(tf.constant(x), training=True).numpy()
+
+
+def test_the_group_norm_is_per_example_so_other_images_never_change_one_images_features():
+    """No privacy cost: an image's normalised features depend on that image only (a batch statistic, e.g. a
+    BatchNormalization in training mode, would fail this), and they are its own group-standardised channels."""
+    from dp_training.images import GROUP_NORM_GROUPS
+
+    rng = np.random.default_rng(1)
+    k = 81
+    model = build_image_model("scatternet_linear", (k, 7, 7), 10, seed=0)
+    assert not any(layer.trainable_weights for layer in model.layers if layer.name != "logits")
+    x = np.abs(rng.normal(size=(6, k, 7, 7))).astype(np.float32) * rng.uniform(0.01, 5.0, size=(6, k, 1, 1))
+    other = (np.abs(rng.normal(size=(40, k, 7, 7))) * 50.0).astype(np.float32)   # very different images
+    alone = _normalised(model, x[:1])
+    in_batch = _normalised(model, x)[:1]
+    with_others = _normalised(model, np.concatenate([x[:1], other]))[:1]    # another image added ...
+    np.testing.assert_allclose(in_batch, alone, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(with_others, alone, rtol=0, atol=1e-5)     # ... or removed: nothing moves
+    groups = x[:1].reshape(1, GROUP_NORM_GROUPS, -1).astype(np.float64)
+    expected = (groups - groups.mean(-1, keepdims=True)) / np.sqrt(groups.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(alone, expected.reshape(1, -1), rtol=1e-4, atol=1e-4)
 
 
 def test_the_cnns_are_plain_conv_layers_on_the_fast_clipping_path():
@@ -118,3 +146,65 @@ def test_scattering_features_are_cached_by_content(tmp_path):
     other[0, 0, 0, 0] = 0.5
     assert scattering_cache_name(other) != files[0].name    # different content, different key
     assert scattering_cache_name(pixels, J=3) != files[0].name
+
+
+def test_the_group_norm_models_dense_head_on_precomputed_features_takes_the_whole_models_step():
+    """The image Trainer computes the GroupNorm'd features once and trains the Dense head on them: one DP step
+    (no noise) there moves the weights exactly as the same step through the whole model."""
+    from dp_training.images import NORMALISED_KEY, dense_head_model, fixed_feature_model, load_head, \
+        per_example_features
+
+    rng = np.random.default_rng(2)
+    n, k = 32, 27
+    x = (np.abs(rng.normal(size=(n, k, 3, 3))) * rng.uniform(0.1, 3.0, size=(n, 1, 1, 1))).astype(np.float32)
+    y = rng.integers(0, 10, size=(n, 1)).astype(np.float32)
+    whole = build_image_model("scatternet_linear", (k, 3, 3), 10, seed=3)
+    stepper = _DPStepper(whole, "fused_dense", _plan(64, 32, 0.05), {"scattering": tf.TensorSpec((None, k, 3, 3),
+                                                                                                  tf.float32)})
+    stepper.step({"scattering": tf.constant(x)}, tf.constant(y))
+
+    other = build_image_model("scatternet_linear", (k, 3, 3), 10, seed=3)
+    head = dense_head_model(other)
+    feats = per_example_features(fixed_feature_model(other), x, batch=5)   # chunked: a per-example map
+    step = _DPStepper(head, "fused_dense", _plan(64, 32, 0.05), {NORMALISED_KEY: tf.TensorSpec(
+        (None, feats.shape[1]), tf.float32)})
+    step.step({NORMALISED_KEY: tf.constant(feats)}, tf.constant(y))
+    load_head(other, head)
+    moved = [np.abs(a.numpy() - b).max() for a, b in zip(whole.trainable_variables,
+             [v.numpy() for v in build_image_model("scatternet_linear", (k, 3, 3), 10, seed=3).trainable_variables])]
+    assert max(moved) > 1e-4                                   # the step did move the weights
+    for a, b in zip(whole.trainable_variables, other.trainable_variables):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_image_run_returns_the_whole_group_norm_model_with_the_trained_head(tmp_path):
+    """run_image_training trains the head on precomputed features but returns the whole model (ScatterNet
+    features in): it scores the eval images as the Trainer's own evaluation did, and nothing was released before
+    DP-SGD."""
+    import os
+
+    from core.dataset import load_dataset
+    from dp_training.images import image_trainer_args, run_image_training, scattering_features
+    from dp_training.ledger import Ledger
+    from dp_training.trainer import DPSGDTrainer
+    from pipeline.config import PROJECT_ROOT
+
+    spec = load_dataset(os.path.join(PROJECT_ROOT, "data", "fashion_mnist"))
+    rng = np.random.default_rng(0)
+    labels = np.arange(96) % 10
+    pixels = (rng.random((96, 28, 28, 1)) * (0.2 + labels[:, None, None, None] / 12)).astype(np.float32)
+    args = image_trainer_args("scatternet_linear", {"seed": 0, "mia": False, "epochs": 3, "batch_size": 32,
+                                                    "learning_rate": 2.0, "noise_multiplier": 0.5})
+    result = run_image_training(spec, "scatternet_linear", "dp_sgd", DPSGDTrainer(), args,
+                                {"delta": 1e-5}, pixels[:64], labels[:64], pixels[64:],
+                                labels[64:], scratch_dir=str(tmp_path / "scratch"), cache_dir=None,
+                                log=lambda m: None, ledger=Ledger(str(tmp_path / "ledger.sqlite")))
+    model = result.outcome.model
+    assert model.input_names == ["scattering"] and model.get_layer("scattering_group_norm") is not None
+    assert result.normalization is None and [m.covers for m in result.guarantee.mechanisms] == [
+        "the model's trained weights"]
+    logits = model(np.asarray(scattering_features(pixels[64:], None)), training=False).numpy()
+    accuracy = float((logits.argmax(1) == labels[64:]).mean())
+    assert accuracy == pytest.approx(result.outcome.private_details["eval_accuracy"], abs=1e-9)
+    initial = build_image_model("scatternet_linear", (81, 7, 7), 10, seed=0).get_layer("logits").get_weights()[0]
+    assert np.abs(model.get_layer("logits").get_weights()[0] - initial).max() > 1e-3   # the trained weights

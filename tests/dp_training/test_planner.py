@@ -2,7 +2,8 @@
 state is the event the Trainer reserves: compared (dp_accounting event equality) with the event the executor's
 own function (``run_private_training`` / ``run_image_training``) hands to the ledger, captured by a ledger that
 refuses the reservation, so nothing trains. Adult (dp_sgd; federated with Poisson and fixed-size client sampling)
-and Fashion-MNIST (ScatterNet + linear: the image Trainer's own arguments and its channel-moment release)."""
+and Fashion-MNIST (ScatterNet + linear: the image Trainer's own arguments; no preprocessing release with the
+default per-example GroupNorm, the channel-moment release with ``scatternet_linear_dpnorm``)."""
 from __future__ import annotations
 
 import os
@@ -123,11 +124,14 @@ def test_fashion_mnist_preflight_export_and_study_state_what_the_trainer_reserve
     config = _cli_config(["--data", FASHION, "--workdir", str(tmp_path), "--target-epsilon", "3"])
     planned = _planned_by_the_runner(config)
     reserved = _reserved_by_the_image_trainer(config, tmp_path)
-    # the ScatterNet channel-moment release is planned, and the image Trainer's own arguments (batch 8192)
-    assert isinstance(planned.preprocessing_event, dp_accounting.GaussianDpEvent)
-    assert len(planned.preprocessing.feature_keys) == 81
+    # the default (ScatterNet + per-example GroupNorm + linear) releases nothing before DP-SGD: no preprocessing
+    # event, the whole epsilon goes to DP-SGD; the image Trainer's own arguments (batch 8192)
+    assert config.image_model == "scatternet_linear"
+    assert isinstance(planned.preprocessing_event, dp_accounting.NoOpDpEvent)
+    assert len(planned.preprocessing.feature_keys) == 0
     assert planned.training.public["expected_batch_size"] == 8192
     assert planned.event == reserved and ev.to_json(planned.event) == ev.to_json(reserved)
+    assert abs(planned.planned_epsilon() - 3.0) < 0.01
     line = preflight_at_export(config, load_dataset(FASHION))
     assert f"planned epsilon {planned.planned_epsilon():.4g}" in line
 
@@ -139,6 +143,19 @@ def test_fashion_mnist_preflight_export_and_study_state_what_the_trainer_reserve
                     privacy=privacy_args(study, point))   # as simulations/study/runner.run_point builds it
     assert stated.event == _reserved_by_the_image_trainer(run, tmp_path)
     assert stated.training.public["expected_batch_size"] == 8192
+
+
+def test_fashion_mnist_dp_normalisation_model_plans_and_reserves_the_channel_moments(tmp_path):
+    """``--model scatternet_linear_dpnorm`` (Tramèr & Boneh's BN option): the ScatterNet channel-moment release
+    is planned (81 channels) and composed with DP-SGD; the Trainer reserves exactly that."""
+    config = _cli_config(["--data", FASHION, "--workdir", str(tmp_path), "--target-epsilon", "3",
+                          "--model", "scatternet_linear_dpnorm"])
+    planned = _planned_by_the_runner(config)
+    reserved = _reserved_by_the_image_trainer(config, tmp_path)
+    assert isinstance(planned.preprocessing_event, dp_accounting.GaussianDpEvent)
+    assert len(planned.preprocessing.feature_keys) == 81
+    assert planned.training.public["expected_batch_size"] == 8192
+    assert planned.event == reserved and ev.to_json(planned.event) == ev.to_json(reserved)
 
 
 def test_the_planner_and_the_contract_import_no_tfx_nor_tensorflow():

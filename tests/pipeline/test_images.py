@@ -1,6 +1,6 @@
 """Image data through the pipeline (issue 12) on a 2,000 / 500 image slice of Fashion-MNIST written into tmp:
 ingest (IDX ExampleGen), statistics, validation against the reference schema (shape, pixel range, label domain),
-the public Transform, DP-SGD on cached ScatterNet features with the DP channel normalisation inside the guarantee,
+the public Transform, DP-SGD on cached ScatterNet features with the per-example GroupNorm (no release before DP-SGD),
 the Evaluator per class, the push; the pushed model alone predicts raw pixels; damaged IDX files stop with one
 clear line and nothing trained."""
 from __future__ import annotations
@@ -173,6 +173,38 @@ def test_the_vendored_description_reads_the_packaged_files():
     assert np.bincount(rows.labels).tolist() == [1000] * 10
 
 
+@pytest.mark.parametrize("model_name", ["scatternet_linear", "scatternet_linear_dpnorm"])
+def test_the_exported_model_answers_as_the_trained_model_on_the_same_pixels(tmp_path, model_name):
+    """The SavedModel (raw pixels -> public scaling -> ScatterNet -> the model, GroupNorm or DP statistics
+    included) gives the training model's logits on the features the Trainer trained on."""
+    import tensorflow as tf
+
+    from core.dataset import load_dataset
+    from dp_training.images import build_image_model, scaled_pixels, scattering_features
+    from dp_training.preprocessing import ChannelStats
+    from pipeline.image_pipeline import export_image_model
+
+    spec = load_dataset(FMNIST)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(12, 28, 28, 1)).astype(np.uint8)
+    raw[:4] = (raw[:4] // 8)                                   # some dark images: another scale per group
+    stats = ChannelStats(tuple(rng.uniform(0, 0.2, 81)), tuple(rng.uniform(0.01, 0.1, 81)))
+    model = build_image_model(model_name, (81, 7, 7), 10, stats, seed=4)
+    for v in model.trainable_variables:                        # trained-looking weights, not the initial ones
+        v.assign(rng.normal(size=v.shape).astype(np.float32))
+    features = scattering_features(scaled_pixels(raw, 0, 255), None)
+    trained = model(tf.constant(np.asarray(features)), training=False).numpy()
+    out = str(tmp_path / "export")
+    export_image_model(model, spec, model_name, out, stats if model_name.endswith("dpnorm") else None)
+    loaded = tf.saved_model.load(out)
+    served = loaded.signatures["predict_raw"](image=tf.constant(raw[..., 0].astype(np.float32)))["logits"].numpy()
+    np.testing.assert_allclose(served, trained, rtol=1e-4, atol=1e-3)
+    assert np.abs(trained).max() > 1.0                        # the comparison is not between near-zero logits
+    pre = PushedVersion(out).preprocessing()
+    assert ("group_normalisation" in pre) == (model_name == "scatternet_linear")
+    assert ("channel_normalisation" in pre) == (model_name == "scatternet_linear_dpnorm")
+
+
 # -- the whole pipeline on the slice, once (module fixture) -------------------------------------------------------
 @pytest.fixture(scope="module")
 def image_run(tmp_path_factory):
@@ -197,20 +229,23 @@ def test_the_image_pipeline_runs_every_component_and_pushes(image_run):
     assert summary["blessed"] is True and summary["pushed_path"]
 
 
-def test_the_guarantee_covers_the_normalisation_and_the_weights(image_run):
+def test_the_guarantee_covers_the_weights_and_no_normalisation_release(image_run):
+    """The default model standardises each image by its own statistics (GroupNorm): nothing is released before
+    DP-SGD, so the guarantee's one mechanism is DP-SGD and it spends the whole epsilon."""
     _, _, summary, _ = image_run
     g = PushedVersion(summary["pushed_path"]).privacy()
     assert g["private"] and abs(g["epsilon"] - 3.0) < 0.01 and g["delta"] == 1e-5
     assert g["neighbouring_relation"] == "add_or_remove_one" and g["accountant"] == "pld"
     covers = [m["covers"] for m in g["mechanisms"]]
-    assert covers == ["the ScatterNet features' per-channel normalisation means and variances",
-                      "the model's trained weights"]
+    assert covers == ["the model's trained weights"]
+    assert abs(g["mechanisms"][0]["epsilon_alone"] - g["epsilon"]) < 1e-9
+    assert "preprocessing_noise_multiplier" not in g["parameters"]
     assert g["parameters"]["dp_path"] == "fused_dense" and g["parameters"]["model"] == "scatternet_linear"
     assert g["parameters"]["planning_rows"] == TRAIN   # the public figure, never the exact count
 
 
 def test_what_leaves_with_the_pushed_model(image_run):
-    """Everything beside the SavedModel is enumerated: public description, the DP statistics, the guarantee."""
+    """Everything beside the SavedModel is enumerated: public description (the GroupNorm's), the guarantee."""
     _, workdir, summary, _ = image_run
     pushed = summary["pushed_path"]
     version = PushedVersion(pushed)
@@ -219,8 +254,8 @@ def test_what_leaves_with_the_pushed_model(image_run):
     assert extra == ["dataset.json", "preprocessing.json"]
     assert version.dataset_spec().image.shape == (28, 28, 1)        # the user's schema, read by core.dataset
     pre = version.preprocessing()
-    assert set(pre) == {"kind", "shape", "pixel_range", "model", "classes", "scattering", "channel_normalisation"}
-    assert len(pre["channel_normalisation"]["mean"]) == 81
+    assert set(pre) == {"kind", "shape", "pixel_range", "model", "classes", "scattering", "group_normalisation"}
+    assert pre["group_normalisation"] == {"groups": 27, "per_example": True}   # public: no statistics of rows
     top = sorted(n for n in os.listdir(pushed) if os.path.isfile(os.path.join(pushed, n)))
     assert top == ["fingerprint.pb", "privacy.json", "report.html", "report.json", "saved_model.pb", "training.json"]
     slices = {s["slice"] for s in version.report()["evaluation"]["slices"]}
