@@ -31,6 +31,7 @@ from dp_accounting import pld as _pld
 from dp_accounting import rdp as _rdp
 
 from dp_training import events as ev
+from dp_training import accounting_memo as _memo
 
 DEFAULT = "pld"
 # PLD discretisation: dp_accounting's default; any value gives a valid (pessimistic) upper bound.
@@ -84,8 +85,7 @@ class Accountant:
         acc = self.make(relation, **options)
         if not acc.supports(event):
             raise UnsupportedRelationError(self._unsupported(event, relation))
-        acc.compose(event)
-        return max(0.0, float(acc.get_epsilon(float(delta))))
+        return _memo.epsilon(self, relation, options, event, float(delta))
 
     def _unsupported(self, event, relation) -> str:
         others = [a for a in REGISTRY if a != self.name and REGISTRY[a].supports(event, relation)]

@@ -20,6 +20,9 @@ DEFAULT_MAX_NOISE = 100.0
 SEARCH_PLD_DISCRETIZATION = 1e-3
 
 
+_CALIBRATED: dict = {}   # calibrate_noise_multiplier's memo (this process)
+
+
 class CalibrationError(ValueError):
     """The target epsilon cannot be met in the allowed noise range."""
 
@@ -40,6 +43,23 @@ def calibrate_noise_multiplier(target_epsilon: float, sampling_rate: float, step
     accounting.validate_parameters(1.0, sampling_rate, steps, delta, accountant, sampling)
     if int(steps) == 0:
         return float(min_noise)
+    # a pure function of its arguments: an identical calibration (every point of a study plans its run in the
+    # study, the pre-flight and the Trainer) is answered from this process's memo
+    key = tuple(repr(v) for v in (target_epsilon, sampling_rate, steps, delta, accountant, sampling, min_noise,
+                                  max_noise, tol, relation)) + (
+        events.canonical(base_event) if base_event is not None else "",)
+    if key in _CALIBRATED:
+        return _CALIBRATED[key]
+    sigma = _calibrate_sgd(target_epsilon, sampling_rate, steps, delta, accountant, sampling, min_noise, max_noise,
+                           tol, relation, base_event)
+    if len(_CALIBRATED) >= 1024:
+        _CALIBRATED.pop(next(iter(_CALIBRATED)))
+    _CALIBRATED[key] = sigma
+    return sigma
+
+
+def _calibrate_sgd(target_epsilon, sampling_rate, steps, delta, accountant, sampling, min_noise, max_noise, tol,
+                   relation, base_event) -> float:
 
     def make_event(sigma: float) -> dp_accounting.DpEvent:
         return accounting.dp_event(sigma, sampling_rate, steps, sampling)

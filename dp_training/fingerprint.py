@@ -54,6 +54,13 @@ def content_digest(spec: DatasetSpec, split: str = "train") -> Optional[bytes]:
     in-memory arrays: it carries no fingerprint)."""
     if split not in spec.splits or not spec.directory or not spec.split_files(split):
         return None
+    from core.content_memo import remembered
+
+    # remembered per process by the split files' content: a study's pre-flights and Trainers digest it once
+    return remembered(spec, "content_digest", [split], lambda: _content_digest(spec, split), split)
+
+
+def _content_digest(spec: DatasetSpec, split: str) -> bytes:
     if spec.is_image:
         rows = read_images(spec, split, row_local={} if is_private_split(spec, split) else None)
         images = rows.images

@@ -78,7 +78,16 @@ def check_raw_data(spec: DatasetSpec) -> Dict[str, Dict]:
 
     Returns ``{split: tally}``, PRIVATE (it counts a private split's rows): ``{"private": bool, "rows": n,
     "dropped": {reason: count}, "unparsed_numeric_cells": {column: count}}``; the runner writes it to the
-    workdir's private directory, nothing prints or publishes it."""
+    workdir's private directory, nothing prints or publishes it.
+
+    Remembered per process by the files' content (``core.content_memo``): a study's runs on the same bytes
+    parse them once."""
+    from core.content_memo import remembered
+
+    return remembered(spec, "check_raw_data", spec.splits, lambda: _check_raw_data(spec))
+
+
+def _check_raw_data(spec: DatasetSpec) -> Dict[str, Dict]:
     load_comparators(spec)  # a bad "validation" section is refused here too
     if spec.is_image:  # IDX files: headers, shapes, counts, labels (core.dataset.read_images)
         return check_image_files(spec)

@@ -47,14 +47,18 @@ def main(argv=None) -> int:
     spec = from_options(args.data, out, trainers="dp_sgd,standard", epsilons=args.epsilons, seeds=args.seeds,
                         jobs=args.jobs, settings=args.settings, workdir=workdir, name="bench", allow_non_private=True,
                         command="python simulations/bench_study.py " + " ".join(argv or sys.argv[1:]))
+    load_before = os.getloadavg()
     started = time.time()
     try:
         result = StudyRunner(spec).run()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     wall = time.time() - started
+    load_after = os.getloadavg()
+    load = (f"load average (1/5/15 min) at the start {' '.join(f'{x:.2f}' for x in load_before)}, at the end "
+            f"{' '.join(f'{x:.2f}' for x in load_after)} on {os.cpu_count()} cores")
     lines = [f"full-Adult study: {len(result.rows)} runs in {wall / 60:.1f} min (jobs {args.jobs}; wall time is "
-             "operational, not covered by any guarantee)", result.statement, "",
+             "operational, not covered by any guarantee)", load, result.statement, "",
              f"{'arm':<10} {'target eps':>10} {'achieved eps':>13} {'accuracy (mean ± 95% CI)':>26} {'AUC':>18} {'n':>3}"]
     for a in result.aggregate:
         target = "-" if a["target_epsilon"] is None else f"{a['target_epsilon']:g}"
@@ -66,6 +70,8 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     with open(os.path.join(args.output, "study.json"), "w") as f:
         json.dump({"wall_seconds": round(wall, 1), "jobs": args.jobs, "runs": len(result.rows),
+                   "load_average_start": load_before, "load_average_end": load_after,
+                   "point_seconds": {r["point"]: r.get("wall_seconds") for r in result.rows},
                    "statement": result.statement,
                    "aggregate": [{k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in a.items()}
                                  for a in result.aggregate]}, f, indent=1)

@@ -68,6 +68,14 @@ def _series(aggregate: Sequence[Dict[str, Any]], column: str):
     return private, flat
 
 
+def slice_size(aggregate: Sequence[Dict[str, Any]], name: str) -> Optional[int]:
+    """The slice's number of eval rows (``slice_size[name]``), present only for a public eval split."""
+    for a in aggregate:
+        if a.get(f"slice_size[{name}]") is not None:
+            return int(a[f"slice_size[{name}]"])
+    return None
+
+
 def epsilon_note(rows: Sequence[Dict[str, Any]]) -> str:
     """How to read every epsilon shown: its delta, accountant and neighbouring relation (from the guarantees)."""
     for r in rows:
@@ -120,6 +128,9 @@ def plot_slices(path: str, aggregate: Sequence[Dict[str, Any]], note: str = "") 
         for k, col in enumerate(cols):
             private, flat = _series(aggregate, col)
             name = col[len("accuracy["):-1].split("=", 1)[1]
+            size = slice_size(aggregate, col[len("accuracy["):-1])
+            if size is not None:   # only written for a public eval split (results.py)
+                name += f" (n={size:,})"
             for label, (xs, ms, cs) in list(private.items())[:1]:   # the first private arm
                 order = sorted(range(len(xs)), key=xs.__getitem__)
                 ax.errorbar([xs[i] for i in order], [ms[i] for i in order], yerr=[cs[i] for i in order],
@@ -133,8 +144,11 @@ def plot_slices(path: str, aggregate: Sequence[Dict[str, Any]], note: str = "") 
         ax.set_xlabel("epsilon")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    sizes = ("n: the slice's rows in the public eval split" if any(k.startswith("slice_size[") for a in aggregate
+                                                                   for k in a)
+             else "slice sizes not shown (the eval split is private)")
     fig.suptitle("Per-slice accuracy vs epsilon, mean and 95% interval across replicates (first private arm; dotted "
-                 "and shaded: non-private); small slices suppressed\n"
+                 f"and shaded: non-private); small slices suppressed; {sizes}\n"
                  f"epsilon at {note}", y=1.06)
     return _save(fig, path)
 

@@ -88,6 +88,30 @@ def _eps(v) -> str:
     return "inf (non-private)" if isinstance(v, float) and math.isinf(v) else f"{v:.4g}"
 
 
+def _slice_table(aggregate, eval_public: bool) -> list:
+    """Per-slice accuracy (mean ± 95% interval) per arm and epsilon; each slice labelled with its number of eval
+    rows when the eval split is public (``slice_size[...]``), else one line saying why sizes are withheld."""
+    from simulations.study.plots import slice_size
+    from simulations.study.results import SLICE_SIZES_WITHHELD
+
+    names = sorted({c[len("accuracy["):-len("]_mean")] for a in aggregate for c in a
+                    if c.startswith("accuracy[") and c.endswith("]_mean")})
+    if not names:
+        return []
+    heads = ["slice"] + [f"{a['arm']}{' ' + a['partition'] if a.get('partition') else ''} "
+                         f"{'eps ' + format(a['target_epsilon'], 'g') if a.get('target_epsilon') is not None else ''}"
+                         .strip() for a in aggregate]
+    body = []
+    for name in names:
+        size = slice_size(aggregate, name) if eval_public else None
+        label = name + (f" (n={size:,})" if size is not None else "")
+        body.append([_e(label)] + [_pm(a.get(f"accuracy[{name}]_mean"), a.get(f"accuracy[{name}]_ci95"))
+                                   for a in aggregate])
+    note = ("n: the slice's rows in the eval split, which the data set declares public" if eval_public
+            else SLICE_SIZES_WITHHELD)
+    return ["<h2>Accuracy per slice</h2>", _table(heads, body, 1), _cover(note)]
+
+
 def write_report(spec, plan, rows: Sequence[Dict[str, Any]], aggregate: Sequence[Dict[str, Any]],
                  pngs: Sequence[str], document: Dict[str, Any]) -> str:
     path = os.path.join(spec.output, "report.html")
@@ -136,6 +160,7 @@ def render(spec, plan, rows, aggregate, pngs, document) -> str:
                                              "(post-processing of each model)" if eval_public else
                                              "evaluated on the PRIVATE eval split: NOT covered by epsilon")
                      + "; interval: Student t, n-1 degrees of freedom.")]
+    parts += _slice_table(aggregate, eval_public)
     for png in pngs:
         with open(os.path.join(spec.output, png), "rb") as f:
             data = base64.b64encode(f.read()).decode("ascii")

@@ -53,9 +53,14 @@ COLUMNS: Dict[str, Tuple[str, str]] = {
                                   "empirical epsilon lower bound of the one-run audit (when audit_canaries > 0)"),
     "wall_seconds": (NOT_COVERED, "the point's wall time: it grows with the private data's size"),
 }
+PUBLIC_EVAL_COUNT = ("public: a count of rows of the eval split, which the data set declares public (written only "
+                     "then: on a private eval split it would count private rows)")
+SLICE_SIZE = r"slice_size\[[^\]]+\]"
 # Per-slice metrics: "accuracy[sex=Female]" etc.; slices with fewer rows than min_slice_size are suppressed.
 COLUMN_FAMILIES: Dict[str, Tuple[str, str]] = {
     r"accuracy\[[^\]]+\]": (COVERED_EVAL, "binary accuracy of one slice of the eval split (small slices suppressed)"),
+    SLICE_SIZE: (PUBLIC_EVAL_COUNT, "the number of eval-split rows in one shown slice (TFMA's example count; the same "
+                                    "for every point)"),
 }
 # results.json rows carry one structured field more (not in the CSV):
 ROUND_COVERED = ("covered: for private federated points each round's model is post-processing of the DP aggregates "
@@ -91,7 +96,10 @@ def eval_coverage(eval_public: bool) -> str:
 # ------------------------------------------------------------------------------------------------
 # One row from a finished pipeline run
 # ------------------------------------------------------------------------------------------------
-def row_from_summary(point, summary, min_slice_size: int, round_accuracy=None) -> Dict[str, Any]:
+def row_from_summary(point, summary, min_slice_size: int, round_accuracy=None,
+                     eval_public: bool = False) -> Dict[str, Any]:
+    """``eval_public``: the data set declares its eval split public; only then are the shown slices' sizes
+    (``slice_size[...]``, counts of eval rows) part of the row."""
     from pipeline.runner import guarantee_of, visible_slices
 
     g = guarantee_of(summary.model_properties)
@@ -106,6 +114,8 @@ def row_from_summary(point, summary, min_slice_size: int, round_accuracy=None) -
     for name, values in sorted(shown.items()):
         if name != "Overall" and "binary_accuracy" in values:
             row[f"accuracy[{name}]"] = values["binary_accuracy"]
+            if eval_public and values.get("example_count") is not None:
+                row[f"slice_size[{name}]"] = int(values["example_count"])
     if round_accuracy:
         row["round_accuracy"] = [[int(r), float(a)] for r, a in round_accuracy]
     return row
@@ -189,6 +199,9 @@ def aggregate(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
             agg[f"{c}_mean"], agg[f"{c}_ci95"] = mean, ci
             if c == "accuracy":
                 agg["accuracy_n"] = n
+        for c in sorted({c for m in members for c in m if c.startswith("slice_size[")}):
+            sizes = {m.get(c) for m in members if m.get(c) is not None}
+            agg[c] = sizes.pop() if len(sizes) == 1 else None   # one eval split: every replicate counts the same
         out.append(agg)
     order = {}
     for r in rows:
@@ -210,10 +223,16 @@ def _columns(rows: Iterable[Dict[str, Any]], first: Sequence[str]) -> List[str]:
     return [c for c in seen if any(c in r for r in rows)] if rows else list(first)
 
 
-def check_declared(columns: Iterable[str]) -> None:
+def check_declared(columns: Iterable[str], eval_public: bool = True) -> None:
+    """Every written column is declared; counts of eval rows (``slice_size[...]``) only for a public eval split."""
+    columns = list(columns)
     undeclared = [c for c in columns if declared(c) is None]
     if undeclared:
         raise AssertionError(f"study output columns not declared in simulations/study/results.py: {undeclared}")
+    if not eval_public:
+        counts = [c for c in columns if re.fullmatch(SLICE_SIZE, c)]
+        if counts:
+            raise AssertionError(f"slice sizes count rows of the PRIVATE eval split and are never written: {counts}")
 
 
 def _cell(v):
@@ -230,9 +249,9 @@ def _json_value(v):
     return v
 
 
-def write_csv(path: str, rows: Sequence[Dict[str, Any]], first: Sequence[str]) -> List[str]:
+def write_csv(path: str, rows: Sequence[Dict[str, Any]], first: Sequence[str], eval_public: bool = True) -> List[str]:
     columns = _columns(rows, first)
-    check_declared(columns)
+    check_declared(columns, eval_public)
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
@@ -243,9 +262,9 @@ def write_csv(path: str, rows: Sequence[Dict[str, Any]], first: Sequence[str]) -
     return columns
 
 
-def write_json(path: str, document: Dict[str, Any]) -> None:
+def write_json(path: str, document: Dict[str, Any], eval_public: bool = True) -> None:
     for r in document.get("rows", []) + document.get("aggregate", []):
-        check_declared(r)
+        check_declared(r, eval_public)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(_clean(document), f, indent=1)
@@ -271,6 +290,10 @@ def load_rows(path: str) -> List[Dict[str, Any]]:
     return rows
 
 
+SLICE_SIZES_WITHHELD = ("slice sizes: not published (the eval split is private, so the number of eval rows in a "
+                        "slice is a count of private rows)")
+
+
 def not_covered(eval_public: bool) -> List[str]:
     """The study outputs no guarantee covers (results.json's ``not_covered``, the report's list)."""
     return (["wall_seconds: timings grow with the private data's size",
@@ -283,6 +306,8 @@ def declarations(eval_public: bool) -> Dict[str, Dict[str, str]]:
     """What every column is (written into results.json and shown in the report)."""
     out = {}
     for name, (status, what) in list(COLUMNS.items()) + list(COLUMN_FAMILIES.items()) + list(ROW_FIELDS.items()):
+        if status == PUBLIC_EVAL_COUNT and not eval_public:
+            continue   # never written for a private eval split (SLICE_SIZES_WITHHELD says so)
         if status in (COVERED_EVAL, ROUND_COVERED) and not eval_public:
             status = eval_coverage(eval_public)
         out[name] = {"status": status, "what": what}

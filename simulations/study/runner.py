@@ -87,7 +87,8 @@ def run_point(spec: StudySpec, point: Point, store_dir: Optional[str] = None) ->
             return res.failed_row(point, f"{type(e).__name__}: {e}", time.time() - started)
     min_slice = int(point.arm.privacy.get("min_slice_size") or DEFAULT_MIN_SLICE_SIZE)
     return res.row_from_summary(point, summary, min_slice, _round_accuracy(summary) if
-                                point.arm.trainer == "federated" else None)
+                                point.arm.trainer == "federated" else None,
+                                eval_public=dataset.require_privacy().is_public_split("eval"))
 
 
 def _round_accuracy(summary):
@@ -173,6 +174,8 @@ class StudyRunner:
         self.say(plan.statement())
         for w in plan.warnings:
             self.say(f"warning: {w}")
+        if not plan.dataset.require_privacy().is_public_split("eval"):
+            self.say(res.SLICE_SIZES_WITHHELD)
         os.makedirs(spec.output, exist_ok=True)
         from core.private_files import OpenDirectoryError, private_dir
 
@@ -304,7 +307,8 @@ class StudyRunner:
     def _write_tables(self, plan, points, rows) -> List[str]:
         ordered = [rows[p.id] for p in points if p.id in rows]
         out = self.spec.output
-        res.write_csv(os.path.join(out, RESULTS_CSV), ordered, res.ROW_FIRST)
-        res.write_csv(os.path.join(out, AGGREGATE_CSV), res.aggregate(ordered), res.AGG_FIRST)
-        res.write_json(os.path.join(out, RESULTS_JSON), self._document(plan, points, rows))
+        eval_public = plan.dataset.require_privacy().is_public_split("eval")
+        res.write_csv(os.path.join(out, RESULTS_CSV), ordered, res.ROW_FIRST, eval_public)
+        res.write_csv(os.path.join(out, AGGREGATE_CSV), res.aggregate(ordered), res.AGG_FIRST, eval_public)
+        res.write_json(os.path.join(out, RESULTS_JSON), self._document(plan, points, rows), eval_public)
         return [RESULTS_CSV, AGGREGATE_CSV, RESULTS_JSON]
