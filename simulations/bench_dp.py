@@ -180,9 +180,9 @@ def _np_step(spec, x, y):
 
 
 def _dp_stepper(spec, x, y, batch, zero_noise=False):
-    """The trainer's own DP step (``_DPStepper`` on the path ``train`` picks, rows bound in-graph) with the
-    dp_sgd defaults (clip, learning rate, momentum) and sigma 1. ``zero_noise`` (diagnostic only: how much of the
-    step is the noise) builds it with the noise replaced by zeros."""
+    """``(path, step(idx), model)``: the trainer's own DP step (``_DPStepper`` on the path ``train`` picks, rows
+    bound in-graph) with the dp_sgd defaults (clip, learning rate, momentum) and sigma 1, traced. ``zero_noise``
+    (diagnostic only: how much of the step is the noise) traces it with the noise replaced by zeros."""
     from unittest import mock
 
     import tensorflow as tf
@@ -204,7 +204,7 @@ def _dp_stepper(spec, x, y, batch, zero_noise=False):
           if zero_noise else contextlib.nullcontext()):
         stepper.step_rows(np.arange(min(batch, n), dtype=np.int64))
         stepper.noise_step()
-    return path, (lambda idx: stepper.step_rows(idx) if idx.size else stepper.noise_step())
+    return path, (lambda idx: stepper.step_rows(idx) if idx.size else stepper.noise_step()), model
 
 
 def bench_speed(spec, train, test, epochs=6, batch=2048, parts=False):
@@ -220,7 +220,7 @@ def bench_speed(spec, train, test, epochs=6, batch=2048, parts=False):
     import tensorflow as tf
     xt, yt = {k: tf.constant(v) for k, v in x.items()}, tf.constant(y)
     runs = {"non-private": _np_step(spec, xt, yt)}
-    path, runs["DP-SGD"] = _dp_stepper(spec, x, y, batch)
+    path, runs["DP-SGD"], _ = _dp_stepper(spec, x, y, batch)
     if parts:
         runs["DP-SGD, noise zeroed (diagnostic)"] = _dp_stepper(spec, x, y, batch, zero_noise=True)[1]
     rng = np.random.default_rng(0)
