@@ -246,6 +246,10 @@ def bench_speed(spec, train, test, epochs=6, batch=2048, parts=False):
     print(f"  {'':36s} {'CPU s':>8s} {'ratio':>6s} {'wall s':>8s} {'ratio':>6s}")
     for k, (c, w) in med.items():
         print(f"  {k:36s} {c:8.4f} {c / c0:5.2f}x {w:8.4f} {w / w0:5.2f}x")
+    if parts:
+        noise = (med["DP-SGD"][0] - med["DP-SGD, noise zeroed (diagnostic)"][0]) / steps_per_epoch
+        print(f"  the noise: {1e3 * noise:.2f} ms of CPU per step ({noise * steps_per_epoch / c0:.2f}x of the "
+              f"non-private epoch); the clipping: {med['DP-SGD, noise zeroed (diagnostic)'][0] / c0 - 1:+.2f}x")
     return {"path": path, "batch": batch, "epochs": epochs, "load_average": load,
             "cpu_seconds": cpu, "wall_seconds": wall,
             "cpu_ratio": med["DP-SGD"][0] / c0, "wall_ratio": med["DP-SGD"][1] / w0}
