@@ -29,7 +29,7 @@ bench: setup  ## benchmarks, each comparison measured side by side in one run; r
 	$(PLATFORM_PY) simulations/bench_pipeline.py --output bench-results
 	$(PLATFORM_PY) simulations/bench_rerun.py --json bench-results/rerun.json
 	nice -n 10 $(PLATFORM_PY) simulations/bench_beam.py --output bench-results
-	$(PLATFORM_PY) simulations/bench_dp.py speed --epochs 6 | tee bench-results/dp-speed.txt
+	$(PLATFORM_PY) simulations/bench_dp.py speed --epochs 21 --parts | tee bench-results/dp-speed.txt
 	$(PLATFORM_PY) simulations/bench_dp.py utility --eps 1 --seeds 0 1 2 --clip 1 --batch 2048 --epochs 20 --lr 1 \
 	  --hidden 32 --json bench-results/dp-utility-eps1.json | tee bench-results/dp-utility-eps1.txt
 	$(PLATFORM_PY) simulations/bench_dp.py utility --eps 3 --seeds 0 1 2 --clip 0.5 --batch 2048 --epochs 40 --lr 1 \

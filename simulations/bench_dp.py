@@ -3,7 +3,7 @@ honest relation, DP vs non-private epoch time, and the empirical audit's lower b
 
     PYTHONPATH=. python simulations/bench_dp.py utility [--eps 1 3] [--seeds 0 1 2] [--json FILE]
     PYTHONPATH=. python simulations/bench_dp.py tune    [--eps 1 3]       # on a validation split of adult.data
-    PYTHONPATH=. python simulations/bench_dp.py speed   [--epochs 6]
+    PYTHONPATH=. python simulations/bench_dp.py speed   [--epochs 21] [--batch 2048] [--parts]
     PYTHONPATH=. python simulations/bench_dp.py audit   [--canaries 1000]
     PYTHONPATH=. python simulations/bench_dp.py all
 
@@ -21,6 +21,7 @@ so the dp_sgd kind's defaults do NOT come from it (issue 17.10): they are Tramer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -158,16 +159,11 @@ def bench_tune(spec, train, test, eps_list, seed=0):
     return out
 
 
-def bench_speed(spec, train, test, epochs=6, batch=512):
-    """Seconds per epoch, median over epochs 2.., the same model and batches: DP-SGD (fast path, Poisson) vs
-    a non-private SGD loop with the same in-graph batch gather."""
+def _np_step(spec, x, y):
+    """The non-private baseline: the same model, the Keras loss and SGD with momentum, the same in-graph gather."""
     import tensorflow as tf
     from dp_training.model import bucket_sizes, build_model
-    from dp_training import trainer as trainer_mod
 
-    n = len(train[1])
-    x = {k: tf.constant(v) for k, v in train[0].items()}
-    y = tf.constant(train[1].reshape(-1, 1))
     model = build_model(spec, bucket_sizes(spec))
     opt = tf.keras.optimizers.SGD(0.1, momentum=0.9)
     loss_fn = tf.keras.losses.BinaryCrossentropy(from_logits=True)
@@ -179,22 +175,84 @@ def bench_speed(spec, train, test, epochs=6, batch=512):
         opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
         return loss
 
+    step(np.arange(min(2048, int(y.shape[0])), dtype=np.int64))   # trace
+    return lambda idx: step(idx) if idx.size else None
+
+
+def _dp_stepper(spec, x, y, batch, zero_noise=False):
+    """``(path, step(idx), model)``: the trainer's own DP step (``_DPStepper`` on the path ``train`` picks, rows
+    bound in-graph) with the dp_sgd defaults (clip, learning rate, momentum) and sigma 1, traced. ``zero_noise``
+    (diagnostic only: how much of the step is the noise) traces it with the noise replaced by zeros."""
+    from unittest import mock
+
+    import tensorflow as tf
+    from dp_training import secure_noise, trainer as trainer_mod
+    from dp_training.model import bucket_sizes, build_model
+
+    n = len(y)
+    model = build_model(spec, bucket_sizes(spec))
+    path = "fused_dense" if trainer_mod.supports_fused_dense(model) else "fast_gradient_clipping"
+    d = trainer_mod.DEFAULTS
+    plan = {"noise_multiplier": 1.0, "l2_norm_clip": d["l2_norm_clip"], "learning_rate": d["learning_rate"],
+            "args": {"momentum": d["momentum"]}, "sampling_rate": batch / n, "num_rows": n}
+    specs = {k: tf.TensorSpec((None,) + v.shape[1:], tf.as_dtype(v.dtype)) for k, v in x.items()}
+    stepper = trainer_mod._DPStepper(model, path, plan, specs)
+    stepper.bind_rows(x, y)
+    # trace (the noise is drawn inside the traced step: the diagnostic's zeros must be in place while it traces)
+    with (mock.patch.object(secure_noise.GaussianNoise, "like",
+                            lambda self, tensors, std: [tf.zeros_like(t) for t in tensors])
+          if zero_noise else contextlib.nullcontext()):
+        stepper.step_rows(np.arange(min(batch, n), dtype=np.int64))
+        stepper.noise_step()
+    return path, (lambda idx: stepper.step_rows(idx) if idx.size else stepper.noise_step()), model
+
+
+def bench_speed(spec, train, test, epochs=6, batch=2048, parts=False):
+    """CPU and wall seconds per epoch, side by side in one process: a non-private SGD step and the trainer's DP
+    step on the same model, the same Poisson batches and the same in-graph gather. Epochs alternate (NP, DP, DP,
+    NP, ...) so both see the same load; medians of epochs 2..; the ratios are DP / non-private. ``parts`` adds the
+    DP step with its noise replaced by zeros (a diagnostic: the noise's share of the step)."""
+    from dp_training import trainer as trainer_mod
+
+    n = len(train[1])
+    x = trainer_mod._as_inputs(train[0])
+    y = np.asarray(train[1], np.float32).reshape(-1, 1)
+    import tensorflow as tf
+    xt, yt = {k: tf.constant(v) for k, v in x.items()}, tf.constant(y)
+    runs = {"non-private": _np_step(spec, xt, yt)}
+    path, runs["DP-SGD"], _ = _dp_stepper(spec, x, y, batch)
+    if parts:
+        runs["DP-SGD, noise zeroed (diagnostic)"] = _dp_stepper(spec, x, y, batch, zero_noise=True)[1]
     rng = np.random.default_rng(0)
-    np_times = []
     steps_per_epoch = n // batch
-    for _ in range(epochs):
-        t0 = time.time()
-        for idx in trainer_mod.batch_indices(n, batch, steps_per_epoch, "poisson", rng):
-            step(idx.astype(np.int64))
-        np_times.append(time.time() - t0)
-    _, g, result = private_run(spec, train, test, {"mia": False, "epochs": epochs, "batch_size": batch,
-                                                   "noise_multiplier": 1.0}, {})
-    dp_times = result.outcome.private_details["epoch_seconds"]
-    a, b = statistics.median(np_times[1:]), statistics.median(dp_times[1:])
-    print(f"\nSeconds per epoch on Adult ({n} rows, expected batch {batch}), median of epochs 2..{epochs}:")
-    print(f"  non-private SGD (same model, batches, gather): {a:.3f}")
-    print(f"  DP-SGD ({g.parameters['dp_path']}, Poisson):         {b:.3f}   ratio {b / a:.2f}x")
-    return {"non_private": a, "dp_sgd": b, "ratio": b / a, "non_private_epochs": np_times, "dp_epochs": dp_times}
+    cpu = {k: [] for k in runs}
+    wall = {k: [] for k in runs}
+    load = [os.getloadavg()[0]]
+    names = list(runs)
+    for e in range(epochs):
+        batches = [i.astype(np.int64) for i in trainer_mod.batch_indices(n, batch, steps_per_epoch, "poisson", rng)]
+        for name in (names if e % 2 == 0 else names[::-1]):
+            c0, w0 = time.process_time(), time.perf_counter()
+            for idx in batches:
+                runs[name](idx)
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - w0)
+        load.append(os.getloadavg()[0])
+    med = {k: (statistics.median(cpu[k][1:]), statistics.median(wall[k][1:])) for k in runs}
+    c0, w0 = med["non-private"]
+    print(f"\nSeconds per epoch on Adult ({n} rows, expected batch {batch}, {steps_per_epoch} Poisson steps), "
+          f"epochs alternating, median of epochs 2..{epochs}; DP path {path}; load average "
+          f"{min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores:")
+    print(f"  {'':36s} {'CPU s':>8s} {'ratio':>6s} {'wall s':>8s} {'ratio':>6s}")
+    for k, (c, w) in med.items():
+        print(f"  {k:36s} {c:8.4f} {c / c0:5.2f}x {w:8.4f} {w / w0:5.2f}x")
+    if parts:
+        noise = (med["DP-SGD"][0] - med["DP-SGD, noise zeroed (diagnostic)"][0]) / steps_per_epoch
+        print(f"  the noise: {1e3 * noise:.2f} ms of CPU per step ({noise * steps_per_epoch / c0:.2f}x of the "
+              f"non-private epoch); the clipping: {med['DP-SGD, noise zeroed (diagnostic)'][0] / c0 - 1:+.2f}x")
+    return {"path": path, "batch": batch, "epochs": epochs, "load_average": load,
+            "cpu_seconds": cpu, "wall_seconds": wall,
+            "cpu_ratio": med["DP-SGD"][0] / c0, "wall_ratio": med["DP-SGD"][1] / w0}
 
 
 def bench_audit(spec, train, test, canaries=1000, eps_list=(1.0, 3.0), args=None):
@@ -246,6 +304,7 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, nargs="*", default=None, help="hidden layer widths (default 64 64)")
     p.add_argument("--momentum", type=float, default=None)
     p.add_argument("--preprocessing-epsilon-share", type=float, default=None)
+    p.add_argument("--parts", action="store_true", help="speed: also time the DP step with its noise zeroed")
     p.add_argument("--json", default=None, help="write the results here")
     a = p.parse_args(argv)
     import tensorflow as tf
@@ -263,7 +322,8 @@ def main(argv=None):
     if a.what in ("tune",):
         results["tune"] = bench_tune(spec, train, test, a.eps)
     if a.what in ("speed", "all"):
-        results["speed"] = bench_speed(spec, train, test, epochs=a.epochs or 6, batch=a.batch or 2048)
+        results["speed"] = bench_speed(spec, train, test, epochs=a.epochs or 21, batch=a.batch or 2048,
+                                       parts=a.parts)
     if a.what == "validate":  # one setting on the validation split (a sanity check, never the defaults' source)
         tr, va = validation_split(train)
         results["validate"] = bench_utility(spec, tr, va, a.eps, a.seeds, args)
