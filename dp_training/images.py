@@ -46,11 +46,11 @@ PIXELS_KEY = "pixels"             # model input: pixels scaled to [0, 1], [n, h,
 IMAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
     "scatternet_linear": {"batch_size": 8192, "learning_rate": 16.0, "epochs": 40, "momentum": 0.9,
                           "l2_norm_clip": 0.1},
-    "scatternet_linear_dpnorm": {"batch_size": 8192, "learning_rate": 16.0, "epochs": 40, "momentum": 0.9,
-                                 "l2_norm_clip": 0.1},
     "scatternet_cnn": {"batch_size": 2048, "learning_rate": 4.0, "epochs": 40, "momentum": 0.9, "l2_norm_clip": 0.1},
     "cnn": {"batch_size": 2048, "learning_rate": 4.0, "epochs": 40, "momentum": 0.9, "l2_norm_clip": 0.1},
 }
+# the same linear model and settings; only the normalisation differs (NORMALIZATION)
+IMAGE_DEFAULTS["scatternet_linear_dpnorm"] = dict(IMAGE_DEFAULTS["scatternet_linear"])
 
 
 # How each model standardises its ScatterNet features: "group_norm" (per example, no privacy cost),

@@ -76,6 +76,12 @@ def slice_size(aggregate: Sequence[Dict[str, Any]], name: str) -> Optional[int]:
     return None
 
 
+def with_size(label: str, aggregate: Sequence[Dict[str, Any]], name: str) -> str:
+    """``label`` followed by the slice's size, ``(n=5,421)``, when it is known (a public eval split)."""
+    size = slice_size(aggregate, name)
+    return label if size is None else f"{label} (n={size:,})"
+
+
 def epsilon_note(rows: Sequence[Dict[str, Any]]) -> str:
     """How to read every epsilon shown: its delta, accountant and neighbouring relation (from the guarantees)."""
     for r in rows:
@@ -127,10 +133,8 @@ def plot_slices(path: str, aggregate: Sequence[Dict[str, Any]], note: str = "") 
         cols = [c for c in slice_cols if c.startswith(f"accuracy[{feature}=")]
         for k, col in enumerate(cols):
             private, flat = _series(aggregate, col)
-            name = col[len("accuracy["):-1].split("=", 1)[1]
-            size = slice_size(aggregate, col[len("accuracy["):-1])
-            if size is not None:   # only written for a public eval split (results.py)
-                name += f" (n={size:,})"
+            # the size is only written for a public eval split (results.py)
+            name = with_size(col[len("accuracy["):-1].split("=", 1)[1], aggregate, col[len("accuracy["):-1])
             for label, (xs, ms, cs) in list(private.items())[:1]:   # the first private arm
                 order = sorted(range(len(xs)), key=xs.__getitem__)
                 ax.errorbar([xs[i] for i in order], [ms[i] for i in order], yerr=[cs[i] for i in order],

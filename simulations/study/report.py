@@ -91,7 +91,7 @@ def _eps(v) -> str:
 def _slice_table(aggregate, eval_public: bool) -> list:
     """Per-slice accuracy (mean ± 95% interval) per arm and epsilon; each slice labelled with its number of eval
     rows when the eval split is public (``slice_size[...]``), else one line saying why sizes are withheld."""
-    from simulations.study.plots import slice_size
+    from simulations.study.plots import with_size
     from simulations.study.results import SLICE_SIZES_WITHHELD
 
     names = sorted({c[len("accuracy["):-len("]_mean")] for a in aggregate for c in a
@@ -103,8 +103,7 @@ def _slice_table(aggregate, eval_public: bool) -> list:
                          .strip() for a in aggregate]
     body = []
     for name in names:
-        size = slice_size(aggregate, name) if eval_public else None
-        label = name + (f" (n={size:,})" if size is not None else "")
+        label = with_size(name, aggregate, name) if eval_public else name
         body.append([_e(label)] + [_pm(a.get(f"accuracy[{name}]_mean"), a.get(f"accuracy[{name}]_ci95"))
                                    for a in aggregate])
     note = ("n: the slice's rows in the eval split, which the data set declares public" if eval_public

@@ -265,18 +265,9 @@ def test_under_replace_one_a_damaged_row_is_replaced_so_the_public_count_never_m
     from core.dataset import load_dataset
     from pipeline.data_gate import check_raw_data, readable_rows
 
-    def replace_one(directory):
-        path = os.path.join(directory, "dataset.json")
-        with open(path) as f:
-            desc = json.load(f)
-        desc["privacy"]["relation"] = "replace_one"
-        with open(path, "w") as f:
-            json.dump(desc, f)
-        return directory
-
-    good = replace_one(_neighbour(clean, str(tmp_path / "good"), TRAIN, [(_first_line(clean) + "\n").encode()]))
+    good = _replace_one(_neighbour(clean, str(tmp_path / "good"), TRAIN, [(_first_line(clean) + "\n").encode()]))
     for damage in ("unknown_label", "too_few_fields", "nul_byte"):
-        bad = replace_one(_neighbour(clean, str(tmp_path / damage), TRAIN, [ONE_ROW[damage](_first_line(clean))]))
+        bad = _replace_one(_neighbour(clean, str(tmp_path / damage), TRAIN, [ONE_ROW[damage](_first_line(clean))]))
         assert readable_rows(load_dataset(bad), "train") == readable_rows(load_dataset(good), "train") == 201
         assert check_raw_data(load_dataset(bad))["train"]["rows"] == 201
 
