@@ -38,9 +38,10 @@ Not covered by the guarantee, so kept in the private details (the workdir), neve
 membership-inference AUC (computed on raw training rows), timings, losses, empty-batch counts.
 
 The noise: every path clips with its own code (fused, TF Privacy's fast clipping, TF Privacy's vectorized
-optimizer with its noise set to 0) and adds noise drawn by ``dp_training.secure_noise.GaussianNoise``: four
-Philox streams keyed with 768 bits from ``secrets`` (Opacus' secure_mode), held in process memory only, never
-from TensorFlow's process RNG nor from ``seed``. Caveat: floating-point effects of sampling a Gaussian.
+optimizer with its noise set to 0) and adds noise drawn by ``dp_training.secure_noise.GaussianNoise``: the sum
+of four normals per value from AES-256-CTR keyed with 256 bits from ``secrets`` (Opacus' secure_mode), held in
+process memory only, never from TensorFlow's process RNG nor from ``seed``. Caveat: floating-point effects of
+sampling a Gaussian.
 """
 from __future__ import annotations
 
@@ -367,16 +368,25 @@ class _DPStepper:
         mom = float(plan["args"]["momentum"] or 0.0)
         self.expected_batch = float(plan["sampling_rate"] * plan["num_rows"])
         self.sigma, self.clip = sigma, clip
-        # Every path clips with its own code but draws its noise here: Philox streams keyed from `secrets`
-        # (dp_training.secure_noise), never TensorFlow's process RNG (32-bit seeded, or the public seed).
+        # Every path clips with its own code but draws its noise here: AES-256-CTR keyed from `secrets`
+        # (dp_training.secure_noise), never TensorFlow's process RNG (32-bit seeded, or the public seed). The
+        # random words are drawn on the host per step and enter the traced step as one input (`words`).
         noise = secure_noise.GaussianNoise()
+        head = dense_head(base_model) if path == "fused_dense" else None
+        # the words of one step: exactly the values the path noises (fused: the Dense chain; else every trainable
+        # variable, which TF Privacy's DPModel shares with base_model); `like` refuses any other count
+        noised = ([v for layer in head[1] for v in (layer.kernel, layer.bias)] if head
+                  else base_model.trainable_variables)
+        total = sum(int(v.shape.num_elements()) for v in noised)
+        self._words = lambda: noise.words(total)
+        words_spec = tf.TensorSpec(secure_noise.words_shape(total), tf.uint32)
         label_spec = tf.TensorSpec([None, 1], tf.float32)
         if path == "fused_dense":
             # Per-example gradients of a Dense chain are outer products a_i (x) d_i (layer input, gradient at the
             # layer's pre-activation): one forward and one backward pass to the pre-activations give every
             # per-example norm (||a_i||^2 ||d_i||^2 + ||d_i||^2 per layer) and the clipped sum A^T diag(c) D
             # directly, with no second backward pass (the "ghost" trick of fast gradient clipping, fused).
-            feature_fn, dense = dense_head(base_model)
+            feature_fn, dense = head
             self.train_model = base_model
             # The 1 / (expected batch size) normalisation is folded into the learning rate (SGD with momentum is
             # linear in the gradient): the step adds N(0, (sigma C)^2) to the clipped sum and applies it.
@@ -384,15 +394,14 @@ class _DPStepper:
             variables = [v for layer in dense for v in (layer.kernel, layer.bias)]
             std = sigma * clip
 
-            def fused_step(x, y):
+            def fused_step(x, y, words):
                 a = feature_fn(x)
                 inputs, pre = [], []
                 with tf.GradientTape() as tape:
                     h = a
                     for layer in dense:
-                        tape.watch(h)
                         inputs.append(h)
-                        z = tf.matmul(h, layer.kernel) + layer.bias
+                        z = tf.nn.bias_add(tf.matmul(h, layer.kernel), layer.bias)
                         pre.append(z)
                         h = layer.activation(z)
                     per_example = per_example_loss(tf, h, y)
@@ -406,11 +415,11 @@ class _DPStepper:
                 for ai, di in zip(inputs, deltas):
                     cd = di * factor
                     grads += [tf.matmul(ai, cd, transpose_a=True), tf.reduce_sum(cd, axis=0)]
-                self.optimizer.apply_gradients(zip([g + z for g, z in zip(grads, noise.like(grads, std))],
+                self.optimizer.apply_gradients(zip([g + z for g, z in zip(grads, noise.like(grads, std, words))],
                                                    variables))
                 return {"loss": tf.reduce_mean(per_example)}
 
-            self._step = tf.function(fused_step, input_signature=[feature_specs, label_spec])
+            self._step = tf.function(fused_step, input_signature=[feature_specs, label_spec, words_spec])
             self._noise_scale = 1.0  # the optimizer's lr already divides by the expected batch
             self._variables = variables
         elif path == "fast_gradient_clipping":
@@ -435,16 +444,16 @@ class _DPStepper:
             self.train_model.compile(optimizer=self.optimizer, loss=sum_loss)
             dp_model, opt, std = self.train_model, self.optimizer, sigma * clip
 
-            def fgc_step(x, y):
+            def fgc_step(x, y, words):
                 clipped, _, clipped_loss = clip_grads.compute_clipped_gradients_and_outputs(
                     input_model=dp_model, l2_norm_clip=clip, layer_registry=registry, x_batch=x, y_batch=y,
                     clipping_loss=sum_loss)
                 clipped = list(clipped)
-                opt.apply_gradients(zip([g + z for g, z in zip(clipped, noise.like(clipped, std))],
+                opt.apply_gradients(zip([g + z for g, z in zip(clipped, noise.like(clipped, std, words))],
                                         dp_model.trainable_variables))
                 return {"loss": clipped_loss}
 
-            self._step = tf.function(fgc_step, input_signature=[feature_specs, label_spec])
+            self._step = tf.function(fgc_step, input_signature=[feature_specs, label_spec, words_spec])
             self._noise_scale = 1.0  # the optimizer's lr already divides by the expected batch
         else:
             from tensorflow_privacy.privacy.optimizers import dp_optimizer_keras_vectorized as dpv
@@ -455,7 +464,7 @@ class _DPStepper:
                 learning_rate=lr, momentum=mom)
             model, opt, expected, std = base_model, self.optimizer, self.expected_batch, sigma * clip
 
-            def vec_step(x, y):
+            def vec_step(x, y, words):
                 with tf.GradientTape() as tape:
                     logits = model(x, training=True)
                     per_example = per_example_loss(tf, logits, y)
@@ -465,11 +474,11 @@ class _DPStepper:
                 # ... rescaled to (sum + N(0, (sigma C)^2)) / (q n): divide by the expected batch size.
                 b = tf.cast(tf.shape(y)[0], tf.float32)
                 grads = [g * b for g, _ in gv]
-                noisy = [(g + z) / expected for g, z in zip(grads, noise.like(grads, std))]
+                noisy = [(g + z) / expected for g, z in zip(grads, noise.like(grads, std, words))]
                 opt.apply_gradients([(g, v) for g, (_, v) in zip(noisy, gv)])
                 return {"loss": tf.reduce_mean(per_example)}
 
-            self._step = tf.function(vec_step, input_signature=[feature_specs, label_spec])
+            self._step = tf.function(vec_step, input_signature=[feature_specs, label_spec, words_spec])
             self._noise_scale = 1.0 / self.expected_batch
 
         variables = getattr(self, "_variables", None) or self.train_model.trainable_variables
@@ -477,16 +486,17 @@ class _DPStepper:
         std = sigma * clip
         optimizer = self.optimizer
 
-        def noise_step():
-            grads = noise.like(variables, std) if noise_scale == 1.0 else [
-                z * noise_scale for z in noise.like(variables, std)]
+        def noise_step(words):
+            grads = noise.like(variables, std, words) if noise_scale == 1.0 else [
+                z * noise_scale for z in noise.like(variables, std, words)]
             optimizer.apply_gradients(zip(grads, variables))
             return tf.constant(0.0)
 
-        self._noise_step = tf.function(noise_step)
+        self._noise_step = tf.function(noise_step, input_signature=[words_spec])
+        self._words_spec = words_spec
 
     def step(self, x, y):
-        return self._step(x, y)
+        return self._step(x, y, self._words())
 
     def bind_rows(self, x: Dict[str, np.ndarray], y: np.ndarray) -> None:
         """Keeps the training rows as tensors, so that ``step_rows(idx)`` gathers a batch inside the graph
@@ -494,19 +504,21 @@ class _DPStepper:
         tf, step = self.tf, self._step
         xs = {k: tf.constant(v) for k, v in x.items()}
         ys = tf.constant(y)
+        # called as a concrete function with tensors: no Python signature binding per step (~0.1 ms)
         self._step_rows = tf.function(
-            lambda idx: step({k: tf.gather(v, idx) for k, v in xs.items()}, tf.gather(ys, idx)),
-            input_signature=[tf.TensorSpec([None], tf.int64)])
+            lambda idx, words: step({k: tf.gather(v, idx) for k, v in xs.items()}, tf.gather(ys, idx), words),
+            input_signature=[tf.TensorSpec([None], tf.int64), self._words_spec]).get_concrete_function()
 
     def step_rows(self, idx: np.ndarray):
-        return self._step_rows(idx.astype(np.int64))
+        tf = self.tf
+        return self._step_rows(tf.constant(idx, tf.int64), tf.constant(self._words()))
 
     def noise_step(self):
         if self.path == "vectorized_optimizer":
             # An empty Poisson batch still releases a noisy update; TF Privacy's optimizer asserts
             # that its DP gradient method ran before apply_gradients: the noise here *is* that step.
             self.optimizer._was_dp_gradients_called = True  # pylint: disable=protected-access
-        return self._noise_step()
+        return self._noise_step(self._words())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -175,14 +175,15 @@ def _np_step(spec, x, y):
         opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
         return loss
 
-    step(np.arange(min(2048, int(y.shape[0])), dtype=np.int64))   # trace
-    return lambda idx: step(idx) if idx.size else None
+    step = step.get_concrete_function()   # called as the trainer calls its step: a concrete function, tensors in
+    return lambda idx: step(tf.constant(idx, tf.int64)) if idx.size else None
 
 
-def _dp_stepper(spec, x, y, batch, zero_noise=False):
+def _dp_stepper(spec, x, y, batch, zero_noise=False, noise=None):
     """``(path, step(idx), model)``: the trainer's own DP step (``_DPStepper`` on the path ``train`` picks, rows
-    bound in-graph) with the dp_sgd defaults (clip, learning rate, momentum) and sigma 1, traced. ``zero_noise``
-    (diagnostic only: how much of the step is the noise) traces it with the noise replaced by zeros."""
+    bound in-graph) with the dp_sgd defaults (clip, learning rate, momentum) and sigma 1, traced. Diagnostics
+    only: ``zero_noise`` (how much of the step is the noise) traces it with the noise replaced by zeros;
+    ``noise="tf_philox"`` with the previous sampler (TensorFlow's Philox normals, four streams summed, halved)."""
     from unittest import mock
 
     import tensorflow as tf
@@ -197,14 +198,55 @@ def _dp_stepper(spec, x, y, batch, zero_noise=False):
             "args": {"momentum": d["momentum"]}, "sampling_rate": batch / n, "num_rows": n}
     specs = {k: tf.TensorSpec((None,) + v.shape[1:], tf.as_dtype(v.dtype)) for k, v in x.items()}
     stepper = trainer_mod._DPStepper(model, path, plan, specs)
-    stepper.bind_rows(x, y)
-    # trace (the noise is drawn inside the traced step: the diagnostic's zeros must be in place while it traces)
-    with (mock.patch.object(secure_noise.GaussianNoise, "like",
-                            lambda self, tensors, std: [tf.zeros_like(t) for t in tensors])
-          if zero_noise else contextlib.nullcontext()):
+    gens = [tf.random.Generator.from_non_deterministic_state(alg="philox") for _ in range(secure_noise.N_STREAMS)]
+
+    def tf_philox(self, tensors, std, words):
+        z = tf.add_n([g.normal([sum(t.shape.num_elements() for t in tensors)]) for g in gens]) * (0.5 * std)
+        return [tf.reshape(p, t.shape) for p, t in zip(tf.split(z, [t.shape.num_elements() for t in tensors]),
+                                                       tensors)]
+
+    like = (lambda self, tensors, std, words: [tf.zeros_like(t) for t in tensors]) if zero_noise else (
+        tf_philox if noise == "tf_philox" else None)
+    # trace (the noise is drawn inside the traced step: the diagnostic's noise must be in place while it traces;
+    # bind_rows traces the row step at once)
+    with mock.patch.object(secure_noise.GaussianNoise, "like", like) if like else contextlib.nullcontext():
+        stepper.bind_rows(x, y)
         stepper.step_rows(np.arange(min(batch, n), dtype=np.int64))
         stepper.noise_step()
-    return path, (lambda idx: stepper.step_rows(idx) if idx.size else stepper.noise_step()), model
+    if like:   # ... and no random words drawn on the host either
+        zeros = np.zeros(stepper._words_spec.shape, np.uint32)  # pylint: disable=protected-access
+        stepper._words = lambda: zeros  # pylint: disable=protected-access
+    def run(idx):
+        return stepper.step_rows(idx) if idx.size else stepper.noise_step()
+
+    run.stepper = stepper
+    return path, run, model
+
+
+def noise_draw_seconds(total, reps=500):
+    """CPU seconds per draw of ``total`` noise values, alternating in one process: the trainer's noise (AES-256-CTR
+    words on the host, Box-Muller in one traced call) and TensorFlow's Philox normal sampler on four streams (what
+    the trainer drew before; its scalar Box-Muller per pair of words), both summed over four draws and halved."""
+    import tensorflow as tf
+    from dp_training import secure_noise
+
+    noise, shape = secure_noise.GaussianNoise(), [tf.zeros([total])]
+    ours = tf.function(lambda w: noise.like(shape, 1.0, w)[0],
+                       input_signature=[tf.TensorSpec(secure_noise.words_shape(total), tf.uint32)])
+    gens = [tf.random.Generator.from_non_deterministic_state(alg="philox") for _ in range(secure_noise.N_STREAMS)]
+    philox = tf.function(lambda: tf.add_n([g.normal([total]) for g in gens]) * 0.5)
+    draws = {"AES-256-CTR + vectorised Box-Muller (now)": lambda: ours(noise.words(total)),
+             "TensorFlow Philox normal sampler x4 (before)": philox}
+    times = {k: [] for k in draws}
+    for k, f in draws.items():
+        f()
+    for _ in range(5):
+        for k, f in draws.items():
+            c0 = time.process_time()
+            for _ in range(reps):
+                f()
+            times[k].append((time.process_time() - c0) / reps)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_speed(spec, train, test, epochs=6, batch=2048, parts=False):
@@ -223,6 +265,7 @@ def bench_speed(spec, train, test, epochs=6, batch=2048, parts=False):
     path, runs["DP-SGD"], _ = _dp_stepper(spec, x, y, batch)
     if parts:
         runs["DP-SGD, noise zeroed (diagnostic)"] = _dp_stepper(spec, x, y, batch, zero_noise=True)[1]
+        runs["DP-SGD, TF Philox sampler (before)"] = _dp_stepper(spec, x, y, batch, noise="tf_philox")[1]
     rng = np.random.default_rng(0)
     steps_per_epoch = n // batch
     cpu = {k: [] for k in runs}
@@ -250,6 +293,10 @@ def bench_speed(spec, train, test, epochs=6, batch=2048, parts=False):
         noise = (med["DP-SGD"][0] - med["DP-SGD, noise zeroed (diagnostic)"][0]) / steps_per_epoch
         print(f"  the noise: {1e3 * noise:.2f} ms of CPU per step ({noise * steps_per_epoch / c0:.2f}x of the "
               f"non-private epoch); the clipping: {med['DP-SGD, noise zeroed (diagnostic)'][0] / c0 - 1:+.2f}x")
+        total = sum(int(np.prod(v.shape)) for v in _dp_stepper(spec, x, y, batch)[2].trainable_variables)
+        draw = noise_draw_seconds(total)
+        print(f"  one step's noise alone ({total} values, load {os.getloadavg()[0]:.1f}): " + "; ".join(
+            f"{k} {1e3 * v:.3f} ms" for k, v in draw.items()))
     return {"path": path, "batch": batch, "epochs": epochs, "load_average": load,
             "cpu_seconds": cpu, "wall_seconds": wall,
             "cpu_ratio": med["DP-SGD"][0] / c0, "wall_ratio": med["DP-SGD"][1] / w0}

@@ -39,12 +39,34 @@ def test_zero_noise_diagnostic_has_no_noise_and_the_real_step_has(adult):
     assert np.abs(a - b).max() > 1e-4
 
 
+def _op_types(concrete):
+    graph = concrete.graph.as_graph_def()
+    return {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+
+
+@pytest.mark.parametrize("zero_noise, noise, sampler_ops",
+                         [(False, None, {"Cos", "Log"}), (True, None, set()),
+                          (False, "tf_philox", {"RngReadAndSkip", "StatelessRandomNormalV2"})])
+def test_each_diagnostic_row_traces_the_sampler_it_names(adult, zero_noise, noise, sampler_ops):
+    """The row step is traced when the rows are bound: a diagnostic patched in only after that would time the
+    trainer's sampler (Box-Muller on all-zero words: a constant, not zero) under another name."""
+    from dp_training import trainer as trainer_mod
+    spec, train, _ = adult
+    x = trainer_mod._as_inputs(train[0])
+    y = np.asarray(train[1], np.float32).reshape(-1, 1)
+    _, step, _ = _dp_stepper(spec, x, y, 300, zero_noise=zero_noise, noise=noise)
+    ops = _op_types(step.stepper._step_rows)
+    assert {"Cos", "Log"} & ops == ({"Cos", "Log"} if noise is None and not zero_noise else set())
+    assert sampler_ops <= ops
+
+
 def test_speed_reports_cpu_and_wall_ratios_side_by_side(adult, capsys):
     spec, train, test = adult
     out = bench_speed(spec, train, test, epochs=3, batch=300, parts=True)
     assert out["path"] == "fused_dense"
     for measure in ("cpu_seconds", "wall_seconds"):
-        assert set(out[measure]) == {"non-private", "DP-SGD", "DP-SGD, noise zeroed (diagnostic)"}
+        assert set(out[measure]) == {"non-private", "DP-SGD", "DP-SGD, noise zeroed (diagnostic)",
+                                     "DP-SGD, TF Philox sampler (before)"}
         assert all(len(v) == 3 and min(v) > 0 for v in out[measure].values())
     assert out["cpu_ratio"] > 0 and out["wall_ratio"] > 0 and len(out["load_average"]) == 4
     printed = capsys.readouterr().out
