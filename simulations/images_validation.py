@@ -9,8 +9,15 @@ the per-example GroupNorm'd features, so a grid point takes about a minute here;
 averages of the iterates (post-processing). docs/image_data.md lists what it found.
 
     PYTHONPATH=. python simulations/images_validation.py --grid 8192:16:40,8192:16:60 [--eps 3] [--seeds 0]
+    PYTHONPATH=. python simulations/images_validation.py --schedules constant,cosine,cosine+2 --momentum 0.9,0.95 \
+        [--nesterov] --seeds 0,1,2
 
-``--grid``: comma-separated ``batch:learning_rate:epochs``.
+``--grid``: comma-separated ``batch:learning_rate:epochs``. ``--schedules``: comma-separated learning-rate
+schedules over the run's steps (``schedule_factors``): ``constant``, ``cosine`` / ``linear`` (decay to 0),
+``step`` (x0.1 at 50 % and 75 % of the steps), each optionally ``+W``: a linear warm-up over the first W epochs.
+The schedule is a public choice made before training (the accountant depends only on sigma, q and the steps), so
+it costs no privacy. ``--momentum``: comma-separated values in [0, 1); ``--nesterov``: Nesterov momentum, as
+``tf.keras.optimizers.SGD(nesterov=True)``. Every grid point, schedule, momentum and seed is run (the product).
 """
 from __future__ import annotations
 
@@ -26,6 +33,89 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 VALIDATION_ROWS, SPLIT_SEED, DELTA = 10000, 12345, 1e-5
+SCHEDULES = ("constant", "cosine", "linear", "step")
+SCHEDULE_HELP = "use one of constant, cosine, linear, step, optionally with +W for W >= 0 warm-up epochs (e.g. cosine+2)"
+
+
+class OptionError(ValueError):
+    """A bad command-line value: main prints its message as one line and exits 2."""
+
+
+def parse_schedule(text: str) -> tuple[str, float]:
+    """``"cosine+2"`` -> ``("cosine", 2.0)``; ``"step"`` -> ``("step", 0.0)``."""
+    name, plus, warm = text.strip().partition("+")
+    if name not in SCHEDULES:
+        raise OptionError(f"--schedules: unknown schedule {text.strip()!r}; {SCHEDULE_HELP}")
+    if not plus:
+        return name, 0.0
+    try:
+        epochs = float(warm)
+    except ValueError:
+        raise OptionError(f"--schedules: {text.strip()!r}: the warm-up {warm!r} is not a number of epochs; "
+                          f"{SCHEDULE_HELP}") from None
+    if not np.isfinite(epochs) or epochs < 0:
+        raise OptionError(f"--schedules: {text.strip()!r}: the warm-up must be a finite number of epochs >= 0; "
+                          f"{SCHEDULE_HELP}")
+    return name, epochs
+
+
+def parse_schedules(text: str) -> list[tuple[str, float]]:
+    items = [t for t in text.split(",") if t.strip()]
+    if not items:
+        raise OptionError(f"--schedules: no schedule given; {SCHEDULE_HELP}")
+    return [parse_schedule(t) for t in items]
+
+
+def parse_momenta(text: str) -> list[float]:
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        try:
+            m = float(item)
+        except ValueError:
+            raise OptionError(f"--momentum: {item!r} is not a number; give comma-separated values in [0, 1), "
+                              "e.g. --momentum 0.9,0.95") from None
+        if not 0.0 <= m < 1.0:
+            raise OptionError(f"--momentum: {item} is outside [0, 1); give comma-separated values in [0, 1), "
+                              "e.g. --momentum 0.9,0.95")
+        out.append(m)
+    if not out:
+        raise OptionError("--momentum: no value given; give comma-separated values in [0, 1), e.g. --momentum 0.9")
+    return out
+
+
+def schedule_factors(name: str, warmup_epochs: float, steps: int, steps_per_epoch: float) -> np.ndarray:
+    """The learning rate of each of ``steps`` steps as a fraction of the base rate.
+
+    Warm-up: ``w = round(warmup_epochs * steps_per_epoch)`` steps (capped at ``steps``), step t < w at (t + 1) / w.
+    After it, with s = t - w steps into the T = steps - w remaining: ``constant`` 1, ``cosine``
+    (1 + cos(pi s / T)) / 2, ``linear`` 1 - s / T (both reach 0 one step after the last), ``step`` 1, then 0.1 from
+    step ``steps // 2`` and 0.01 from step ``(3 * steps) // 4`` (50 % and 75 % of all the steps, warm-up included).
+    """
+    if name not in SCHEDULES:
+        raise OptionError(f"--schedules: unknown schedule {name!r}; {SCHEDULE_HELP}")
+    t = np.arange(steps, dtype=np.float64)
+    w = min(int(round(warmup_epochs * steps_per_epoch)), steps)
+    s, total = t - w, max(steps - w, 1)
+    if name == "constant":
+        f = np.ones(steps)
+    elif name == "cosine":
+        f = 0.5 * (1 + np.cos(np.pi * s / total))
+    elif name == "linear":
+        f = 1 - s / total
+    else:
+        f = np.where(t >= (3 * steps) // 4, 0.01, np.where(t >= steps // 2, 0.1, 1.0))
+    if w:
+        f = np.where(t < w, (t + 1) / w, f)
+    return f
+
+
+def momentum_step(w, velocity, grad, lr, momentum, nesterov):
+    """One step of ``tf.keras.optimizers.SGD`` (dense gradients): v <- m v - lr g; w <- w + v, or with Nesterov
+    w <- w + m v - lr g (v the new velocity). For a constant lr this is the same as v <- m v + g; w <- w - lr v."""
+    velocity = momentum * velocity - lr * grad
+    if nesterov:
+        return w + momentum * velocity - lr * grad, velocity
+    return w + velocity, velocity
 
 
 def group_norm(features: np.ndarray, groups: int, eps: float = 1e-5) -> np.ndarray:
@@ -59,15 +149,18 @@ def validation_split(cache: str, groups: int, transform: str = "none", flips: bo
     return out
 
 
-def train(xtr, ytr, xva, yva, batch, lr, epochs, seed, eps, clip, momentum, emas, init="glorot", xflip=None):
+def train(xtr, ytr, xva, yva, batch, lr, epochs, seed, eps, clip, momentum, emas, init="glorot", xflip=None,
+          schedule=("constant", 0.0), nesterov=False):
     """``xflip``: augmentation multiplicity 2 (De et al. 2022): each example's gradient is the mean of its own and
-    its mirrored image's, clipped as one (so one example still moves the sum by at most C)."""
+    its mirrored image's, clipped as one (so one example still moves the sum by at most C). ``schedule``:
+    ``(name, warm-up epochs)`` (``schedule_factors``); step t uses the learning rate lr * factor[t] / batch."""
     from dp_training.calibration import calibrate_noise_multiplier
 
     n, d = xtr.shape
     q = batch / n
     steps = int(round(epochs * n / batch))
     sigma = calibrate_noise_multiplier(eps, q, steps, DELTA)
+    rates = (lr / batch) * schedule_factors(schedule[0], schedule[1], steps, n / batch)
     rng = np.random.default_rng(seed)
     limit = np.sqrt(6 / (d + 10))                      # Keras' Glorot uniform
     w = rng.uniform(-limit, limit, (d, 10)).astype(np.float32)
@@ -97,8 +190,8 @@ def train(xtr, ytr, xva, yva, batch, lr, epochs, seed, eps, clip, momentum, emas
             gb = ((p + p2) * factor[:, None]).sum(0) / 2
         gw = gw + rng.normal(0, sigma * clip, w.shape).astype(np.float32)
         gb = gb + rng.normal(0, sigma * clip, b.shape).astype(np.float32)
-        vw, vb = momentum * vw + gw, momentum * vb + gb
-        w, b = w - lr / batch * vw, b - lr / batch * vb
+        w, vw = momentum_step(w, vw, gw, np.float32(rates[t]), np.float32(momentum), nesterov)
+        b, vb = momentum_step(b, vb, gb, np.float32(rates[t]), np.float32(momentum), nesterov)
         avg = {e: (e * aw + (1 - e) * w, e * ab + (1 - e) * b) for e, (aw, ab) in avg.items()}
         if t >= steps // 2:
             tail_w, tail_b, tail = tail_w + w, tail_b + b, tail + 1
@@ -106,7 +199,9 @@ def train(xtr, ytr, xva, yva, batch, lr, epochs, seed, eps, clip, momentum, emas
     def accuracy(w, b):
         return float(((xva @ w + b).argmax(1) == yva).mean())
 
-    out = {"batch": batch, "lr": lr, "epochs": epochs, "seed": seed, "sigma": round(sigma, 3),
+    label = schedule[0] + (f"+{schedule[1]:g}" if schedule[1] else "")
+    out = {"batch": batch, "lr": lr, "epochs": epochs, "schedule": label, "momentum": momentum,
+           "nesterov": nesterov, "seed": seed, "sigma": round(sigma, 3),
            "validation_accuracy": accuracy(w, b)}
     out.update({f"ema_{e:g}": accuracy(*avg[e]) for e in emas})
     out["tail_average"] = accuracy(tail_w / tail, tail_b / tail)
@@ -129,7 +224,11 @@ def main(argv=None) -> int:
     p.add_argument("--eps", type=float, default=3.0)
     p.add_argument("--seeds", default="0")
     p.add_argument("--clip", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--momentum", default="0.9", help="comma-separated values in [0, 1)")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (as tf.keras SGD(nesterov=True))")
+    p.add_argument("--schedules", default="constant",
+                   help="comma-separated learning-rate schedules: constant, cosine, linear, step, each optionally "
+                        "+W (a linear warm-up over the first W epochs), e.g. cosine+2")
     p.add_argument("--groups", type=int, default=27)
     p.add_argument("--init", choices=["glorot", "zeros"], default="glorot", help="the linear layer's kernel")
     p.add_argument("--flip-multiplicity", action="store_true",
@@ -139,17 +238,30 @@ def main(argv=None) -> int:
     p.add_argument("--ema", default="0.9,0.95,0.98")
     p.add_argument("--cache", default=os.path.join(REPO, "bench-results", "cache"))
     a = p.parse_args(argv)
+    try:                              # checked before the data load (a minute), one line each
+        schedules, momenta = parse_schedules(a.schedules), parse_momenta(a.momentum)
+        grid = [point.split(":") for point in a.grid.split(",")]
+        for (name, warm), (_, _, epochs) in ((s, g) for s in schedules for g in grid):
+            if warm >= float(epochs):
+                raise OptionError(f"--schedules: {name}+{warm:g}: the warm-up ({warm:g} epochs) is not shorter than "
+                                  f"the run ({epochs} epochs); use a warm-up shorter than --grid's epochs")
+    except OptionError as e:
+        print(f"images_validation.py: {e}", file=sys.stderr)
+        return 2
     data = validation_split(a.cache, a.groups, a.transform, a.flip_multiplicity)
     xflip = data.pop() if a.flip_multiplicity else None
     emas = [float(e) for e in a.ema.split(",") if e]
-    for point in a.grid.split(","):
-        batch, lr, epochs = point.split(":")
-        for seed in a.seeds.split(","):
-            t0 = time.time()
-            r = train(*data, int(batch), float(lr), float(epochs), int(seed), a.eps, a.clip, a.momentum, emas, a.init, xflip)
-            r.update({"groups": a.groups, "transform": a.transform, "init": a.init, "flips": a.flip_multiplicity,
-                      "seconds": round(time.time() - t0)})
-            print(json.dumps(r), flush=True)
+    for batch, lr, epochs in grid:
+        for schedule in schedules:
+            for momentum in momenta:
+                for seed in a.seeds.split(","):
+                    t0 = time.time()
+                    r = train(*data, int(batch), float(lr), float(epochs), int(seed), a.eps, a.clip, momentum, emas,
+                              a.init, xflip, schedule, a.nesterov)
+                    r.update({"groups": a.groups, "transform": a.transform, "init": a.init,
+                              "flips": a.flip_multiplicity, "seconds": round(time.time() - t0),
+                              "load_average": round(os.getloadavg()[0], 2)})
+                    print(json.dumps(r), flush=True)
     return 0
 
 

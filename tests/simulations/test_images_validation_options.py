@@ -1,0 +1,86 @@
+"""``simulations/images_validation.py``'s learning-rate schedules, Nesterov momentum and the one-line errors for
+bad values (issue 20: the Fashion-MNIST search on the validation split)."""
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from simulations import images_validation as iv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "simulations", "images_validation.py")
+
+
+@pytest.mark.parametrize("name, warmup, expected", [
+    # 100 steps, 10 steps per epoch; {step: fraction of the base learning rate}, computed by hand
+    ("constant", 0, {0: 1.0, 50: 1.0, 99: 1.0}),
+    ("cosine", 0, {0: 1.0, 25: (1 + math.cos(math.pi / 4)) / 2, 50: 0.5, 75: (1 - math.cos(math.pi / 4)) / 2,
+                   99: (1 + math.cos(math.pi * 99 / 100)) / 2}),
+    ("linear", 0, {0: 1.0, 25: 0.75, 50: 0.5, 99: 0.01}),
+    ("step", 0, {0: 1.0, 49: 1.0, 50: 0.1, 74: 0.1, 75: 0.01, 99: 0.01}),
+    # 2 epochs of warm-up = 20 steps at (t + 1) / 20, then the decay over the remaining 80 steps
+    ("cosine", 2, {0: 0.05, 9: 0.5, 19: 1.0, 20: 1.0, 60: 0.5, 99: (1 + math.cos(math.pi * 79 / 80)) / 2}),
+    ("linear", 2, {0: 0.05, 19: 1.0, 20: 1.0, 40: 0.75, 99: 1 / 80}),
+    ("constant", 2, {0: 0.05, 19: 1.0, 20: 1.0, 99: 1.0}),
+    ("step", 2, {0: 0.05, 19: 1.0, 49: 1.0, 50: 0.1, 75: 0.01}),   # 50 % / 75 % of all the steps
+])
+def test_schedule_values(name, warmup, expected):
+    f = iv.schedule_factors(name, warmup, 100, 10.0)
+    assert f.shape == (100,)
+    for step, value in expected.items():
+        assert f[step] == pytest.approx(value, abs=1e-12), (name, warmup, step)
+
+
+def test_parse_schedules():
+    assert iv.parse_schedules("constant,cosine+2,step+0.5") == [("constant", 0.0), ("cosine", 2.0), ("step", 0.5)]
+    assert iv.parse_momenta("0.8,0.95") == [0.8, 0.95]
+    for bad in ("cosin", "cosine+-1", "cosine+x", "cosine+nan", ""):
+        with pytest.raises(iv.OptionError, match="--schedules"):
+            iv.parse_schedules(bad)
+    for bad in ("1", "-0.1", "1.5", "x"):
+        with pytest.raises(iv.OptionError, match="--momentum"):
+            iv.parse_momenta(bad)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_momentum_step_matches_keras_sgd(nesterov):
+    """The replica's update equals tf.keras.optimizers.SGD(momentum, nesterov) on a tiny problem, with a learning
+    rate that changes every step (as under a schedule)."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(3, 2)).astype(np.float32)
+    grads = rng.normal(size=(6, 3, 2)).astype(np.float32)
+    rates = [0.5, 0.4, 0.3, 0.2, 0.1, 0.05]
+    schedule = tf.keras.optimizers.schedules.PiecewiseConstantDecay(list(range(len(rates) - 1)), rates)
+    opt = tf.keras.optimizers.SGD(learning_rate=schedule, momentum=0.9, nesterov=nesterov)  # rates[iteration]
+    var = tf.Variable(w0)
+    w, v = w0.copy(), np.zeros_like(w0)
+    for t, g in enumerate(grads):
+        opt.apply_gradients([(tf.constant(g), var)])
+        w, v = iv.momentum_step(w, v, g, np.float32(rates[t]), np.float32(0.9), nesterov)
+        np.testing.assert_allclose(w, var.numpy(), rtol=1e-6, atol=1e-6)
+    # Nesterov really differs from plain momentum here
+    w_plain, v_plain = w0.copy(), np.zeros_like(w0)
+    for t, g in enumerate(grads):
+        w_plain, v_plain = iv.momentum_step(w_plain, v_plain, g, rates[t], 0.9, not nesterov)
+    assert np.abs(w_plain - w).max() > 1e-3
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--schedules", "cosine,bogus"], "--schedules"),
+    (["--schedules", "cosine+-2"], "--schedules"),
+    (["--momentum", "1.0"], "--momentum"),
+])
+def test_bad_value_exits_2_with_one_line(args, flag):
+    """Checked before the data load: one line on stderr naming the option and the fix, exit 2, no traceback."""
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert flag in lines[0] and ("use " in lines[0] or "give " in lines[0])
+    assert "Traceback" not in r.stderr and r.stdout == ""
