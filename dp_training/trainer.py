@@ -391,7 +391,7 @@ class _DPStepper:
             # The 1 / (expected batch size) normalisation is folded into the learning rate (SGD with momentum is
             # linear in the gradient): the step adds N(0, (sigma C)^2) to the clipped sum and applies it.
             self.optimizer = tf.keras.optimizers.SGD(learning_rate=lr / self.expected_batch, momentum=mom)
-            variables = [v for layer in dense for v in (layer.kernel, layer.bias)]
+            variables = noised
             std = sigma * clip
 
             def fused_step(x, y, words):

@@ -179,6 +179,16 @@ def _np_step(spec, x, y):
     return lambda idx: step(tf.constant(idx, tf.int64)) if idx.size else None
 
 
+def _tf_philox_normals():
+    """The trainer's previous sampler (diagnostics only): ``n -> N(0, 1)[n]``, four fresh TensorFlow Philox
+    generators' normals summed and halved."""
+    import tensorflow as tf
+    from dp_training import secure_noise
+
+    gens = [tf.random.Generator.from_non_deterministic_state(alg="philox") for _ in range(secure_noise.N_STREAMS)]
+    return lambda n: tf.add_n([g.normal([n]) for g in gens]) * 0.5
+
+
 def _dp_stepper(spec, x, y, batch, zero_noise=False, noise=None):
     """``(path, step(idx), model)``: the trainer's own DP step (``_DPStepper`` on the path ``train`` picks, rows
     bound in-graph) with the dp_sgd defaults (clip, learning rate, momentum) and sigma 1, traced. Diagnostics
@@ -198,10 +208,10 @@ def _dp_stepper(spec, x, y, batch, zero_noise=False, noise=None):
             "args": {"momentum": d["momentum"]}, "sampling_rate": batch / n, "num_rows": n}
     specs = {k: tf.TensorSpec((None,) + v.shape[1:], tf.as_dtype(v.dtype)) for k, v in x.items()}
     stepper = trainer_mod._DPStepper(model, path, plan, specs)
-    gens = [tf.random.Generator.from_non_deterministic_state(alg="philox") for _ in range(secure_noise.N_STREAMS)]
+    philox_normals = _tf_philox_normals()
 
     def tf_philox(self, tensors, std, words):
-        z = tf.add_n([g.normal([sum(t.shape.num_elements() for t in tensors)]) for g in gens]) * (0.5 * std)
+        z = philox_normals(sum(t.shape.num_elements() for t in tensors)) * std
         return [tf.reshape(p, t.shape) for p, t in zip(tf.split(z, [t.shape.num_elements() for t in tensors]),
                                                        tensors)]
 
@@ -233,8 +243,8 @@ def noise_draw_seconds(total, reps=500):
     noise, shape = secure_noise.GaussianNoise(), [tf.zeros([total])]
     ours = tf.function(lambda w: noise.like(shape, 1.0, w)[0],
                        input_signature=[tf.TensorSpec(secure_noise.words_shape(total), tf.uint32)])
-    gens = [tf.random.Generator.from_non_deterministic_state(alg="philox") for _ in range(secure_noise.N_STREAMS)]
-    philox = tf.function(lambda: tf.add_n([g.normal([total]) for g in gens]) * 0.5)
+    philox_normals = _tf_philox_normals()
+    philox = tf.function(lambda: philox_normals(total))
     draws = {"AES-256-CTR + vectorised Box-Muller (now)": lambda: ours(noise.words(total)),
              "TensorFlow Philox normal sampler x4 (before)": philox}
     times = {k: [] for k in draws}
@@ -262,7 +272,7 @@ def bench_speed(spec, train, test, epochs=6, batch=2048, parts=False):
     import tensorflow as tf
     xt, yt = {k: tf.constant(v) for k, v in x.items()}, tf.constant(y)
     runs = {"non-private": _np_step(spec, xt, yt)}
-    path, runs["DP-SGD"], _ = _dp_stepper(spec, x, y, batch)
+    path, runs["DP-SGD"], dp_model = _dp_stepper(spec, x, y, batch)
     if parts:
         runs["DP-SGD, noise zeroed (diagnostic)"] = _dp_stepper(spec, x, y, batch, zero_noise=True)[1]
         runs["DP-SGD, TF Philox sampler (before)"] = _dp_stepper(spec, x, y, batch, noise="tf_philox")[1]
@@ -293,7 +303,7 @@ def bench_speed(spec, train, test, epochs=6, batch=2048, parts=False):
         noise = (med["DP-SGD"][0] - med["DP-SGD, noise zeroed (diagnostic)"][0]) / steps_per_epoch
         print(f"  the noise: {1e3 * noise:.2f} ms of CPU per step ({noise * steps_per_epoch / c0:.2f}x of the "
               f"non-private epoch); the clipping: {med['DP-SGD, noise zeroed (diagnostic)'][0] / c0 - 1:+.2f}x")
-        total = sum(int(np.prod(v.shape)) for v in _dp_stepper(spec, x, y, batch)[2].trainable_variables)
+        total = sum(int(np.prod(v.shape)) for v in dp_model.trainable_variables)
         draw = noise_draw_seconds(total)
         print(f"  one step's noise alone ({total} values, load {os.getloadavg()[0]:.1f}): " + "; ".join(
             f"{k} {1e3 * v:.3f} ms" for k, v in draw.items()))

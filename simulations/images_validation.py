@@ -34,6 +34,7 @@ sys.path.insert(0, REPO)
 
 VALIDATION_ROWS, SPLIT_SEED, DELTA = 10000, 12345, 1e-5
 SCHEDULES = ("constant", "cosine", "linear", "step")
+MOMENTUM_HELP = "give comma-separated values in [0, 1), e.g. --momentum 0.9,0.95"
 SCHEDULE_HELP = "use one of constant, cosine, linear, step, optionally with +W for W >= 0 warm-up epochs (e.g. cosine+2)"
 
 
@@ -72,14 +73,12 @@ def parse_momenta(text: str) -> list[float]:
         try:
             m = float(item)
         except ValueError:
-            raise OptionError(f"--momentum: {item!r} is not a number; give comma-separated values in [0, 1), "
-                              "e.g. --momentum 0.9,0.95") from None
+            raise OptionError(f"--momentum: {item!r} is not a number; {MOMENTUM_HELP}") from None
         if not 0.0 <= m < 1.0:
-            raise OptionError(f"--momentum: {item} is outside [0, 1); give comma-separated values in [0, 1), "
-                              "e.g. --momentum 0.9,0.95")
+            raise OptionError(f"--momentum: {item} is outside [0, 1); {MOMENTUM_HELP}")
         out.append(m)
     if not out:
-        raise OptionError("--momentum: no value given; give comma-separated values in [0, 1), e.g. --momentum 0.9")
+        raise OptionError(f"--momentum: no value given; {MOMENTUM_HELP}")
     return out
 
 
