@@ -45,6 +45,26 @@ def test_parse_schedules():
             iv.parse_momenta(bad)
 
 
+def test_average_pool_by_hand():
+    """2 x 2 blocks of a 3 x 3 map: the far row and column repeated, so [[a, b, c], [d, e, f], [g, h, i]] pools to
+    [[(a+b+d+e)/4, (c+c+f+f)/4], [(g+h+g+h)/4, (i+i+i+i)/4]]; one map per example and channel, independently."""
+    m = np.arange(1.0, 10.0).reshape(3, 3)
+    x = np.stack([np.stack([m, 10 * m]), np.stack([-m, m + 1])])        # [2 examples, 2 channels, 3, 3]
+    out = iv.average_pool(x, 2)
+    assert out.shape == (2, 2, 2, 2)
+    expected = np.array([[(1 + 2 + 4 + 5) / 4, (3 + 3 + 6 + 6) / 4], [(7 + 8 + 7 + 8) / 4, 9.0]])
+    np.testing.assert_allclose(out[0, 0], expected)
+    np.testing.assert_allclose(out[0, 1], 10 * expected)
+    np.testing.assert_allclose(out[1, 0], -expected)
+    np.testing.assert_allclose(out[1, 1], expected + 1)
+    assert iv.average_pool(x, 1) is x
+    assert iv.average_pool(np.zeros((1, 81, 7, 7)), 2).shape == (1, 81, 4, 4)
+    assert iv.parse_pool("3") == 3
+    for bad in ("0", "-1", "x", "1.5"):
+        with pytest.raises(iv.OptionError, match="--pool"):
+            iv.parse_pool(bad)
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_momentum_step_matches_keras_sgd(nesterov):
     """The replica's update equals tf.keras.optimizers.SGD(momentum, nesterov) on a tiny problem, with a learning
@@ -73,6 +93,8 @@ def test_momentum_step_matches_keras_sgd(nesterov):
     (["--schedules", "cosine,bogus"], "--schedules"),
     (["--schedules", "cosine+-2"], "--schedules"),
     (["--momentum", "1.0"], "--momentum"),
+    (["--pool", "0"], "--pool"),
+    (["--pool", "2.5"], "--pool"),
 ])
 def test_bad_value_exits_2_with_one_line(args, flag):
     """Checked before the data load: one line on stderr naming the option and the fix, exit 2, no traceback."""
