@@ -19,7 +19,9 @@ The schedule is a public choice made before training (the accountant depends onl
 it costs no privacy. ``--momentum``: comma-separated values in [0, 1); ``--nesterov``: Nesterov momentum, as
 ``tf.keras.optimizers.SGD(nesterov=True)``. ``--clip``: the clipping norm C (with the published C = 0.1 nearly
 every example is clipped; keep lr x C fixed to compare clipping levels at the same step size). ``--pool K``: average
-the ScatterNet maps over K x K blocks before the GroupNorm (fewer features, less noise in total). Every grid point,
+the ScatterNet maps over K x K blocks before the GroupNorm (fewer features, less noise in total); ``--blur A``:
+blur each map by ``[A, 1, A] / (1 + 2A)`` along rows and columns (keeps the features, smooths what the weights'
+noise can reach). Every grid point,
 schedule, momentum and seed is run (the product).
 """
 from __future__ import annotations
@@ -153,7 +155,33 @@ def average_pool(features: np.ndarray, k: int) -> np.ndarray:
     return f.reshape(n, c, h // k, k, w // k, k).mean(axis=(3, 5))
 
 
-def validation_split(cache: str, groups: int, transform: str = "none", flips: bool = False, pool: int = 1):
+BLUR_HELP = "give a number in [0, 1], e.g. --blur 0.25 (0: no blur)"
+
+
+def parse_blur(text: str) -> float:
+    try:
+        a = float(text)
+    except ValueError:
+        raise OptionError(f"--blur: {text!r} is not a number; {BLUR_HELP}") from None
+    if not 0.0 <= a <= 1.0:
+        raise OptionError(f"--blur: {text} is outside [0, 1]; {BLUR_HELP}")
+    return a
+
+
+def blur(features: np.ndarray, alpha: float) -> np.ndarray:
+    """``[n, channels, h, w]``, each map blurred by the separable kernel ``[alpha, 1, alpha] / (1 + 2 alpha)``
+    along rows then columns, edges replicated (per example, parameter-free). For a linear layer on top this is the
+    same as smoothing its weights: the high spatial frequencies of the DP noise no longer reach the logits, nor
+    does the signal's fine detail."""
+    if alpha == 0.0:
+        return features
+    f = np.pad(features, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    rows = (alpha * f[:, :, :-2, :] + f[:, :, 1:-1, :] + alpha * f[:, :, 2:, :]) / (1 + 2 * alpha)
+    return (alpha * rows[:, :, :, :-2] + rows[:, :, :, 1:-1] + alpha * rows[:, :, :, 2:]) / (1 + 2 * alpha)
+
+
+def validation_split(cache: str, groups: int, transform: str = "none", flips: bool = False, pool: int = 1,
+                     blur_alpha: float = 0.0):
     """(train, train labels, validation, validation labels[, the training rows' mirrored images' features])."""
     from dp_training.images import scattering_features
     from simulations.bench_images import load
@@ -162,7 +190,7 @@ def validation_split(cache: str, groups: int, transform: str = "none", flips: bo
 
     def feats(pixels):
         scattered = np.asarray(scattering_features(pixels, cache), np.float32)
-        return group_norm(TRANSFORMS[transform](average_pool(scattered, pool)), groups)
+        return group_norm(TRANSFORMS[transform](average_pool(blur(scattered, blur_alpha), pool)), groups)
 
     features = feats(x)
     y = np.asarray(y, np.int64)
@@ -263,12 +291,14 @@ def main(argv=None) -> int:
                    help="a per-example map of the ScatterNet features before the GroupNorm")
     p.add_argument("--pool", default="1",
                    help="average-pool the ScatterNet maps in K x K blocks before the GroupNorm (1: none)")
+    p.add_argument("--blur", default="0",
+                   help="blur each ScatterNet map by [A, 1, A] / (1 + 2A) along rows and columns (0: none)")
     p.add_argument("--ema", default="0.9,0.95,0.98")
     p.add_argument("--cache", default=os.path.join(REPO, "bench-results", "cache"))
     a = p.parse_args(argv)
     try:                              # checked before the data load (a minute), one line each
         schedules, momenta = parse_schedules(a.schedules), parse_momenta(a.momentum)
-        pool = parse_pool(a.pool)
+        pool, blur_alpha = parse_pool(a.pool), parse_blur(a.blur)
         grid = [point.split(":") for point in a.grid.split(",")]
         for (name, warm), (_, _, epochs) in ((s, g) for s in schedules for g in grid):
             if warm >= float(epochs):
@@ -277,7 +307,7 @@ def main(argv=None) -> int:
     except OptionError as e:
         print(f"images_validation.py: {e}", file=sys.stderr)
         return 2
-    data = validation_split(a.cache, a.groups, a.transform, a.flip_multiplicity, pool)
+    data = validation_split(a.cache, a.groups, a.transform, a.flip_multiplicity, pool, blur_alpha)
     xflip = data.pop() if a.flip_multiplicity else None
     emas = [float(e) for e in a.ema.split(",") if e]
     for batch, lr, epochs in grid:
@@ -287,7 +317,7 @@ def main(argv=None) -> int:
                     t0 = time.time()
                     r = train(*data, int(batch), float(lr), float(epochs), int(seed), a.eps, a.clip, momentum, emas,
                               a.init, xflip, schedule, a.nesterov)
-                    r.update({"groups": a.groups, "pool": pool, "transform": a.transform, "init": a.init,
+                    r.update({"groups": a.groups, "pool": pool, "blur": blur_alpha, "transform": a.transform, "init": a.init,
                               "flips": a.flip_multiplicity, "seconds": round(time.time() - t0),
                               "load_average": round(os.getloadavg()[0], 2)})
                     print(json.dumps(r), flush=True)

@@ -65,6 +65,24 @@ def test_average_pool_by_hand():
             iv.parse_pool(bad)
 
 
+def test_blur_by_hand():
+    """[a, 1, a] / (1 + 2a) along rows then columns, edges replicated: a single 1 in the middle of a 3 x 3 map
+    spreads to the outer product of [a, 1, a] / (1 + 2a); a constant map stays constant; alpha 0 is the identity."""
+    a = 0.25
+    x = np.zeros((1, 1, 3, 3))
+    x[0, 0, 1, 1] = 1.0
+    k = np.array([a, 1.0, a]) / (1 + 2 * a)
+    np.testing.assert_allclose(iv.blur(x, a)[0, 0], np.outer(k, k))
+    np.testing.assert_allclose(iv.blur(np.full((2, 3, 7, 7), 4.0), a), 4.0)
+    ramp = np.arange(3.0)[None, None, None, :].repeat(3, axis=2)      # columns 0, 1, 2 in every row
+    np.testing.assert_allclose(iv.blur(ramp, a)[0, 0, 0], [(a * 0 + 0 + a * 1) / 1.5, 1.0, (a * 1 + 2 + a * 2) / 1.5])
+    assert iv.blur(x, 0.0) is x
+    assert iv.parse_blur("0.1") == 0.1
+    for bad in ("-0.1", "2", "x", "nan"):
+        with pytest.raises(iv.OptionError, match="--blur"):
+            iv.parse_blur(bad)
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_momentum_step_matches_keras_sgd(nesterov):
     """The replica's update equals tf.keras.optimizers.SGD(momentum, nesterov) on a tiny problem, with a learning
@@ -95,6 +113,7 @@ def test_momentum_step_matches_keras_sgd(nesterov):
     (["--momentum", "1.0"], "--momentum"),
     (["--pool", "0"], "--pool"),
     (["--pool", "2.5"], "--pool"),
+    (["--blur", "1.5"], "--blur"),
 ])
 def test_bad_value_exits_2_with_one_line(args, flag):
     """Checked before the data load: one line on stderr naming the option and the fix, exit 2, no traceback."""
