@@ -130,17 +130,21 @@ def group_norm(features: np.ndarray, groups: int, eps: float = 1e-5) -> np.ndarr
 
 
 TRANSFORMS = {"none": lambda s: s, "sqrt": np.sqrt, "log": lambda s: np.log(s + 1e-3)}
-POOL_HELP = "give a whole number >= 1 of pixels per side, e.g. --pool 2 (1: no pooling)"
+def parse_value(flag: str, text: str, kind, allowed, help_text: str):
+    """``kind(text)`` if it is one and ``allowed`` holds, else an OptionError naming ``flag`` and the fix."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise OptionError(f"{flag}: {text!r} is not {'a whole number' if kind is int else 'a number'}; "
+                          f"{help_text}") from None
+    if not allowed(value):
+        raise OptionError(f"{flag}: {text} is out of range; {help_text}")
+    return value
 
 
 def parse_pool(text: str) -> int:
-    try:
-        k = int(text)
-    except ValueError:
-        raise OptionError(f"--pool: {text!r} is not a whole number; {POOL_HELP}") from None
-    if k < 1:
-        raise OptionError(f"--pool: {k} is below 1; {POOL_HELP}")
-    return k
+    return parse_value("--pool", text, int, lambda k: k >= 1,
+                       "give a whole number >= 1 of pixels per side, e.g. --pool 2 (1: no pooling)")
 
 
 def average_pool(features: np.ndarray, k: int) -> np.ndarray:
@@ -155,17 +159,9 @@ def average_pool(features: np.ndarray, k: int) -> np.ndarray:
     return f.reshape(n, c, h // k, k, w // k, k).mean(axis=(3, 5))
 
 
-BLUR_HELP = "give a number in [0, 1], e.g. --blur 0.25 (0: no blur)"
-
-
 def parse_blur(text: str) -> float:
-    try:
-        a = float(text)
-    except ValueError:
-        raise OptionError(f"--blur: {text!r} is not a number; {BLUR_HELP}") from None
-    if not 0.0 <= a <= 1.0:
-        raise OptionError(f"--blur: {text} is outside [0, 1]; {BLUR_HELP}")
-    return a
+    return parse_value("--blur", text, float, lambda a: 0.0 <= a <= 1.0,
+                       "give a number in [0, 1], e.g. --blur 0.25 (0: no blur)")
 
 
 def blur(features: np.ndarray, alpha: float) -> np.ndarray:
