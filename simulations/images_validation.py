@@ -21,8 +21,7 @@ it costs no privacy. ``--momentum``: comma-separated values in [0, 1); ``--neste
 every example is clipped; keep lr x C fixed to compare clipping levels at the same step size). ``--pool K``: average
 the ScatterNet maps over K x K blocks before the GroupNorm (fewer features, less noise in total); ``--blur A``:
 blur each map by ``[A, 1, A] / (1 + 2A)`` along rows and columns (keeps the features, smooths what the weights'
-noise can reach). Every grid point,
-schedule, momentum and seed is run (the product).
+noise can reach). Every grid point, schedule, momentum and seed is run (the product).
 """
 from __future__ import annotations
 
@@ -72,16 +71,22 @@ def parse_schedules(text: str) -> list[tuple[str, float]]:
     return [parse_schedule(t) for t in items]
 
 
+def parse_value(flag: str, text: str, kind, allowed, bounds: str, help_text: str):
+    """``kind(text)`` if it is one and ``allowed`` holds, else an OptionError naming ``flag``, what is wrong
+    (``bounds``: e.g. "outside [0, 1)") and the fix."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise OptionError(f"{flag}: {text!r} is not {'a whole number' if kind is int else 'a number'}; "
+                          f"{help_text}") from None
+    if not allowed(value):
+        raise OptionError(f"{flag}: {text} is {bounds}; {help_text}")
+    return value
+
+
 def parse_momenta(text: str) -> list[float]:
-    out = []
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        try:
-            m = float(item)
-        except ValueError:
-            raise OptionError(f"--momentum: {item!r} is not a number; {MOMENTUM_HELP}") from None
-        if not 0.0 <= m < 1.0:
-            raise OptionError(f"--momentum: {item} is outside [0, 1); {MOMENTUM_HELP}")
-        out.append(m)
+    out = [parse_value("--momentum", item, float, lambda m: 0.0 <= m < 1.0, "outside [0, 1)", MOMENTUM_HELP)
+           for item in (t.strip() for t in text.split(",") if t.strip())]
     if not out:
         raise OptionError(f"--momentum: no value given; {MOMENTUM_HELP}")
     return out
@@ -130,20 +135,10 @@ def group_norm(features: np.ndarray, groups: int, eps: float = 1e-5) -> np.ndarr
 
 
 TRANSFORMS = {"none": lambda s: s, "sqrt": np.sqrt, "log": lambda s: np.log(s + 1e-3)}
-def parse_value(flag: str, text: str, kind, allowed, help_text: str):
-    """``kind(text)`` if it is one and ``allowed`` holds, else an OptionError naming ``flag`` and the fix."""
-    try:
-        value = kind(text)
-    except ValueError:
-        raise OptionError(f"{flag}: {text!r} is not {'a whole number' if kind is int else 'a number'}; "
-                          f"{help_text}") from None
-    if not allowed(value):
-        raise OptionError(f"{flag}: {text} is out of range; {help_text}")
-    return value
 
 
 def parse_pool(text: str) -> int:
-    return parse_value("--pool", text, int, lambda k: k >= 1,
+    return parse_value("--pool", text, int, lambda k: k >= 1, "below 1",
                        "give a whole number >= 1 of pixels per side, e.g. --pool 2 (1: no pooling)")
 
 
@@ -160,7 +155,7 @@ def average_pool(features: np.ndarray, k: int) -> np.ndarray:
 
 
 def parse_blur(text: str) -> float:
-    return parse_value("--blur", text, float, lambda a: 0.0 <= a <= 1.0,
+    return parse_value("--blur", text, float, lambda a: 0.0 <= a <= 1.0, "outside [0, 1]",
                        "give a number in [0, 1], e.g. --blur 0.25 (0: no blur)")
 
 
@@ -313,8 +308,8 @@ def main(argv=None) -> int:
                     t0 = time.time()
                     r = train(*data, int(batch), float(lr), float(epochs), int(seed), a.eps, a.clip, momentum, emas,
                               a.init, xflip, schedule, a.nesterov)
-                    r.update({"groups": a.groups, "pool": pool, "blur": blur_alpha, "transform": a.transform, "init": a.init,
-                              "flips": a.flip_multiplicity, "seconds": round(time.time() - t0),
+                    r.update({"groups": a.groups, "pool": pool, "blur": blur_alpha, "transform": a.transform,
+                              "init": a.init, "flips": a.flip_multiplicity, "seconds": round(time.time() - t0),
                               "load_average": round(os.getloadavg()[0], 2)})
                     print(json.dumps(r), flush=True)
     return 0
